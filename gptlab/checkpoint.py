@@ -1,0 +1,223 @@
+"""Model directories: the one on-disk form of a gptlab model, shared by every stage.
+
+A model directory holds
+    gptlab.json          {"format": 1, "model": GPTConfig fields, "tokenizer_sha256": ...}
+    model.safetensors    weights under Hugging Face Llama names (a tied lm_head is stored once)
+    tokenizer.json       the Hugging Face tokenizer file
+
+Loading checks that the tokenizer is the one the weights were trained with (its checksum) and that the
+vocabulary sizes agree, so a model never silently runs with someone else's tokenizer.
+
+Training checkpoints (`save_training_checkpoint`) are a model directory plus what an exact resume needs:
+    trainer.json         step, loader state, run config, anything the trainer adds (readable, diffable)
+    trainer.pt           optimizer states and the RNG states of every rank (python, numpy, torch, cuda)
+    SHA256SUMS           `<sha256>  <file>` for every file above, written last
+Design decisions: every file is written atomically, and the whole checkpoint is assembled in a hidden
+temp directory that is renamed to `step_<N>` only once its checksum file is written, so a crash leaves
+either a complete checkpoint or none. Checksums still matter because disks and copies corrupt files after
+the fact: `verify_checkpoint` names the file that does not match, and `latest_valid_checkpoint` skips such
+a checkpoint and falls back to the newest one that verifies. `trainer.pt` is read with
+`torch.load(weights_only=True)`, so a checkpoint cannot run code; numpy's RNG state is stored as lists.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from .common import (GptlabError, atomic_write_bytes, atomic_write_json, fsync_dir, get_logger, read_json,
+                     sha256_file)
+from .model import GPT, GPTConfig
+from .tokenizer import Tokenizer
+
+MODEL_FORMAT = 1
+CHECKSUMS = "SHA256SUMS"
+TRAINER_META = "trainer.json"
+TRAINER_STATE = "trainer.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+log = get_logger("checkpoint")
+
+
+def save_model_dir(path: str | Path, model: GPT, tokenizer: Tokenizer) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    atomic_write_bytes(path / "model.safetensors", save(state, metadata={"format": "pt"}))
+    tokenizer.save(path / "tokenizer.json")
+    atomic_write_json(path / "gptlab.json", {"format": MODEL_FORMAT, "model": model.config.to_dict(),
+                                             "tokenizer_sha256": tokenizer.sha256})
+    return path
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> tuple[GPT, Tokenizer]:
+    path = Path(path)
+    meta = read_json(path / "gptlab.json", "model config")
+    if meta.get("format") != MODEL_FORMAT:
+        raise GptlabError(f"{path}/gptlab.json has format {meta.get('format')}, expected {MODEL_FORMAT}")
+    try:
+        config = GPTConfig(**meta["model"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise GptlabError(f"{path}/gptlab.json has an invalid model config: {e}") from None
+    tokenizer = Tokenizer.load(path / "tokenizer.json")
+    if meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
+        raise GptlabError(f"{path}/tokenizer.json is not the tokenizer this model was trained with "
+                          f"(checksum {tokenizer.sha256[:12]} != {meta['tokenizer_sha256'][:12]})")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise GptlabError(f"tokenizer in {path} has {tokenizer.vocab_size} tokens but the model only "
+                          f"{config.vocab_size}")
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise GptlabError(f"weights not found: {weights}")
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GptlabError(f"cannot read weights {weights}: {e}") from None
+    with torch.device("meta"):
+        model = GPT(config)
+    model = model.to_empty(device=device)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise GptlabError(f"weights in {weights} do not match the config: missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}")
+    if config.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(dtype=dtype).eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training checkpoints
+
+
+def rng_state() -> dict:
+    """This process's RNG states in a form `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dirs(root: str | Path) -> list[Path]:
+    """Complete checkpoints under `root` (`step_<N>` directories), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_training_checkpoint(root: str | Path, step: int, model: GPT, tokenizer: Tokenizer, *,
+                             optimizers: list[torch.optim.Optimizer], rng_states: list[dict], meta: dict,
+                             keep_last: int = 0) -> Path:
+    """Write `root/step_<step>` (see the module docstring); keep only the newest `keep_last` (0 keeps all).
+
+    `model` must be the unwrapped model with full (not sharded) parameters; `rng_states` holds one entry
+    per rank; `meta` is JSON (step, loader state, run config, ...)."""
+    root = Path(root)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".step_{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model_dir(tmp, model, tokenizer)
+    buf = io.BytesIO()
+    torch.save({"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng_states}, buf)
+    atomic_write_bytes(tmp / TRAINER_STATE, buf.getvalue())
+    atomic_write_json(tmp / TRAINER_META, {"step": step, **meta})
+    sums = "".join(f"{sha256_file(f)}  {f.name}\n" for f in sorted(tmp.iterdir()) if f.is_file())
+    atomic_write_bytes(tmp / CHECKSUMS, sums.encode())
+    if final.exists():  # same step saved again (e.g. a signal right after a periodic save)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    fsync_dir(root)
+    if keep_last > 0:
+        for old in checkpoint_dirs(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise GptlabError naming the first file of checkpoint `path` that is missing or fails its checksum."""
+    path = Path(path)
+    sums_file = path / CHECKSUMS
+    if not sums_file.is_file():
+        raise GptlabError(f"checkpoint {path} has no {CHECKSUMS} file (incomplete or not a checkpoint)")
+    lines = sums_file.read_text(encoding="utf-8", errors="replace").splitlines()
+    expected = {name: digest for digest, name in (line.split("  ", 1) for line in lines if "  " in line)}
+    for name in (TRAINER_META, TRAINER_STATE, "model.safetensors", "gptlab.json", "tokenizer.json"):
+        if name not in expected:
+            raise GptlabError(f"checkpoint {path}/{CHECKSUMS} does not list {name}")
+    for name, digest in expected.items():
+        file = path / name
+        if not file.is_file():
+            raise GptlabError(f"checkpoint file missing: {file}")
+        if sha256_file(file) != digest:
+            raise GptlabError(f"checkpoint file {file} is corrupt (sha256 does not match {CHECKSUMS})")
+
+
+def latest_valid_checkpoint(root: str | Path) -> Path | None:
+    """The newest checkpoint under `root` that verifies; corrupt ones are reported and skipped."""
+    for path in reversed(checkpoint_dirs(root)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except GptlabError as e:
+            log.warning("skipping checkpoint: %s", e)
+    return None
+
+
+def load_training_checkpoint(path: str | Path, model: GPT, tokenizer: Tokenizer,
+                             optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+    """Verify checkpoint `path`, check it belongs to this run (same model config and tokenizer), load the
+    weights into `model` and the optimizer states in place, and return `trainer.json` with the RNG
+    states of every rank added under "rng" (the caller restores its own rank's with `set_rng_state`)."""
+    path = Path(path)
+    verify_checkpoint(path)
+    saved = read_json(path / "gptlab.json", "checkpoint model config")
+    if saved.get("model") != model.config.to_dict():
+        diff = {k: (v, model.config.to_dict().get(k)) for k, v in saved.get("model", {}).items()
+                if model.config.to_dict().get(k) != v}
+        raise GptlabError(f"checkpoint {path} was trained with a different model config "
+                          f"(checkpoint vs this run: {diff})")
+    if saved.get("tokenizer_sha256") != tokenizer.sha256:
+        raise GptlabError(f"checkpoint {path} was trained with a different tokenizer "
+                          f"(checksum {str(saved.get('tokenizer_sha256'))[:12]} != {tokenizer.sha256[:12]})")
+    state = load_file(path / "model.safetensors")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (model.config.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise GptlabError(f"weights in {path} do not match the model: missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}")
+    trainer = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+    if len(trainer["optimizers"]) != len(optimizers):
+        raise GptlabError(f"checkpoint {path} holds {len(trainer['optimizers'])} optimizer states, this run "
+                          f"uses {len(optimizers)} (different --optimizer?)")
+    try:
+        for opt, opt_state in zip(optimizers, trainer["optimizers"]):
+            opt.load_state_dict(opt_state)
+    except (ValueError, KeyError) as e:
+        raise GptlabError(f"optimizer state in {path} does not fit this run: {e}") from None
+    meta = read_json(path / TRAINER_META, "checkpoint trainer state")
+    meta["rng"] = trainer["rng"]
+    return meta

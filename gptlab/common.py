@@ -1,0 +1,91 @@
+"""Small helpers every stage shares: the user-facing error type, atomic file writes, checksums, logging.
+
+Design decision: every failure a user can cause (bad path, bad file, bad option) raises `GptlabError` with a
+one-line message; the CLI prints it as `error: ...` and exits with status 2 instead of a traceback. Anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+class GptlabError(Exception):
+    """An error caused by the user's input or environment, reported as one line without a traceback."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the whole new one, never a part:
+    write a temp file in the same directory, fsync it, rename over the target, fsync the directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside `path` durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """Read a JSON file, turning a missing or corrupt file into a GptlabError that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise GptlabError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GptlabError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def get_logger(name: str) -> logging.Logger:
+    """Loggers write `gptlab.<stage>: message` lines to stderr, easy to grep in a run's output."""
+    logger = logging.getLogger(f"gptlab.{name}")
+    if not logging.getLogger("gptlab").handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        root = logging.getLogger("gptlab")
+        root.addHandler(handler)
+        root.setLevel(os.environ.get("GPTLAB_LOG", "INFO"))
+    return logger
