@@ -17,7 +17,6 @@ STAGES = [
     "gptlab.tokenizer",
     "gptlab.data.prepare",
     "gptlab.speedrun",
-    "gptlab.sample",
 ]
 
 

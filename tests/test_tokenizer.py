@@ -2,6 +2,7 @@
 special-token injection safety, persistence and bad input."""
 
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -173,3 +174,18 @@ def test_cli_encode_decode(tokenizer_file, small_tokenizer, capsys):
     assert capsys.readouterr().out == "héllo <|endoftext|>\n"
     assert main(["tokenizer", "decode", "--tokenizer", str(tokenizer_file), "--ids", "1 two"]) == 2
     assert "error: decode expects" in capsys.readouterr().err
+
+
+def test_cli_stats_reports_sources_usage_and_longest(tokenizer_file, tmp_path, capsys, corpus_texts):
+    (tmp_path / "a.txt").write_text(corpus_texts[0])
+    (tmp_path / "b.txt").write_text(corpus_texts[-3])
+    (tmp_path / "m.toml").write_text('val_fraction = 0.0\n[[sources]]\nname = "code"\nkind = "text"\n'
+                                     'paths = ["a.txt"]\n[[sources]]\nname = "russian"\nkind = "text"\npaths = ["b.txt"]\n')
+    assert main(["tokenizer", "stats", "--tokenizer", str(tokenizer_file), "--mixture", str(tmp_path / "m.toml"),
+                 "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("code", "russian"))}
+    code_bpt, russian_bpt = float(rows["code"][-1]), float(rows["russian"][-1])
+    assert code_bpt > russian_bpt  # the tokenizer was trained mostly on code: code compresses best
+    assert "vocabulary in use:" in out
+    assert len(re.findall(r"^ +\d+ +\d+ bytes ", out, flags=re.M)) == 3

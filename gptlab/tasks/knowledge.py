@@ -1,0 +1,105 @@
+"""World-knowledge questions from a hand-written fact table (capitals, currencies, authors, planets).
+
+A model can only know these from pretraining text; SFT teaches the answer format. The split is by fact,
+so test facts are never seen in SFT data in any phrasing. A reply is right when it names the answer
+(any accepted alias, any case, with or without accents) and names no other answer of the same kind.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from . import Example, Task, register
+from .checks import EVASIVE, mentions
+
+CAPITALS = """France: Paris; Germany: Berlin; Italy: Rome; Spain: Madrid; Portugal: Lisbon; Denmark: Copenhagen;
+Norway: Oslo; Sweden: Stockholm; Finland: Helsinki; Iceland: Reykjavík; Ireland: Dublin;
+the United Kingdom: London; Belgium: Brussels; Austria: Vienna; Switzerland: Bern | Berne; Poland: Warsaw;
+the Czech Republic: Prague; Slovakia: Bratislava; Hungary: Budapest; Romania: Bucharest; Bulgaria: Sofia;
+Greece: Athens; Croatia: Zagreb; Serbia: Belgrade; Slovenia: Ljubljana; Ukraine: Kyiv | Kiev; Lithuania: Vilnius;
+Latvia: Riga; Estonia: Tallinn; Russia: Moscow; Turkey: Ankara; Egypt: Cairo; Morocco: Rabat; Algeria: Algiers;
+Tunisia: Tunis; Kenya: Nairobi; Ethiopia: Addis Ababa; Nigeria: Abuja; Ghana: Accra; Senegal: Dakar;
+Uganda: Kampala; Zimbabwe: Harare; Zambia: Lusaka; Angola: Luanda; Japan: Tokyo; China: Beijing | Peking;
+South Korea: Seoul; India: New Delhi; Pakistan: Islamabad; Bangladesh: Dhaka; Nepal: Kathmandu;
+Thailand: Bangkok; Vietnam: Hanoi; the Philippines: Manila; Indonesia: Jakarta; Iran: Tehran; Iraq: Baghdad;
+Saudi Arabia: Riyadh; Afghanistan: Kabul; Mongolia: Ulaanbaatar | Ulan Bator; Australia: Canberra;
+New Zealand: Wellington; Canada: Ottawa; the United States: Washington, D.C. | Washington; Mexico: Mexico City;
+Cuba: Havana; Jamaica: Kingston; Brazil: Brasília; Argentina: Buenos Aires; Chile: Santiago; Peru: Lima;
+Colombia: Bogotá; Venezuela: Caracas; Ecuador: Quito; Uruguay: Montevideo; Paraguay: Asunción"""
+CURRENCIES = """Japan: yen; the United Kingdom: pound sterling | pound; the United States: US dollar | dollar;
+India: rupee; China: renminbi | yuan; Russia: ruble | rouble; Mexico: peso; Switzerland: Swiss franc | franc;
+Poland: złoty | zloty; Sweden: krona; Turkey: lira; Thailand: baht; South Africa: rand"""
+AUTHORS = """Hamlet: William Shakespeare | Shakespeare; Pride and Prejudice: Jane Austen | Austen;
+Nineteen Eighty-Four: George Orwell | Orwell; The Hobbit: J. R. R. Tolkien | Tolkien;
+War and Peace: Leo Tolstoy | Tolstoy; Don Quixote: Miguel de Cervantes | Cervantes; The Odyssey: Homer;
+Frankenstein: Mary Shelley | Shelley; Moby-Dick: Herman Melville | Melville; Les Misérables: Victor Hugo | Hugo;
+Crime and Punishment: Fyodor Dostoevsky | Dostoevsky | Dostoyevsky; Oliver Twist: Charles Dickens | Dickens"""
+PLANETS = """the largest in the Solar System: Jupiter; the closest to the Sun: Mercury; known as the Red Planet: Mars;
+famous for its bright rings: Saturn; the third from the Sun: Earth; the hottest in the Solar System: Venus;
+the farthest from the Sun: Neptune"""
+
+# relation: (fact table, question phrasings, reference answer)
+RELATIONS = {
+    "capital": (CAPITALS, ["What is the capital of {s}?", "The capital of {s} is", "Which city is the capital of {s}?",
+                           "Name the capital city of {s}."], "The capital of {s} is {a}."),
+    "currency": (CURRENCIES, ["What is the currency of {s}?", "Which currency is used in {s}?"],
+                 "The currency of {s} is the {a}."),
+    "author": (AUTHORS, ["Who wrote {s}?", "Who is the author of {s}?"], "{s} was written by {a}."),
+    "planet": (PLANETS, ["Which planet is {s}?", "Name the planet that is {s}."], "{a} is {s}."),
+}
+
+
+@dataclass(frozen=True)
+class Fact:
+    relation: str
+    subject: str
+    answers: tuple[str, ...]  # canonical answer first, then accepted aliases
+
+
+def _parse(relation: str, table: str) -> list[Fact]:
+    facts = []
+    for entry in table.replace("\n", " ").split(";"):
+        subject, answers = entry.split(":", 1)
+        facts.append(Fact(relation, subject.strip(), tuple(a.strip() for a in answers.split("|"))))
+    return facts
+
+
+FACTS = [fact for relation, (table, _, _) in RELATIONS.items() for fact in _parse(relation, table)]
+
+
+@register
+class Knowledge(Task):
+    name = "knowledge"
+    description = f"{len(FACTS)} facts: capitals, currencies, authors of classics, planets"
+
+    def _draw(self, rng: random.Random) -> Example:
+        fact = rng.choice(FACTS)
+        _, phrasings, reference = RELATIONS[fact.relation]
+        question = rng.choice(phrasings).format(s=fact.subject)
+        answer = fact.answers[0]
+        return Example(self.name, [{"role": "user", "content": question}], answer,
+                       [reference.format(s=fact.subject, a=answer), answer],
+                       {"relation": fact.relation, "subject": fact.subject, "answers": list(fact.answers)})
+
+    def split_key(self, example: Example) -> str:
+        return f"{example.metadata['relation']}: {example.metadata['subject']}"
+
+    @staticmethod
+    def _rivals(example: Example) -> list[str]:
+        """Answers (with aliases) of the other facts of the same relation."""
+        own = set(example.metadata["answers"])
+        return [a for f in FACTS if f.relation == example.metadata["relation"] for a in f.answers if a not in own]
+
+    def check(self, example: Example, response_text: str) -> bool:
+        return (any(mentions(response_text, a) for a in example.metadata["answers"])
+                and not any(mentions(response_text, r) for r in self._rivals(example)))
+
+    def _bad_responses(self, example: Example, rng: random.Random):
+        meta = example.metadata
+        reference = RELATIONS[meta["relation"]][2]
+        wrong = rng.choice([f for f in FACTS if f.relation == meta["relation"] and f.subject != meta["subject"]])
+        yield reference.format(s=meta["subject"], a=wrong.answers[0])
+        yield f"It is either {wrong.answers[0]} or {example.answer_text}."
+        yield wrong.answers[0]
+        yield rng.choice(EVASIVE)

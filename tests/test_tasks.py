@@ -1,0 +1,233 @@
+"""Task suite: per task determinism, disjoint train/test splits, references pass and bad responses fail
+their checkers, everything renders in the chat format; hand-written edge cases per checker; the safe
+calculator; the registry and the mixture sampler."""
+
+import dataclasses
+import operator
+import random
+
+import pytest
+
+from gptlab.chat import render, response_text
+from gptlab.common import GptlabError
+from gptlab.tasks import TASKS, Example, Task, get_task, register, sample_examples, split_of
+from gptlab.tasks.checks import find_json_object, final_number, mentions
+from gptlab.tasks.spelling import spelled_letters
+from gptlab.tasks.tools import calculate, calculator, execute_tool_call
+
+EXPECTED_TASKS = {"arithmetic", "calculator", "word_problems", "spelling", "knowledge", "sentiment", "syllogism",
+                  "extraction", "identity"}
+N = 150  # examples per split per task in the generic checks
+
+
+def test_registry_has_every_task():
+    assert EXPECTED_TASKS <= set(TASKS)
+    with pytest.raises(GptlabError, match=r"unknown task 'nope' \(available: .*arithmetic"):
+        get_task("nope")
+    with pytest.raises(ValueError, match="unique name"):
+        register(type("Again", (Task,), {"name": "arithmetic"}))
+
+
+def _draw(task, split, seed, n=N):
+    rng = random.Random(seed)
+    return [task.generate(rng, split) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))  # a newly added task is checked too
+def test_generation_is_deterministic(name):
+    task = get_task(name)
+    first, again = _draw(task, "train", 7, 20), _draw(task, "train", 7, 20)
+    assert [dataclasses.asdict(e) for e in first] == [dataclasses.asdict(e) for e in again]
+    other = _draw(task, "train", 8, 20)
+    assert [e.messages for e in other] != [e.messages for e in first]
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))  # a newly added task is checked too
+def test_train_and_test_are_disjoint(name):
+    task = get_task(name)
+    train, test = _draw(task, "train", 1), _draw(task, "test", 2)
+    train_keys, test_keys = {task.split_key(e) for e in train}, {task.split_key(e) for e in test}
+    assert train_keys.isdisjoint(test_keys)
+    assert {e.question for e in train}.isdisjoint(e.question for e in test)
+    assert all(e.metadata["split"] == "train" for e in train) and all(e.metadata["split"] == "test" for e in test)
+    assert len(test_keys) >= 4  # the test split is not degenerate
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))  # a newly added task is checked too
+def test_references_pass_and_bad_responses_fail(name, small_tokenizer):
+    task = get_task(name)
+    rng = random.Random(3)
+    for example in _draw(task, "train", 3) + _draw(task, "test", 4):
+        assert example.task == name and example.reference and example.answer_text
+        for i, reference in enumerate(example.reference):
+            assert task.check(example, response_text(reference)), (example.question, reference)
+            render(small_tokenizer, example.conversation(i))  # valid, complete chat conversations
+        bad = task.bad_responses(example, rng)
+        assert len(bad) >= 3
+        for response in bad:
+            assert not task.check(example, response_text(response)), (example.question, response)
+            render(small_tokenizer, example.messages + response)
+
+
+def _find(name, predicate):
+    """The first generated example satisfying `predicate`, from either split."""
+    rng = random.Random(0)
+    for _ in range(3000):
+        for split in ("train", "test"):
+            example = get_task(name).generate(rng, split)
+            if predicate(example):
+                return example
+    raise AssertionError(f"no {name} example matched")
+
+
+def test_number_checkers_read_the_final_number():
+    task = get_task("arithmetic")
+    ex = _find("arithmetic", lambda e: int(e.answer_text) > 3)
+    a = int(ex.answer_text)
+    assert task.check(ex, f"The answer is {a}.")
+    assert task.check(ex, f"{a}")
+    assert task.check(ex, f"Hmm, {a + 1}? No: it is {a}.0")
+    assert not task.check(ex, f"It is {a}, or maybe {a + 1}.")
+    assert not task.check(ex, f"{a - 1}")
+    assert not task.check(ex, "I don't know.")
+    calc = get_task("calculator")
+    ex = _find("calculator", lambda e: int(e.answer_text) >= 1000)
+    a = int(ex.answer_text)
+    assert calc.check(ex, f"The result is {a:,}.")  # thousands separators
+    assert not calc.check(ex, f"The result is {a + 1:,}.")  # exact for large numbers
+    assert final_number("-12 and 3.5") == 3.5 and final_number("from -7") == -7 and final_number("none") is None
+    assert final_number("three or four", words=True) == 4 and final_number("three or four") is None
+
+
+def test_spelling_checker_edge_cases():
+    task = get_task("spelling")
+    ex = _find("spelling", lambda e: e.metadata["kind"] == "spell" and e.metadata["word"] == "banana")
+    for good in ["b-a-n-a-n-a", "B A N A N A", "It is spelled b, a, n, a, n, a.", "Sure! B-A-N-A-N-A. Hope that helps"]:
+        assert task.check(ex, good), good
+    for bad in ["banana", "b-a-n-a-n", "b-a-n-a-n-a-s", "b-a-n-a-n-a, no wait: b-a-n-n-a", "B A N A N A I think"]:
+        assert not task.check(ex, bad), bad
+    assert spelled_letters("x") is None
+    ex = _find("spelling", lambda e: e.metadata["kind"] == "count" and e.metadata["word"] == "seventeen"
+               and e.metadata["letter"] == "e")
+    assert task.check(ex, "There are four e's in seventeen.")  # the word itself is not read as the number
+    assert task.check(ex, "4")
+    assert not task.check(ex, "seventeen has 3 e's")
+
+
+def test_knowledge_checker_edge_cases():
+    task = get_task("knowledge")
+    ex = _find("knowledge", lambda e: e.metadata["subject"] == "Brazil")
+    assert task.check(ex, "brasilia")  # case and accents do not matter
+    assert task.check(ex, "The capital is Brasília, in the centre-west.")
+    assert not task.check(ex, "Rio de Janeiro")
+    assert not task.check(ex, "Brasília or Buenos Aires")  # hedging between answers
+    assert not task.check(ex, "Brasíliaville")
+    assert mentions("Washington, D.C. is", "washington, d.c.") and not mentions("Romeo", "Rome")
+
+
+def test_syllogism_checker_edge_cases():
+    task = get_task("syllogism")
+    pos = _find("syllogism", lambda e: not e.metadata["negative"] and e.metadata["property"] == "mortal")
+    name = pos.metadata["name"]
+    assert task.check(pos, f"{name} is mortal.") and task.check(pos, f"Therefore {name.lower()} must be MORTAL")
+    assert not task.check(pos, f"{name} is immortal.")
+    assert not task.check(pos, f"{name} isn't mortal.")
+    assert not task.check(pos, f"We can't tell whether {name} is mortal.")
+    neg = _find("syllogism", lambda e: e.metadata["negative"] and e.metadata["yes_no"])
+    name, prop = neg.metadata["name"], neg.metadata["property"]
+    assert task.check(neg, f"No, {name} is not {prop}.") and task.check(neg, "No.")
+    assert task.check(neg, f"{name} cannot be {prop}.") and task.check(neg, f"{name} isn't {prop}.")
+    assert not task.check(neg, "Yes.") and not task.check(neg, f"No, {name} is {prop}.")
+    assert not task.check(neg, f"{name} is {prop}.")
+
+
+def test_sentiment_extraction_identity_edge_cases():
+    sentiment = get_task("sentiment")
+    ex = _find("sentiment", lambda e: e.answer_text == "positive")
+    assert sentiment.check(ex, "POSITIVE") and sentiment.check(ex, "I'd say this review is positive overall.")
+    assert not sentiment.check(ex, "Not positive.") and not sentiment.check(ex, "positive or negative")
+    assert not sentiment.check(ex, "positively glowing")  # the label itself is required
+
+    extraction = get_task("extraction")
+    ex = _find("extraction", lambda e: e.metadata["kind"] == "person")
+    fields = ex.metadata["fields"]
+    natural = (f'Here you go:\n```json\n{{"city": "{fields["city"].upper()}", "name": "{fields["name"]}", '
+               f'"age": "{fields["age"]}", "job": "x"}}\n```')
+    assert extraction.check(ex, natural)  # any key order, case-insensitive text, "34" for 34, extra keys
+    assert not extraction.check(ex, natural.replace(f'"{fields["age"]}"', f'"{fields["age"] + 1}"'))
+    assert not extraction.check(ex, natural.replace('"age"', '"years"'))
+    assert find_json_object('x {"a": 1} y {"b": 2}') == {"a": 1} and find_json_object("{oops}") is None
+
+    identity = get_task("identity")
+    ex = _find("identity", lambda e: True)
+    assert identity.check(ex, "Hi! I'm GPTLab, your friendly assistant.")
+    assert not identity.check(ex, "I am an assistant built on gptlab? No, I am not gptlab.")
+    assert not identity.check(ex, "gptlab")
+
+
+def test_calculator_tool_is_safe_and_exact():
+    rng = random.Random(0)
+    ops = {"+": operator.add, "-": operator.sub, "*": operator.mul, "//": operator.floordiv, "%": operator.mod}
+    for _ in range(200):
+        a, b, op = rng.randint(-10**6, 10**6), rng.randint(1, 10**4), rng.choice(sorted(ops))
+        assert calculate(f"{a} {op} {b}") == ops[op](a, b)
+    assert calculator("7 / 2") == "3.5" and calculator("(2 + 3) * -4") == "-20" and calculator("2 ** 10") == "1024"
+    assert calculator("6 / 3") == "2" and calculator("1 / 3") == "0.333333333333"
+    for bad, message in [("__import__('os').system('true')", "unsupported syntax Call"),
+                         ("x + 1", "unsupported syntax Name"), ("'a' * 3", "is not a number"),
+                         ("True + 1", "is not a number"), ("[1, 2]", "unsupported syntax List"),
+                         ("9 ** 9 ** 9", "power too large"), ("2 ** 1000", "power too large"),
+                         ("10 ** 15 * 10 ** 15 * 10 ** 15 * 10 ** 15 * 10 ** 15", "result too large"),
+                         ("1 / 0", "division by zero"), ("(-8) ** 0.5", "not a real number"),
+                         ("1e300 * 1e300", r"number 1e\+300 is too large"), ("1 +", "cannot parse"), ("", "empty expression"),
+                         ("1+" * 150 + "1", "longer than 200"), ("10000000000000000 + 1", "too large")]:
+        with pytest.raises(GptlabError, match=message):
+            calculate(bad)
+    assert execute_tool_call('{"name": "calculator", "arguments": {"expression": "12 * 34"}}') == "408"
+    assert execute_tool_call({"name": "calculator", "arguments": '{"expression": "1+1"}'}) == "2"
+    assert execute_tool_call("{not json") == "error: tool call is not valid JSON"
+    assert execute_tool_call('{"name": "shell", "arguments": {}}').startswith("error: unknown tool 'shell'")
+    assert execute_tool_call('{"name": "calculator", "arguments": {"expr": "1"}}').startswith("error: wrong arguments")
+    assert execute_tool_call('{"name": "calculator", "arguments": {"expression": "1/0"}}') == \
+        "error: calculator: division by zero"
+
+
+def test_calculator_reference_uses_the_tool():
+    ex = get_task("calculator").generate(random.Random(5), "train")
+    call, output, final = ex.reference[0]
+    assert call["tool_calls"] == [{"name": "calculator", "arguments": {"expression": ex.metadata["expression"]}}]
+    assert output == {"role": "tool", "content": ex.answer_text} and ex.answer_text in final["content"]
+    assert ex.messages[0]["role"] == "system"
+
+
+def test_split_of_assigns_the_requested_fraction():
+    keys = [f"question {i}" for i in range(4000)]
+    share = sum(split_of("t", k, 0.2) == "test" for k in keys) / len(keys)
+    assert 0.18 < share < 0.22
+    assert [split_of("t", k, 0.2) for k in keys[:50]] == [split_of("t", k, 0.2) for k in keys[:50]]
+    assert {split_of("t", k, 0.0) for k in keys} == {"train"} and {split_of("t", k, 1.0) for k in keys} == {"test"}
+
+
+def test_sample_examples_mixture():
+    mix = sample_examples(["arithmetic", "knowledge", "identity"], 60, "test", seed=11)
+    assert [e.messages for e in mix] == [e.messages for e in sample_examples(["arithmetic", "knowledge", "identity"],
+                                                                             60, "test", seed=11)]
+    assert {e.task for e in mix} == {"arithmetic", "knowledge", "identity"}
+    assert all(e.metadata["split"] == "test" for e in mix)
+    weighted = sample_examples({"sentiment": 1.0, "spelling": 0.0}, 30, "train", seed=1)
+    assert {e.task for e in weighted} == {"sentiment"}
+    assert {e.task for e in sample_examples(None, 200, "train", seed=2)} >= EXPECTED_TASKS
+    with pytest.raises(GptlabError, match="unknown split 'dev'"):
+        sample_examples(["arithmetic"], 1, "dev")
+    with pytest.raises(GptlabError, match="unknown task"):
+        sample_examples(["arithmetic", "bogus"], 1, "train")
+    with pytest.raises(GptlabError, match="not all zero"):
+        sample_examples({"arithmetic": 0}, 1, "train")
+    with pytest.raises(GptlabError, match="no tasks"):
+        sample_examples([], 1, "train")
+
+
+def test_example_wraps_string_references():
+    ex = Example("demo", [{"role": "user", "content": "q"}], "a", ["a", [{"role": "assistant", "content": "b"}]])
+    assert ex.reference == [[{"role": "assistant", "content": "a"}], [{"role": "assistant", "content": "b"}]]
+    assert ex.conversation(1)[-1]["content"] == "b" and ex.question == "q"
