@@ -17,6 +17,7 @@ STAGES = [
     "gptlab.tokenizer",
     "gptlab.data.prepare",
     "gptlab.speedrun",
+    "gptlab.sample",
 ]
 
 

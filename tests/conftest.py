@@ -5,8 +5,13 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 from gptlab.tokenizer import train_tokenizer
+
+# The test models are tiny: one intra-op thread avoids oversubscribing CI's 2 cores (measured: the engine
+# tests took 72 s with the default threads on a loaded 2-core machine and 14 s with one).
+torch.set_num_threads(1)
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 MULTILINGUAL = [

@@ -1,0 +1,91 @@
+"""`gptlab sample`: complete a prompt with a model directory, streaming the text to stdout.
+
+Design decisions
+- Everything happens in `gptlab.engine`; this module only maps flags to `SamplingParams`.
+  `add_sampling_args` / `sampling_params_from_args` are shared with the later chat and serving commands,
+  so every command spells the sampling flags the same way.
+- Flags are written out here rather than generated with `config.add_config_args`, because stop strings
+  and stop tokens are lists (repeatable `--stop`), which that helper does not express.
+- Only the completion goes to stdout (pipe-friendly); the finish reason goes to stderr via the logger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .common import GptlabError, get_logger
+from .engine import Engine, SamplingParams
+
+log = get_logger("sample")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    d = SamplingParams()
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="(default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="0 = off (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=d.top_p, help="nucleus mass, 1 = off (default: %(default)s)")
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help="CTRL penalty, 1 = off (default: %(default)s)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop string (repeatable); the output ends before it")
+    g.add_argument("--stop-token", action="append", default=None, metavar="NAME",
+                   help="special token that ends the output (repeatable; default: <|endoftext|>, <|assistant_end|>)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (default: random)")
+    g.add_argument("--num-beams", type=int, default=d.num_beams, help="> 1: beam search (default: %(default)s)")
+    g.add_argument("--length-penalty", type=float, default=d.length_penalty,
+                   help="beam score = logprob / length**this (default: %(default)s)")
+    g.add_argument("--strict-context", action="store_true",
+                   help="error on prompts that do not fit the context window instead of cutting them from the left")
+
+
+def sampling_params_from_args(args: argparse.Namespace, tokenizer) -> SamplingParams:
+    stop_ids = None if args.stop_token is None else tuple(tokenizer.special_id(n) for n in args.stop_token)
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
+                          stop_token_ids=stop_ids, seed=args.seed, num_beams=args.num_beams,
+                          length_penalty=args.length_penalty)
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model_dir
+
+    _validate_device(args.device)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    model, tokenizer = load_model_dir(args.model, device=args.device, dtype=dtypes[args.dtype])
+    engine = Engine(model, tokenizer, strict_context=args.strict_context)
+    params = sampling_params_from_args(args, tokenizer)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if params.num_beams > 1:
+        completion = engine.generate([prompt], params)[0]
+        sys.stdout.write(completion.text)
+        finish = completion.finish_reason
+    else:
+        finish = None
+        for event in engine.stream_batch([prompt], params):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            finish = event.finish_reason or finish
+    sys.stdout.write("\n")
+    log.info("finish reason: %s", finish)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sample", help="complete a prompt with a model directory (streams to stdout)")
+    p.add_argument("--model", required=True, help="model directory (gptlab.json + model.safetensors + tokenizer.json)")
+    p.add_argument("--prompt", default=None, help="prompt text (default: read stdin)")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_sampling_args(p)
+    p.set_defaults(func=_cmd_sample)
+
+
+def _validate_device(device: str) -> None:
+    try:
+        torch.device(device)
+    except RuntimeError as e:
+        raise GptlabError(f"invalid device {device!r}: {e}") from None

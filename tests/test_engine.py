@@ -1,0 +1,301 @@
+"""Inference engine: KV-cache decode vs full recompute, sampling filters vs hand computations, beam search,
+batching, streaming, scoring and the context-window policy, on a small random-init GPT and a tiny BPE
+tokenizer trained on real text (the `json` package's source plus some non-ASCII lines)."""
+
+from __future__ import annotations
+
+import inspect
+import json.decoder
+import json.encoder
+import logging
+import math
+
+import pytest
+import torch
+
+from gptlab.checkpoint import save_model_dir
+from gptlab.cli import main as cli_main
+from gptlab.common import GptlabError
+from gptlab.engine import (
+    Engine,
+    SamplingParams,
+    TextStream,
+    apply_repetition_penalty,
+    filter_top_k,
+    filter_top_p,
+)
+from gptlab.model import GPT, GPTConfig
+from gptlab.tokenizer import train_tokenizer
+
+MULTILINGUAL = "naïve café, Grüße aus Köln; 日本語のテキスト; emoji 🙂🚀; Ελληνικά; русский текст\n"
+PROMPTS = ["def decode(self, s):", "class JSONDecoder", "x", "    return _w(s, end).end() == len(s) and ok"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Width-64 matmuls gain nothing from threads, and on a shared CPU 2 OpenMP threads waiting on each
+    other made small ops 10-100x slower (bench/results/decode.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    text = inspect.getsource(json.decoder) + inspect.getsource(json.encoder) + MULTILINGUAL * 30
+    return train_tokenizer([text], vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def model(tok):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16,
+                       intermediate_size=128, max_seq_len=96)
+    model = GPT(config).eval()
+    with torch.no_grad():  # a random init at std 0.02 is nearly uniform; larger weights give clear argmaxes
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(20)
+    return model
+
+
+@pytest.fixture(scope="session")
+def engine(model, tok):
+    return Engine(model, tok)
+
+
+def greedy(**kw) -> SamplingParams:
+    return SamplingParams(temperature=0, **kw)
+
+
+def reference_decode(model, ids: list[int], n: int, penalty: float = 1.0) -> list[int]:
+    """Greedy decoding by full recompute (no cache), penalty applied by hand in float64."""
+    ids = list(ids)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))[0, -1].double().tolist()
+            if penalty != 1:
+                seen = set(ids)
+                logits = [(x / penalty if x > 0 else x * penalty) if t in seen else x for t, x in enumerate(logits)]
+            out.append(max(range(len(logits)), key=logits.__getitem__))
+            ids.append(out[-1])
+    return out
+
+
+def test_kv_cache_greedy_equals_full_recompute(engine, model):
+    for prompt in PROMPTS[:2]:
+        got = engine.generate([prompt], greedy(max_new_tokens=25, stop_token_ids=()))[0]
+        assert got.finish_reason == "length" and len(got.token_ids) == 25
+        assert got.token_ids == reference_decode(model, engine.encode(prompt), 25)
+
+
+def test_repetition_penalty_hand_computation(engine, model):
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0], [1.0, 1.0, -2.0, 0.0]])
+    seen = torch.tensor([[True, True, False, False], [False, True, True, True]])
+    out = apply_repetition_penalty(logits, seen, torch.tensor([[2.0], [4.0]]))
+    assert out.tolist() == [[1.0, -2.0, 0.5, -3.0], [1.0, 0.25, -8.0, 0.0]]
+    # inside the engine: greedy decoding with the penalty equals the hand-penalised full recompute
+    prompt = PROMPTS[3]
+    plain = engine.generate([prompt], greedy(max_new_tokens=20, stop_token_ids=()))[0]
+    got = engine.generate([prompt], greedy(max_new_tokens=20, stop_token_ids=(), repetition_penalty=3.0))[0]
+    assert got.token_ids == reference_decode(model, engine.encode(prompt), 20, penalty=3.0)
+    assert got.token_ids != plain.token_ids
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [1.0, 3.0, 2.0, 0.0]])
+    out = filter_top_k(logits, torch.tensor([2, 0]))
+    assert out[0].tolist() == [-math.inf, 3.0, 2.0, -math.inf] and out[1].tolist() == logits[1].tolist()
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2], [0.5, 0.3, 0.2]])
+    kept = filter_top_p(probs.log(), torch.tensor([[0.6], [0.5], [1.0]])).isfinite()
+    # smallest set whose mass reaches p: 0.5 + 0.3 >= 0.6; 0.5 alone reaches 0.5; p = 1 keeps everything
+    assert kept.tolist() == [[True, True, False], [True, False, False], [True, True, True]]
+
+
+def test_sampling_limits_equal_greedy(engine):
+    reference = engine.generate(PROMPTS[:2], greedy(max_new_tokens=20))
+    for params in [SamplingParams(max_new_tokens=20, top_k=1, seed=1),
+                   SamplingParams(max_new_tokens=20, top_p=1e-6, seed=2),
+                   SamplingParams(max_new_tokens=20, temperature=1e-6, seed=3)]:
+        got = engine.generate(PROMPTS[:2], params)
+        assert [c.token_ids for c in got] == [c.token_ids for c in reference], params
+    hot = engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=20, temperature=1.5, seed=4))
+    assert [c.token_ids for c in hot] != [c.token_ids for c in reference]
+
+
+def test_seeded_sampling_is_deterministic(engine):
+    def run(seed):
+        params = SamplingParams(max_new_tokens=30, temperature=1.0, top_k=50, top_p=0.9, seed=seed)
+        return [c.token_ids for c in engine.generate(PROMPTS, params)]
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_stop_strings_and_stop_tokens(engine):
+    full = engine.generate([PROMPTS[0]], greedy(max_new_tokens=40, stop_token_ids=()))[0]
+    stop = full.text[12:15]
+    got = engine.generate([PROMPTS[0]], greedy(max_new_tokens=40, stop_token_ids=(), stop=(stop, "\x00never")))[0]
+    assert got.text == full.text[:full.text.index(stop)]
+    assert got.finish_reason == "stop" and got.stop == stop
+    assert full.token_ids[:len(got.token_ids)] == got.token_ids
+    # a stop token ends the row at its first occurrence and is not part of the output
+    token = full.token_ids[10]
+    got = engine.generate([PROMPTS[0]], greedy(max_new_tokens=40, stop_token_ids=(token,)))[0]
+    assert got.token_ids == full.token_ids[:full.token_ids.index(token)]
+    assert (got.finish_reason, got.stop) == ("stop", token)
+
+
+def test_beam_search(engine):
+    for prompt in PROMPTS[:3]:
+        base = greedy(max_new_tokens=12, stop_token_ids=())
+        reference = engine.generate([prompt], base)[0]
+        one = engine.generate([prompt], SamplingParams(max_new_tokens=12, stop_token_ids=(), num_beams=1,
+                                                       temperature=0))[0]
+        beam1 = engine.beam_search(prompt, base)
+        assert beam1.token_ids == one.token_ids == reference.token_ids
+        beam4 = engine.generate([prompt], SamplingParams(max_new_tokens=12, stop_token_ids=(), num_beams=4))[0]
+        assert len(beam4.token_ids) == 12
+        s_greedy, s_beam = engine.score([prompt, prompt], [reference.token_ids, beam4.token_ids])
+        assert s_beam.logprob >= s_greedy.logprob - 1e-5
+        if beam4.token_ids != reference.token_ids:
+            assert not s_beam.is_greedy
+
+
+def test_beam_search_stops_on_stop_token(engine):
+    free = engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=12, stop_token_ids=(), num_beams=1))[0]
+    token = free.token_ids[3]
+    got = engine.beam_search(PROMPTS[1], SamplingParams(max_new_tokens=12, stop_token_ids=(token,), num_beams=3))
+    assert token not in got.token_ids
+    assert got.finish_reason == "stop" or len(got.token_ids) == 12
+
+
+def test_batched_equals_single(engine):
+    params = [greedy(max_new_tokens=n, stop_token_ids=stops) for n, stops in
+              [(30, ()), (7, ()), (30, None), (18, ())]]
+    batched = engine.generate(PROMPTS, params)
+    lengths = [len(c.token_ids) for c in batched]
+    assert len(set(lengths)) > 1 and len({len(engine.encode(p)) for p in PROMPTS}) > 1
+    for prompt, p, got in zip(PROMPTS, params, batched):
+        assert got == engine.generate([prompt], p)[0]
+    # sampled rows depend only on their own seed (row r uses seed + r), not on their neighbours
+    sampled = engine.generate(PROMPTS, SamplingParams(max_new_tokens=20, seed=11))
+    for r, prompt in enumerate(PROMPTS):
+        assert sampled[r] == engine.generate([prompt], SamplingParams(max_new_tokens=20, seed=11 + r))[0]
+
+
+def test_rows_join_and_leave_between_steps(engine):
+    """The continuous-batching path: a request joins a running batch and finishes on its own."""
+    p_long, p_short = greedy(max_new_tokens=20, stop_token_ids=()), greedy(max_new_tokens=6, stop_token_ids=())
+    batch = engine.prefill([PROMPTS[3]], p_long)
+    rows = list(batch.rows)
+    for _ in range(4):
+        engine.step(batch)
+    newcomer = engine.prefill([PROMPTS[2], PROMPTS[0]], [p_short, p_long], first_index=1)
+    rows += newcomer.rows
+    batch.join(newcomer)
+    seen_rows = set()
+    while batch.rows:
+        seen_rows |= {e.row for e in engine.step(batch)}
+    assert seen_rows == {0, 1, 2}
+    for row, prompt, p in zip(rows, [PROMPTS[3], PROMPTS[2], PROMPTS[0]], [p_long, p_short, p_long]):
+        assert row.completion() == engine.generate([prompt], p)[0]
+
+
+def test_text_stream_holds_partial_characters_and_stop_prefixes(tok):
+    text = "ab 日本語🙂é end"
+    stream = TextStream(stop=("end",))
+    deltas = []
+    for token in tok.encode(text):
+        stopped = stream.push(tok.id_to_bytes(token))
+        deltas.append(stream.take(final=stopped))
+        if stopped:
+            break
+    assert "".join(deltas) == "ab 日本語🙂é " and stream.matched == "end"
+    assert all("\ufffd" not in d for d in deltas)
+    byte_stream = TextStream()
+    assert [(byte_stream.push(bytes([b])), byte_stream.take())[1] for b in "日".encode()] == ["", "", "日"]
+    held = TextStream(stop=("STOP",))
+    held.push(b"xx ST")
+    assert held.take() == "xx " and held.take(final=True) == "ST"
+
+
+def test_streaming_equals_generate(engine, tok):
+    for seed in range(3):
+        params = SamplingParams(max_new_tokens=40, temperature=1.3, seed=seed, stop=("e, ",))
+        deltas = list(engine.stream(PROMPTS[1], params))
+        completion = engine.generate([PROMPTS[1]], params)[0]
+        assert "".join(deltas) == completion.text
+        if completion.stop is None:
+            assert completion.text == tok.decode(completion.token_ids)
+    # a prompt ending mid-way through multi-byte text makes the random model produce non-ASCII bytes
+    params = SamplingParams(max_new_tokens=40, temperature=1.0, seed=5, stop_token_ids=())
+    prompt = engine.encode(MULTILINGUAL)[:-3]
+    events = list(engine.stream_batch([prompt, PROMPTS[0]], params))
+    for row in (0, 1):
+        completion = engine.generate([prompt, PROMPTS[0]], params)[row]
+        assert "".join(e.text for e in events if e.row == row) == completion.text == tok.decode(completion.token_ids)
+        assert [e.token_id for e in events if e.row == row] == completion.token_ids
+
+
+def test_score_matches_float64_log_softmax(engine, model, tok):
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[3]]
+    conts = [" return self", "y = 1", tok.encode(" end")]
+    scores = engine.score(prompts, conts)
+    for prompt, cont, got in zip(prompts, conts, scores):
+        p_ids = engine.encode(prompt)
+        c_ids = tok.encode(cont) if isinstance(cont, str) else cont
+        with torch.no_grad():
+            logits = model(torch.tensor([p_ids + c_ids]))[0].double()
+        logprobs = logits.log_softmax(-1)[len(p_ids) - 1:-1]
+        expected = [logprobs[j, t].item() for j, t in enumerate(c_ids)]
+        assert got.token_logprobs == pytest.approx(expected, abs=1e-4)
+        assert got.logprob == pytest.approx(sum(expected), abs=1e-4)
+        assert got.is_greedy == all(logprobs[j].argmax().item() == t for j, t in enumerate(c_ids))
+    greedy_cont = engine.generate([PROMPTS[0]], greedy(max_new_tokens=8, stop_token_ids=()))[0].token_ids
+    assert engine.score([PROMPTS[0]], [greedy_cont])[0].is_greedy
+
+
+def test_context_window_policy(engine, model, tok, caplog):
+    window = model.config.max_seq_len
+    long_ids = (tok.encode(inspect.getsource(json.decoder)) * 2)[:window + 20]
+    params = greedy(max_new_tokens=10, stop_token_ids=())
+    with caplog.at_level(logging.WARNING, logger="gptlab.engine"):
+        got = engine.generate([long_ids], params)[0]
+    assert "exceeds the context window" in caplog.text
+    assert got.prompt_tokens == window - 10
+    assert got == engine.generate([long_ids[-(window - 10):]], params)[0]
+    # a long max_new_tokens reserves at most half the window and generation stops when the window is full
+    got = engine.generate([long_ids], greedy(max_new_tokens=500, stop_token_ids=()))[0]
+    assert got.prompt_tokens == window // 2 and len(got.token_ids) == window - window // 2
+    assert got.finish_reason == "length"
+    strict = Engine(model, tok, strict_context=True)
+    with pytest.raises(GptlabError, match="context window"):
+        strict.generate([long_ids], params)
+    with pytest.raises(GptlabError, match="context window"):
+        strict.score([long_ids], [[1, 2]])
+    assert strict.generate([long_ids[:20]], params)[0] == engine.generate([long_ids[:20]], params)[0]
+
+
+def test_bad_input_is_a_clear_error(engine):
+    for bad in [{"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"max_new_tokens": 0}, {"stop": ("",)}]:
+        with pytest.raises(GptlabError):
+            SamplingParams(**bad)
+    with pytest.raises(GptlabError, match="list of prompts"):
+        engine.generate("hello")
+    with pytest.raises(GptlabError, match="empty prompt"):
+        engine.generate([[]])
+    with pytest.raises(GptlabError, match="cannot stream"):
+        list(engine.stream("x", SamplingParams(num_beams=2)))
+
+
+def test_sample_cli_streams_the_completion(engine, model, tok, tmp_path, capsys):
+    save_model_dir(tmp_path / "m", model, tok)
+    code = cli_main(["sample", "--model", str(tmp_path / "m"), "--prompt", PROMPTS[0], "--temperature", "0",
+                     "--max-new-tokens", "15", "--stop-token", "<|user_end|>"])
+    assert code == 0
+    expected = engine.generate([PROMPTS[0]], greedy(max_new_tokens=15, stop_token_ids=(tok.special_id("<|user_end|>"),)))
+    assert capsys.readouterr().out == expected[0].text + "\n"
+    assert cli_main(["sample", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
