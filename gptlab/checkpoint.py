@@ -85,17 +85,19 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
         state = load_file(weights)
     except (SafetensorError, OSError, ValueError) as e:
         raise GptlabError(f"cannot read weights {weights}: {e}") from None
-    with torch.device("meta"):
+    with torch.device("meta"):  # no memory for random init: the weights are assigned from the file
         model = GPT(config)
-    model = model.to_empty(device=device)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches
+        raise GptlabError(f"weights in {weights} do not match the config in gptlab.json: {e}") from None
     missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise GptlabError(f"weights in {weights} do not match the config: missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}")
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.to(dtype=dtype).eval(), tokenizer
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -131,11 +133,12 @@ def checkpoint_dirs(root: str | Path) -> list[Path]:
 
 def save_training_checkpoint(root: str | Path, step: int, model: GPT, tokenizer: Tokenizer, *,
                              optimizers: list[torch.optim.Optimizer], rng_states: list[dict], meta: dict,
-                             keep_last: int = 0) -> Path:
+                             keep_last: int = 0, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write `root/step_<step>` (see the module docstring); keep only the newest `keep_last` (0 keeps all).
 
     `model` must be the unwrapped model with full (not sharded) parameters; `rng_states` holds one entry
-    per rank; `meta` is JSON (step, loader state, run config, ...)."""
+    per rank; `meta` is JSON (step, loader state, run config, ...); `extra_files` (name -> bytes) are
+    written into the checkpoint and covered by its checksums (e.g. a reward model's head)."""
     root = Path(root)
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp"
@@ -145,6 +148,8 @@ def save_training_checkpoint(root: str | Path, step: int, model: GPT, tokenizer:
     torch.save({"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng_states}, buf)
     atomic_write_bytes(tmp / TRAINER_STATE, buf.getvalue())
     atomic_write_json(tmp / TRAINER_META, {"step": step, **meta})
+    for name, data in (extra_files or {}).items():
+        atomic_write_bytes(tmp / name, data)
     sums = "".join(f"{sha256_file(f)}  {f.name}\n" for f in sorted(tmp.iterdir()) if f.is_file())
     atomic_write_bytes(tmp / CHECKSUMS, sums.encode())
     if final.exists():  # same step saved again (e.g. a signal right after a periodic save)

@@ -18,6 +18,7 @@ STAGES = [
     "gptlab.data.prepare",
     "gptlab.speedrun",
     "gptlab.sample",
+    "gptlab.interop",
 ]
 
 
