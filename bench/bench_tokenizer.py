@@ -24,7 +24,7 @@ from tiktoken.load import load_tiktoken_bpe
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gptlab.data.mixture import load_mixture  # noqa: E402
 from gptlab.data.prepare import PrepareConfig, prepare  # noqa: E402
-from gptlab.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, train_tokenizer  # noqa: E402
+from gptlab.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, train_tokenizer  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 VOCAB = Path(__file__).resolve().parents[2] / "shared" / "data" / "vocab"
@@ -81,7 +81,7 @@ def main():
     ap.add_argument("--encode-mb", type=float, default=20.0, help="size of the encoding sample")
     ap.add_argument("--out", default=str(HERE / "results" / "tokenizer.md"))
     args = ap.parse_args()
-    lines = [f"# Tokenizer benchmark\n", f"command: `python bench/bench_tokenizer.py --reps {args.reps}`",
+    lines = ["# Tokenizer benchmark\n", f"command: `python bench/bench_tokenizer.py --reps {args.reps}`",
              f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
              f"load average at start {os.getloadavg()[0]:.2f} (other work was running)\n"]
 

@@ -16,9 +16,13 @@ from .common import GptlabError
 STAGES = [
     "gptlab.tokenizer",
     "gptlab.data.prepare",
+    "gptlab.pretrain",
     "gptlab.speedrun",
     "gptlab.sample",
     "gptlab.interop",
+    "gptlab.eval",
+    "gptlab.reward",
+    "gptlab.dpo",
 ]
 
 

@@ -18,6 +18,11 @@ from .common import GptlabError
 C = TypeVar("C")
 
 
+def option(default: Any, help_text: str) -> Any:
+    """A dataclass field with a default and the help text its `--flag` shows."""
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):

@@ -229,11 +229,13 @@ class GPT(nn.Module):
         (Kaplan et al. 2020; PaLM appendix B). Used for MFU."""
         c = self.config
         n = self.num_params(exclude_embeddings=True)
+        if c.tie_embeddings:  # the lookup is free but the (shared) head matmul is not
+            n += self.lm_head.weight.numel()
         return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * seq_len
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 kv_cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, logits_to_keep: int = 0):
+                attn_mask: torch.Tensor | None = None, logits_to_keep: int = 0, return_hidden: bool = False):
         """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets` also the mean cross-entropy
         over positions whose target is not -1 (the ignore index used for masked tokens).
 
@@ -241,6 +243,8 @@ class GPT(nn.Module):
         `attn_mask` (B, S): True for keys that may be attended (S = cache length + T); left padding is False.
         `logits_to_keep` > 0: logits of the last that many positions only (a prefill needs just the last
         one; the head over the whole prompt would cost B * T * vocab floats). Same meaning as in HF.
+        `return_hidden`: return the final-norm hidden states (B, T, n_embd) the head would read, for a
+        reward or value head (gptlab.reward); `targets` is then ignored.
         """
         B, T = idx.shape
         offset = kv_cache.length if kv_cache is not None else 0
@@ -267,7 +271,10 @@ class GPT(nn.Module):
             kv_cache.length += T
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
+        if return_hidden:
+            return x
+        logits = self.lm_head(x)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
