@@ -20,6 +20,8 @@ STAGES = [
     "gptlab.speedrun",
     "gptlab.sample",
     "gptlab.interop",
+    "gptlab.chat_cli",
+    "gptlab.serve",
     "gptlab.eval",
     "gptlab.reward",
     "gptlab.dpo",

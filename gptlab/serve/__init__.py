@@ -1,0 +1,64 @@
+"""Serving: an OpenAI-compatible HTTP server with continuous batching (`app`, `scheduler`, `protocol`)
+and a self-contained web chat page (`static/index.html`).
+
+This module only registers `gptlab serve`; FastAPI and uvicorn are imported when the command runs, so
+other commands do not pay for importing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from gptlab.common import GptlabError, get_logger
+from gptlab.engine import Engine
+
+log = get_logger("serve")
+
+
+# ---- command line ----------------------------------------------------------------------------------------
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import torch
+
+    from gptlab.checkpoint import load_model_dir
+    from gptlab.serve.app import ServeConfig, create_app, run_server
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    model, tokenizer = load_model_dir(args.model, device=args.device, dtype=dtypes[args.dtype])
+    model.eval()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = Engine(model, tokenizer, strict_context=True)
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise GptlabError("--max-batch must be >= 1 and --max-queue >= 0")
+    config = ServeConfig(model_name=args.model_name or Path(args.model).resolve().name,
+                         api_key=args.api_key or os.environ.get("GPTLAB_API_KEY") or None,
+                         max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                         max_tokens_limit=args.max_tokens_limit)
+    app = create_app(engine, config)
+    log.info("listening on http://%s:%d (model id %r%s)", args.host, args.port, config.model_name,
+             ", API key required" if config.api_key else "")
+    run_server(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+
+
+def register(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a web chat page")
+    s.add_argument("--model", required=True, help="model directory (gptlab.json + model.safetensors + tokenizer.json)")
+    s.add_argument("--model-name", default=None, help="model id clients send (default: the directory name)")
+    s.add_argument("--host", default="127.0.0.1", help="(default: %(default)s; 0.0.0.0 to listen on all interfaces)")
+    s.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $GPTLAB_API_KEY)")
+    s.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default: %(default)s)")
+    s.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for a batch slot before new ones get 429 (default: %(default)s)")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="(default: %(default)s)")
+    s.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="largest max_tokens accepted (default: the context window)")
+    s.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds in-flight requests get to finish on SIGTERM (default: %(default)s)")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=_cmd_serve)

@@ -1,0 +1,73 @@
+"""Shared by the serving, chat CLI and web page tests: a tiny random-init model directory and a live
+uvicorn server on a free localhost port, running in a background thread of the test process."""
+
+from __future__ import annotations
+
+import socket
+import sysconfig
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from gptlab.checkpoint import load_model_dir, save_model_dir
+from gptlab.engine import Engine
+from gptlab.model import GPT, GPTConfig
+from gptlab.tokenizer import train_tokenizer
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def make_model_dir(path: Path, max_seq_len: int = 2048) -> Path:
+    """A 2-layer GPT over a BPE tokenizer trained on two stdlib modules. The rows of the (tied) output
+    matrix of the special tokens are zeroed, so their logit is exactly 0 while the best of ~500 random
+    logits is positive: greedy decoding writes ordinary text and never stops early, so length-based
+    tests are deterministic."""
+    text = "".join((STDLIB / name).read_text(encoding="utf-8") for name in ("textwrap.py", "json/decoder.py"))
+    tok = train_tokenizer([text], vocab_size=512)
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16,
+                       intermediate_size=128, max_seq_len=max_seq_len)
+    model = GPT(config).eval()
+    with torch.no_grad():  # at init std 0.02 greedy text degenerates into "lololo"; larger weights vary it
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(10)
+        model.lm_head.weight[list(tok.special_tokens.values())] = 0
+    return save_model_dir(path, model, tok)
+
+
+def load_engine(model_dir: Path) -> Engine:
+    model, tok = load_model_dir(model_dir)
+    return Engine(model.eval(), tok, strict_context=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving `app` on 127.0.0.1:<free port> in a daemon thread; `stop()` shuts it down."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)

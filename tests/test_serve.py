@@ -1,0 +1,421 @@
+"""The OpenAI-compatible server, driven with the official `openai` client (and raw httpx for malformed
+input) against live uvicorn servers on free localhost ports: answers equal the engine's, streaming equals
+non-streaming, concurrent requests are decoded together, disconnects and shutdown cancel cleanly, and
+bad input gets 4xx errors in the OpenAI shape."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+
+from _serve_helpers import LiveServer, free_port, load_engine, make_model_dir
+from gptlab.chat import render_for_completion
+from gptlab.engine import SamplingParams
+from gptlab.serve.app import ServeConfig, create_app
+
+MODEL = "tiny"
+HELLO = [{"role": "user", "content": "def dedent(text):"}]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """A tiny model decodes several times faster on one thread than on two contended ones (the test box
+    is 2 shared cores); restored afterwards for the other test modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("serve") / MODEL)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return load_engine(model_dir)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    live = LiveServer(create_app(engine, ServeConfig(model_name=MODEL, max_batch=8, max_queue=64,
+                                                     max_body_bytes=64 * 1024, max_tokens_limit=1500)))
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def health(server) -> dict:
+    return httpx.get(server.url + "/health").json()
+
+
+def wait_until(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+# ---- the happy path through the official client ----------------------------------------------------------
+def test_models_health_and_openapi(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert health(server)["status"] == "ok"
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"} <= set(spec["paths"])
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+
+
+def test_chat_greedy_equals_engine_and_streaming_equals_non_streaming(client, engine):
+    ids = render_for_completion(engine.tokenizer, HELLO)
+    expected = engine.generate([ids], SamplingParams(temperature=0, max_new_tokens=24))[0]
+    reply = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=24)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].finish_reason == "length"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), 24)
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=24,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+
+
+def test_stop_strings_and_system_prompt(client, engine):
+    messages = [{"role": "system", "content": "be brief"}, *HELLO]
+    full = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=30)
+    text = full.choices[0].message.content
+    stop = text[10:13]  # a string that the greedy answer is known to contain
+    assert stop and stop.strip()
+    cut = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=30, stop=[stop])
+    assert cut.choices[0].message.content == text[:text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_seeded_choices_are_reproducible_and_match_the_engine(client, engine):
+    ids = render_for_completion(engine.tokenizer, HELLO)
+    kwargs = dict(model=MODEL, messages=HELLO, temperature=1.0, top_p=0.9, max_tokens=12, n=3, seed=1234)
+    a = client.chat.completions.create(**kwargs)
+    b = client.chat.completions.create(**kwargs)
+    texts = [c.message.content for c in sorted(a.choices, key=lambda c: c.index)]
+    assert texts == [c.message.content for c in sorted(b.choices, key=lambda c: c.index)]
+    assert len(set(texts)) > 1  # choice i is seeded with seed + i
+    # the engine seeds row r of one prefill with seed + r: the same three rows
+    expected = engine.generate([ids] * 3, SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=1234))
+    assert texts == [c.text for c in expected]
+
+
+def test_chat_logprobs_are_the_models(client, engine):
+    reply = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=6,
+                                           logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == 6
+    ids = render_for_completion(engine.tokenizer, HELLO)
+    out = engine.generate([ids], SamplingParams(temperature=0, max_new_tokens=6))[0].token_ids
+    scores = engine.score([ids], [out])[0]
+    for entry, token, expected in zip(content, out, scores.token_logprobs):
+        assert bytes(entry.bytes) == engine.tokenizer.id_to_bytes(token)
+        assert entry.logprob == pytest.approx(expected, abs=1e-4)
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-5)  # greedy = the argmax
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+
+
+def test_completions_echo_scores_like_the_engine(client, engine):
+    """What eval harnesses do: echo the prompt with max_tokens=0 and read each token's logprob."""
+    context = engine.encode("def dedent(text):")
+    continuation = engine.tokenizer.encode("\n    return text")
+    reply = client.completions.create(model=MODEL, prompt=context + continuation, max_tokens=0, echo=True,
+                                      logprobs=1)
+    lp = reply.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and len(lp.tokens) == len(context) + len(continuation)
+    expected = engine.score([context], [continuation])[0]
+    got = lp.token_logprobs[len(context):]
+    assert sum(got) == pytest.approx(expected.logprob, abs=1e-3)
+    # logprobs=1: the top dict holds the argmax only, so "each token is its top entry" is lm-eval's is_greedy
+    is_greedy = all(tok in lp.top_logprobs[len(context) + i] for i, tok in enumerate(lp.tokens[len(context):]))
+    assert is_greedy == expected.is_greedy
+    # and a continuation that IS the greedy one is recognised as such
+    greedy = engine.generate([context], SamplingParams(temperature=0, max_new_tokens=4))[0].token_ids
+    lp = client.completions.create(model=MODEL, prompt=context + greedy, max_tokens=0, echo=True,
+                                   logprobs=1).choices[0].logprobs
+    assert all(tok in lp.top_logprobs[len(context) + i] for i, tok in enumerate(lp.tokens[len(context):]))
+    # a text prompt: echo returns it verbatim, text offsets index into it
+    reply = client.completions.create(model=MODEL, prompt="class JSONDecoder", max_tokens=5, echo=True,
+                                      logprobs=2, temperature=0)
+    choice = reply.choices[0]
+    assert choice.text.startswith("class JSONDecoder") and len(choice.logprobs.tokens) == len(
+        engine.tokenizer.encode("class JSONDecoder")) + 5
+    assert [choice.text[o:o + len(t)] for o, t in zip(choice.logprobs.text_offset, choice.logprobs.tokens)] == \
+        choice.logprobs.tokens
+    assert reply.usage.completion_tokens == 5
+
+
+def test_completions_streaming_and_prompt_lists(client, engine):
+    prompts = ["def f(x):", "import json"]
+    expected = [c.text for c in engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=8))]
+    reply = client.completions.create(model=MODEL, prompt=prompts, max_tokens=8, temperature=0)
+    assert [c.text for c in sorted(reply.choices, key=lambda c: c.index)] == expected
+    texts = ["", ""]
+    for chunk in client.completions.create(model=MODEL, prompt=prompts, max_tokens=8, temperature=0, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == expected
+
+
+# ---- continuous batching -------------------------------------------------------------------------------
+def test_concurrent_clients_are_batched_and_answers_stay_exact(client, server, engine):
+    prompts = [[{"role": "user", "content": f"item {i}: " + "x" * i}] for i in range(16)]
+    expected = [engine.generate([render_for_completion(engine.tokenizer, m)],
+                                SamplingParams(temperature=0, max_new_tokens=20))[0].text for m in prompts]
+    before = health(server)
+
+    def ask(i):
+        if i % 2:
+            return client.chat.completions.create(model=MODEL, messages=prompts[i], temperature=0,
+                                                  max_tokens=20).choices[0].message.content
+        stream = client.chat.completions.create(model=MODEL, messages=prompts[i], temperature=0, max_tokens=20,
+                                                stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in stream)
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(16)))
+    assert answers == expected  # batched rows (left padding, joins) give each row's solo answer
+    after = health(server)
+    tokens = after["generated_tokens"] - before["generated_tokens"]
+    steps = after["decode_steps"] - before["decode_steps"]
+    assert tokens == 16 * 20
+    assert steps < tokens / 2, f"{steps} decode steps for {tokens} tokens: requests were not batched"
+
+
+def test_new_request_joins_a_running_batch(client, server):
+    """A short request sent while a long one is decoding finishes first: it joined between steps."""
+    long_stream = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=1200,
+                                                 stream=True)
+    first = next(iter(long_stream))
+    assert first.choices[0].delta.role == "assistant"
+    wait_until(lambda: health(server)["running_rows"] == 1)
+    short = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=5)
+    assert short.choices[0].finish_reason == "length"
+    assert health(server)["running_rows"] == 1  # the long one is still going
+    long_stream.close()
+    wait_until(lambda: health(server)["running_rows"] == 0)
+
+
+def test_disconnecting_stream_leaves_the_batch(server):
+    before = health(server)
+    body = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 1500, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+        wait_until(lambda: health(server)["running_rows"] == 1)
+    # the connection is closed: the row must leave the batch long before its 1500 tokens
+    wait_until(lambda: health(server)["running_rows"] == 0, timeout=10)
+    time.sleep(0.3)
+    after = health(server)
+    assert after["generated_tokens"] - before["generated_tokens"] < 1500
+    assert after["running_rows"] == 0
+
+
+def test_disconnecting_non_streaming_client_cancels(server):
+    before = health(server)
+    body = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 1500}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(5, read=0.5))
+    wait_until(lambda: health(server)["running_rows"] == 0, timeout=10)
+    assert health(server)["generated_tokens"] - before["generated_tokens"] < 1500
+
+
+def test_batch_cache_stays_bounded_while_rows_come_and_go(engine):
+    """Under continuous batching the batch may never empty: once the rows that filled the oldest cache
+    slots leave, those slots are dropped, and the remaining row still decodes exactly as alone."""
+    greedy = SamplingParams(temperature=0, max_new_tokens=30)
+    a_ids, b_ids = engine.encode("def f(x):"), engine.encode("import json")
+    batch = engine.prefill([a_ids], SamplingParams(temperature=0, max_new_tokens=20))
+    for _ in range(10):
+        engine.step(batch)
+    batch.join(engine.prefill([b_ids], greedy, first_index=1))
+    b_steps, b_text = 0, ""
+    while batch.rows:
+        for event in engine.step(batch):
+            if event.row == 1:
+                b_steps, b_text = b_steps + 1, b_text + event.text
+        if batch.rows and [r.index for r in batch.rows] == [1]:
+            assert batch.cache.length == len(b_ids) + b_steps  # nothing left of row 0's slots
+    assert b_text == engine.generate([b_ids], greedy)[0].text
+
+
+# ---- bad input -----------------------------------------------------------------------------------------
+def post(server, path, content: bytes | str, headers=None):
+    headers = {"content-type": "application/json", **(headers or {})}
+    return httpx.post(server.url + path, content=content, headers=headers, timeout=30)
+
+
+def assert_openai_error(response, status, param=None, code=None, contains=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    if contains is not None:
+        assert contains in error["message"]
+
+
+def chat_body(**overrides) -> str:
+    return json.dumps({"model": MODEL, "messages": HELLO, "max_tokens": 4, **overrides})
+
+
+@pytest.mark.parametrize("content, status, param, code, contains", [
+    (b'{"model": "tiny", "messages": [', 400, None, "invalid_json", "not valid JSON"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "caf\xe9"}]}', 400, None, None, "UTF-8"),
+    (chat_body(temperature="hot"), 400, "temperature", None, None),
+    (chat_body(messages="hello"), 400, "messages", None, None),
+    (chat_body(messages=[]), 400, "messages", None, None),
+    (chat_body(messages=[{"role": "wizard", "content": "x"}]), 400, None, None, None),
+    (chat_body(messages=[{"role": "assistant", "content": "hi"}]), 400, "messages", None, "expected"),
+    (chat_body(messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]), 400, "messages", None,
+     "alternate"),
+    (chat_body(messages=[*HELLO, {"role": "system", "content": "late"}]), 400, "messages", None, "first"),
+    (chat_body(model="gpt-9"), 404, "model", "model_not_found", "gpt-9"),
+    (chat_body(max_tokens=10 ** 9), 400, "max_tokens", None, "limit"),
+    (chat_body(max_tokens=-1), 400, "max_tokens", None, None),
+    (chat_body(max_tokens=1400, messages=[{"role": "user", "content": "x " * 700}]), 400, "max_tokens",
+     "context_length_exceeded", None),
+    (chat_body(messages=[{"role": "user", "content": "word " * 3000}]), 400, "messages", "context_length_exceeded",
+     None),
+    (chat_body(n=9), 400, "n", None, None),
+    (chat_body(top_logprobs=2), 400, None, None, "logprobs"),
+    (chat_body(stop=["a", "b", "c", "d", "e"]), 400, "stop", None, None),
+    (chat_body(frequency_penalty=0.5), 400, None, None, "repetition_penalty"),
+    (chat_body(top_p=0), 400, "top_p", None, None),
+    (json.dumps({"model": MODEL, "messages": HELLO, "padding": "y" * 70_000}), 413, None, None, "limit"),
+])
+def test_bad_chat_requests(server, content, status, param, code, contains):
+    assert_openai_error(post(server, "/v1/chat/completions", content), status, param, code, contains)
+
+
+@pytest.mark.parametrize("body, param, contains", [
+    ({"prompt": [], "max_tokens": 3}, "prompt", "empty"),
+    ({"prompt": [1, 2, 99999], "max_tokens": 3}, "prompt", "vocabulary"),
+    ({"prompt": "x", "max_tokens": 0}, None, "echo"),
+    ({"prompt": "x", "logprobs": 50}, "logprobs", None),
+])
+def test_bad_completion_requests(server, body, param, contains):
+    response = post(server, "/v1/completions", json.dumps({"model": MODEL, **body}))
+    assert_openai_error(response, 400, param, None, contains)
+
+
+def test_official_client_raises_its_usual_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=HELLO)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=10 ** 9)
+    assert e.value.body["param"] == "max_tokens"
+
+
+def test_server_survives_bad_input_and_serves_after(server, client):
+    for content in [b"", b"null", b"[]", b"\x00\x01", b'{"model": 1}', b"{}" * 1000]:
+        assert post(server, "/v1/chat/completions", content).status_code == 400
+    assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).choices[0].finish_reason
+
+
+# ---- API key and the bounded queue ---------------------------------------------------------------------
+def test_api_key_and_full_queue(engine):
+    live = LiveServer(create_app(engine, ServeConfig(model_name=MODEL, api_key="s3cret", max_batch=1, max_queue=1)))
+    try:
+        for key in ("wrong", ""):
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=live.url + "/v1", api_key=key or "x", max_retries=0).models.list()
+        assert httpx.get(live.url + "/v1/models").status_code == 401
+        authed = openai.OpenAI(base_url=live.url + "/v1", api_key="s3cret", max_retries=0, timeout=60)
+        assert authed.models.list().data[0].id == MODEL
+        # one request decoding (batch of 1), one waiting (queue of 1): the third is refused with 429
+        running = authed.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1500, temperature=0,
+                                                 stream=True)
+        next(iter(running))
+        wait_until(lambda: httpx.get(live.url + "/health").json()["running_rows"] == 1)
+        waiting = authed.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3, stream=True)
+        wait_until(lambda: httpx.get(live.url + "/health").json()["waiting_requests"] == 1)
+        with pytest.raises(openai.RateLimitError):
+            authed.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3)
+        running.close()  # its row leaves; the waiting request gets the slot and completes
+        assert [c.choices[0].finish_reason for c in waiting if c.choices][-1] == "length"
+    finally:
+        live.stop()
+
+
+# ---- the real command: SIGTERM -------------------------------------------------------------------------
+def test_cli_serve_graceful_shutdown_on_sigterm(model_dir):
+    port = free_port()
+    env = {**os.environ, "GPTLAB_API_KEY": "k"}
+    proc = subprocess.Popen([sys.executable, "-m", "gptlab.cli", "serve", "--model", str(model_dir), "--port",
+                             str(port), "--shutdown-timeout", "4", "--threads", "1", "--log-level", "warning"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up():
+            try:
+                return httpx.get(url + "/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                return False
+
+        wait_until(up, timeout=60)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=30)
+        assert client.models.list().data[0].id == MODEL
+        results = {}
+
+        def consume(name, max_tokens):
+            chunks = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0,
+                                                    max_tokens=max_tokens, stream=True)
+            finish = None
+            try:
+                for c in chunks:
+                    finish = (c.choices[0].finish_reason if c.choices else None) or finish
+                results[name] = finish
+            except (httpx.HTTPError, openai.APIError) as e:
+                results[name] = f"cut: {type(e).__name__}"
+
+        # 'short' finishes within the grace period; 'long' may or may not (it depends on the machine's
+        # speed): either it ends normally or its connection is closed when the grace period ends
+        threads = [threading.Thread(target=consume, args=("short", 60)),
+                   threading.Thread(target=consume, args=("long", 2000))]
+        for t in threads:
+            t.start()
+        wait_until(lambda: httpx.get(url + "/health").json()["running_rows"] == 2)
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(30)
+        # uvicorn re-raises the signal after its graceful shutdown, the conventional exit for SIGTERM
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+        output = proc.stdout.read()
+        assert "decode loop stopped" in output and "Traceback" not in output, output
+        assert results["short"] == "length"  # finished normally during the grace period
+        assert results["long"] in ("length", "cut: APIError"), results  # APIError: the SSE error event
+        assert not any(t.is_alive() for t in threads)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
