@@ -219,8 +219,11 @@ def render(tokenizer: Tokenizer, messages: Any) -> Rendered:
 
 def render_for_completion(tokenizer: Tokenizer, messages: Any) -> list[int]:
     """Prompt ids that make the model write the next assistant turn: the conversation followed by
-    `<|assistant_start|>`; after a tool output the turn is already open, so nothing is added."""
+    `<|assistant_start|>`; after a tool output the turn is already open, so nothing is added.
+    An imported model with its own chat template (`tokenizer.chat_template`) is prompted through it."""
     messages = validate_messages(messages, complete=False)
+    if tokenizer.chat_template is not None:
+        return render_template(tokenizer, messages, add_generation_prompt=True)
     ids = _render(tokenizer, messages).ids
     if messages[-1]["role"] != "tool":
         ids.append(tokenizer.special_id("<|assistant_start|>"))
@@ -289,3 +292,37 @@ def write_messages_jsonl(path: str | os.PathLike, conversations: Iterable[Sequen
     lines = [json.dumps({"messages": list(c)}, ensure_ascii=False) for c in conversations]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     return len(lines)
+
+
+def render_template(tokenizer: Tokenizer, messages: list[Message], add_generation_prompt: bool) -> list[int]:
+    """Render with the tokenizer's Jinja chat template (the variables `transformers.apply_chat_template`
+    passes), then encode so that only the template's own markup may become special tokens.
+
+    Each message's text is swapped for a sentinel before rendering; the rendered string is cut at the
+    sentinels, template pieces are encoded with special tokens allowed and message text as ordinary text.
+    So "<|im_end|>" typed by a user stays text, as it does in gptlab's own format."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    texts = [m.get("content") or "" for m in messages]
+    sentinels = [f"\x00gptlab-message-{i}\x00" for i in range(len(texts))]
+    masked = [{**m, "content": sentinel} for m, sentinel in zip(messages, sentinels)]
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        rendered = env.from_string(tokenizer.chat_template).render(
+            messages=masked, add_generation_prompt=add_generation_prompt, bos_token=tokenizer.bos_token or "",
+            eos_token=tokenizer.eos_token or "")
+    except TemplateError as e:
+        raise GptlabError(f"the model's chat template failed: {e}") from None
+    ids: list[int] = []
+    for text, sentinel in zip(texts, sentinels):
+        head, found, rendered = rendered.partition(sentinel)
+        if not found:
+            raise GptlabError("the model's chat template transforms message text; only templates that insert "
+                              "it verbatim are supported")
+        ids += tokenizer.encode(head, allowed_special="all") + tokenizer.encode(text)
+    return ids + tokenizer.encode(rendered, allowed_special="all")

@@ -40,6 +40,7 @@ from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer
 
 MODEL_FORMAT = 1
+IMPORTED_FILE = "imported.json"  # written by `gptlab import`: source, special tokens, chat template
 CHECKSUMS = "SHA256SUMS"
 TRAINER_META = "trainer.json"
 TRAINER_STATE = "trainer.pt"
@@ -97,6 +98,10 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
                           f"unexpected {unexpected[:3]}")
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if (path / IMPORTED_FILE).is_file():
+        imported = read_json(path / IMPORTED_FILE, "import metadata")
+        tokenizer.chat_template = imported.get("chat_template")
+        tokenizer.bos_token, tokenizer.eos_token = imported.get("bos_token"), imported.get("eos_token")
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 

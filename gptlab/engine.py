@@ -335,7 +335,8 @@ class Engine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.bos_id = tokenizer.eot_id if add_bos else None
-        ends = [tokenizer.eot_id, tokenizer.special_tokens.get("<|assistant_end|>")]
+        ends = [tokenizer.eot_id, tokenizer.special_tokens.get("<|assistant_end|>"),
+                tokenizer.special_tokens.get(tokenizer.eos_token)]
         self.default_stop_ids = frozenset(i for i in ends if i is not None)
         # ids the model has but the tokenizer cannot decode (padded vocabularies) are never produced
         self.n_real_tokens = min(tokenizer.vocab_size, model.config.vocab_size)

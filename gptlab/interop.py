@@ -37,14 +37,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .chat import CHAT_TEMPLATE
-from .checkpoint import load_model_dir, save_model_dir
+from .checkpoint import IMPORTED_FILE, load_model_dir, save_model_dir
 from .common import GptlabError, atomic_write_bytes, atomic_write_json, get_logger, read_json
 from .model import GPT, GPTConfig
 from .tokenizer import EOT, Tokenizer
 
 log = get_logger("interop")
 
-IMPORTED_FILE = "imported.json"
 HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # llama.cpp tensor names -> ours (= HF's); "{i}" is the layer index

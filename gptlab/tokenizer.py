@@ -153,6 +153,11 @@ class Tokenizer:
         self.vocab_size = max(id_to_bytes) + 1
         self._id_to_bytes = [id_to_bytes.get(i, b"") for i in range(self.vocab_size)]
         self.eot_id = self.special_tokens.get(EOT)
+        # An imported model's own chat format (HF convention: a Jinja template and the token that ends a
+        # turn), set by `checkpoint.load_model_dir` from imported.json. None: gptlab's format (gptlab.chat).
+        self.chat_template: str | None = None
+        self.bos_token: str | None = None
+        self.eos_token: str | None = None
         self.backend = "tiktoken" if self._is_ours(spec) else "hf"
         if self.backend == "tiktoken":
             import tiktoken

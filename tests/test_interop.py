@@ -19,6 +19,7 @@ import transformers
 from tokenizers import Tokenizer as HFTokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from gptlab.chat import render_for_completion
 from gptlab.checkpoint import load_model_dir, save_model_dir
 from gptlab.cli import main as cli_main
 from gptlab.common import GptlabError
@@ -355,16 +356,40 @@ def smollm_dir(smollm_gguf, tmp_path_factory) -> Path:
 def test_smollm2_gguf_answers_paris_and_matches_transformers(smollm_gguf, smollm_dir):
     model, tok = load_model_dir(smollm_dir)
     assert (model.config.n_layer, model.config.n_embd, model.config.vocab_size) == (30, 576, 49152)
-    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-    ids = tok.encode(prompt, allowed_special="all")
-    assert ids.count(tok.special_id("<|im_start|>")) == 2 and tok.decode(ids) == prompt
+    # the chat prompt comes from SmolLM2's own template, kept by the import (chat.render_for_completion)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = render_for_completion(tok, messages)
+    prompt = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+              "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    assert ids == tok.encode(prompt, allowed_special="all") and ids.count(tok.special_id("<|im_start|>")) == 3
 
-    params = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=(tok.special_id("<|im_end|>"),))
-    answer = Engine(model, tok).generate([ids], params)[0]
-    assert "Paris" in answer.text, answer.text
+    answer = Engine(model, tok).generate([ids], SamplingParams(max_new_tokens=24, temperature=0))[0]
+    assert "Paris" in answer.text and answer.stop == tok.special_id("<|im_end|>"), answer  # stops at its own end
 
     hf = AutoModelForCausalLM.from_pretrained(smollm_gguf.parent, gguf_file=smollm_gguf.name,
                                               dtype=torch.float32).eval()
     full = torch.tensor([ids + answer.token_ids])
     with torch.no_grad():
         assert max_diff(model(full), hf(full).logits) <= 1e-4
+
+
+def test_smollm2_served_to_the_openai_client(smollm_dir):
+    """The imported SmolLM2 behind `gptlab serve`'s app answers the official client, streaming and not."""
+    import openai
+
+    from _serve_helpers import LiveServer
+    from gptlab.serve.app import ServeConfig, create_app
+
+    model, tok = load_model_dir(smollm_dir)
+    live = LiveServer(create_app(Engine(model, tok), ServeConfig(model_name="smollm2", max_batch=4, max_queue=8)))
+    try:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused")
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        reply = client.chat.completions.create(model="smollm2", messages=question, max_tokens=24, temperature=0)
+        assert "Paris" in reply.choices[0].message.content and reply.choices[0].finish_reason == "stop"
+        stream = client.chat.completions.create(model="smollm2", messages=question, max_tokens=24, temperature=0,
+                                                stream=True)
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        assert streamed == reply.choices[0].message.content
+    finally:
+        live.stop()
