@@ -34,10 +34,9 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from .common import GptlabError, atomic_write_text
+from .common import GptlabError, atomic_write_text, iter_jsonl
 from .tokenizer import EOT, Tokenizer
 
 Message = dict[str, Any]
@@ -263,28 +262,13 @@ def completion_text(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
 def read_messages_jsonl(path: str | os.PathLike, *, complete: bool = True) -> Iterator[list[Message]]:
     """Conversations from an OpenAI-style JSONL file: one `{"messages": [...]}` object per line (blank lines
     are skipped). Every error names `file:line`."""
-    path = Path(path)
-    if not path.is_file():
-        raise GptlabError(f"messages file not found: {path}")
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise GptlabError(f"{where}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as e:
-                raise GptlabError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict) or "messages" not in record:
-                raise GptlabError(f"{where}: expected an object with a 'messages' list")
-            try:
-                yield validate_messages(record["messages"], complete=complete)
-            except GptlabError as e:
-                raise GptlabError(f"{where}: {e}") from None
+    for where, record in iter_jsonl(path, "messages file"):
+        if not isinstance(record, dict) or "messages" not in record:
+            raise GptlabError(f"{where}: expected an object with a 'messages' list")
+        try:
+            yield validate_messages(record["messages"], complete=complete)
+        except GptlabError as e:
+            raise GptlabError(f"{where}: {e}") from None
 
 
 def write_messages_jsonl(path: str | os.PathLike, conversations: Iterable[Sequence[Message]]) -> int:

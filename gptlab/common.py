@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,28 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GptlabError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def iter_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[str, Any]]:
+    """(`file:line`, parsed record) for each non-blank line of a JSONL file. A missing file, a line that is
+    not UTF-8 or not JSON raises a GptlabError naming the file (and line); callers prefix their own
+    validation errors with the `file:line` they get."""
+    path = Path(path)
+    if not path.is_file():
+        raise GptlabError(f"{what} not found: {path}")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise GptlabError(f"{where}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line.rstrip("\r\n"))  # keeps column numbers on line 1
+            except json.JSONDecodeError as e:
+                raise GptlabError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -29,18 +29,16 @@ Design decisions
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .chat import Message, completion_text, render, render_for_completion, validate_messages
-from .common import GptlabError, get_logger
+from .common import GptlabError, get_logger, iter_jsonl
 from .engine import Engine, SamplingParams
 from .model import GPT
 from .tasks import TASKS, Example, get_task, sample_examples
@@ -145,27 +143,12 @@ def check_distinct(pset: PreferenceSet) -> None:
 
 def read_preferences_jsonl(path: str | os.PathLike) -> list[PreferenceSet]:
     """All preference sets of a JSONL file; any error names `file:line`."""
-    path = Path(path)
-    if not path.is_file():
-        raise GptlabError(f"preference file not found: {path}")
     sets = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise GptlabError(f"{where}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GptlabError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            try:
-                sets.append(parse_preference(record))
-            except GptlabError as e:
-                raise GptlabError(f"{where}: {e}") from None
+    for where, record in iter_jsonl(path, "preference file"):
+        try:
+            sets.append(parse_preference(record))
+        except GptlabError as e:
+            raise GptlabError(f"{where}: {e}") from None
     if not sets:
         raise GptlabError(f"{path} holds no preference records")
     return sets
