@@ -285,8 +285,23 @@ def render_template(tokenizer: Tokenizer, messages: list[Message], add_generatio
     Each message's text is swapped for a sentinel before rendering; the rendered string is cut at the
     sentinels, template pieces are encoded with special tokens allowed and message text as ordinary text.
     So "<|im_end|>" typed by a user stays text, as it does in gptlab's own format."""
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError, nodes
+    from jinja2.ext import Extension
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(Extension):
+        """HF's `{% generation %}...{% endgeneration %}` marks assistant text for training masks; for
+        rendering a prompt its body is output as is."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
 
     def raise_exception(message):
         raise TemplateError(message)
@@ -294,7 +309,7 @@ def render_template(tokenizer: Tokenizer, messages: list[Message], add_generatio
     texts = [m.get("content") or "" for m in messages]
     sentinels = [f"\x00gptlab-message-{i}\x00" for i in range(len(texts))]
     masked = [{**m, "content": sentinel} for m, sentinel in zip(messages, sentinels)]
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock])
     env.globals["raise_exception"] = raise_exception
     try:
         rendered = env.from_string(tokenizer.chat_template).render(

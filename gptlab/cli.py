@@ -17,6 +17,7 @@ STAGES = [
     "gptlab.tokenizer",
     "gptlab.data.prepare",
     "gptlab.pretrain",
+    "gptlab.sft",
     "gptlab.speedrun",
     "gptlab.sample",
     "gptlab.interop",

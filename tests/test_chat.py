@@ -265,3 +265,18 @@ def test_imported_chat_template_renders_and_keeps_message_text_ordinary(small_to
     tok.chat_template = "{{ messages[0]['content'] | upper }}"
     with pytest.raises(GptlabError, match="transforms message text"):
         render_for_completion(tok, [{"role": "user", "content": "x"}])
+
+
+def test_gptlab_template_through_the_template_path_equals_native_rendering(small_tokenizer):
+    """A gptlab model exported to HF and imported back prompts through CHAT_TEMPLATE (with HF's
+    `{% generation %}` blocks); that must give exactly the ids of gptlab's own renderer."""
+    import copy
+
+    from gptlab.chat import CHAT_TEMPLATE, render_for_completion
+
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"},
+                    {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3 + 3?"}]
+    native = render_for_completion(small_tokenizer, conversation)
+    tok = copy.copy(small_tokenizer)
+    tok.chat_template, tok.eos_token = CHAT_TEMPLATE, "<|assistant_end|>"
+    assert render_for_completion(tok, conversation) == native
