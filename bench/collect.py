@@ -1,0 +1,33 @@
+"""Assemble docs/benchmarks.md from the per-topic results in bench/results/ (each written by its bench
+script or by hand from its output, with command, machine and load), under a hand-written summary.
+
+    python bench/collect.py
+"""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+SECTIONS = [
+    ("tokenizer.md", "Tokenizer: training, encoding, compression, `data prepare` (issue: foundation)"),
+    ("train_cpu.md", "Pretraining throughput on CPU vs transformers (issue: model and pretraining)"),
+    ("decode.md", "Decoding with the KV cache vs transformers `generate` (issue: model and pretraining)"),
+    ("interop.md", "Loading SmolLM2 from GGUF (issue: model and pretraining)"),
+    ("sft.md", "SFT steps vs TRL SFTTrainer (issue: assistant recipe)"),
+    ("preferences.md", "Reward model accuracy (issue: assistant recipe)"),
+    ("serve.md", "Serving: continuous batching (issue: serving)"),
+]
+
+
+def main() -> None:
+    parts = [(RESULTS / "SUMMARY.md").read_text().strip() + "\n"]
+    for name, title in SECTIONS:
+        text = re.sub(r"^# .*\n", "", (RESULTS / name).read_text(), count=1)  # the section title replaces it
+        text = re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", text, flags=re.M)  # one level deeper
+        parts.append(f"## {title}\n\nSource: `bench/results/{name}`.\n\n{text.strip()}\n")
+    (ROOT / "docs" / "benchmarks.md").write_text("\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
