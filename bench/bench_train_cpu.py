@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from bench_decode import hf_twin
 from gptlab.model import GPT, GPTConfig
-from gptlab.pretrain import PRESETS, build_optimizers
+from gptlab.optim import build_optimizers
+from gptlab.pretrain import PRESETS
 
 
 def make_step(model, optimizers, forward_loss):

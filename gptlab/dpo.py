@@ -36,7 +36,7 @@ from .config import add_config_args, build_config, option
 from .model import GPT
 from .eval import gold_accuracy
 from .preferences import EncodedSet, PreferenceBatch, collate, encode_sets, row_offsets, task_names
-from .pretrain import build_optimizers
+from .optim import build_optimizers
 from .reward import (PreferenceTrainConfig, fit_preferences, load_preference_data,
                      resolve_device, resume_checkpoint)
 

@@ -63,6 +63,7 @@ from .data.loader import PackedLoader
 from .engine import Engine, SamplingParams
 from .metrics import MetricsLogger, plot_loss_curve
 from .model import GPT, GPTConfig
+from .optim import TrainConfig, build_optimizers, lr_multiplier
 from .tokenizer import Tokenizer
 
 log = get_logger("pretrain")
@@ -73,7 +74,7 @@ SAMPLE_PROMPTS = ("", "The ", "def ")
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(TrainConfig):
     data_dir: str = option("runs/default/data", "prepared dataset (gptlab data prepare)")
     tokenizer: str | None = option(None, "tokenizer.json (default: in or beside the data dir)")
     out_dir: str = option("runs/default/pretrain", "checkpoints, metrics, final model dir")
@@ -81,41 +82,15 @@ class PretrainConfig:
     seq_len: int = option(256, "tokens per row (context length)")
     batch_size: int = option(16, "rows per micro-batch per rank")
     total_batch_tokens: int | None = option(None, "tokens per optimizer step (default: one micro-batch per rank)")
-    num_steps: int = option(300, "optimizer steps")
-    optimizer: str = option("adamw", "adamw or muon (Muon for block matrices, AdamW for the rest)")
-    lr: float = option(3e-3, "peak AdamW learning rate")
-    muon_lr: float = option(0.02, "peak Muon learning rate (optimizer=muon)")
-    weight_decay: float = option(0.1, "decoupled weight decay on matrices")
-    beta1: float = option(0.9, "AdamW beta1")
-    beta2: float = option(0.95, "AdamW beta2")
-    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)")
-    schedule: str = option("cosine", "cosine or wsd (warmup-stable-decay)")
-    warmup_steps: int = option(20, "linear warmup steps")
-    decay_frac: float = option(0.2, "wsd: fraction of steps in the final linear decay")
-    min_lr_frac: float = option(0.1, "final learning rate as a fraction of the peak")
-    eval_every: int = option(50, "evaluate val loss / bits per byte every N steps (0 = only at the end)")
     eval_batches: int = option(8, "val micro-batches per evaluation (split across ranks)")
     sample_every: int = option(100, "print sample generations every N steps (0 = never)")
     sample_tokens: int = option(48, "tokens per sample")
     sample_temperature: float = option(0.8, "sampling temperature (0 = greedy)")
-    checkpoint_every: int = option(100, "save a checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = option(3, "keep the newest N checkpoints (0 = all)")
-    resume: bool = option(False, "continue from the newest valid checkpoint in out_dir")
-    device: str = option("auto", "auto, cpu, cuda, cuda:N")
-    dtype: str = option("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
     compile: bool = option(False, "torch.compile the model (CUDA)")
     peak_flops: float | None = option(None, "peak FLOP/s per device for MFU (default: H100 bf16 on CUDA)")
-    tensorboard: bool = option(True, "also write TensorBoard scalars")
-    progress: bool = option(True, "show a progress bar")
-    seed: int = option(0, "seed for init and data order")
 
     def __post_init__(self):
-        if self.optimizer not in ("adamw", "muon"):
-            raise ValueError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "wsd"):
-            raise ValueError(f"schedule must be cosine or wsd, got {self.schedule!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        super().__post_init__()
         if min(self.depth, self.seq_len, self.batch_size, self.num_steps) < 1:
             raise ValueError("depth, seq_len, batch_size and num_steps must be positive")
 
@@ -136,43 +111,6 @@ PRESETS = {
 
 # ---------------------------------------------------------------------------------------------------------
 # Pieces of the loop
-
-
-def lr_multiplier(step: int, cfg: PretrainConfig) -> float:
-    """Learning rate at `step` as a fraction of the peak (warmup, then cosine or WSD decay)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    floor = cfg.min_lr_frac
-    if cfg.schedule == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, cfg.num_steps - cfg.warmup_steps)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    decay_steps = max(1, round(cfg.decay_frac * cfg.num_steps))
-    decay_start = cfg.num_steps - decay_steps
-    if step < decay_start:
-        return 1.0
-    return 1.0 - (1 - floor) * min(1.0, (step - decay_start + 1) / decay_steps)
-
-
-def build_optimizers(model: GPT, cfg: PretrainConfig) -> list[torch.optim.Optimizer]:
-    """AdamW for all parameters, or Muon for 2-D matrices inside the blocks + AdamW for the rest.
-    Each param group remembers its peak `base_lr`; the schedule scales it every step."""
-    # named_parameters de-duplicates the tied embedding / head; frozen parameters (LoRA's base) are left out
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    in_blocks = {n for n, p in params.items() if n.startswith("model.layers.") and p.ndim == 2}
-    muon_names = in_blocks if cfg.optimizer == "muon" else set()
-    decay = [p for n, p in params.items() if n not in muon_names and p.ndim >= 2]
-    no_decay = [p for n, p in params.items() if n not in muon_names and p.ndim < 2]
-    adamw = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}],
-                              lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
-    optimizers: list[torch.optim.Optimizer] = [adamw]
-    if muon_names:
-        optimizers.append(torch.optim.Muon([params[n] for n in sorted(muon_names)], lr=cfg.muon_lr,
-                                           weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True))
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["base_lr"] = group["lr"]
-    return optimizers
 
 
 @torch.no_grad()

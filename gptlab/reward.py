@@ -56,7 +56,8 @@ from .metrics import MetricsLogger, plot_loss_curve
 from .model import GPT
 from .preferences import (EncodedSet, PreferenceBatch, PreferenceSet, collate, default_preferences, encode_sets,
                           read_preferences_jsonl, row_offsets, sampled_preferences, task_names)
-from .pretrain import StopRequest, build_optimizers, lr_multiplier
+from .optim import TrainConfig, build_optimizers, lr_multiplier
+from .pretrain import StopRequest
 from .tasks import sample_examples
 from .tokenizer import Tokenizer
 
@@ -181,7 +182,7 @@ class RewardModel(nn.Module):
 # ---- configuration --------------------------------------------------------------------------------------------
 
 @dataclass
-class PreferenceTrainConfig:
+class PreferenceTrainConfig(TrainConfig):
     """Options shared by `gptlab rm` and `gptlab dpo`."""
 
     model: str = option("runs/default/sft/model", "starting model directory (normally the SFT model)")
@@ -199,35 +200,13 @@ class PreferenceTrainConfig:
     sample_temperature: float = option(1.0, "temperature of the policy samples")
     max_new_tokens: int = option(64, "token limit of generated completions (samples, gold evaluation)")
     batch_size: int = option(8, "preference sets per optimizer step (all of a set's pairs train together)")
-    num_steps: int = option(300, "optimizer steps")
-    optimizer: str = option("adamw", "adamw or muon (Muon for block matrices, AdamW for the rest)")
     lr: float = option(1e-4, "peak AdamW learning rate")
     muon_lr: float = option(0.005, "peak Muon learning rate (optimizer=muon)")
     weight_decay: float = option(0.0, "decoupled weight decay on matrices")
-    beta1: float = option(0.9, "AdamW beta1")
-    beta2: float = option(0.95, "AdamW beta2")
-    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)")
-    schedule: str = option("cosine", "cosine or wsd (warmup-stable-decay)")
-    warmup_steps: int = option(20, "linear warmup steps")
-    decay_frac: float = option(0.2, "wsd: fraction of steps in the final linear decay")
-    min_lr_frac: float = option(0.1, "final learning rate as a fraction of the peak")
-    eval_every: int = option(50, "evaluate on the held-out sets every N steps (0 = only at the end)")
-    checkpoint_every: int = option(100, "save a checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = option(2, "keep the newest N checkpoints (0 = all)")
-    resume: bool = option(False, "continue from the newest valid checkpoint in out")
-    device: str = option("auto", "auto, cpu, cuda, cuda:N")
-    dtype: str = option("auto", "auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16")
-    tensorboard: bool = option(True, "also write TensorBoard scalars")
-    progress: bool = option(True, "show a progress bar")
-    seed: int = option(0, "seed for generated data and data order")
 
     def __post_init__(self):
-        if self.optimizer not in ("adamw", "muon"):
-            raise ValueError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "wsd"):
-            raise ValueError(f"schedule must be cosine or wsd, got {self.schedule!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        super().__post_init__()
         if min(self.batch_size, self.num_steps, self.train_prompts, self.val_prompts) < 1:
             raise ValueError("batch_size, num_steps, train_prompts and val_prompts must be positive")
         if not 0 < self.val_fraction < 1:

@@ -56,7 +56,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -69,70 +69,52 @@ from .chat import Rendered, read_messages_jsonl, render
 from .checkpoint import (checkpoint_dirs, latest_valid_checkpoint, load_model_dir,
                          load_training_checkpoint, rng_state, save_model_dir, save_training_checkpoint, set_rng_state)
 from .common import GptlabError, atomic_write_json, get_logger
-from .config import add_config_args, build_config
+from .config import add_config_args, build_config, option
 from .eval import gold_accuracy
 from .metrics import MetricsLogger, plot_loss_curve
 from .model import GPT
-from .pretrain import StopRequest, build_optimizers, lr_multiplier
+from .optim import TrainConfig, build_optimizers, lr_multiplier
+from .pretrain import StopRequest
 from .tasks import get_task, sample_examples
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
 log = get_logger("sft")
 
 
-def _opt(default, help_text: str):
-    return field(default=default, metadata={"help": help_text})
-
-
 @dataclass
-class SFTConfig:
-    model: str = _opt("runs/default/pretrain/model", "base model directory (gptlab pretrain or gptlab import)")
-    data: str = _opt("tasks", "'tasks' (the embedded task suite) or an OpenAI messages .jsonl file")
-    out: str = _opt("runs/default/sft", "output: model/, adapter/ (LoRA), checkpoints, metrics, sft.json")
-    tasks: str | None = _opt(None, "data=tasks: comma-separated task names (default: all)")
-    num_conversations: int = _opt(8000, "data=tasks: training conversations to draw")
-    val_conversations: int = _opt(200, "held-out conversations for the SFT loss (test split / set aside from the file)")
-    seq_len: int = _opt(512, "tokens per packed row (capped at the model's context window)")
-    batch_size: int = _opt(8, "rows per micro-batch")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    epochs: float = _opt(2.0, "passes over the training conversations (when num_steps is 0)")
-    num_steps: int = _opt(0, "optimizer steps (0 = from epochs)")
-    optimizer: str = _opt("adamw", "adamw or muon (as in pretraining; LoRA uses adamw)")
-    lr: float = _opt(3e-4, "peak learning rate, full fine-tuning")
-    lora_lr: float = _opt(2e-3, "peak learning rate of the LoRA adapters")
-    muon_lr: float = _opt(0.005, "peak Muon learning rate (optimizer=muon)")
-    weight_decay: float = _opt(0.0, "decoupled weight decay on matrices")
-    beta1: float = _opt(0.9, "AdamW beta1")
-    beta2: float = _opt(0.95, "AdamW beta2")
-    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 = off)")
-    schedule: str = _opt("cosine", "cosine or wsd (warmup-stable-decay: linear decay at the end)")
-    warmup_steps: int = _opt(20, "linear warmup steps")
-    decay_frac: float = _opt(0.5, "wsd: fraction of steps in the final linear decay")
-    min_lr_frac: float = _opt(0.0, "final learning rate as a fraction of the peak")
-    lora_rank: int = _opt(0, "LoRA rank (0 = full fine-tuning)")
-    lora_alpha: float = _opt(16.0, "LoRA alpha: the update is scaled by alpha / rank")
-    lora_dropout: float = _opt(0.0, "dropout on the LoRA input")
-    lora_targets: str = _opt(",".join(lora_mod.DEFAULT_TARGETS), "comma-separated linear layers to adapt")
-    lora_base_dtype: str = _opt("float32", "dtype of the frozen base with LoRA: float32 or bfloat16")
-    eval_every: int = _opt(100, "held-out SFT loss every N steps (0 = start and end only)")
-    gold_per_task: int = _opt(20, "test questions per task for gold accuracy at the end (0 = skip)")
-    gold_max_tokens: int = _opt(128, "max new tokens per gold-accuracy answer")
-    checkpoint_every: int = _opt(200, "save a checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = _opt(2, "keep the newest N checkpoints (0 = all)")
-    resume: bool = _opt(False, "continue from the newest valid checkpoint in out")
-    device: str = _opt("auto", "auto, cpu, cuda, cuda:N")
-    dtype: str = _opt("auto", "auto (bf16 autocast on CUDA, float32 on CPU), float32, bfloat16")
-    tensorboard: bool = _opt(True, "also write TensorBoard scalars")
-    progress: bool = _opt(True, "show a progress bar")
-    seed: int = _opt(0, "seed for data sampling, packing order and LoRA init")
+class SFTConfig(TrainConfig):
+    model: str = option("runs/default/pretrain/model", "base model directory (gptlab pretrain or gptlab import)")
+    data: str = option("tasks", "'tasks' (the embedded task suite) or an OpenAI messages .jsonl file")
+    out: str = option("runs/default/sft", "output: model/, adapter/ (LoRA), checkpoints, metrics, sft.json")
+    tasks: str | None = option(None, "data=tasks: comma-separated task names (default: all)")
+    num_conversations: int = option(8000, "data=tasks: training conversations to draw")
+    val_conversations: int = option(200, "held-out conversations for the SFT loss (test split / set aside from the file)")
+    seq_len: int = option(512, "tokens per packed row (capped at the model's context window)")
+    batch_size: int = option(8, "rows per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    epochs: float = option(2.0, "passes over the training conversations (when num_steps is 0)")
+    num_steps: int = option(0, "optimizer steps (0 = from epochs)")
+    lr: float = option(3e-4, "peak learning rate, full fine-tuning")
+    lora_lr: float = option(2e-3, "peak learning rate of the LoRA adapters")
+    muon_lr: float = option(0.005, "peak Muon learning rate (optimizer=muon)")
+    weight_decay: float = option(0.0, "decoupled weight decay on matrices")
+    decay_frac: float = option(0.5, "wsd: fraction of steps in the final linear decay")
+    min_lr_frac: float = option(0.0, "final learning rate as a fraction of the peak")
+    lora_rank: int = option(0, "LoRA rank (0 = full fine-tuning)")
+    lora_alpha: float = option(16.0, "LoRA alpha: the update is scaled by alpha / rank")
+    lora_dropout: float = option(0.0, "dropout on the LoRA input")
+    lora_targets: str = option(",".join(lora_mod.DEFAULT_TARGETS), "comma-separated linear layers to adapt")
+    lora_base_dtype: str = option("float32", "dtype of the frozen base with LoRA: float32 or bfloat16")
+    eval_every: int = option(100, "held-out SFT loss every N steps (0 = start and end only)")
+    gold_per_task: int = option(20, "test questions per task for gold accuracy at the end (0 = skip)")
+    gold_max_tokens: int = option(128, "max new tokens per gold-accuracy answer")
+    checkpoint_every: int = option(200, "save a checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = option(2, "keep the newest N checkpoints (0 = all)")
 
     def __post_init__(self):
-        if self.optimizer not in ("adamw", "muon"):
-            raise ValueError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "wsd"):
-            raise ValueError(f"schedule must be cosine or wsd, got {self.schedule!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16") or self.lora_base_dtype not in ("float32", "bfloat16"):
-            raise ValueError("dtype must be auto, float32 or bfloat16 and lora_base_dtype float32 or bfloat16")
+        super().__post_init__()
+        if self.lora_base_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"lora_base_dtype must be float32 or bfloat16, got {self.lora_base_dtype!r}")
         if min(self.seq_len, self.batch_size, self.grad_accum, self.num_conversations) < 1 or self.lora_rank < 0:
             raise ValueError("seq_len, batch_size, grad_accum and num_conversations must be positive, lora_rank >= 0")
         if self.num_steps < 0 or (self.num_steps == 0 and self.epochs <= 0):

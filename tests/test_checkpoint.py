@@ -20,7 +20,8 @@ from gptlab.checkpoint import (CHECKSUMS, checkpoint_dirs, latest_valid_checkpoi
 from gptlab.common import GptlabError, sha256_file
 from gptlab.metrics import read_metrics
 from gptlab.model import GPT, GPTConfig
-from gptlab.pretrain import PretrainConfig, build_optimizers, pretrain
+from gptlab.optim import build_optimizers
+from gptlab.pretrain import PretrainConfig, pretrain
 from gptlab.tokenizer import Tokenizer, train_tokenizer
 
 

@@ -22,7 +22,8 @@ from gptlab.common import GptlabError
 from gptlab.data.loader import PackedLoader
 from gptlab.metrics import read_metrics
 from gptlab.model import GPT, GPTConfig
-from gptlab.pretrain import PRESETS, PretrainConfig, build_optimizers, evaluate, lr_multiplier, pretrain
+from gptlab.optim import build_optimizers, lr_multiplier
+from gptlab.pretrain import PRESETS, PretrainConfig, evaluate, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 
