@@ -79,7 +79,9 @@ def speedrun(cfg: SpeedrunConfig) -> Path:
 
     model, tokenizer = load_model_dir(base_dir)
     engine = Engine(model, tokenizer)
-    outputs = engine.generate(SAMPLE_PROMPTS, SamplingParams(max_new_tokens=24, temperature=0.0))
+    # sampled, not greedy: a small base model's greedy text falls into loops ("to the to the ...")
+    outputs = engine.generate(SAMPLE_PROMPTS, SamplingParams(max_new_tokens=32, temperature=0.8, top_k=50,
+                                                             repetition_penalty=1.2, seed=0))
     for prompt, out in zip(SAMPLE_PROMPTS, outputs):
         log.info("base model sample: %r -> %r", prompt, out.text)
     log.info("speedrun stages done: %s; base model in %s", ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()),
