@@ -62,6 +62,27 @@ def save_model_dir(path: str | Path, model: GPT, tokenizer: Tokenizer) -> Path:
     return path
 
 
+def model_from_state(config: GPTConfig, state: dict[str, torch.Tensor], source: str) -> GPT:
+    """A GPT holding `state` (HF names). The model is built on the meta device and the tensors are
+    assigned, so no memory goes to a random init and no second copy is made. A tied head may be absent
+    from `state`; missing, unexpected or misshapen weights are a GptlabError naming `source`."""
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = GPT(config)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches: the config does not describe these weights
+        raise GptlabError(f"weights in {source} do not match their config: {str(e).splitlines()[-1].strip()}") from None
+    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise GptlabError(f"weights in {source} do not match their config: missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}")
+    if config.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32) -> tuple[GPT, Tokenizer]:
     path = Path(path)
@@ -86,18 +107,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
         state = load_file(weights)
     except (SafetensorError, OSError, ValueError) as e:
         raise GptlabError(f"cannot read weights {weights}: {e}") from None
-    with torch.device("meta"):  # no memory for random init: the weights are assigned from the file
-        model = GPT(config)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as e:  # shape mismatches
-        raise GptlabError(f"weights in {weights} do not match the config in gptlab.json: {e}") from None
-    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise GptlabError(f"weights in {weights} do not match the config: missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}")
-    if config.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model = model_from_state(config, state, str(weights))
     if (path / IMPORTED_FILE).is_file():
         imported = read_json(path / IMPORTED_FILE, "import metadata")
         tokenizer.chat_template = imported.get("chat_template")

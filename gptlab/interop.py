@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .chat import CHAT_TEMPLATE
-from .checkpoint import IMPORTED_FILE, load_model_dir, save_model_dir
+from .checkpoint import IMPORTED_FILE, load_model_dir, model_from_state, save_model_dir
 from .common import GptlabError, atomic_write_bytes, atomic_write_json, get_logger, read_json
 from .model import GPT, GPTConfig
 from .tokenizer import EOT, Tokenizer
@@ -74,25 +74,6 @@ def hf_model_type(config: GPTConfig) -> str:
     if config.qk_norm:
         return "qwen3"
     return "qwen2" if config.attn_bias else "llama"
-
-
-def build_model(config: GPTConfig, state: dict[str, torch.Tensor], source: str) -> GPT:
-    """A float32 GPT holding `state` (HF names); missing or unexpected weights are a GptlabError."""
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    with torch.device("meta"):
-        model = GPT(config)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as e:  # shape mismatches: the config does not describe these weights
-        raise GptlabError(f"weights in {source} do not match their config: {str(e).splitlines()[-1].strip()}") from None
-    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise GptlabError(f"weights in {source} do not fit a {hf_model_type(config)} model: missing "
-                          f"{missing[:3]}, unexpected {unexpected[:3]}")
-    if config.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.float().eval()
 
 
 def _drop_zero_o_proj_bias(state: dict[str, torch.Tensor], source: str) -> None:
@@ -247,7 +228,7 @@ def load_hf(src: str | Path) -> tuple[GPT, Tokenizer, dict]:
     config = hf_to_gpt_config(read_json(src / "config.json", "HF config"), str(src))
     state = {k: v for k, v in _hf_weights(src).items() if not k.endswith("rotary_emb.inv_freq")}
     _drop_zero_o_proj_bias(state, str(src))
-    model = build_model(config, state, str(src))
+    model = model_from_state(config, state, str(src)).float().eval()
     tokenizer = Tokenizer.load(src / "tokenizer.json")
     tok_cfg = read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
     template = tok_cfg.get("chat_template")
@@ -365,7 +346,7 @@ def load_gguf(path: str | Path) -> tuple[GPT, Tokenizer, dict]:
             attn_bias=any(k.endswith("q_proj.bias") for k in state), tie_embeddings="lm_head.weight" not in state)
     except (KeyError, ValueError) as e:
         raise GptlabError(f"{path}: inconsistent GGUF model ({e})") from None
-    model = build_model(config, state, str(path))
+    model = model_from_state(config, state, str(path)).float().eval()
     tokenizer = _gguf_tokenizer(meta, arch, f"{path} (GGUF vocabulary)")
     tokens = meta.get("tokenizer.ggml.tokens", [])
 
