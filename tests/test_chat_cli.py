@@ -96,11 +96,14 @@ def test_long_history_drops_oldest_exchanges_keeps_system(tmp_path):
     assert questions[0] not in [m["content"] for m in messages]  # the oldest exchange was dropped
 
 
-def test_ctrl_c_stops_the_answer_not_the_session(model_dir, tmp_path):
+def test_ctrl_c_stops_the_answer_not_the_session(tmp_path):
+    # A long context and answer budget: on a quiet machine a 2-layer model writes ~1,000 tokens/s, faster
+    # than this test reads the stream, so a short answer could finish before Ctrl-C arrives.
+    model_dir = make_model_dir(tmp_path / "long", max_seq_len=16384)
     saved = tmp_path / "conv.jsonl"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "gptlab.cli", "chat", "--model", str(model_dir),
-                             "--temperature", "0", "--max-new-tokens", "1800"], env=env, text=True,
+                             "--temperature", "0", "--max-new-tokens", "16000"], env=env, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
@@ -109,7 +112,10 @@ def test_ctrl_c_stops_the_answer_not_the_session(model_dir, tmp_path):
     def wait_for(predicate, timeout=60):
         deadline = time.monotonic() + timeout
         while not predicate("".join(output)):
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(output) + proc.stderr.read()
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()  # first: reading stderr of a live process would block forever
+                pytest.fail(f"chat never reached the expected state; stdout: {''.join(output)!r}; "
+                            f"stderr: {proc.stderr.read()!r}")
             time.sleep(0.05)
 
     try:
