@@ -17,6 +17,7 @@ Design decisions
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from .chat import render_for_completion, write_messages_jsonl
@@ -159,6 +160,10 @@ def _cmd_chat(args: argparse.Namespace) -> None:
         import readline  # noqa: F401
     except ImportError:
         pass
+    # Ctrl-C must stop an answer even when the chat was started from a context that ignores SIGINT
+    # (a background job of a non-interactive shell passes SIG_IGN on, and Python then never raises
+    # KeyboardInterrupt).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     run_interactive(session)
 
 
