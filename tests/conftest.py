@@ -1,5 +1,5 @@
 """Shared fixtures: small real text (Python's own stdlib source and a few multilingual lines) and a small
-tokenizer trained on it once per session. Nothing here reads ../shared."""
+tokenizer trained on it once per session. Everything here is made on the fly or read from installed packages."""
 
 import sysconfig
 from pathlib import Path
