@@ -9,12 +9,16 @@ streaming chat requests back to back (the same prompts, greedy, `--max-tokens` e
 Throughput = completion tokens of all clients / wall time of the scenario.
 
 Peers: the same requests against a server started with `--max-batch 1` (one request decoded at a time, the
-rest queue), the speed-up being what continuous batching buys. Scenarios alternate between the two
-servers (batched, single, batched, single...) so load from other work on the machine hits both alike.
+rest queue), the speed-up being what continuous batching buys; or, with `--peer unchunked`, against a
+batched server with `--prefill-chunk-tokens 0` (whole prompts prefilled in one step), which is what
+chunked prefill buys; `--long-prompt-words N` makes every 4th client's prompts N words longer, the case
+chunked prefill is for. Scenarios alternate between the two servers (batched, peer, batched, peer...)
+so load from other work on the machine hits both alike.
 The soak runs `--soak-clients` streaming clients for `--soak-seconds` and reports errors and the
 server's peak RSS (VmHWM from /proc).
 
     python bench/bench_serve.py --concurrency 1 8 32 100 --requests-per-client 2 --soak-seconds 180
+    python bench/bench_serve.py --peer unchunked --concurrency 32 100 --long-prompt-words 300 --soak-seconds 0
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from gptlab.checkpoint import save_model_dir
 from gptlab.model import GPT, GPTConfig
 from gptlab.tokenizer import train_tokenizer
 
+LONG_WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
 PROMPTS = ["How do I read a file line by line?", "Explain what a hash map is.", "Write a haiku about rain.",
            "What is the capital of France?", "Summarise the plot of Hamlet.", "def fibonacci(n):"]
 
@@ -66,11 +71,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model_dir: Path, port: int, max_batch: int, threads: int):
+    def __init__(self, model_dir: Path, port: int, max_batch: int, threads: int, prefill_chunk_tokens: int):
         self.url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "gptlab.cli", "serve", "--model", str(model_dir), "--port", str(port),
                "--max-batch", str(max_batch), "--max-queue", "10000", "--threads", str(threads),
-               "--log-level", "warning", "--model-name", "bench"]
+               "--prefill-chunk-tokens", str(prefill_chunk_tokens), "--log-level", "warning", "--model-name", "bench"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while True:
@@ -132,7 +137,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
 
 
 async def run_clients(url: str, clients: int, requests_per_client: int | None, max_tokens: int,
-                      seconds: float | None = None) -> dict:
+                      seconds: float | None = None, long_prompt_words: int = 0) -> dict:
     """`clients` concurrent clients, each sending requests back to back: `requests_per_client` each, or
     until `seconds` have passed."""
     stats = {"ttft": [], "itl": [], "tokens": 0, "errors": [], "requests": 0}
@@ -143,7 +148,10 @@ async def run_clients(url: str, clients: int, requests_per_client: int | None, m
         async def client_loop(k: int):
             i = 0
             while (i < requests_per_client) if seconds is None else (time.perf_counter() - start < seconds):
-                await one_request(client, url, PROMPTS[(k + i) % len(PROMPTS)], max_tokens, stats)
+                prompt = PROMPTS[(k + i) % len(PROMPTS)]
+                if long_prompt_words and k % 4 == 0:
+                    prompt = " ".join(LONG_WORDS[j % len(LONG_WORDS)] for j in range(long_prompt_words)) + " " + prompt
+                await one_request(client, url, prompt, max_tokens, stats)
                 stats["requests"] += 1
                 i += 1
 
@@ -176,7 +184,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=128, help="batched server's --max-batch")
     ap.add_argument("--threads", type=int, default=1, help="server torch threads (the load generator needs a core)")
-    ap.add_argument("--skip-single", action="store_true", help="do not measure the --max-batch 1 peer")
+    ap.add_argument("--skip-single", action="store_true", help="do not measure a peer")
+    ap.add_argument("--peer", choices=["single", "unchunked"], default="single",
+                    help="single: --max-batch 1; unchunked: batched with --prefill-chunk-tokens 0")
+    ap.add_argument("--prefill-chunk-tokens", type=int, default=128, help="batched server's value")
+    ap.add_argument("--long-prompt-words", type=int, default=0, help="every 4th client's prompts get N more words")
     ap.add_argument("--soak-seconds", type=float, default=180)
     ap.add_argument("--soak-clients", type=int, default=100)
     ap.add_argument("--out", default=None, help="write a markdown report here")
@@ -185,9 +197,11 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     model_dir = Path(args.model) if args.model else make_model(Path(tmp.name) / "model", args)
     load_before = os.getloadavg()
-    servers = {"batched": Server(model_dir, free_port(), args.max_batch, args.threads)}
-    if not args.skip_single:
-        servers["single"] = Server(model_dir, free_port(), 1, args.threads)
+    servers = {"batched": Server(model_dir, free_port(), args.max_batch, args.threads, args.prefill_chunk_tokens)}
+    if not args.skip_single and args.peer == "single":
+        servers["single"] = Server(model_dir, free_port(), 1, args.threads, args.prefill_chunk_tokens)
+    elif not args.skip_single:
+        servers["unchunked"] = Server(model_dir, free_port(), args.max_batch, args.threads, 0)
     rows = []
     try:
         for i, clients in enumerate(args.concurrency):
@@ -196,17 +210,18 @@ def main() -> None:
                 # warm-up request, not measured (first-call allocations)
                 asyncio.run(run_clients(servers[name].url, 1, 1, 4))
                 s = summary(asyncio.run(run_clients(servers[name].url, clients, args.requests_per_client,
-                                                    args.max_tokens)))
+                                                    args.max_tokens, long_prompt_words=args.long_prompt_words)))
                 rows.append((clients, name, s))
-                print(f"{clients:4d} clients {name:8s} {s['tok_s']:8.1f} tok/s  TTFT p50 {s['ttft50']:8.1f} ms "
+                print(f"{clients:4d} clients {name:9s} {s['tok_s']:8.1f} tok/s  TTFT p50 {s['ttft50']:8.1f} ms "
                       f"p99 {s['ttft99']:8.1f}  ITL p50 {s['itl50']:6.1f} ms p99 {s['itl99']:7.1f}  "
                       f"errors {s['errors']}  ({s['requests']} req, {s['tokens']} tok, {s['wall']:.1f} s)", flush=True)
-        if "single" in servers:
-            servers.pop("single").stop()  # the soak gets the machine to itself
+        for peer in [name for name in servers if name != "batched"]:
+            servers.pop(peer).stop()  # the soak gets the machine to itself
         soak = None
         if args.soak_seconds > 0:
             soak = summary(asyncio.run(run_clients(servers["batched"].url, args.soak_clients, None,
-                                                   args.max_tokens, seconds=args.soak_seconds)))
+                                                   args.max_tokens, seconds=args.soak_seconds,
+                                                   long_prompt_words=args.long_prompt_words)))
             soak["peak_rss"] = servers["batched"].peak_rss_mib()
             print(f"soak: {args.soak_clients} clients for {soak['wall']:.0f} s: {soak['requests']} requests, "
                   f"{soak['tokens']} tokens, {soak['tok_s']:.1f} tok/s, errors {soak['errors']}, "
@@ -228,11 +243,15 @@ def write_report(path: Path, args, rows, soak, load_before, load_after) -> None:
              f"{load_before[0]:.1f} before, {load_after[0]:.1f} after (`os.getloadavg`, 1 min). Server: "
              f"`--threads {args.threads}`, a separate process from the load generator, loopback HTTP. Model: "
              f"{args.layers} layers, width {args.width}, random init; greedy, {args.max_tokens} tokens per "
-             f"answer, streaming; each client sends {args.requests_per_client} requests back to back.", "",
+             f"answer, streaming; each client sends {args.requests_per_client} requests back to back"
+             + (f"; every 4th client's prompts are {args.long_prompt_words} words longer" if args.long_prompt_words
+                else "") + ".", "",
              "| clients | server | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors |",
              "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for clients, name, s in rows:
-        label = f"batched (max-batch {args.max_batch})" if name == "batched" else "one at a time (max-batch 1)"
+        label = {"batched": f"batched (max-batch {args.max_batch}, prefill chunk {args.prefill_chunk_tokens})",
+                 "single": "one at a time (max-batch 1)",
+                 "unchunked": f"batched (max-batch {args.max_batch}, prefill chunk 0 = whole prompts)"}[name]
         lines.append(f"| {clients} | {label} | {s['tok_s']:.1f} | {s['ttft50']:.0f} | {s['ttft99']:.0f} | "
                      f"{s['itl50']:.1f} | {s['itl99']:.1f} | {s['errors']} |")
     by = {(c, n): s for c, n, s in rows}

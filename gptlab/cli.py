@@ -26,6 +26,7 @@ STAGES = [
     "gptlab.eval",
     "gptlab.reward",
     "gptlab.dpo",
+    "gptlab.rl",
 ]
 
 

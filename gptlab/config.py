@@ -48,20 +48,29 @@ def _field_parser(tp: Any):
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, presets: dict[str, Any] | None = None) -> None:
     """Add a `--preset` flag (if presets are given) and one `--name` flag per dataclass field."""
+    # the defaults shown are the default preset's values: what a run without flags uses
+    shown = presets[next(iter(presets))] if presets else None
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=next(iter(presets)),
-                            help="starting point; the other flags override it (default: %(default)s)")
+                            help="starting point; the other flags override it; the defaults below are this "
+                                 "preset's (default: %(default)s)")
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} options")
     for field in dataclasses.fields(cls):
         if not field.init:
             continue
-        default = field.default if field.default is not dataclasses.MISSING else None
+        if shown is not None:
+            default = getattr(shown, field.name)
+        else:
+            default = field.default if field.default is not dataclasses.MISSING else None
         doc = field.metadata.get("help", "")
+        # a help text that already says what the default means (e.g. "(default: all)" for a None that is
+        # resolved later) keeps its own words; appending the raw value would show "(default: None)" too
+        if "(default:" not in doc:
+            doc = f"{doc} (default: {default})".strip()
         group.add_argument(f"--{field.name.replace('_', '-')}", dest=f"cfg_{field.name}",
                            type=_field_parser(hints[field.name]), default=None,
-                           metavar=getattr(hints[field.name], "__name__", "VALUE"),
-                           help=f"{doc} (default: {default})".strip())
+                           metavar=getattr(hints[field.name], "__name__", "VALUE"), help=doc)
 
 
 def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, C] | None = None) -> C:

@@ -384,11 +384,21 @@ class Engine:
         return ids, positions, key_mask
 
     # ---- the two calls a decode loop is made of -------------------------------------------------------
-    @torch.inference_mode()
     def prefill(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
                 first_index: int = 0) -> DecodeBatch:
         """Run the prompts through the model (one row each) and return the batch ready for `step`.
         `params` may differ per row; rows are numbered first_index, first_index + 1, ... in events."""
+        *_, batch = self.prefill_chunks(prompts, params, first_index)
+        return batch
+
+    @torch.inference_mode()  # on a generator function torch enters the mode around each resumption
+    def prefill_chunks(self, prompts: Sequence[Prompt],
+                       params: SamplingParams | Sequence[SamplingParams] | None = None, first_index: int = 0,
+                       chunk_tokens: int | None = None) -> Iterator[DecodeBatch | None]:
+        """`prefill` in pieces of at most `chunk_tokens` prompt tokens (all rows together, at least one
+        column per piece): yields None after each piece but the last, then the batch. A server advances
+        it between decode steps, so a long prompt does not stall the running rows for its whole prefill
+        (chunked prefill, as in Sarathi / vLLM); the KV cache makes the result the same as in one piece."""
         prompts = _check_prompt_list(prompts)
         plist = _params_list(params, len(prompts))
         rows, seqs = [], []
@@ -409,15 +419,21 @@ class Engine:
         capacity = max(width + row.max_new for row in rows)
         ids, positions, key_mask = self._left_pad(seqs, capacity)
         cache = KVCache(self.model.config, len(seqs), capacity, self.device, self.dtype)
-        logits = self.model(ids, kv_cache=cache, positions=positions, attn_mask=key_mask, logits_to_keep=1)
+        step = width if chunk_tokens is None else max(1, chunk_tokens // len(seqs))
+        for start in range(0, width, step):
+            if start:
+                yield None
+            end = min(start + step, width)
+            logits = self.model(ids[:, start:end], kv_cache=cache, positions=positions[:, start:end],
+                                attn_mask=key_mask, logits_to_keep=1)
         sampling = _SamplingTensors.from_params(plist, self.device)
         seen = None
         if sampling.penalty is not None:
             seen = torch.zeros(len(seqs), logits.shape[-1], dtype=torch.bool, device=self.device)
             for r, s in enumerate(seqs):
                 seen[r, s] = True
-        return DecodeBatch(rows, cache, key_mask, positions[:, -1] + 1,
-                           self._mask_unknown(logits[:, -1].float()), seen, sampling)
+        yield DecodeBatch(rows, cache, key_mask, positions[:, -1] + 1,
+                          self._mask_unknown(logits[:, -1].float()), seen, sampling)
 
     @torch.inference_mode()
     def step(self, batch: DecodeBatch) -> list[StreamEvent]:

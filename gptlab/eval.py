@@ -41,10 +41,11 @@ Design decisions
      A shot's answer is the assistant text of the task's first reference response
      (`chat.response_text`). System messages (the calculator's tool hint) are left out of base prompts:
      a base model cannot call tools. Generation stops at a blank line or the next "Q:"/"User:" label.
-- Chat generation runs tool calls in line: decoding stops at `<|tool_call_end|>`, the call runs through
-  `tasks.tools.execute_tool_call`, and the output block is appended before decoding continues (the same
-  layout `chat.render` trains on), at most `MAX_TOOL_CALLS` times per answer. The checker reads
-  `chat.completion_text` (assistant text without tool blocks).
+- Chat generation runs tool calls in line (`gptlab.rollout.generate_chat`, shared with RL): decoding stops
+  at `<|tool_call_end|>`, the call runs through `tasks.tools.execute_tool_call`, and the output block is
+  appended before decoding continues (the same layout `chat.render` trains on), at most
+  `rollout.MAX_TOOL_CALLS` times per answer. The checker reads `chat.completion_text` (assistant text
+  without tool blocks).
 - Examples are distinct test questions drawn with a per-task seed, so every model sees the same questions
   and figures are comparable across runs. Shots are drawn from the train split (disjoint by
   construction), a fresh seeded set per question so the figure averages over the choice of shots. A
@@ -67,7 +68,7 @@ import time
 import tomllib
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -76,19 +77,18 @@ import torch
 
 from .chat import Message, completion_text, render_for_completion, response_text
 from .common import GptlabError, atomic_write_json, atomic_write_text, get_logger, read_json
-from .config import add_config_args, build_config
+from .config import add_config_args, build_config, option
 from .data.loader import PackedLoader
 from .engine import Engine, SamplingParams
 from .model import GPT
 from .pretrain import evaluate
+from .rollout import generate_chat
 from .tasks import TASKS, Example, get_task
-from .tasks.tools import execute_tool_call
 from .tokenizer import Tokenizer
 
 log = get_logger("eval")
 
 MODES = ("base", "chat")
-MAX_TOOL_CALLS = 3
 _DRAWS_PER_EXAMPLE = 50  # draw budget when collecting distinct questions (identity has only 15 in train)
 
 
@@ -326,41 +326,6 @@ def chat_messages(example: Example, shots: Sequence[Example] = ()) -> list[Messa
     return system + turns + rest
 
 
-def generate_chat(engine: Engine, prompts: Sequence[list[int]], max_new_tokens: int,
-                  max_tool_calls: int = MAX_TOOL_CALLS) -> list[list[int]]:
-    """Greedy assistant turns for rendered chat prompts, running tool calls in line. Returns each turn's
-    token ids after the prompt (tool blocks included, the final <|assistant_end|> excluded).
-    `max_new_tokens` bounds each stretch of decoding between tool calls; after a tool call it shrinks to
-    what is left of the context window, so the conversation is never cut from the left."""
-    tok = engine.tokenizer
-    special = tok.special_tokens
-    call_start, call_end = special.get("<|tool_call_start|>"), special.get("<|tool_call_end|>")
-    turns: list[list[int]] = [[] for _ in prompts]
-    pending = list(range(len(prompts)))
-    for round_ in range(max_tool_calls + 1):
-        if round_:  # a row whose tool output filled the window ends there
-            pending = [i for i in pending if len(prompts[i]) + len(turns[i]) < engine.window]
-        if not pending:
-            break
-        can_call = call_end is not None and round_ < max_tool_calls
-        stops = tuple(engine.default_stop_ids | ({call_end} if can_call else set()))
-        params = [SamplingParams(max_new_tokens=max_new_tokens if not round_ else
-                                 min(max_new_tokens, engine.window - len(prompts[i]) - len(turns[i])),
-                                 temperature=0.0, stop_token_ids=stops) for i in pending]
-        completions = engine.generate([list(prompts[i]) + turns[i] for i in pending], params)
-        called = []
-        for i, completion in zip(pending, completions):
-            turns[i] += completion.token_ids
-            if can_call and completion.stop == call_end:
-                opened = max((j for j, t in enumerate(turns[i]) if t == call_start), default=-1)
-                output = execute_tool_call(tok.decode(turns[i][opened + 1:]))
-                turns[i] += [call_end, special["<|tool_output_start|>"], *tok.encode(output),
-                             special["<|tool_output_end|>"]]
-                called.append(i)
-        pending = called
-    return turns
-
-
 def build_prompt(example: Example, shots: Sequence[Example], mode: str, style: str,
                  tokenizer: Tokenizer) -> str | list[int]:
     """The prompt for `example` after `shots`: a `style` document (text) in base mode, rendered chat token
@@ -415,8 +380,8 @@ def gold_accuracy(model: GPT | None, tokenizer: Tokenizer, tasks: Sequence[str] 
         else:
             turns = [t for start in range(0, len(prompts), batch_size)
                      for t in generate_chat(engine, prompts[start:start + batch_size], max_new_tokens)]
-            texts = [completion_text(tokenizer, t) for t in turns]
-            transcripts = [tokenizer.decode(t) for t in turns]
+            texts = [completion_text(tokenizer, t.ids) for t in turns]
+            transcripts = [tokenizer.decode(t.body) for t in turns]
         verdicts = [get_task(name).check(e, text) for e, text in zip(task_examples, texts)]
         result["tasks"][name] = {**_accuracy(sum(verdicts), len(verdicts)), "shots_dropped": dropped}
         for example, prompt, transcript, ok in list(zip(task_examples, prompts, transcripts, verdicts))[:samples]:
@@ -574,29 +539,25 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pat
 # Command line
 
 
-def _opt(default, help_text: str):
-    return field(default=default, metadata={"help": help_text})
-
-
 @dataclass
 class EvalConfig:
-    model: str = _opt("", "model directory (required)")
-    data: str | None = _opt(None, "prepared dataset for val bits per byte (skipped if not given)")
-    out: str | None = _opt(None, "report directory (default: eval/ beside the model directory)")
-    mode: str = _opt("base", "base (text prompts) or chat (chat format)")
-    tasks: str = _opt("all", "comma-separated task names, all, or none")
-    n_per_task: int = _opt(20, "test questions per task")
-    shots: int | None = _opt(None, "worked examples per prompt (default: 3 in base mode, 0 in chat mode)")
-    styles: str = _opt("qa,assistant", "base-mode prompt styles: qa and/or assistant (fake assistant document)")
-    choices: bool = _opt(True, "multiple choice by log-likelihood")
-    max_new_tokens: int = _opt(64, "tokens per generated answer")
-    batch_size: int = _opt(16, "rows per forward pass")
-    val_batches: int = _opt(8, "val batches for bits per byte")
-    samples: int = _opt(2, "sample transcripts per task in the report")
-    seed: int = _opt(0, "seed for the questions and shots")
-    reward_model: str | None = _opt(None, "reward model directory (gptlab rm): report held-out pairwise accuracy")
-    device: str = _opt("auto", "auto, cpu, cuda, cuda:N")
-    dtype: str = _opt("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
+    model: str = option("", "model directory (required)")
+    data: str | None = option(None, "prepared dataset for val bits per byte (skipped if not given)")
+    out: str | None = option(None, "report directory (default: eval/ beside the model directory)")
+    mode: str = option("base", "base (text prompts) or chat (chat format)")
+    tasks: str = option("all", "comma-separated task names, all, or none")
+    n_per_task: int = option(20, "test questions per task")
+    shots: int | None = option(None, "worked examples per prompt (default: 3 in base mode, 0 in chat mode)")
+    styles: str = option("qa,assistant", "base-mode prompt styles: qa and/or assistant (fake assistant document)")
+    choices: bool = option(True, "multiple choice by log-likelihood")
+    max_new_tokens: int = option(64, "tokens per generated answer")
+    batch_size: int = option(16, "rows per forward pass")
+    val_batches: int = option(8, "val batches for bits per byte")
+    samples: int = option(2, "sample transcripts per task in the report")
+    seed: int = option(0, "seed for the questions and shots")
+    reward_model: str | None = option(None, "reward model directory (gptlab rm): report held-out pairwise accuracy")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N")
+    dtype: str = option("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
 
 
 PRESETS = {

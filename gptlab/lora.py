@@ -14,10 +14,16 @@ Design decisions
   fine-tuning more closely for little extra memory. A is initialised like an `nn.Linear` (Kaiming-uniform,
   as PEFT does); the paper's Gaussian works as well, what matters is B = 0.
 - The frozen base can be kept in bfloat16 (`base_dtype`): the whole base model is cast, the adapters stay
-  float32 (their updates are small and would be lost in bf16 rounding). 8-bit/4-bit bases (QLoRA) are not
-  implemented: they need quantized matmul kernels, which is a dependency this project does not take.
+  float32 (their updates are small and would be lost in bf16 rounding). Or in int8 (`base_dtype="int8"`):
+  each adapted layer's weight is stored as int8 with one float32 scale per output row (symmetric absmax,
+  the vector-wise quantization of LLM.int8, Dettmers et al. 2022, without its outlier decomposition) and
+  dequantized on the fly, one layer at a time, in the forward pass: a quarter of the fp32 memory for the
+  weights that dominate a model, at the cost of a dequantization per call. Plain PyTorch, so it runs on
+  every device; int8 matmul kernels (bitsandbytes) and 4-bit bases (QLoRA) would be a dependency this
+  project does not take. Layers that are not adapted (embeddings, norms) stay float32.
 - `merge` folds (alpha / r) B A into W for inference at the speed of the base model; `unmerge` restores W
-  bit for bit from a copy kept while merged, because W + D - D is not W in floating point. `fold_lora`
+  bit for bit from a copy kept while merged, because W + D - D is not W in floating point. An int8 layer
+  merges into a float32 weight held beside its int8 one (requantizing W + D would lose the update). `fold_lora`
   merges for good and puts plain `nn.Linear`s back (what a saved fine-tuned model dir holds).
 - Files: `adapter_config.json` (peft_type LORA, r, lora_alpha, target_modules, base_model_name_or_path, ...)
   and `adapter_model.safetensors` (PEFT key names), so `peft.PeftModel.from_pretrained` loads our adapters
@@ -52,12 +58,18 @@ BASE_CONFIG_KEY = "gptlab_base_config"  # safetensors metadata: the GPTConfig th
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update (module docstring)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, int8: bool = False):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
+        self.quantized = int8
+        if int8:
+            q, scale = quantize_int8(base.weight.detach())
+            self.register_buffer("weight_int8", q)
+            self.register_buffer("weight_scale", scale)
+        else:
+            self.weight = base.weight
+            self.weight.requires_grad_(False)
         self.bias = base.bias
-        self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
         device = base.weight.device
@@ -67,18 +79,26 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # while merged: the original weight (float bases) or the merged float32 weight (int8 bases)
         self._unmerged_weight: torch.Tensor | None = None
+        self._merged_weight: torch.Tensor | None = None
 
     @property
     def merged(self) -> bool:
-        return self._unmerged_weight is not None
+        return self._unmerged_weight is not None or self._merged_weight is not None
+
+    def base_weight(self) -> torch.Tensor:
+        """W as a float tensor: the stored weight, or the int8 weight dequantized (float32)."""
+        return self.weight_int8.float() * self.weight_scale if self.quantized else self.weight
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha / r) B A in float32: what the adapter adds to W."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        if self._merged_weight is not None:
+            return F.linear(x, self._merged_weight.to(x.dtype), self.bias)
+        out = F.linear(x, self.base_weight().to(x.dtype) if self.quantized else self.weight, self.bias)
         if self.merged:
             return out
         # x A^T B^T costs r * (in + out) per token instead of forming B A (in * out)
@@ -87,18 +107,32 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        if not self.merged:
+        if self.merged:
+            return
+        if self.quantized:
+            self._merged_weight = self.base_weight() + self.delta_weight()
+        else:
             self._unmerged_weight = self.weight.detach().clone()
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if self.merged:
+        if self._unmerged_weight is not None:
             self.weight.copy_(self._unmerged_weight)
-            self._unmerged_weight = None
+        self._unmerged_weight = self._merged_weight = None
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.rank}, alpha={self.alpha:g}"
+        return (f"in={self.in_features}, out={self.out_features}, r={self.rank}, alpha={self.alpha:g}"
+                + (", base int8" if self.quantized else ""))
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row absmax quantization: (int8 weight, float32 scale of shape (out, 1)) with
+    weight ~= q * scale and |error| <= scale / 2 per element. An all-zero row gets scale 1 (q = 0)."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1, keepdim=True) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(w / scale).clamp_(-127, 127).to(torch.int8), scale
 
 
 # ---- adding, merging, removing --------------------------------------------------------------------------
@@ -112,9 +146,13 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def add_lora(model: GPT, rank: int, alpha: float, targets: Iterable[str] = DEFAULT_TARGETS, dropout: float = 0.0,
-             base_dtype: torch.dtype | None = None) -> list[str]:
-    """Freeze `model` (optionally casting it to `base_dtype`) and wrap every `nn.Linear` whose name ends with
-    one of `targets` in a `LoRALinear`; returns the wrapped module names."""
+             base_dtype: torch.dtype | str | None = None) -> list[str]:
+    """Freeze `model` and wrap every `nn.Linear` whose name ends with one of `targets` in a `LoRALinear`;
+    returns the wrapped module names. `base_dtype`: None (keep), a torch dtype the whole base is cast to,
+    or "int8" (the adapted layers' weights quantized, the rest kept)."""
+    int8 = base_dtype == "int8"
+    if isinstance(base_dtype, str) and not int8:
+        raise GptlabError(f"unknown LoRA base dtype {base_dtype!r} (a torch dtype or 'int8')")
     targets = tuple(targets)
     if rank < 1:
         raise GptlabError(f"LoRA rank must be >= 1, got {rank}")
@@ -122,7 +160,7 @@ def add_lora(model: GPT, rank: int, alpha: float, targets: Iterable[str] = DEFAU
         raise GptlabError("LoRA needs at least one target module")
     if lora_layers(model):
         raise GptlabError("the model already has LoRA adapters")
-    if base_dtype is not None:
+    if base_dtype is not None and not int8:
         model.to(dtype=base_dtype)
     model.requires_grad_(False)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
@@ -134,7 +172,7 @@ def add_lora(model: GPT, rank: int, alpha: float, targets: Iterable[str] = DEFAU
                           f"(layers are named like {DEFAULT_TARGETS})")
     for name in names:
         parent, child = _parent(model, name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout, int8=int8))
     return names
 
 
@@ -154,9 +192,10 @@ def fold_lora(model: GPT) -> GPT:
     then be saved as an ordinary model dir); parameters become trainable again, as in a fresh model."""
     for name, layer in lora_layers(model).items():
         layer.unmerge()
+        weight = layer.base_weight()  # an int8 base comes back as float32
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                          device=layer.weight.device, dtype=layer.weight.dtype)
-        plain.weight.copy_((layer.weight.float() + layer.delta_weight()).to(layer.weight.dtype))
+                          device=weight.device, dtype=weight.dtype)
+        plain.weight.copy_((weight.float() + layer.delta_weight()).to(weight.dtype))
         if layer.bias is not None:
             plain.bias.copy_(layer.bias)
         parent, child = _parent(model, name)
@@ -194,7 +233,7 @@ def save_adapter(model: GPT, path: str | Path, base_model: str) -> Path:
     return path
 
 
-def load_adapter(model: GPT, path: str | Path, base_dtype: torch.dtype | None = None) -> list[str]:
+def load_adapter(model: GPT, path: str | Path, base_dtype: torch.dtype | str | None = None) -> list[str]:
     """Add the LoRA adapter saved in `path` (ours or any PEFT LoRA adapter for this architecture) to `model`.
     An adapter made for another base (different config, missing layers, other shapes) is a GptlabError."""
     path = Path(path)

@@ -1,4 +1,4 @@
-"""Training metrics: one JSON line per record, TensorBoard scalars, and a loss-curve PNG at the end.
+"""Training metrics: one JSON line per record, TensorBoard scalars, and curves as a PNG at the end.
 
 Design decisions: the JSONL file is the source of truth (greppable, loadable with pandas, survives without
 TensorBoard); TensorBoard is a convenience that is skipped when it cannot be imported. On resume, records
@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from .common import atomic_write_bytes, atomic_write_text, get_logger
@@ -69,26 +70,43 @@ def read_metrics(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path:
-    """Train loss (per step) and val loss (per eval) against step, written atomically as a PNG."""
+def plot_panels(metrics_path: str | Path, png_path: str | Path,
+                panels: Sequence[tuple[str, Sequence[str]]]) -> Path:
+    """Curves of a metrics file against step, one subplot per (y label, keys) panel, side by side (three
+    to a row), written atomically as a PNG. Series logged at fewer than half of the steps (evaluations)
+    get markers; keys never logged are left out, and so is a panel with none."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for key, style in (("train/loss", "-"), ("val/loss", "o-")):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
+    n_steps = len({r["step"] for r in records if "step" in r})
+    series = [(label, [(key, [(r["step"], r[key]) for r in records if key in r]) for key in keys])
+              for label, keys in panels]
+    series = [(label, [(k, pts) for k, pts in curves if pts]) for label, curves in series]
+    series = [(label, curves) for label, curves in series if curves] or [("(no data)", [])]
+    cols = min(3, len(series))
+    rows = math.ceil(len(series) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.8 * rows), dpi=100, squeeze=False)
+    for ax, (label, curves) in zip(axes.flat, series):
+        for key, points in curves:
             steps, values = zip(*points)
-            ax.plot(steps, values, style, label=key, markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+            ax.plot(steps, values, "o-" if len(points) < n_steps / 2 else "-", label=key, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if curves:
+            ax.legend(fontsize="small")
+    for ax in list(axes.flat)[len(series):]:
+        ax.set_visible(False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(png_path, buf.getvalue())
     return Path(png_path)
+
+
+def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path:
+    """Train loss (per step) and val loss (per eval) against step, written atomically as a PNG."""
+    return plot_panels(metrics_path, png_path, [("cross-entropy (nats/token)", ["train/loss", "val/loss"])])

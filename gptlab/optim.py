@@ -11,15 +11,21 @@ Design decisions
   was 13x slower than fp32 on our CPU (docs/LOG.md).
 - Schedules: linear warmup, then cosine decay to `min_lr_frac` of the peak, or warmup-stable-decay (WSD:
   constant, then a linear decay over the last `decay_frac` of the steps; Hu et al. 2024, MiniCPM).
+- Divergence: every loop checks its figures with `raise_if_diverged` before the optimizer step, so a run
+  that blows up stops with one message (the figure, the step, the last good checkpoint) and never writes
+  NaN weights over a good model.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from .checkpoint import latest_valid_checkpoint
+from .common import GptlabError
 from .config import option
 
 
@@ -93,3 +99,22 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opt
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
     return optimizers
+
+
+def raise_if_diverged(figures: dict[str, float], *, step: int, checkpoints: str | Path,
+                      limits: dict[str, float] | None = None, context: str = "", hint: str = "") -> None:
+    """Stop a run whose figures went bad: raise GptlabError when one of `figures` is NaN/inf or above its
+    entry in `limits`. The message names that figure and its value, the others, the step, `context`,
+    and the newest valid checkpoint under `checkpoints` (the one to resume from), then `hint`."""
+    limits = limits or {}
+    bad = [name for name, value in figures.items()
+           if not math.isfinite(value) or (name in limits and value > limits[name])]
+    if not bad:
+        return
+    name, value = bad[0], figures[bad[0]]
+    above = f" (above the limit {limits[name]:g})" if math.isfinite(value) else ""
+    others = ", ".join(f"{k} {v:.4g}" for k, v in figures.items() if k != name)
+    kept = latest_valid_checkpoint(checkpoints)
+    raise GptlabError(f"{name} became {value:.4g}{above}{f' ({others})' if others else ''} at step {step}{context}; "
+                      f"weights were not updated; last good checkpoint: {kept or 'none'}"
+                      + (f". {hint}" if hint else ""))

@@ -63,7 +63,7 @@ from .data.loader import PackedLoader
 from .engine import Engine, SamplingParams
 from .metrics import MetricsLogger, plot_loss_curve
 from .model import GPT, GPTConfig
-from .optim import TrainConfig, build_optimizers, lr_multiplier
+from .optim import TrainConfig, build_optimizers, lr_multiplier, raise_if_diverged
 from .tokenizer import Tokenizer
 
 log = get_logger("pretrain")
@@ -117,22 +117,27 @@ PRESETS = {
 def evaluate(model: GPT, loader: PackedLoader, num_batches: int, token_bytes: torch.Tensor,
              autocast, device: torch.device) -> dict[str, float]:
     """Mean val loss (nats/token) and bits per byte over `num_batches` batches from the start of the split;
-    sums are all-reduced, so every rank returns the figure over all ranks' rows."""
+    sums are all-reduced, so every rank returns the figure over all ranks' rows.
+
+    Bits per byte counts only targets that are text: a special token (the `<|endoftext|>` opening the next
+    document) has no bytes, and guessing where a document ends is not modelling its text (nanochat's
+    evaluation makes the same exclusion). The loss in nats/token is over every target, as trained."""
     model.eval()
     loader.rows_consumed = 0
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, tokens, nats on text targets, bytes
     for _ in range(num_batches):
         x, y = (t.to(device) for t in loader.next_batch())
         with autocast:
             logits = model(x)
-        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-        sums += torch.stack([nats.sum().double(), torch.tensor(y.numel(), device=device, dtype=torch.float64),
-                             token_bytes[y].sum().double()])
+        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").double()
+        nbytes = token_bytes[y.flatten()]
+        sums += torch.stack([nats.sum(), torch.tensor(y.numel(), device=device, dtype=torch.float64),
+                             nats[nbytes > 0].sum(), nbytes.sum().double()])
     if dist.is_initialized():
         dist.all_reduce(sums)
     model.train()
-    nats, tokens, nbytes = sums.tolist()
-    return {"val/loss": nats / tokens, "val/bpb": nats / math.log(2) / max(1.0, nbytes)}
+    nats, tokens, text_nats, nbytes = sums.tolist()
+    return {"val/loss": nats / tokens, "val/bpb": text_nats / math.log(2) / max(1.0, nbytes)}
 
 
 def find_tokenizer(cfg: PretrainConfig) -> Path:
@@ -337,12 +342,10 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device) -> 
                 loss_value = loss_sum.item()
                 # the norm is computed even without clipping (max_norm=inf): it is logged and checked
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
-                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                    kept = latest_valid_checkpoint(ckpt_root)
-                    raise GptlabError(f"training loss became {loss_value} (gradient norm {grad_norm}) at step "
-                                      f"{step} (lr scale {scale:.4g}, peak lr {cfg.lr:g}); last good loss "
-                                      f"{last_good}; weights were not updated; last good checkpoint: "
-                                      f"{kept or 'none'}. Try a lower --lr, --grad-clip, or more --warmup-steps")
+                raise_if_diverged({"training loss": loss_value, "gradient norm": grad_norm}, step=step,
+                                  checkpoints=ckpt_root, context=f" (lr scale {scale:.4g}, peak lr {cfg.lr:g}); "
+                                  f"last good loss {last_good}",
+                                  hint="Try a lower --lr, --grad-clip, or more --warmup-steps")
                 for opt in optimizers:
                     opt.step()
                 model.zero_grad(set_to_none=True)

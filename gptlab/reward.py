@@ -56,7 +56,7 @@ from .metrics import MetricsLogger, plot_loss_curve
 from .model import GPT
 from .preferences import (EncodedSet, PreferenceBatch, PreferenceSet, collate, default_preferences, encode_sets,
                           read_preferences_jsonl, row_offsets, sampled_preferences, task_names)
-from .optim import TrainConfig, build_optimizers, lr_multiplier
+from .optim import TrainConfig, build_optimizers, lr_multiplier, raise_if_diverged
 from .pretrain import StopRequest
 from .tasks import sample_examples
 from .tokenizer import Tokenizer
@@ -365,11 +365,10 @@ def fit_preferences(cfg: PreferenceTrainConfig, *, trainable: nn.Module, gpt: GP
                 loss.backward()
                 loss_value = loss.item()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf).item()
-                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                    kept = latest_valid_checkpoint(out / "checkpoints")
-                    raise GptlabError(f"loss became {loss_value} (gradient norm {grad_norm}) at step {step} "
-                                      f"(lr scale {scale:.4g}, peak lr {cfg.lr:g}); weights were not updated; "
-                                      f"last good checkpoint: {kept or 'none'}. Try a lower --lr or --grad-clip")
+                raise_if_diverged({"loss": loss_value, "gradient norm": grad_norm}, step=step,
+                                  checkpoints=out / "checkpoints",
+                                  context=f" (lr scale {scale:.4g}, peak lr {cfg.lr:g})",
+                                  hint="Try a lower --lr or --grad-clip")
                 for opt in optimizers:
                     opt.step()
                 trainable.zero_grad(set_to_none=True)

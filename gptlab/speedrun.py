@@ -1,95 +1,405 @@
-"""`gptlab speedrun`: the whole recipe on the embedded default mixture, one stage after another.
+"""`gptlab speedrun`: the whole State-of-GPT recipe on the embedded default mixture, one stage after another:
+tokenizer -> data -> pretrain -> SFT -> reward model -> RL -> DPO -> evaluation -> `report.md`.
 
-Stages implemented so far: tokenizer -> data -> pretrain -> samples. Later stages (SFT, reward model, RL,
-eval, report) are appended here as they land. Every stage skips or resumes work whose outputs already
-exist with the same inputs, so rerunning after an interruption continues where it stopped.
+    gptlab speedrun                      # preset cpu: the README's main command (<= 20 minutes on 2 cores)
+    gptlab speedrun --preset gpu         # one GPU: GPT-2-small shape, more data and steps
+    gptlab chat --model runs/default/rl/model      # talk to the result
+
+Design decisions
+- Each stage is the ordinary stage command's Python API (`pretrain`, `sft`, `train_reward_model`,
+  `train_rl`, `train_dpo`, `evaluate_model`) called with that command's preset of the same name plus the
+  run's paths: the speedrun adds no training code, so anything it does can be reproduced one stage at a
+  time with `gptlab <stage> --preset cpu ...`. The few overrides a preset of the speedrun makes (step
+  counts, learning rates tuned for its model size) are fields of `SpeedrunConfig` and are logged.
+- Resume: `run_dir/speedrun.json` records, per finished stage, its full configuration, its output and its
+  wall time. A rerun skips a stage whose recorded configuration is unchanged and whose output exists, and
+  resumes an unfinished stage from its newest valid checkpoint (every stage runs with `resume=True`), so
+  Ctrl-C at any point loses at most one checkpoint interval. Changing an option reruns that stage (and,
+  since their inputs changed, the stages after it).
+- Stages measure nothing twice: the training stages' own end-of-run gold evaluations are switched off
+  and one evaluation stage measures every model on the same test questions (`gptlab.eval`, seeded), so
+  the report's columns are comparable: the base model few-shot in both prompt styles (plain Q/A document
+  and State of GPT's "fake assistant document"), the tuned models zero-shot in the chat format. RL keeps
+  its in-training gold-accuracy curve (small n), which is what makes reward hacking visible.
+- RL's reward (`rl_reward`): `verifier` (the task checkers; what raises gold accuracy most directly) or
+  `rm` (the reward model this run trained: classic RLHF). DPO starts from the SFT model, as in Rafailov
+  et al. 2023, so the report compares RL and DPO as two answers to the same question.
+- The chat model at the end is the RL policy (`run_dir/rl/model`); `report.md` says which model scored
+  best, and whether base < SFT <= RL held on this run (an honest line, not an assertion).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
+import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .checkpoint import load_model_dir
-from .common import get_logger
-from .config import add_config_args, build_config
+from .common import atomic_write_bytes, atomic_write_json, atomic_write_text, get_logger, read_json
+from .config import add_config_args, build_config, option
 from .data.mixture import load_mixture
 from .data.prepare import PrepareConfig, prepare
 from .engine import Engine, SamplingParams
-from .pretrain import PRESETS as PRETRAIN_PRESETS
-from .pretrain import pretrain
 from .tokenizer import Tokenizer, train_tokenizer
 
 log = get_logger("speedrun")
 
 SAMPLE_PROMPTS = ["The king said", "Shares in the company", "def parse(", "The capital of France is"]
+STATE_FILE = "speedrun.json"
+REPORT_FILE = "report.md"
+MODELS = ("base", "sft", "rl", "dpo")  # the report's columns, in recipe order
 
 
 @dataclass
 class SpeedrunConfig:
-    run_dir: str = field(default="runs/default", metadata={"help": "where every stage writes"})
-    mixture: str = field(default="default", metadata={"help": "mixture name or .toml path"})
-    max_bytes: int | None = field(default=None, metadata={"help": "cap on text read from the mixture"})
-    vocab_size: int = field(default=8192, metadata={"help": "tokenizer vocabulary, specials included"})
-    pretrain_preset: str = field(default="tiny", metadata={"help": "preset of `gptlab pretrain`"})
-    pretrain_steps: int | None = field(default=None, metadata={"help": "override the preset's step count"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
+    run_dir: str = option("runs/default", "where every stage writes")
+    mixture: str = option("default", "mixture name or .toml path")
+    max_bytes: int | None = option(None, "cap on text read from the mixture")
+    vocab_size: int = option(8192, "tokenizer vocabulary, specials included")
+    stage_preset: str = option("cpu", "preset of every stage command (cpu or gpu), pretrain aside")
+    pretrain_preset: str = option("tiny", "preset of `gptlab pretrain`")
+    pretrain_steps: int | None = option(None, "override the pretrain preset's step count")
+    sft_steps: int | None = option(None, "override the SFT preset's step count")
+    sft_lr: float | None = option(None, "override the SFT preset's learning rate")
+    sft_conversations: int | None = option(None, "override the SFT preset's number of training conversations")
+    pref_prompts: int | None = option(None, "override the training preference sets of the RM and DPO presets")
+    rm_steps: int | None = option(None, "override the reward-model preset's step count")
+    rl_steps: int | None = option(None, "override the RL preset's step count")
+    rl_reward: str = option("verifier", "RL reward: verifier (task checkers) or rm (this run's reward model)")
+    rl_gold_per_task: int | None = option(None, "override the RL preset's test questions per task for its "
+                                                "in-training gold-accuracy curve")
+    dpo_steps: int | None = option(None, "override the DPO preset's step count")
+    stages: str = option("all", "comma-separated stages to run (tokenizer,data,pretrain,sft,rm,rl,dpo,eval) "
+                                "or all; skipped stages must have run before")
+    eval_per_task: int = option(30, "test questions per task in the evaluation stage")
+    eval_shots: int = option(3, "shots of the base model's few-shot prompts")
+    eval_max_tokens: int = option(96, "max new tokens per evaluated answer")
+    device: str = option("auto", "auto, cpu, cuda")
 
+    def __post_init__(self):
+        if self.rl_reward not in ("verifier", "rm"):
+            raise ValueError(f"rl_reward must be verifier or rm, got {self.rl_reward!r}")
+        unknown = set(self.stage_list()) - set(STAGES)
+        if unknown:
+            raise ValueError(f"unknown stages {sorted(unknown)} (stages: {', '.join(STAGES)})")
+
+    def stage_list(self) -> list[str]:
+        return list(STAGES) if self.stages == "all" else [s.strip() for s in self.stages.split(",") if s.strip()]
+
+
+STAGES = ("tokenizer", "data", "pretrain", "sft", "rm", "rl", "dpo", "eval")
 
 PRESETS = {
-    # CPU: a small vocabulary and model that a 2-core laptop trains in minutes
-    "cpu": SpeedrunConfig(vocab_size=8192, pretrain_preset="tiny"),
+    # CPU (2 cores, <= 20 minutes): a depth-4 model; SFT at a learning rate that moves a small base model
+    # within a few hundred steps (docs/LOG.md, "CPU recipe").
+    "cpu": SpeedrunConfig(vocab_size=8192, stage_preset="cpu", pretrain_preset="small", pretrain_steps=200,
+                          sft_steps=400, pref_prompts=800, rm_steps=100, rl_steps=40, rl_gold_per_task=10,
+                          dpo_steps=60),
     # GPU: GPT-2-like vocabulary and the GPT-2 small shape
-    "gpu": SpeedrunConfig(vocab_size=32768, pretrain_preset="gpt2"),
+    "gpu": SpeedrunConfig(vocab_size=32768, stage_preset="gpu", pretrain_preset="gpt2", eval_per_task=100),
 }
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Bookkeeping: which stages are done with which configuration
+
+
+def _fingerprint(config: Any) -> str:
+    payload = json.dumps(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class RunState:
+    """`speedrun.json`: per finished stage, its configuration fingerprint, output and wall time."""
+
+    def __init__(self, run: Path):
+        self.path = run / STATE_FILE
+        self.stages: dict[str, dict[str, Any]] = (read_json(self.path, "speedrun state")["stages"]
+                                                  if self.path.is_file() else {})
+
+    def done(self, stage: str, fingerprint: str) -> dict[str, Any] | None:
+        entry = self.stages.get(stage)
+        if entry and entry["fingerprint"] == fingerprint and Path(entry["output"]).exists():
+            return entry
+        return None
+
+    def record(self, stage: str, fingerprint: str, output: Path, seconds: float) -> None:
+        self.stages[stage] = {"fingerprint": fingerprint, "output": str(output), "seconds": round(seconds, 1)}
+        atomic_write_json(self.path, {"format": 1, "stages": self.stages})
+
+
+def run_stage(state: RunState, name: str, config: Any, work: Callable[[], Path], wanted: list[str]) -> Path:
+    """Run `work` unless the stage already finished with the same `config` (or is not `wanted` and has
+    finished before). Every stage's own checkpoints make an interrupted `work` resume where it stopped."""
+    fingerprint = _fingerprint(config)
+    entry = state.done(name, fingerprint)
+    if entry is None and name not in wanted:
+        previous = state.stages.get(name)
+        if previous is None or not Path(previous["output"]).exists():
+            raise ValueError(f"stage {name!r} was not selected with --stages and has not run before")
+        log.warning("%s: not selected; using its earlier output %s (other options)", name, previous["output"])
+        return Path(previous["output"])
+    if entry is not None:
+        log.info("%s: done before (%.0f s), reusing %s", name, entry["seconds"], entry["output"])
+        return Path(entry["output"])
+    log.info("=== %s ===", name)
+    start = time.perf_counter()
+    output = work()
+    state.record(name, fingerprint, output, time.perf_counter() - start)
+    log.info("%s: %.1f s", name, time.perf_counter() - start)
+    return output
+
+
+def _override(config, **fields):
+    """`dataclasses.replace` with the fields whose value is not None."""
+    return dataclasses.replace(config, **{k: v for k, v in fields.items() if v is not None})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The recipe
+
+
 def speedrun(cfg: SpeedrunConfig) -> Path:
+    # imported here: each stage module is heavy, and `gptlab --help` should not pay for them
+    from .dpo import PRESETS as DPO_PRESETS
+    from .dpo import train_dpo
+    from .pretrain import PRESETS as PRETRAIN_PRESETS
+    from .pretrain import pretrain
+    from .reward import PRESETS as RM_PRESETS
+    from .reward import train_reward_model
+    from .rl import PRESETS as RL_PRESETS
+    from .rl import train_rl
+    from .sft import PRESETS as SFT_PRESETS
+    from .sft import sft
+
     if cfg.pretrain_preset not in PRETRAIN_PRESETS:
         raise ValueError(f"unknown pretrain preset {cfg.pretrain_preset!r}")
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
+    state, wanted = RunState(run), cfg.stage_list()
+    preset = cfg.stage_preset
+
     tok_path = run / "tokenizer.json"
-    timings = {}
-    start = time.perf_counter()
-    mixture = load_mixture(cfg.mixture, max_bytes=cfg.max_bytes)
-    if tok_path.is_file() and Tokenizer.load(tok_path).vocab_size == cfg.vocab_size:
-        log.info("tokenizer: reusing %s", tok_path)
-    else:
-        log.info("tokenizer: training a %d-token vocabulary on mixture %r", cfg.vocab_size, mixture.name)
+    tok_cfg = {"mixture": cfg.mixture, "max_bytes": cfg.max_bytes, "vocab_size": cfg.vocab_size}
+
+    def train_tok() -> Path:
+        mixture = load_mixture(cfg.mixture, max_bytes=cfg.max_bytes)
+        log.info("training a %d-token vocabulary on mixture %r", cfg.vocab_size, mixture.name)
         train_tokenizer((d.text for d in mixture.documents("train")), cfg.vocab_size).save(tok_path)
-    timings["tokenizer"] = time.perf_counter() - start
+        return tok_path
 
-    start = time.perf_counter()
-    data_dir = prepare(PrepareConfig(mixture=cfg.mixture, tokenizer=str(tok_path), out=str(run / "data"),
-                                     max_bytes=cfg.max_bytes, force=True), mixture)
-    timings["data"] = time.perf_counter() - start
+    run_stage(state, "tokenizer", tok_cfg, train_tok, wanted)
 
-    start = time.perf_counter()
+    data_cfg = PrepareConfig(mixture=cfg.mixture, tokenizer=str(tok_path), out=str(run / "data"),
+                             max_bytes=cfg.max_bytes, force=True)
+    data_dir = run_stage(state, "data", {**dataclasses.asdict(data_cfg), "tokenizer_sha256": Tokenizer.load(tok_path).sha256},
+                         lambda: prepare(data_cfg, load_mixture(cfg.mixture, max_bytes=cfg.max_bytes)), wanted)
+
     pre_cfg = dataclasses.replace(PRETRAIN_PRESETS[cfg.pretrain_preset], data_dir=str(data_dir),
                                   tokenizer=str(tok_path), out_dir=str(run / "pretrain"), resume=True,
                                   device=cfg.device)
     if cfg.pretrain_steps is not None:
         pre_cfg = dataclasses.replace(pre_cfg, num_steps=cfg.pretrain_steps,
                                       warmup_steps=min(pre_cfg.warmup_steps, max(1, cfg.pretrain_steps // 10)))
-    base_dir = pretrain(pre_cfg)
-    timings["pretrain"] = time.perf_counter() - start
+    base_dir = run_stage(state, "pretrain", pre_cfg, lambda: _pretrain_and_sample(pretrain, pre_cfg), wanted)
 
+    sft_cfg = _override(SFT_PRESETS[preset], model=str(base_dir), out=str(run / "sft"), resume=True,
+                        device=cfg.device, gold_per_task=0, num_steps=cfg.sft_steps, lr=cfg.sft_lr,
+                        num_conversations=cfg.sft_conversations)
+    sft_dir = run_stage(state, "sft", sft_cfg, lambda: sft(sft_cfg), wanted)
+
+    rm_cfg = _override(RM_PRESETS[preset], model=str(sft_dir), out=str(run / "rm"), resume=True,
+                       device=cfg.device, num_steps=cfg.rm_steps, train_prompts=cfg.pref_prompts)
+    rm_dir = run_stage(state, "rm", rm_cfg, lambda: train_reward_model(rm_cfg), wanted)
+
+    rl_cfg = _override(RL_PRESETS[preset], policy=str(sft_dir), out=str(run / "rl"), resume=True,
+                       device=cfg.device, num_steps=cfg.rl_steps, gold_per_task=cfg.rl_gold_per_task,
+                       reward="verifier" if cfg.rl_reward == "verifier" else str(rm_dir))
+    rl_dir = run_stage(state, "rl", rl_cfg, lambda: train_rl(rl_cfg), wanted)
+
+    dpo_cfg = _override(DPO_PRESETS[preset], model=str(sft_dir), out=str(run / "dpo"), resume=True,
+                        device=cfg.device, gold_prompts=0, num_steps=cfg.dpo_steps, train_prompts=cfg.pref_prompts)
+    dpo_dir = run_stage(state, "dpo", dpo_cfg, lambda: train_dpo(dpo_cfg), wanted)
+
+    models = {"base": base_dir, "sft": sft_dir, "rl": rl_dir, "dpo": dpo_dir}
+    eval_cfg = {"models": {k: str(v) for k, v in models.items()}, "rm": str(rm_dir),
+                "per_task": cfg.eval_per_task, "shots": cfg.eval_shots, "max_tokens": cfg.eval_max_tokens,
+                "upstream": {k: state.stages[k]["fingerprint"] for k in ("pretrain", "sft", "rl", "dpo", "rm")}}
+    eval_dir = run_stage(state, "eval", eval_cfg,
+                         lambda: evaluate_all(models, rm_dir, data_dir, run / "eval", cfg), wanted)
+
+    report = write_report(run, state, eval_dir)
+    log.info("report: %s; chat with the RL model: gptlab chat --model %s", report, rl_dir)
+    return report
+
+
+def _pretrain_and_sample(pretrain: Callable, pre_cfg) -> Path:
+    base_dir = pretrain(pre_cfg)
     model, tokenizer = load_model_dir(base_dir)
-    engine = Engine(model, tokenizer)
     # sampled, not greedy: a small base model's greedy text falls into loops ("to the to the ...")
-    outputs = engine.generate(SAMPLE_PROMPTS, SamplingParams(max_new_tokens=32, temperature=0.8, top_k=50,
-                                                             repetition_penalty=1.2, seed=0))
+    outputs = Engine(model, tokenizer).generate(
+        SAMPLE_PROMPTS, SamplingParams(max_new_tokens=32, temperature=0.8, top_k=50, repetition_penalty=1.2, seed=0))
     for prompt, out in zip(SAMPLE_PROMPTS, outputs):
         log.info("base model sample: %r -> %r", prompt, out.text)
-    log.info("speedrun stages done: %s; base model in %s", ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()),
-             base_dir)
-    return run
+    return base_dir
+
+
+def evaluate_all(models: dict[str, Path], rm_dir: Path, data_dir: Path, out: Path, cfg: SpeedrunConfig) -> Path:
+    """One `eval/<model>.json` per model (same seeded test questions for all), plus the reward model's
+    held-out pairwise accuracy in `eval/rm.json`."""
+    from .eval import evaluate_model, pairwise_accuracy
+    from .reward import RewardModel
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, path in models.items():
+        model, tokenizer = load_model_dir(path)
+        mode = "base" if name == "base" else "chat"
+        log.info("evaluating %s (%s, %s)", name, path, mode)
+        result = evaluate_model(model, tokenizer, mode=mode, n_per_task=cfg.eval_per_task,
+                                shots=cfg.eval_shots if mode == "base" else 0, data_dir=data_dir,
+                                choices=mode == "base", max_new_tokens=cfg.eval_max_tokens, samples=1,
+                                # all of a task's questions in one batch: a decode step costs about the
+                                # same for 1 row as for 32 on a CPU, so fewer batches = fewer steps
+                                batch_size=min(64, cfg.eval_per_task))
+        result["model_dir"] = str(path)
+        atomic_write_json(out / f"{name}.json", result)
+    reward_model = RewardModel.load(rm_dir)
+    atomic_write_json(out / "rm.json", pairwise_accuracy(reward_model.score, n_per_task=cfg.eval_per_task))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report
+
+
+def gold_columns(eval_dir: Path) -> dict[str, dict[str, Any]]:
+    """{column label: gold result} in report order: the base model once per prompt style, then the tuned
+    models."""
+    columns = {}
+    for name in MODELS:
+        path = eval_dir / f"{name}.json"
+        if not path.is_file():
+            continue
+        for gold in read_json(path, "evaluation result").get("gold", []):
+            label = name if gold["mode"] == "chat" else f"base {gold['style']} {gold['shots']}-shot"
+            columns[label] = gold
+    return columns
+
+
+def best_base(columns: dict[str, dict[str, Any]]) -> tuple[str, float]:
+    """The base model's better prompt style: the fair baseline for SFT."""
+    base = {k: v["accuracy"] for k, v in columns.items() if k.startswith("base")}
+    label = max(base, key=base.get)
+    return label, base[label]
+
+
+def recipe_verdict(columns: dict[str, dict[str, Any]]) -> str:
+    """One honest sentence: did base < SFT <= RL hold on mean gold accuracy, and on how many tasks did RL
+    beat SFT?"""
+    if not {"sft", "rl"} <= columns.keys() or not any(k.startswith("base") for k in columns):
+        return "Not every model was evaluated."
+    base_label, base = best_base(columns)
+    sft, rl = columns["sft"]["accuracy"], columns["rl"]["accuracy"]
+    raised = [t for t in columns["rl"]["tasks"]
+              if columns["rl"]["tasks"][t]["accuracy"] > columns["sft"]["tasks"][t]["accuracy"]]
+    holds = base < sft <= rl
+    return (f"base < SFT <= RL {'holds' if holds else 'does NOT hold'} on mean gold accuracy "
+            f"({base_label} {100 * base:.1f}%, SFT {100 * sft:.1f}%, RL {100 * rl:.1f}%); RL beat SFT on "
+            f"{len(raised)} task(s){': ' + ', '.join(raised) if raised else ''}.")
+
+
+def plot_gold(columns: dict[str, dict[str, Any]], png: Path) -> Path:
+    """Grouped bars: gold accuracy per task (x) for every column."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for g in columns.values() for t in g["tasks"]})
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(tasks)), 4), dpi=100)
+    width = 0.8 / max(1, len(columns))
+    for i, (label, gold) in enumerate(columns.items()):
+        xs = [j + (i - (len(columns) - 1) / 2) * width for j in range(len(tasks))]
+        ax.bar(xs, [gold["tasks"].get(t, {}).get("accuracy", 0.0) for t in tasks], width, label=label)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_ylabel("gold accuracy (test split)")
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(png, buf.getvalue())
+    return png
+
+
+def _pct(result: dict[str, Any] | None) -> str:
+    if result is None:
+        return "-"
+    return f"{100 * result['accuracy']:.0f} ± {100 * result['stderr']:.0f}"
+
+
+def write_report(run: Path, state: RunState, eval_dir: Path) -> Path:
+    columns = gold_columns(eval_dir)
+    lines = [f"# gptlab speedrun report: `{run}`", "", recipe_verdict(columns), ""]
+    if columns:
+        plot_gold(columns, run / "gold.png")
+        n = next(iter(columns.values()))["tasks"]
+        n = next(iter(n.values()))["n"] if n else 0
+        lines += ["## Gold accuracy per task (%, ± binomial standard error; test split, "
+                  f"{n} questions per task, greedy)", "",
+                  "| task | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for task in sorted({t for g in columns.values() for t in g["tasks"]}):
+            lines.append(f"| {task} | " + " | ".join(_pct(g["tasks"].get(task)) for g in columns.values()) + " |")
+        lines.append("| **mean** | " + " | ".join(f"**{100 * g['accuracy']:.1f}**" for g in columns.values()) + " |")
+        lines += ["", "![gold accuracy per task](gold.png)", ""]
+    lines += ["## Other figures", "", "| model | val bits/byte | multiple choice | notes |", "|---|---|---|---|"]
+    for name in MODELS:
+        path = eval_dir / f"{name}.json"
+        if path.is_file():
+            result = read_json(path, "evaluation result")
+            choices = result.get("choices", {}).get("overall")
+            mc = f"{100 * choices['accuracy']:.1f}% (chance {100 * choices['chance']:.1f}%)" if choices else "-"
+            lines.append(f"| {name} | {result['val']['bpb']:.3f} | {mc} | {result['params'] / 1e6:.2f}M params |")
+    if (eval_dir / "rm.json").is_file():
+        rm = read_json(eval_dir / "rm.json", "reward-model evaluation")
+        lines += ["", f"Reward model held-out pairwise accuracy: **{100 * rm['accuracy']:.1f}%** "
+                      f"({rm['n']} pairs: reference answer vs a wrong, evasive or malformed one)."]
+    lines += ["", "## Stages", "", "| stage | wall time | output |", "|---|---|---|"]
+    for stage in STAGES:
+        entry = state.stages.get(stage)
+        if entry:
+            lines.append(f"| {stage} | {entry['seconds']:.0f} s | `{entry['output']}` |")
+    total = sum(e["seconds"] for e in state.stages.values())
+    lines += [f"| **total** | **{total / 60:.1f} min** | |", "", "## Training curves", ""]
+    for stage, png in (("pretrain", "pretrain/loss.png"), ("sft", "sft/loss.png"), ("rm", "rm/loss.png"),
+                       ("rl", "rl/rl.png"), ("dpo", "dpo/loss.png")):
+        if (run / png).is_file():
+            lines.append(f"![{stage}]({png})")
+    lines += ["", "## Sample answers (first test question per task)", ""]
+    for label, gold in columns.items():
+        for sample in gold.get("samples", [])[:len(gold["tasks"])]:
+            if label in ("sft", "rl"):
+                verdict = "correct" if sample["correct"] else "wrong"
+                lines.append(f"- **{label}**, {sample['task']} ({verdict}): "
+                             f"`{_one_line(sample['prompt'])}` -> `{_one_line(sample['response'])}`")
+    atomic_write_text(run / REPORT_FILE, "\n".join(lines) + "\n")
+    return run / REPORT_FILE
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    text = " ".join(text.replace("`", "'").split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def register(sub) -> None:
-    p = sub.add_parser("speedrun", help="the whole recipe on the default mixture (stages implemented so far)")
+    p = sub.add_parser("speedrun", help="the whole recipe on the default mixture: tokenizer to report.md")
     add_config_args(p, SpeedrunConfig, PRESETS)
-    p.set_defaults(func=lambda args: speedrun(build_config(SpeedrunConfig, args, PRESETS)))
+    p.set_defaults(func=lambda args: print(speedrun(build_config(SpeedrunConfig, args, PRESETS))))

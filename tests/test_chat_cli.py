@@ -3,6 +3,7 @@ context-window policy, and a real Ctrl-C (SIGINT) that stops an answer but not t
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import signal
@@ -98,46 +99,69 @@ def test_long_history_drops_oldest_exchanges_keeps_system(tmp_path):
 
 
 def test_ctrl_c_stops_the_answer_not_the_session(tmp_path):
-    # A long context and answer budget: on a quiet machine a 2-layer model writes ~1,000 tokens/s, faster
-    # than this test reads the stream, so a short answer could finish before Ctrl-C arrives.
+    """The answer is still being written when SIGINT arrives, whatever the machine's speed: the test stops
+    reading stdout once the answer has started, so the chat blocks on a full pipe (shrunk to one page)
+    long before its 16,000-token budget (>= 16,000 bytes) is written. Reading resumes after the signal;
+    the backlog is at most a pipe's worth, read in chunks."""
     model_dir = make_model_dir(tmp_path / "long", max_seq_len=16384)
     saved = tmp_path / "conv.jsonl"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "gptlab.cli", "chat", "--model", str(model_dir),
-                             "--temperature", "0", "--max-new-tokens", "16000"], env=env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    output: list[str] = []
-    reader = threading.Thread(target=lambda: output.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
-    reader.start()
+    with open(tmp_path / "stderr.txt", "w+b") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "gptlab.cli", "chat", "--model", str(model_dir),
+                                 "--temperature", "0", "--max-new-tokens", "16000"], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
+        fd = proc.stdout.fileno()
+        pipe_size = fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 4096) if hasattr(fcntl, "F_SETPIPE_SZ") else 65536
+        # while the test does not read, the chat can write at most the pipe plus the reader's last chunk
+        assert 16000 > 2 * (pipe_size + 1024)
+        output = bytearray()
+        reading = threading.Event()
+        reading.set()
 
-    def wait_for(predicate, timeout=60):
-        deadline = time.monotonic() + timeout
-        while not predicate("".join(output)):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()  # first: reading stderr of a live process would block forever
-                pytest.fail(f"chat never reached the expected state; stdout: {''.join(output)!r}; "
-                            f"stderr: {proc.stderr.read()!r}")
-            time.sleep(0.05)
+        def answer_started() -> bool:  # more than 20 characters shown ("ignore": a chunk may end mid-character)
+            return len(output.partition(b"assistant> ")[2].decode("utf-8", "ignore")) > 20
 
-    try:
-        wait_for(lambda text: "you> " in text)
-        proc.stdin.write("tell me everything\n")
-        proc.stdin.flush()
-        wait_for(lambda text: len(text.partition("assistant> ")[2]) > 20)  # the answer is streaming
-        proc.send_signal(signal.SIGINT)
-        wait_for(lambda text: " [stopped]\nyou> " in text)
-        proc.stdin.write(f"/save {saved}\n")
-        proc.stdin.close()
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        def read_stdout():
+            while chunk := os.read(fd, 1024):
+                output.extend(chunk)
+                if answer_started() and b" [stopped]" not in output:
+                    reading.wait()  # paused until the signal has been sent
+
+        reader = threading.Thread(target=read_stdout, daemon=True)
+        reader.start()
+
+        def wait_for(predicate, timeout=120):  # a guard against hanging forever, not a speed requirement
+            deadline = time.monotonic() + timeout
+            while not predicate():
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    proc.kill()
+                    proc.wait()
+                    stderr.seek(0)
+                    pytest.fail(f"chat never reached the expected state; stdout: {bytes(output)!r}; "
+                                f"stderr: {stderr.read()!r}")
+                time.sleep(0.05)
+
+        try:
+            wait_for(lambda: b"you> " in output)
+            reading.clear()
+            proc.stdin.write(b"tell me everything\n")
+            proc.stdin.flush()
+            wait_for(answer_started)  # the reader has paused: the chat fills the pipe and blocks
+            proc.send_signal(signal.SIGINT)
+            reading.set()
+            wait_for(lambda: b" [stopped]\nyou> " in output)
+            proc.stdin.write(f"/save {saved}\n".encode())
+            proc.stdin.close()
+            assert proc.wait(60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     (conversation,) = read_messages_jsonl(saved)
     assert conversation[0] == {"role": "user", "content": "tell me everything"}
     partial = conversation[1]["content"]
     assert len(partial) > 20
-    shown = "".join(output).partition("assistant> ")[2].partition(" [stopped]")[0]
+    shown = output.decode("utf-8", errors="replace").partition("assistant> ")[2].partition(" [stopped]")[0]
     # the history holds what was shown before Ctrl-C (the signal may land between printing a token's
     # text and recording it, so the two may differ by that last piece)
     assert shown.startswith(partial) or partial.startswith(shown)

@@ -14,7 +14,7 @@ from gptlab.checkpoint import save_model_dir
 from gptlab.common import GptlabError
 from gptlab.interop import export_hf
 from gptlab.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_TARGETS, LoRALinear, add_lora, fold_lora,
-                         load_adapter, lora_layers, merge_lora, save_adapter, unmerge_lora)
+                         load_adapter, lora_layers, merge_lora, quantize_int8, save_adapter, unmerge_lora)
 from gptlab.model import GPT, GPTConfig
 
 
@@ -100,6 +100,50 @@ def test_bf16_frozen_base(small_tokenizer):
     assert torch.isfinite(loss) and layer.weight.grad is None
     assert not layer.lora_A.weight.grad.any()  # B = 0 blocks A's gradient at the first step
     assert layer.lora_B.weight.grad.abs().sum() > 0
+
+
+def test_int8_frozen_base(small_tokenizer):
+    """int8 base: per-row absmax quantization within half a step of the float weight, a forward within that
+    error of the float model, adapters that train, merge/unmerge and fold consistent with the int8 base."""
+    v = small_tokenizer.vocab_size
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(3))
+    w[5] = 0.0  # an all-zero row must not divide by zero
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (48, 1) and q.abs().max() == 127
+    assert ((q.float() * scale - w).abs() <= scale / 2 + 1e-7).all() and not q[5].any()
+
+    x = tokens(v)
+    reference = base_model(v)
+    with torch.no_grad():
+        expected = reference(x)
+    model = base_model(v)
+    add_lora(model, 4, 8.0, base_dtype="int8")
+    layer = lora_layers(model)["model.layers.0.mlp.down_proj"]
+    assert layer.weight_int8.dtype == torch.int8 and not hasattr(layer, "weight")
+    assert model.model.embed_tokens.weight.dtype == torch.float32  # layers without adapters keep their dtype
+    assert any(k.endswith("down_proj.weight_int8") for k in model.state_dict())  # checkpoints keep it int8
+    with torch.no_grad():
+        quantized = model(x)
+    error = (quantized - expected).abs().max().item()
+    assert 0 < error < 0.05 * expected.abs().max().item()  # quantized, yet close
+
+    _, loss = model(x, x)
+    loss.backward()
+    assert layer.lora_B.weight.grad.abs().sum() > 0 and not any(p.grad is not None for n, p in
+                                                                 model.named_parameters() if "lora_" not in n)
+    with torch.no_grad():
+        for adapted in lora_layers(model).values():
+            adapted.lora_B.weight.normal_(0, 0.05)
+        adapted_out = model(x)
+        merge_lora(model)
+        torch.testing.assert_close(model(x), adapted_out, atol=1e-5, rtol=1e-5)
+        unmerge_lora(model)
+        assert torch.equal(model(x), adapted_out)
+        folded = fold_lora(model)
+        assert folded.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+        torch.testing.assert_close(folded(x), adapted_out, atol=1e-5, rtol=1e-5)
+    with pytest.raises(GptlabError, match="int4"):
+        add_lora(base_model(v), 4, 8.0, base_dtype="int4")
 
 
 def test_bad_targets(small_tokenizer):

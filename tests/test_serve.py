@@ -20,9 +20,13 @@ import pytest
 import torch
 
 from _serve_helpers import LiveServer, free_port, load_engine, make_model_dir
-from gptlab.chat import render_for_completion
-from gptlab.engine import SamplingParams
+from gptlab.chat import render_for_completion, tool_call_json
+from gptlab.checkpoint import load_model_dir
+from gptlab.engine import Engine, SamplingParams
+from gptlab.model import GPT, GPTConfig
 from gptlab.serve.app import ServeConfig, create_app
+from gptlab.serve.tools import (CALL_END, CALL_START, TOOLS_HEADER, ToolCallParser, parse_tools,
+                                 to_chat_messages)
 
 MODEL = "tiny"
 HELLO = [{"role": "user", "content": "def dedent(text):"}]
@@ -220,6 +224,47 @@ def test_new_request_joins_a_running_batch(client, server):
     wait_until(lambda: health(server)["running_rows"] == 0)
 
 
+class ShapeRecorder(torch.nn.Module):
+    """The model, plus a log of the (rows, tokens) of every forward call the decode thread makes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config, self.calls = model, model.config, []
+
+    def forward(self, idx, *args, **kwargs):
+        self.calls.append(tuple(idx.shape))
+        return self.inner(idx, *args, **kwargs)
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(model_dir):
+    model, tok = load_model_dir(model_dir)
+    recorder = ShapeRecorder(model.eval())
+    engine = Engine(recorder, tok, strict_context=True)
+    live = LiveServer(create_app(engine, ServeConfig(model_name=MODEL, prefill_chunk_tokens=32)))
+    try:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        running = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=1500,
+                                                 stream=True)
+        next(iter(running))
+        wait_until(lambda: httpx.get(live.url + "/health").json()["running_rows"] == 1)
+        long_prompt = [{"role": "user", "content": "def dedent(text): " * 40}]
+        ids = render_for_completion(tok, long_prompt)
+        recorder.calls.clear()
+        reply = client.chat.completions.create(model=MODEL, messages=long_prompt, temperature=0, max_tokens=5)
+        calls = list(recorder.calls)
+        running.close()
+    finally:
+        live.stop()
+    # the long prompt went in as ceil(len / 32) chunks of 32 tokens, with a decode step of the running
+    # stream (1 row, 1 token) after each chunk: that stream never waited for the whole prefill
+    chunks = [i for i, shape in enumerate(calls) if shape[1] > 1]
+    assert [calls[i] for i in chunks] == [(1, min(32, len(ids) - k)) for k in range(0, len(ids), 32)]
+    assert len(ids) > 5 * 32 and all(calls[i + 1] == (1, 1) for i in chunks[:-1])
+    # and the answer is the one an unchunked prefill gives
+    expected = engine.generate([ids], SamplingParams(temperature=0, max_new_tokens=5))[0].text
+    assert reply.choices[0].message.content == expected
+
+
 def test_disconnecting_stream_leaves_the_batch(server):
     before = health(server)
     body = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 1500, "stream": True}
@@ -262,6 +307,175 @@ def test_batch_cache_stays_bounded_while_rows_come_and_go(engine):
         if batch.rows and [r.index for r in batch.rows] == [1]:
             assert batch.cache.length == len(b_ids) + b_steps  # nothing left of row 0's slots
     assert b_text == engine.generate([b_ids], greedy)[0].text
+
+
+# ---- tool calls ----------------------------------------------------------------------------------------
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+PARIS = {"role": "user", "content": "What is the weather in Paris?"}
+BROKEN = {"role": "user", "content": "Break it."}
+PARIS_CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
+BAD_CALL_JSON = '{"name": "get_weather", "arguments": {"city": '
+
+
+@pytest.fixture(scope="module")
+def tool_engine(model_dir):
+    """A 2-layer model trained (from a fresh init, ~60 Adam steps) to answer three prompts in the chat
+    format: a well-formed get_weather call, a call with broken JSON, and a final answer after the tool's
+    output. The prompts carry the tool list in the system prompt, written out here as tools.py documents
+    it, so the server reproduces these answers only if it renders requests exactly that way."""
+    _, tok = load_model_dir(model_dir)
+    sp = tok.special_id
+    system = {"role": "system", "content": "You can call these tools. Each line is one tool: its name, what it "
+              "does and its arguments as JSON Schema.\n" + json.dumps(
+                  {"name": "get_weather", "description": "Current weather in a city",
+                   "parameters": WEATHER["function"]["parameters"]})}
+    call_ids = [sp("<|tool_call_start|>"), *tok.encode(tool_call_json(PARIS_CALL)), sp("<|tool_call_end|>")]
+    after_output = [system, PARIS, {"role": "assistant", "content": None, "tool_calls": [PARIS_CALL]},
+                    {"role": "tool", "content": "sunny, 21 C"}]
+    examples = [
+        (render_for_completion(tok, [system, PARIS]), call_ids),
+        (render_for_completion(tok, [system, BROKEN]),
+         [sp("<|tool_call_start|>"), *tok.encode(BAD_CALL_JSON), sp("<|tool_call_end|>")]),
+        (render_for_completion(tok, after_output), [*tok.encode("It is sunny in Paris."), sp("<|assistant_end|>")]),
+    ]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16,
+                          intermediate_size=128, max_seq_len=512))
+    width = max(len(prompt) + len(answer) for prompt, answer in examples)
+    inputs = torch.zeros(len(examples), width - 1, dtype=torch.long)
+    targets = torch.full_like(inputs, -1)  # loss on the answers only
+    for i, (prompt, answer) in enumerate(examples):
+        ids = prompt + answer
+        inputs[i, :len(ids) - 1] = torch.tensor(ids[:-1])
+        targets[i, len(prompt) - 1:len(ids) - 1] = torch.tensor(answer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(400):
+        _, loss = model(inputs, targets)
+        if loss.item() < 0.01:
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    engine = Engine(model.eval(), tok, strict_context=True)
+    for prompt, answer in examples:  # the premise of the tests below: greedy decoding writes the answers
+        out = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=len(answer), stop_token_ids=()))
+        assert out[0].token_ids == answer, f"training did not converge (loss {loss.item():.3f})"
+    return engine
+
+
+@pytest.fixture(scope="module")
+def tool_client(tool_engine):
+    live = LiveServer(create_app(tool_engine, ServeConfig(model_name=MODEL)))
+    yield openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    live.stop()
+
+
+def test_tool_call_round_trip_through_the_official_client(tool_client):
+    reply = tool_client.chat.completions.create(model=MODEL, messages=[PARIS], tools=[WEATHER], temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and len(call.id) > len("call_")
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+
+    chunks = list(tool_client.chat.completions.create(model=MODEL, messages=[PARIS], tools=[WEATHER],
+                                                      temperature=0, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    streamed = [tc for d in deltas for tc in d.tool_calls or []]
+    assert len(streamed) == 1 and streamed[0].index == 0 and streamed[0].id.startswith("call_")
+    assert (streamed[0].function.name, streamed[0].function.arguments) == (call.function.name, call.function.arguments)
+    assert "".join(d.content or "" for d in deltas) == ""  # the call's JSON never leaks into the content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+    # the next request sends the call back (as the client returned it) with the tool's output: the model
+    # was trained to answer that exact rendering
+    messages = [PARIS, choice.message, {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    final = tool_client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], temperature=0)
+    assert final.choices[0].message.content == "It is sunny in Paris."
+    assert final.choices[0].finish_reason == "stop" and final.choices[0].message.tool_calls is None
+
+
+def test_malformed_tool_call_is_returned_as_content(tool_client):
+    raw = "<|tool_call_start|>" + BAD_CALL_JSON + "<|tool_call_end|>"
+    reply = tool_client.chat.completions.create(model=MODEL, messages=[BROKEN], tools=[WEATHER], temperature=0)
+    assert reply.choices[0].message.content == raw and reply.choices[0].message.tool_calls is None
+    assert reply.choices[0].finish_reason == "stop"
+    chunks = list(tool_client.chat.completions.create(model=MODEL, messages=[BROKEN], tools=[WEATHER],
+                                                      temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == raw
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_tool_choice_none_stops_before_a_call(tool_client):
+    # the model starts its answer with a call; with "none" decoding ends before it, so nothing is returned
+    reply = tool_client.chat.completions.create(model=MODEL, messages=[PARIS], tools=[WEATHER], tool_choice="none",
+                                                temperature=0)
+    assert reply.choices[0].message.tool_calls is None and reply.choices[0].message.content == ""
+    assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens == 0
+
+
+def test_tool_call_parser_on_scripted_events(small_tokenizer):
+    """The parser alone, fed decode events as the scheduler delivers them: (token id, released text,
+    finish reason). Text before a call stays content; a call to a tool that was not offered, or one cut
+    by the token budget, comes back as the model's raw text."""
+    start, end = small_tokenizer.special_id(CALL_START), small_tokenizer.special_id(CALL_END)
+
+    def run(events, names=("get_weather",)):
+        parser = ToolCallParser(start, end, frozenset(names))
+        content, calls, finish = "", [], None
+        for token, text, reason in events:
+            piece, call, finish = parser.feed(token, text, reason)
+            content += piece
+            calls += [call] if call else []
+        return content, calls, finish
+
+    call = [(start, "Let me check." + CALL_START, None), (7, '{"name": "get_weather", ', None),
+            (8, '"arguments": {"city": "Oslo"}}', None), (end, "", "stop")]
+    content, calls, finish = run(call)
+    assert (content, finish) == ("Let me check.", "tool_calls")
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+    assert run(call, names=("get_time",)) == ("Let me check." + CALL_START + '{"name": "get_weather", '
+                                              '"arguments": {"city": "Oslo"}}' + CALL_END, [], "stop")
+    assert run(call[:2] + [(8, '"argu', "length")]) == (
+        "Let me check." + CALL_START + '{"name": "get_weather", "argu', [], "length")
+    assert run([(5, "plain", None), (end, "", "stop")]) == ("plain", [], "stop")  # no call started
+
+
+def test_tool_messages_follow_their_calls_and_tools_join_the_system_prompt():
+    calls = [{"id": cid, "type": "function",
+              "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+             for cid, city in (("a", "Oslo"), ("b", "Rome"))]
+    messages = [{"role": "system", "content": "Be brief."}, PARIS, {"role": "assistant", "content": None,
+                                                                     "tool_calls": calls},
+                {"role": "tool", "tool_call_id": "b", "content": "rain"},  # answered out of order
+                {"role": "tool", "tool_call_id": "a", "content": "snow"}]
+    offered = parse_tools([WEATHER])
+    converted = to_chat_messages(messages, offered)
+    assert converted[0]["content"] == "Be brief.\n\n" + TOOLS_HEADER + "\n" + json.dumps(offered[0])
+    assert converted[2]["tool_calls"] == [{"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                                          {"name": "get_weather", "arguments": '{"city": "Rome"}'}]
+    assert converted[3:] == [{"role": "tool", "content": "snow"}, {"role": "tool", "content": "rain"}]
+    assert to_chat_messages([PARIS], offered)[0]["role"] == "system"  # created when the request has none
+
+
+@pytest.mark.parametrize("extra, param, contains", [
+    ({"tools": [WEATHER], "tool_choice": "required"}, "tool_choice", "not supported"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice",
+     "not supported"),
+    ({"tool_choice": "auto"}, "tool_choice", "only allowed when tools"),
+    ({"tools": [{"type": "retrieval"}]}, "tools", "tools[0]"),
+    ({"tools": [WEATHER, WEATHER]}, "tools", "unique"),
+    ({"messages": [PARIS, {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "call_2", "content": "x"}]},
+     "messages", "call_2"),
+    ({"messages": [PARIS, {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": "{not json"}}]}, {"role": "tool", "tool_call_id": "call_1", "content": "x"}]},
+     "messages", "not a JSON object"),
+])
+def test_bad_tool_requests(server, extra, param, contains):
+    assert_openai_error(post(server, "/v1/chat/completions", chat_body(**extra)), 400, param, None, contains)
 
 
 # ---- bad input -----------------------------------------------------------------------------------------
@@ -366,12 +580,18 @@ def test_api_key_and_full_queue(engine):
 
 
 # ---- the real command: SIGTERM -------------------------------------------------------------------------
-def test_cli_serve_graceful_shutdown_on_sigterm(model_dir):
+def test_cli_serve_graceful_shutdown_on_sigterm(tmp_path):
+    """SIGTERM with two streams running: 'short' (30 tokens) finishes inside a generous grace period on
+    any machine; 'long' (16,000 tokens of a 16k-context model) is ended by our decode loop with an SSE
+    error event when the grace period runs out, never before it (or, on a machine fast enough to write
+    it all in time, it finishes normally)."""
+    grace = 5.0
+    model_dir = make_model_dir(tmp_path / MODEL, max_seq_len=16384)
     port = free_port()
     env = {**os.environ, "GPTLAB_API_KEY": "k"}
     proc = subprocess.Popen([sys.executable, "-m", "gptlab.cli", "serve", "--model", str(model_dir), "--port",
-                             str(port), "--shutdown-timeout", "4", "--threads", "1", "--log-level", "warning"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             str(port), "--shutdown-timeout", str(grace), "--threads", "1", "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
 
@@ -382,39 +602,42 @@ def test_cli_serve_graceful_shutdown_on_sigterm(model_dir):
                 assert proc.poll() is None, proc.stdout.read()
                 return False
 
-        wait_until(up, timeout=60)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=30)
+        wait_until(up, timeout=120)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=120)
         assert client.models.list().data[0].id == MODEL
-        results = {}
+        results, ended = {}, {}
 
         def consume(name, max_tokens):
-            chunks = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0,
-                                                    max_tokens=max_tokens, stream=True)
-            finish = None
+            chunks = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=max_tokens,
+                                                    stream=True, stream_options={"include_usage": True})
+            finish, tokens = None, None
             try:
                 for c in chunks:
                     finish = (c.choices[0].finish_reason if c.choices else None) or finish
-                results[name] = finish
+                    tokens = c.usage.completion_tokens if c.usage else tokens
+                results[name] = (finish, tokens)
             except (httpx.HTTPError, openai.APIError) as e:
-                results[name] = f"cut: {type(e).__name__}"
+                results[name] = (f"cut: {type(e).__name__}", None)
+            ended[name] = time.monotonic()
 
-        # 'short' finishes within the grace period; 'long' may or may not (it depends on the machine's
-        # speed): either it ends normally or its connection is closed when the grace period ends
-        threads = [threading.Thread(target=consume, args=("short", 60)),
-                   threading.Thread(target=consume, args=("long", 2000))]
+        threads = [threading.Thread(target=consume, args=("short", 30)),
+                   threading.Thread(target=consume, args=("long", 16000))]
         for t in threads:
             t.start()
-        wait_until(lambda: httpx.get(url + "/health").json()["running_rows"] == 2)
+        wait_until(lambda: httpx.get(url + "/health").json()["running_rows"] == 2, timeout=120)
+        sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         for t in threads:
-            t.join(30)
+            t.join(grace + 60)
         # uvicorn re-raises the signal after its graceful shutdown, the conventional exit for SIGTERM
-        assert proc.wait(30) in (0, -signal.SIGTERM)
+        assert proc.wait(60) in (0, -signal.SIGTERM)
         output = proc.stdout.read()
         assert "decode loop stopped" in output and "Traceback" not in output, output
-        assert results["short"] == "length"  # finished normally during the grace period
-        assert results["long"] in ("length", "cut: APIError"), results  # APIError: the SSE error event
         assert not any(t.is_alive() for t in threads)
+        assert results["short"] == ("length", 30)  # finished normally during the grace period
+        assert results["long"] in (("length", 16000), ("cut: APIError", None)), results  # APIError: the error event
+        if results["long"][0].startswith("cut"):
+            assert ended["long"] - sent >= grace - 1.0  # cut when the grace period ran out, not before
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -201,6 +201,22 @@ def test_lora_sft_resumes_exactly_and_saves_a_peft_adapter(small_tokenizer, tmp_
         torch.testing.assert_close(model.eval()(x), folded(x), atol=1e-5, rtol=1e-5)
 
 
+def test_lora_on_an_int8_base_trains_and_resumes_exactly(small_tokenizer, tmp_path):
+    base = tiny_model_dir(small_tokenizer, tmp_path / "base")
+    lora = dict(lora_rank=4, lora_alpha=8.0, lora_lr=1e-2, num_steps=4, checkpoint_every=2, lora_base_dtype="int8")
+    full_run = sft(tiny_config(base, tmp_path / "a", **lora))
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step_00000002", tmp_path / "b" / "checkpoints" / "step_00000002")
+    resumed = sft(tiny_config(base, tmp_path / "b", resume=True, **lora))
+    a, b = load_file(full_run / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ckpt = load_file(tmp_path / "a" / "checkpoints" / "step_00000002" / "model.safetensors")
+    assert ckpt["model.layers.0.self_attn.q_proj.weight_int8"].dtype == torch.int8  # the frozen base stays int8
+    assert a["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32  # the folded model is float
+    losses = [r["train/loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "train/loss" in r]
+    assert losses[-1] < losses[0]
+
+
 def test_sft_on_a_model_whose_tokenizer_lacks_chat_tokens(corpus_texts, tmp_path):
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

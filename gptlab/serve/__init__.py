@@ -30,12 +30,12 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = Engine(model, tokenizer, strict_context=True)
-    if args.max_batch < 1 or args.max_queue < 0:
-        raise GptlabError("--max-batch must be >= 1 and --max-queue >= 0")
+    if args.max_batch < 1 or args.max_queue < 0 or args.prefill_chunk_tokens < 0:
+        raise GptlabError("--max-batch must be >= 1, --max-queue and --prefill-chunk-tokens >= 0")
     config = ServeConfig(model_name=args.model_name or Path(args.model).resolve().name,
                          api_key=args.api_key or os.environ.get("GPTLAB_API_KEY") or None,
                          max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                         max_tokens_limit=args.max_tokens_limit)
+                         max_tokens_limit=args.max_tokens_limit, prefill_chunk_tokens=args.prefill_chunk_tokens or None)
     app = create_app(engine, config)
     log.info("listening on http://%s:%d (model id %r%s)", args.host, args.port, config.model_name,
              ", API key required" if config.api_key else "")
@@ -55,6 +55,9 @@ def register(sub) -> None:
     s.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default: %(default)s)")
     s.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting for a batch slot before new ones get 429 (default: %(default)s)")
+    s.add_argument("--prefill-chunk-tokens", type=int, default=128,
+                   help="prompt tokens prefilled per decode step while other requests stream, so a long prompt "
+                        "does not stall them (0: whole prompts at once; default: %(default)s)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="(default: %(default)s)")
     s.add_argument("--max-tokens-limit", type=int, default=None,
                    help="largest max_tokens accepted (default: the context window)")

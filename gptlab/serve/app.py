@@ -23,6 +23,9 @@ Design decisions
   up to `--shutdown-timeout` seconds. Just before that grace period ends `run_server` stops the decode
   thread, which ends every request still running with an error event (streams) or a 503, so each
   response is closed by our code rather than by uvicorn cancelling its task mid-write.
+- Tool calls (OpenAI function calling) are converted to and from the chat format's tool-call blocks
+  in tools.py; with tools, decoding also stops at `<|tool_call_end|>` and the call is returned as
+  `message.tool_calls` (streaming: one `delta.tool_calls` chunk) with finish_reason "tool_calls".
 - The API key is compared with `secrets.compare_digest` (constant time); `/health` and the page itself
   stay open so load balancers and browsers can reach them, the page sends the key the user types.
 """
@@ -30,6 +33,7 @@ Design decisions
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 import threading
@@ -50,6 +54,7 @@ from ..chat import render_for_completion
 from ..common import GptlabError, get_logger
 from ..engine import Engine, SamplingParams
 from . import protocol as p
+from . import tools
 from .scheduler import QueueFull, Request, Scheduler, SchedulerStopped, TokenLogprob, prompt_logprobs
 
 log = get_logger("serve")
@@ -64,6 +69,7 @@ class ServeConfig:
     max_queue: int = 256  # requests waiting for a batch slot before new ones get 429
     max_body_bytes: int = 1 << 20
     max_tokens_limit: int | None = None  # largest max_tokens accepted (None: the context window)
+    prefill_chunk_tokens: int | None = 128  # prompt tokens prefilled per step while rows decode (None: all)
     poll_disconnect_s: float = 0.25  # how often a non-streaming handler checks that its client is still there
 
 
@@ -129,7 +135,8 @@ class BodyLimit:
 
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
-    scheduler = Scheduler(engine, max_batch=config.max_batch, max_queue=config.max_queue)
+    scheduler = Scheduler(engine, max_batch=config.max_batch, max_queue=config.max_queue,
+                          prefill_chunk_tokens=config.prefill_chunk_tokens)
     tokenizer = engine.tokenizer
     window = engine.window
     max_tokens_limit = config.max_tokens_limit or window
@@ -315,16 +322,33 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     async def chat_completions(body: p.ChatCompletionRequest, http: HttpRequest):
         check_model(body.model)
         try:
-            messages = []
-            for m in body.messages:
-                msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                if m.tool_calls:
-                    msg["tool_calls"] = m.tool_calls
-                messages.append(msg)
+            offered = tools.parse_tools(body.tools) if body.tools else []
+            tool_choice = tools.check_tool_choice(body.tool_choice, bool(offered))
+            if offered and not tools.supports_tools(tokenizer):
+                raise tools.ToolRequestError("this model's chat format has no tool-call tokens", "tools")
+            messages = tools.to_chat_messages(
+                [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+                  "tool_calls": m.tool_calls, "tool_call_id": m.tool_call_id} for m in body.messages], offered)
             ids = await run_in_threadpool(render_for_completion, tokenizer, messages)
+        except tools.ToolRequestError as e:
+            raise ApiError(400, str(e), param=e.param, code="invalid_value") from None
         except (GptlabError, ValueError) as e:
             raise ApiError(400, str(e), param="messages", code="invalid_value") from None
         params = sampling(body, len(ids), body.max_new_tokens)
+        parsers = None
+        if offered:  # "auto": stop after a call and parse it; "none": stop before a call (tools.py)
+            start, end = tokenizer.special_id(tools.CALL_START), tokenizer.special_id(tools.CALL_END)
+            stops = engine.default_stop_ids | {end if tool_choice == "auto" else start}
+            params = dataclasses.replace(params, stop_token_ids=tuple(sorted(stops)))
+            if tool_choice == "auto":
+                names = frozenset(t["name"] for t in offered)
+                parsers = [tools.ToolCallParser(start, end, names) for _ in range(body.n)]
+
+        def split(e) -> tuple[str, dict | None, str | None]:
+            """(content, tool call, finish reason) of one choice event."""
+            return parsers[e.choice].feed(e.token_id, e.text, e.finish_reason) if parsers else \
+                (e.text, None, e.finish_reason)
+
         top = (body.top_logprobs or 0) if body.logprobs else None
         request = submit(ids, params, body.n, top)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -342,12 +366,18 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             def chunks(_, events):
                 for e in events:
                     completion_tokens[0] += e.completion_tokens
-                    if e.text or e.logprob or e.finish_reason:
-                        logprobs = None
-                        if top is not None:
-                            logprobs = {"content": [chat_logprob(e.logprob)] if e.logprob else []}
-                        yield chunk([{"index": e.choice, "delta": {"content": e.text} if e.text else {},
-                                      "logprobs": logprobs, "finish_reason": e.finish_reason}])
+                    text, call, finish = split(e)
+                    logprobs = None
+                    if top is not None:
+                        logprobs = {"content": [chat_logprob(e.logprob)] if e.logprob else []}
+                    if call is not None:  # the whole call in one delta, then the finish (as OpenAI sends it)
+                        delta = {"content": text} if text else {}
+                        yield chunk([{"index": e.choice, "delta": {**delta, "tool_calls": [{"index": 0, **call}]},
+                                      "logprobs": logprobs, "finish_reason": None}])
+                        yield chunk([{"index": e.choice, "delta": {}, "logprobs": None, "finish_reason": finish}])
+                    elif text or e.logprob or finish:
+                        yield chunk([{"index": e.choice, "delta": {"content": text} if text else {},
+                                      "logprobs": logprobs, "finish_reason": finish}])
 
             def tail():
                 return [chunk([], usage=usage(len(ids), completion_tokens[0]))] if body.include_usage else []
@@ -357,17 +387,22 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
         (steps,) = await wait_all([request], http)
         texts = [""] * body.n
+        calls: list[list[dict] | None] = [None] * body.n
         logprobs: list[list[dict]] = [[] for _ in range(body.n)]
         finish, completion_tokens = [None] * body.n, 0
         for events in steps:
             for e in events:
-                texts[e.choice] += e.text
+                text, call, finish_reason = split(e)
+                texts[e.choice] += text
+                if call is not None:
+                    calls[e.choice] = [call]
                 if e.logprob:
                     logprobs[e.choice].append(chat_logprob(e.logprob))
-                if e.finish_reason:
-                    finish[e.choice] = e.finish_reason
+                if finish_reason:
+                    finish[e.choice] = finish_reason
                     completion_tokens += e.completion_tokens
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i] or None if calls[i] else texts[i],
+                                            "tool_calls": calls[i]},
                     "logprobs": {"content": logprobs[i]} if top is not None else None, "finish_reason": finish[i]}
                    for i in range(body.n)]
         return {"id": rid, "object": "chat.completion", "created": now, "model": config.model_name,

@@ -4,10 +4,10 @@ Design decisions
 - Field names, defaults and ranges follow the OpenAI API reference, so the official clients (and the eval
   harnesses built on them) work unchanged: chat `max_tokens` defaults to "as much as fits", legacy
   completions default to 16; `stop` is a string or up to 4 strings; `n` choices per request.
-- Unknown fields are ignored (clients send fields like `user` or `store` that change nothing here), but
-  fields that ask for a feature we cannot honour (`tools`, `logit_bias`, penalties other than 0, a JSON
-  response format) are rejected with a 400 naming the field: silently ignoring them would return answers
-  that look right and are not.
+- Unknown fields are ignored (clients send fields like `user`, `store` or `parallel_tool_calls` that change
+  nothing here), but fields that ask for a feature we cannot honour (`logit_bias`, penalties other than 0,
+  a JSON response format, a forced `tool_choice`) are rejected with a 400 naming the field: silently
+  ignoring them would return answers that look right and are not. Tools: see tools.py.
 - Two extensions, spelled as in vLLM so `extra_body={"top_k": 40}` works: `top_k` and
   `repetition_penalty`.
 - Response models exist for the OpenAPI document (`/docs`); the handlers build the same shapes.
@@ -89,7 +89,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # a string, or OpenAI content parts of which only {"type": "text"} is supported
     content: str | list[dict[str, Any]] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # assistant: OpenAI shape {"id", "type", "function"}
+    tool_call_id: str | None = None  # tool: the call this message answers
     name: str | None = None
 
     def text(self) -> str | None:
@@ -110,14 +111,13 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_chat(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs=true")
-        if self.tools:
-            raise ValueError("tools are not supported by this server")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise ValueError("only response_format {'type': 'text'} is supported")
         return self
@@ -180,9 +180,21 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as a string (OpenAI convention)
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

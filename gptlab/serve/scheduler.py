@@ -9,6 +9,12 @@ Design decisions
   thread admits waiting requests (prefilled into their own `DecodeBatch`, then `join`ed into the running
   one) and drops rows whose client went away (`DecodeBatch.keep`); rows that finish leave inside
   `Engine.step`. A request never waits for another request to finish, only for the next step boundary.
+- Chunked prefill (Agrawal et al. 2023, "Sarathi"): while rows are decoding, each scheduler step
+  prefills at most `prefill_chunk_tokens` prompt tokens (`Engine.prefill_chunks`) before its decode
+  step, so a long prompt (or a burst of arrivals) joining the batch delays every running stream by a
+  bounded amount per token instead of by its whole prefill. With nothing decoding there is no one to
+  protect and pending prefills run to the end at once. Admitted rows count against `max_batch` from
+  the moment their prefill starts.
 - Admission is first come, first served, bounded by `max_batch` rows (a request with n choices takes n
   rows). The waiting queue is bounded too (`max_queue`): beyond it `submit` raises `QueueFull`, which
   the API answers with 429, because an unbounded queue turns overload into ever-growing latency.
@@ -28,7 +34,7 @@ import asyncio
 import concurrent.futures
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +63,7 @@ class TokenLogprob:
 @dataclass
 class ChoiceEvent:
     choice: int
+    token_id: int  # the token sampled this step (a stop token too: it says what ended the choice)
     text: str  # new text of this choice ("" while a partial character or possible stop string is held)
     logprob: TokenLogprob | None  # the output token of this step (None for a stop token or without logprobs)
     finish_reason: str | None = None  # "stop" or "length" on the choice's last event
@@ -103,16 +110,31 @@ class _Owner:
 
 
 @dataclass
+class _Prefill:
+    """Requests being prefilled together, a chunk per step; `done` columns of `width` are in the cache."""
+
+    group: list[Request]
+    chunks: Iterator
+    rows: int
+    width: int
+    step: int  # columns per chunk
+    done: int = 0
+
+
+@dataclass
 class _Job:
     fn: Callable[[], object]
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_batch: int = 32, max_queue: int = 256):
+    def __init__(self, engine: Engine, max_batch: int = 32, max_queue: int = 256,
+                 prefill_chunk_tokens: int | None = 128):
         self.engine = engine
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.prefill_chunk_tokens = prefill_chunk_tokens or None  # None/0: whole prompts in one step
+        self._prefilling: deque[_Prefill] = deque()
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._jobs: list[_Job] = []
@@ -168,20 +190,21 @@ class Scheduler:
         owners: dict[int, _Owner] = {}
         while True:
             with self._cond:
-                while not (self._waiting or self._jobs or batch is not None or self._stopping):
+                while not (self._waiting or self._jobs or batch is not None or self._prefilling or self._stopping):
                     self._cond.wait()
                 if self._stopping:
                     stopped = SchedulerStopped("the server is shutting down")
                     for request in {id(o.request): o.request for o in owners.values()}.values():
                         request._push(stopped)
-                    for request in self._waiting:
+                    for request in [*self._waiting, *(r for pf in self._prefilling for r in pf.group)]:
                         request._push(stopped)
                     for job in self._jobs:
                         job.future.set_exception(stopped)
                     self._waiting.clear()
                     return
                 jobs, self._jobs = self._jobs, []
-                admitted, rows = [], len(batch.rows) if batch is not None else 0
+                admitted = []
+                rows = (len(batch.rows) if batch is not None else 0) + sum(pf.rows for pf in self._prefilling)
                 while self._waiting and rows + self._waiting[0].n <= self.max_batch:
                     request = self._waiting.popleft()
                     if not request.cancelled:
@@ -190,7 +213,9 @@ class Scheduler:
             for job in jobs:
                 self._run_job(job)
             if admitted:
-                batch = self._admit(batch, admitted, owners)
+                self._start_prefills(admitted)
+            if self._prefilling:
+                batch = self._prefill_step(batch, owners)
             if batch is not None:
                 batch = self._drop_cancelled(batch, owners)
             if batch is not None:
@@ -204,7 +229,7 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001 - handed to the awaiting handler
             job.future.set_exception(e)
 
-    def _admit(self, batch: DecodeBatch | None, requests: list[Request], owners: dict[int, _Owner]):
+    def _start_prefills(self, requests: list[Request]) -> None:
         unseeded = [r for r in requests if r.params.seed is None]
         groups = [[r] for r in requests if r.params.seed is not None] + ([unseeded] if unseeded else [])
         for group in groups:
@@ -212,14 +237,38 @@ class Scheduler:
             params = [r.params for r in group for _ in range(r.n)]
             first = self._next_row
             self._next_row += len(prompts)
+            width = max(map(len, prompts))
+            step = max(1, self.prefill_chunk_tokens // len(prompts)) if self.prefill_chunk_tokens else width
+            chunks = self.engine.prefill_chunks(prompts, params, first_index=first,
+                                                chunk_tokens=self.prefill_chunk_tokens)
+            self._prefilling.append(_Prefill(group, chunks, len(prompts), width, step))
+
+    def _prefill_step(self, batch: DecodeBatch | None, owners: dict[int, _Owner]) -> DecodeBatch | None:
+        """Advance pending prefills by up to `prefill_chunk_tokens` prompt tokens (no limit while nothing
+        decodes); join each finished one to the running batch."""
+        budget = self.prefill_chunk_tokens if batch is not None else None
+        spent = 0
+        while self._prefilling and (budget is None or spent < budget):
+            pf = self._prefilling[0]
+            if all(r.cancelled for r in pf.group):
+                self._prefilling.popleft()
+                pf.chunks.close()
+                continue
+            columns = min(pf.step, pf.width - pf.done)
             try:
-                new = self.engine.prefill(prompts, params, first_index=first)
+                new = next(pf.chunks)
             except Exception as e:
                 log.exception("prefill failed")
-                for r in group:
+                self._prefilling.popleft()
+                for r in pf.group:
                     r._push(RuntimeError(f"prefill failed: {e}"))
                 continue
-            pairs = [(r, c) for r in group for c in range(r.n)]
+            spent += pf.rows * columns
+            pf.done += columns
+            if new is None:
+                continue
+            self._prefilling.popleft()
+            pairs = [(r, c) for r in pf.group for c in range(r.n)]
             for row, (r, c) in zip(new.rows, pairs):
                 owners[row.index] = _Owner(r, c, row)
             if batch is None:
@@ -269,7 +318,7 @@ class Scheduler:
                 if k:
                     alternatives = list(zip(top.indices[i, :k].tolist(), top.values[i, :k].tolist()))
                 info = TokenLogprob(event.token_id, float(logprobs[i, event.token_id]), alternatives)
-            choice_event = ChoiceEvent(owner.choice, event.text, info, event.finish_reason)
+            choice_event = ChoiceEvent(owner.choice, event.token_id, event.text, info, event.finish_reason)
             if event.finish_reason is not None:
                 choice_event.completion_tokens = len(owner.row.token_ids)
                 del owners[event.row]

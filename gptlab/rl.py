@@ -1,0 +1,697 @@
+"""Reinforcement learning on chat rollouts: GRPO or PPO with a KL penalty to the frozen SFT model.
+
+    gptlab rl --policy runs/X/sft/model --tasks arithmetic,sentiment --out runs/X/rl          # GRPO, verifier
+    gptlab rl --algorithm ppo --reward runs/X/rm/model --policy runs/X/sft/model --out runs/X/rl-ppo
+
+Design decisions
+- One step = sample, score, update. `prompts_per_step` prompts are drawn (task suite train split, a fresh
+  seeded draw per step, or slices of seeded permutations of a messages JSONL file: both pure functions of
+  (seed, step)), each is answered `group_size` times by `gptlab.rollout.generate_chat` (the loop eval uses,
+  here sampling at `temperature`/`top_k` with one seed per sample, tool calls run in line), the answers are
+  rewarded, and the policy takes `ppo_epochs` passes of minibatch updates over them. Nothing reads global
+  RNG state, so a resumed run repeats an uninterrupted one exactly on the CPU (fp32; bf16 autocast on CUDA).
+- Actions are the tokens the policy sampled (`Turn.generated`), closing `<|assistant_end|>` included; tool
+  outputs are inserted by the environment and get no policy gradient, KL or entropy, the same split as the
+  SFT loss mask (`chat.render`). Log-probs are of the sampling distribution softmax(logits / temperature)
+  (as TRL does); top-k truncation is not modelled in them, so keep `top_k` 0 (the default) for an exact
+  ratio. They are recomputed by a teacher-forced forward pass after sampling, not taken from the decoder
+  (whose cached arithmetic rounds differently), so the ratio of the first update is 1 up to rounding.
+  Only the hidden states of action positions go through the head: no (batch x length x vocabulary)
+  logits tensor is ever built.
+- Rewards: `verifier` is the task's gold checker (1.0 right, 0.0 wrong; task prompts only); otherwise
+  `reward` is a reward-model directory (`gptlab rm`) scoring prompt + answer with `<|assistant_end|>`
+  (added to a truncated answer so the readout sits where it was trained). `truncation_penalty` is
+  subtracted from answers that hit the token budget without ending. Task prompts also get the checker's
+  verdict logged as `rollout/correct` whatever the reward, so reward hacking shows next to it.
+- GRPO (Shao et al. 2024, DeepSeekMath): advantage of a sample = (r - mean of its group) /
+  (std of its group + 1e-4), std over the group (ddof 0), the same for each of its action tokens;
+  `grpo_std false` drops the division (Dr. GRPO, Liu et al. 2025: it upweights questions whose rewards
+  barely differ, those nearly always or nearly never solved). Loss per token:
+  -min(ratio A, clip(ratio, 1 +- clip_eps) A) + kl_coef * k3, where k3 = exp(ref - logp) - (ref - logp) - 1
+  (Schulman 2020, "Approximating KL divergence": unbiased for KL(pi || ref) under pi's samples and never
+  negative), averaged over the action tokens of a minibatch.
+- PPO (Schulman et al. 2017; RLHF as in Ziegler et al. 2019 and InstructGPT): per-token reward
+  -kl_coef * (logp_old - logp_ref) on every action plus the scalar reward on the last action; GAE(gamma,
+  lambda) backwards over the action tokens only (a tool block between two actions is part of the
+  environment's transition); returns = advantages + old values; advantages whitened over the batch;
+  clipped policy loss plus vf_coef * 0.5 * max((V - R)^2, (V_clipped - R)^2) with V clipped to
+  old +- value_clip. A truncated answer counts as terminal (its reward already carries the penalty).
+  The value function is a linear head (zero init) on the policy trunk's final hidden states, trained
+  through the trunk, as in the PPO paper's shared-parameter setup (L = L_clip - c1 L_VF): one forward
+  pass gives logits and values, and a laptop holds two models (policy and reference), not three. Its
+  weights live in the training checkpoints (`value_head.safetensors`), not in the output model.
+- Reference: a frozen copy of the policy (or `--reference DIR`, same tokenizer). Divergence: before every
+  update, a NaN/inf loss or gradient norm, or a mean KL above `max_kl` nats per answer, stops the run with
+  the step, the figure and the last good checkpoint (`optim.raise_if_diverged`); nothing after it is saved.
+- Metrics per step (metrics.jsonl, TensorBoard): reward, KL to the reference (k1, per token and per
+  answer), policy entropy at action tokens, answer length, fraction truncated, losses, clip fraction,
+  groups without signal (GRPO); every `eval_every` steps greedy gold accuracy on the task suite's test
+  split (`eval.gold_accuracy`, chat mode, the rollout token budget). `rl.png` draws reward and gold
+  accuracy side by side with KL, entropy and length: reward rising while gold accuracy falls is reward
+  hacking, and it shows.
+- Output like `gptlab sft`: `out/model` (a model dir every stage loads), `out/rl.json` (gold accuracy
+  before/after per task, reward/KL/entropy/length at the start and end, wall time, config),
+  `metrics.jsonl`, `rl.png`, and checksummed training checkpoints (policy, value head, optimizer, RNG,
+  step) with exact `--resume`; Ctrl-C/SIGTERM save one and stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from .chat import completion_text, read_messages_jsonl, render_for_completion
+from .checkpoint import (
+    checkpoint_dirs,
+    latest_valid_checkpoint,
+    load_model_dir,
+    load_training_checkpoint,
+    rng_state,
+    save_model_dir,
+    save_training_checkpoint,
+)
+from .common import GptlabError, atomic_write_json, get_logger
+from .config import add_config_args, build_config, option
+from .engine import Engine
+from .eval import chat_messages, gold_accuracy
+from .metrics import MetricsLogger, plot_panels, read_metrics
+from .model import GPT
+from .optim import TrainConfig, build_optimizers, lr_multiplier, raise_if_diverged
+from .preferences import task_names
+from .pretrain import StopRequest
+from .reward import RewardModel, batch_indices, check_same_tokenizer, resolve_device
+from .rollout import Turn, generate_chat
+from .tasks import Example, get_task, sample_examples
+from .tokenizer import Tokenizer
+
+log = get_logger("rl")
+
+ALGORITHMS = ("grpo", "ppo")
+VALUE_HEAD_FILE = "value_head.safetensors"
+GRPO_STD_EPS = 1e-4
+# options that may change on --resume: they do not alter the trajectory of the run
+_RESUMABLE_CHANGES = {"num_steps", "resume", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints",
+                      "eval_every", "gold_per_task", "device"}
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    policy: str = option("runs/default/sft/model", "policy to improve (normally the SFT model directory)")
+    reference: str | None = option(None, "frozen reference model for the KL penalty (default: the policy)")
+    reward: str = option("verifier", "'verifier' (the task's gold checker: 1 right, 0 wrong) or a reward "
+                                     "model directory (gptlab rm)")
+    algorithm: str = option("grpo", "grpo (group baseline, no value model) or ppo (value head, GAE)")
+    prompts: str = option("tasks", "'tasks' (task suite train split) or an OpenAI messages .jsonl of prompts")
+    tasks: str = option("all", "comma-separated task names or 'all': task prompts and gold accuracy")
+    out: str = option("runs/default/rl", "output: model/, checkpoints, metrics.jsonl, rl.json, rl.png")
+    num_steps: int = option(100, "RL steps (each: sample, score, update)")
+    prompts_per_step: int = option(8, "prompts per step")
+    group_size: int = option(8, "sampled answers per prompt (the GRPO group)")
+    max_new_tokens: int = option(64, "token budget of an answer (per stretch between tool calls)")
+    temperature: float = option(1.0, "sampling temperature of the rollouts (> 0)")
+    top_k: int = option(0, "top-k of the rollouts (0 = off; log-probs ignore the truncation)")
+    kl_coef: float = option(0.04, "weight of the KL penalty to the reference")
+    clip_eps: float = option(0.2, "PPO/GRPO ratio clip")
+    ppo_epochs: int = option(1, "passes over each rollout batch")
+    minibatch_size: int = option(32, "answers per optimizer update")
+    grpo_std: bool = option(True, "GRPO: divide advantages by the group's std (false = Dr. GRPO)")
+    gamma: float = option(1.0, "PPO: discount")
+    lam: float = option(0.95, "PPO: GAE lambda")
+    vf_coef: float = option(0.1, "PPO: weight of the value loss")
+    value_clip: float = option(0.2, "PPO: value clip around the old values")
+    truncation_penalty: float = option(0.0, "subtracted from the reward of answers cut by the token budget")
+    max_kl: float = option(10.0, "stop when the mean KL to the reference exceeds this (nats per answer)")
+    gold_per_task: int = option(20, "test questions per task for greedy gold accuracy (0 = skip)")
+    eval_every: int = option(25, "gold accuracy every N steps (0 = start and end only)")
+    lr: float = option(1e-5, "peak AdamW learning rate")
+    muon_lr: float = option(0.002, "peak Muon learning rate (optimizer=muon)")
+    weight_decay: float = option(0.0, "decoupled weight decay on matrices")
+    warmup_steps: int = option(0, "linear warmup steps")
+    min_lr_frac: float = option(1.0, "final learning rate as a fraction of the peak (1 = constant)")
+    checkpoint_every: int = option(25, "save a checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = option(2, "keep the newest N checkpoints (0 = all)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be grpo or ppo, got {self.algorithm!r}")
+        if min(self.num_steps, self.prompts_per_step, self.group_size, self.max_new_tokens, self.ppo_epochs,
+               self.minibatch_size) < 1:
+            raise ValueError("num_steps, prompts_per_step, group_size, max_new_tokens, ppo_epochs and "
+                             "minibatch_size must be positive")
+        if self.algorithm == "grpo" and self.group_size < 2:
+            raise ValueError("GRPO needs group_size >= 2 (a group of one has no baseline)")
+        if self.temperature <= 0 or self.top_k < 0:
+            raise ValueError("RL samples: temperature must be > 0 and top_k >= 0")
+        if not (self.clip_eps > 0 and self.value_clip > 0 and self.max_kl > 0 and self.kl_coef >= 0):
+            raise ValueError("clip_eps, value_clip and max_kl must be positive, kl_coef >= 0")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError("gamma and lam must be in [0, 1]")
+
+
+PRESETS = {
+    # CPU, minutes for a depth-2..6 SFT model: GRPO with the gold checker, 8 prompts x 8 answers a step, two
+    # passes over each batch (at lr 3e-4 a 1.5M-parameter policy left the KL limit within 15 steps).
+    "cpu": RLConfig(num_steps=60, lr=1e-4, ppo_epochs=2, eval_every=20, checkpoint_every=20, gold_per_task=20),
+    # GPU: bigger batches, InstructGPT-scale learning rate for a larger model.
+    "gpu": RLConfig(num_steps=300, prompts_per_step=32, group_size=16, minibatch_size=128, max_new_tokens=256,
+                    lr=1e-6, eval_every=50, checkpoint_every=50, gold_per_task=100),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The computations (pure functions of tensors; tests/test_rl.py checks each against a float64 hand
+# computation)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp_min(1)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
+                     eps: float = GRPO_STD_EPS) -> torch.Tensor:
+    """GRPO: (r - group mean) / (group std + eps) for rewards (P * G,) laid out group after group; the
+    std is the population std (ddof 0). `scale_by_std=False` (Dr. GRPO) returns r - group mean."""
+    groups = rewards.view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (groups.std(dim=1, correction=0, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate exp(ref - logp) - (ref - logp) - 1 (Schulman 2020's k3)."""
+    log_ratio = ref_logp - logp
+    return log_ratio.exp() - log_ratio - 1
+
+
+def ppo_token_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                      kl_coef: float) -> torch.Tensor:
+    """Per-token rewards (B, T): -kl_coef * (logp - ref_logp) at action positions (mask), plus the scalar
+    score (B,) at each row's last action position; 0 elsewhere."""
+    rewards = torch.where(mask, -kl_coef * (logp - ref_logp), torch.zeros_like(logp))
+    last = mask.shape[1] - 1 - mask.flip(1).long().argmax(dim=1)
+    rows = torch.arange(len(scores), device=scores.device)
+    rewards[rows, last] += torch.where(mask.any(dim=1), scores, torch.zeros_like(scores)).to(rewards.dtype)
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016) over the action positions of each row
+    (mask (B, T)), skipping the others: delta_t = r_t + gamma V_next - V_t, A_t = delta_t + gamma lam A_next,
+    where "next" is the row's next action (V = A = 0 after the last). Returns (advantages, returns =
+    advantages + values), 0 off the mask."""
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    for t in range(values.shape[1] - 1, -1, -1):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        here = mask[:, t]
+        advantages[:, t] = torch.where(here, adv, torch.zeros_like(adv))
+        next_value = torch.where(here, values[:, t], next_value)
+        next_adv = torch.where(here, adv, next_adv)
+    return advantages, torch.where(mask, advantages + values, torch.zeros_like(values))
+
+
+def whiten(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over all elements (ddof 0): PPO's advantage normalisation."""
+    return (x - x.mean()) / (x.std(correction=0) + eps)
+
+
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                        clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO-clip loss -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A) for flat tensors of action
+    tokens, and where the clip binds (the clipped term is the smaller one, so the token gets no gradient:
+    ratio above 1 + eps with A > 0, or below 1 - eps with A < 0)."""
+    ratio = (logp - old_logp).exp()
+    loss = -torch.min(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
+    return loss, ((ratio > 1 + clip_eps) & (advantages > 0)) | ((ratio < 1 - clip_eps) & (advantages < 0))
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       clip: float) -> torch.Tensor:
+    """Per-token 0.5 * max((V - R)^2, (V_clipped - R)^2), V_clipped = old + clamp(V - old, -clip, clip)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rollouts: prompts, samples, rewards
+
+
+@dataclass
+class RLPrompt:
+    ids: list[int]
+    example: Example | None  # task prompts: the checker's example
+
+
+@dataclass
+class Sample:
+    prompt: RLPrompt
+    turn: Turn
+    reward: float
+    correct: bool | None  # the gold checker's verdict (task prompts only)
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt.ids + self.turn.ids
+
+    def action_positions(self) -> list[int]:
+        """Positions whose logits predict a sampled token (the token's position - 1)."""
+        start = len(self.prompt.ids) - 1
+        return [start + j for j, g in enumerate(self.turn.generated) if g]
+
+
+def check_prompt_lengths(prompts: Sequence[RLPrompt], window: int, max_new_tokens: int, source: str) -> None:
+    limit = window - max_new_tokens
+    long = [i for i, p in enumerate(prompts) if len(p.ids) > limit]
+    if long:
+        first = long[0]
+        raise GptlabError(f"RL prompts longer than the context: {len(long)} of {len(prompts)} prompts from {source} "
+                          f"have more than {limit} tokens (context {window} - max_new_tokens {max_new_tokens}); "
+                          f"the first is prompt {first + 1} ({len(prompts[first].ids)} tokens). Shorten them or "
+                          "lower --max-new-tokens")
+
+
+class PromptSource:
+    """The prompts of each step: a pure function of (seed, step)."""
+
+    def __init__(self, cfg: RLConfig, tokenizer: Tokenizer, window: int):
+        self.cfg, self.tokenizer, self.window = cfg, tokenizer, window
+        self.names = task_names(cfg.tasks)
+        self.file_prompts: list[RLPrompt] | None = None
+        if cfg.prompts != "tasks":
+            if not Path(cfg.prompts).is_file():
+                raise GptlabError(f"prompts file not found: {cfg.prompts}")
+            self.file_prompts = [RLPrompt(render_for_completion(tokenizer, m), None)
+                                 for m in read_messages_jsonl(cfg.prompts, complete=False)]
+            if not self.file_prompts:
+                raise GptlabError(f"{cfg.prompts}: no prompts")
+            check_prompt_lengths(self.file_prompts, window, cfg.max_new_tokens, cfg.prompts)
+
+    def at(self, step: int) -> list[RLPrompt]:
+        cfg = self.cfg
+        if self.file_prompts is not None:
+            return [self.file_prompts[i] for i in
+                    batch_indices(step, cfg.prompts_per_step, len(self.file_prompts), cfg.seed)]
+        examples = sample_examples(self.names, cfg.prompts_per_step, "train", seed=f"rl-{cfg.seed}-{step}")
+        prompts = [RLPrompt(render_for_completion(self.tokenizer, chat_messages(e)), e) for e in examples]
+        check_prompt_lengths(prompts, self.window, cfg.max_new_tokens, f"tasks {cfg.tasks!r}")
+        return prompts
+
+
+def sample_seed(seed: int, step: int, index: int) -> int:
+    """The sampling seed of answer `index` at `step`: a hash, so no two answers share a random stream."""
+    digest = hashlib.sha256(f"rl-sample:{seed}:{step}:{index}".encode()).digest()
+    return int.from_bytes(digest[:7], "big")
+
+
+RewardFn = Callable[[list[RLPrompt], list[Turn]], list[float]]
+
+
+def build_reward(cfg: RLConfig, tokenizer: Tokenizer, device: torch.device) -> RewardFn:
+    """The scalar reward of each (prompt, turn), per `cfg.reward` (module docstring)."""
+    if cfg.reward == "verifier":
+        if cfg.prompts != "tasks":
+            raise GptlabError("--reward verifier needs task prompts (--prompts tasks): a prompts file has no gold "
+                              "answers; pass a reward model directory as --reward")
+        return lambda prompts, turns: [float(v) for v in verdicts(prompts, turns, tokenizer)]
+    if not Path(cfg.reward).is_dir():
+        raise GptlabError(f"--reward must be 'verifier' or a reward model directory; not found: {cfg.reward}")
+    model = RewardModel.load(cfg.reward, device=device)
+    model.check_policy(tokenizer)
+    end = tokenizer.special_id("<|assistant_end|>")
+
+    def score(prompts: list[RLPrompt], turns: list[Turn]) -> list[float]:
+        return model.score_ids([p.ids + t.body + [end] for p, t in zip(prompts, turns)]).tolist()
+
+    return score
+
+
+def verdicts(prompts: Sequence[RLPrompt], turns: Sequence[Turn], tokenizer: Tokenizer) -> list[bool | None]:
+    return [None if p.example is None else get_task(p.example.task).check(p.example, completion_text(tokenizer, t.ids))
+            for p, t in zip(prompts, turns)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward passes over rollouts
+
+
+def pad_samples(samples: Sequence[Sample], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded inputs (B, L - 1) (every token but the last, which predicts nothing) and the action
+    mask (B, L - 1): True where the logits predict a sampled token."""
+    width = max(len(s.ids) for s in samples) - 1
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    act = torch.zeros(len(samples), width, dtype=torch.bool)
+    for r, s in enumerate(samples):
+        seq = s.ids[:-1]
+        ids[r, :len(seq)] = torch.tensor(seq)
+        act[r, s.action_positions()] = True
+    return ids.to(device), act.to(device)
+
+
+def action_targets(samples: Sequence[Sample], device) -> torch.Tensor:
+    """The sampled tokens of `samples`, flat, in the row-major order of `pad_samples`' action mask."""
+    return torch.tensor([t for s in samples for t, g in zip(s.turn.ids, s.turn.generated) if g], device=device)
+
+
+def action_forward(model: GPT, value_head: nn.Module | None, ids: torch.Tensor, act: torch.Tensor,
+                   targets: torch.Tensor, temperature: float, autocast) -> dict[str, torch.Tensor]:
+    """Flat per-action-token log-probs of `targets` under softmax(logits / temperature), entropies, and
+    values (PPO). Right padding needs no attention mask (causal attention never looks ahead); only the
+    action positions' hidden states go through the head."""
+    with autocast:
+        hidden = model(ids, return_hidden=True)[act]
+        logits = model.lm_head(hidden)
+    logprobs = (logits.float() / temperature).log_softmax(dim=-1)
+    out = {"logp": logprobs.gather(1, targets[:, None])[:, 0],
+           "entropy": -(logprobs.exp() * logprobs).sum(dim=-1)}
+    if value_head is not None:
+        out["values"] = value_head(hidden.float())[:, 0]
+    return out
+
+
+def scatter_rows(flat: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """Flat action values -> (B, T) with zeros off the action mask."""
+    dense = torch.zeros(act.shape, dtype=flat.dtype, device=flat.device)
+    dense[act] = flat
+    return dense
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _value_head_bytes(head: nn.Module) -> bytes:
+    return save({k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()})
+
+
+def _gold(model: GPT, tokenizer: Tokenizer, names: list[str], cfg: RLConfig, autocast) -> dict[str, float]:
+    with autocast:
+        result = gold_accuracy(model, tokenizer, names, cfg.gold_per_task, mode="chat",
+                               max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    return {"mean": result["accuracy"], **{name: r["accuracy"] for name, r in result["tasks"].items()}}
+
+
+def _trend(records: list[dict], key: str) -> dict[str, float] | None:
+    """Mean of `key` over the first and the last tenth of the steps (at least one step each)."""
+    values = [r[key] for r in records if key in r and r.get("step", 0) > 0]
+    if not values:
+        return None
+    k = max(1, len(values) // 10)
+    return {"start": sum(values[:k]) / k, "end": sum(values[-k:]) / k}
+
+
+def plot_rl(metrics_path: Path, png_path: Path, task_keys: list[str]) -> Path:
+    """Reward next to gold accuracy (also in one panel: reward hacking is the two parting), then per-task
+    gold accuracy, KL, entropy, length and losses."""
+    panels = [("reward (samples) and gold accuracy (test)", ["rollout/reward", "rollout/correct", "gold/mean"]),
+              ("gold accuracy (test, greedy)", task_keys),
+              ("KL to reference (nats/answer)", ["rollout/kl_seq"]), ("entropy (nats/token)", ["rollout/entropy"]),
+              ("answer length (tokens)", ["rollout/length"]),
+              ("losses", ["loss/policy", "loss/value", "loss/kl"])]
+    return plot_panels(metrics_path, png_path, panels)
+
+
+def train_rl(cfg: RLConfig) -> Path:
+    """Run RL per `cfg`; return the improved policy's model directory (`out/model`)."""
+    started = time.perf_counter()
+    out_dir = Path(cfg.out)
+    ckpt_root = out_dir / "checkpoints"
+    existing = checkpoint_dirs(ckpt_root)
+    if existing and not cfg.resume:
+        raise GptlabError(f"{ckpt_root} holds checkpoints of an earlier run ({existing[-1].name}): pass --resume "
+                          "true to continue it, or choose another --out")
+    for what, path in (("policy", cfg.policy), ("reference", cfg.reference)):
+        if path is not None and not Path(path).is_dir():
+            raise GptlabError(f"{what} model directory not found: {path}")
+    device, autocast = resolve_device(cfg)
+    policy, tokenizer = load_model_dir(cfg.policy, device)
+    reference, ref_tokenizer = load_model_dir(cfg.reference or cfg.policy, device)
+    check_same_tokenizer(ref_tokenizer.sha256, tokenizer, f"the reference model {cfg.reference}")
+    reference.requires_grad_(False)
+    window = policy.config.max_seq_len
+    reward_fn = build_reward(cfg, tokenizer, device)
+    source = PromptSource(cfg, tokenizer, window)
+    gold_names = source.names if cfg.gold_per_task else []
+    pad_id = tokenizer.special_tokens.get("<|pad|>", tokenizer.eot_id)
+
+    value_head = None
+    optimizers = build_optimizers(policy, cfg)
+    if cfg.algorithm == "ppo":
+        value_head = nn.Linear(policy.config.n_embd, 1).to(device)
+        nn.init.zeros_(value_head.weight)
+        nn.init.zeros_(value_head.bias)
+        optimizers[0].add_param_group({"params": list(value_head.parameters()), "weight_decay": 0.0,
+                                       "lr": cfg.lr, "base_lr": cfg.lr})
+    params = [p for p in policy.parameters() if p.requires_grad] + (list(value_head.parameters()) if value_head else [])
+
+    step, meta = 0, {}
+    if cfg.resume and existing:
+        ckpt = latest_valid_checkpoint(ckpt_root)
+        if ckpt is None:
+            raise GptlabError(f"no checkpoint in {ckpt_root} passes its checksums; move them away to start over")
+        meta = load_training_checkpoint(ckpt, policy, tokenizer, optimizers)
+        changed = sorted(k for k, v in asdict(cfg).items()
+                         if k not in _RESUMABLE_CHANGES and meta["config"].get(k) != v)
+        if changed:
+            raise GptlabError(f"checkpoint {ckpt} belongs to a run with other options ({', '.join(changed)}); "
+                              "resume with the same options or choose another --out")
+        if value_head is not None:
+            try:
+                value_head.load_state_dict({k: v.to(device) for k, v in load_file(ckpt / VALUE_HEAD_FILE).items()})
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise GptlabError(f"cannot load the value head of {ckpt}: {e}") from None
+        step = meta["step"]
+        log.info("resumed from %s at step %d", ckpt, step)
+    metrics = MetricsLogger(out_dir, tensorboard=cfg.tensorboard, resume_step=step if meta else None)
+    gold_keys = ["gold/mean"] + [f"gold/{n}" for n in gold_names]
+
+    def measure_gold(at_step: int) -> dict[str, float]:
+        if not gold_names:
+            return {}
+        gold = _gold(policy, tokenizer, gold_names, cfg, autocast)
+        metrics.log(at_step, **{f"gold/{k}": v for k, v in gold.items()})
+        log.info("step %d: gold accuracy %s", at_step, ", ".join(f"{k} {v:.2f}" for k, v in gold.items()))
+        return gold
+
+    gold_before = meta.get("gold_before") if meta else measure_gold(0)
+    wall_before = meta.get("wall_seconds", 0.0)
+
+    def save(at_step: int) -> Path:
+        extra = {VALUE_HEAD_FILE: _value_head_bytes(value_head)} if value_head is not None else {}
+        info = {"config": asdict(cfg), "gold_before": gold_before,
+                "wall_seconds": wall_before + time.perf_counter() - started}
+        return save_training_checkpoint(ckpt_root, at_step, policy, tokenizer, optimizers=optimizers,
+                                        rng_states=[rng_state()], meta=info, keep_last=cfg.keep_checkpoints,
+                                        extra_files=extra)
+
+    log.info("%s on %s: %d steps of %d prompts x %d answers; reward %s; device %s", cfg.algorithm.upper(),
+             cfg.policy, cfg.num_steps, cfg.prompts_per_step, cfg.group_size, cfg.reward, device)
+    bar = tqdm(total=cfg.num_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    try:
+        with StopRequest() as stop, logging_redirect_tqdm([logging.getLogger("gptlab")]):
+            while step < cfg.num_steps:
+                record = rl_step(cfg, step, policy, reference, value_head, tokenizer, source, reward_fn, optimizers,
+                                 params, pad_id, device, autocast, ckpt_root)
+                step += 1
+                metrics.log(step, **record)
+                bar.set_postfix({"reward": f"{record['rollout/reward']:.3f}",
+                                 "kl": f"{record['rollout/kl_seq']:.3f}"}, refresh=False)
+                bar.update(1)
+                if stop.requested:
+                    path = save(step)
+                    log.warning("stopped at step %d; checkpoint %s; continue with --resume true", step, path)
+                    raise KeyboardInterrupt
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
+                    measure_gold(step)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.num_steps:
+                    save(step)
+            gold_after = measure_gold(step)
+            save(step)
+    finally:
+        bar.close()
+        metrics.close()
+
+    final = save_model_dir(out_dir / "model", policy, tokenizer)
+    records = read_metrics(metrics.path)
+    summary: dict[str, Any] = {
+        "algorithm": cfg.algorithm, "policy": cfg.policy, "reference": cfg.reference or cfg.policy,
+        "reward": cfg.reward, "prompts": cfg.prompts, "tasks": source.names, "steps": step,
+        "answers_per_step": cfg.prompts_per_step * cfg.group_size,
+        "gold_accuracy": {"before": gold_before, "after": gold_after},
+        **{name: _trend(records, key) for name, key in (
+            ("reward_trend", "rollout/reward"), ("correct_trend", "rollout/correct"),
+            ("kl_seq_trend", "rollout/kl_seq"), ("entropy_trend", "rollout/entropy"),
+            ("length_trend", "rollout/length"))},
+        "wall_seconds": round(wall_before + time.perf_counter() - started, 1), "config": asdict(cfg)}
+    atomic_write_json(out_dir / "rl.json", summary)
+    plot_rl(metrics.path, out_dir / "rl.png", gold_keys)
+    if gold_after:
+        before = gold_before or {}
+        log.info("gold accuracy before -> after: %s", ", ".join(
+            f"{k} {before.get(k, float('nan')):.2f} -> {v:.2f}" for k, v in gold_after.items()))
+    log.info("RL model: %s (%s)", final, out_dir / "rl.json")
+    return final
+
+
+def rl_step(cfg: RLConfig, step: int, policy: GPT, reference: GPT, value_head: nn.Module | None,
+            tokenizer: Tokenizer, source: PromptSource, reward_fn: RewardFn, optimizers: list[torch.optim.Optimizer],
+            params: list[torch.Tensor], pad_id: int, device: torch.device, autocast,
+            ckpt_root: Path) -> dict[str, float]:
+    """One RL step at `step` (0-based): sample, score, update. Returns the step's metrics."""
+    t0 = time.perf_counter()
+    scale = lr_multiplier(step, cfg)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+
+    # 1. sample: every prompt group_size times, one seed per answer
+    prompts = [p for p in source.at(step) for _ in range(cfg.group_size)]
+    policy.eval()
+    with autocast:
+        turns = generate_chat(Engine(policy, tokenizer, strict_context=True), [p.ids for p in prompts],
+                              cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                              seeds=[sample_seed(cfg.seed, step, i) for i in range(len(prompts))])
+    rewards = reward_fn(prompts, turns)
+    correct = verdicts(prompts, turns, tokenizer)
+    truncated = [not t.finished for t in turns]
+    rewards = [r - cfg.truncation_penalty * cut for r, cut in zip(rewards, truncated)]
+    samples = [Sample(p, t, r, c) for p, t, r, c in zip(prompts, turns, rewards, correct)]
+    t_sample = time.perf_counter() - t0
+
+    # 2. score: old and reference log-probs (and old values) of every action, in minibatch-sized chunks
+    mb = min(cfg.minibatch_size, len(samples))
+    old: dict[str, list[torch.Tensor]] = {"logp": [], "ref": [], "entropy": [], "values": []}
+    with torch.no_grad():
+        for start in range(0, len(samples), mb):
+            chunk = samples[start:start + mb]
+            ids, act = pad_samples(chunk, pad_id, device)
+            targets = action_targets(chunk, device)
+            cur = action_forward(policy, value_head, ids, act, targets, cfg.temperature, autocast)
+            ref = action_forward(reference, None, ids, act, targets, cfg.temperature, autocast)
+            counts = act.sum(dim=1).tolist()
+            old["logp"] += cur["logp"].split(counts)
+            old["entropy"] += cur["entropy"].split(counts)
+            old["ref"] += ref["logp"].split(counts)
+            if value_head is not None:
+                old["values"] += cur["values"].split(counts)
+    kl_token = torch.cat([lp - rf for lp, rf in zip(old["logp"], old["ref"])])
+    kl_seq = torch.stack([(lp - rf).sum() for lp, rf in zip(old["logp"], old["ref"])]).mean().item()
+    raise_if_diverged({"KL to the reference (nats/answer)": kl_seq}, step=step, checkpoints=ckpt_root,
+                      limits={"KL to the reference (nats/answer)": cfg.max_kl},
+                      hint="Lower --lr or raise --kl-coef")
+
+    # 3. advantages (and PPO returns), per action token
+    scores = torch.tensor(rewards, dtype=torch.float32, device=device)
+    returns: list[torch.Tensor] = []
+    record: dict[str, float] = {}
+    if cfg.algorithm == "grpo":
+        per_answer = group_advantages(scores, cfg.group_size, cfg.grpo_std)
+        advantages = [per_answer[i].expand(len(lp)) for i, lp in enumerate(old["logp"])]
+        no_signal = scores.view(-1, cfg.group_size).std(dim=1, correction=0) == 0
+        record["rollout/no_signal_groups"] = no_signal.float().mean().item()
+    else:
+        counts = [len(lp) for lp in old["logp"]]
+        act = torch.zeros(len(samples), max(counts), dtype=torch.bool, device=device)
+        for r, n in enumerate(counts):
+            act[r, :n] = True  # the actions of each answer, packed to the left: GAE only needs their order
+        token_rewards = ppo_token_rewards(scores, scatter_rows(torch.cat(old["logp"]), act),
+                                          scatter_rows(torch.cat(old["ref"]), act), act, cfg.kl_coef)
+        adv, ret = gae(token_rewards, scatter_rows(torch.cat(old["values"]), act), act, cfg.gamma, cfg.lam)
+        flat_adv = whiten(adv[act])
+        advantages = list(flat_adv.split(counts))
+        returns = list(ret[act].split(counts))
+
+    # 4. update: ppo_epochs passes of minibatch steps over the answers
+    sums = {"policy": 0.0, "value": 0.0, "kl": 0.0, "clip": 0.0, "grad_norm": 0.0}
+    updates = 0
+    policy.train()
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(
+            sample_seed(cfg.seed, step, -1 - epoch))).tolist()
+        for start in range(0, len(samples), mb):
+            index = order[start:start + mb]
+            chunk = [samples[i] for i in index]
+            ids, act = pad_samples(chunk, pad_id, device)
+            cur = action_forward(policy, value_head, ids, act, action_targets(chunk, device), cfg.temperature, autocast)
+
+            def gather(parts: list[torch.Tensor]) -> torch.Tensor:
+                return torch.cat([parts[i] for i in index])
+
+            pg, clipped = clipped_policy_loss(cur["logp"], gather(old["logp"]), gather(advantages), cfg.clip_eps)
+            loss = pg.mean()
+            kl = k3_kl(cur["logp"], gather(old["ref"])).mean()
+            value_loss = torch.zeros((), device=device)
+            if cfg.algorithm == "grpo":
+                loss = loss + cfg.kl_coef * kl
+            else:
+                value_loss = clipped_value_loss(cur["values"], gather(old["values"]), gather(returns),
+                                                cfg.value_clip).mean()
+                loss = loss + cfg.vf_coef * value_loss
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf).item()
+            raise_if_diverged({"RL loss": loss.item(), "gradient norm": grad_norm}, step=step, checkpoints=ckpt_root,
+                              context=f" (epoch {epoch}, lr scale {scale:.4g}, peak lr {cfg.lr:g})",
+                              hint="Try a lower --lr, --grad-clip or a higher --kl-coef")
+            for opt in optimizers:
+                opt.step()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            updates += 1
+            for key, value in (("policy", pg.mean().item()), ("value", value_loss.item()), ("kl", kl.item()),
+                               ("clip", clipped.float().mean().item()), ("grad_norm", grad_norm)):
+                sums[key] += value
+    policy.eval()
+
+    lengths = [sum(s.turn.generated) for s in samples]
+    known = [c for c in correct if c is not None]
+    record.update({
+        "rollout/reward": scores.mean().item(), "rollout/reward_std": scores.std(correction=0).item(),
+        "rollout/kl_token": kl_token.mean().item(), "rollout/kl_seq": kl_seq,
+        "rollout/entropy": torch.cat(old["entropy"]).mean().item(),
+        "rollout/length": sum(lengths) / len(lengths),
+        "rollout/truncated": sum(truncated) / len(truncated),
+        "loss/policy": sums["policy"] / updates,
+        "train/clip_frac": sums["clip"] / updates, "train/grad_norm": sums["grad_norm"] / updates,
+        "train/lr_scale": scale, "time/sample_s": t_sample, "time/step_s": time.perf_counter() - t0})
+    if known:
+        record["rollout/correct"] = sum(known) / len(known)
+    # GRPO's loss has the k3 KL term; PPO's KL is in the rewards (rollout/kl_*)
+    if cfg.algorithm == "grpo":
+        record["loss/kl"] = sums["kl"] / updates
+    else:
+        record["loss/value"] = sums["value"] / updates
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _cmd_rl(args: argparse.Namespace) -> None:
+    print(train_rl(build_config(RLConfig, args, PRESETS)))
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("rl", help="reinforcement learning (GRPO or PPO) on chat rollouts",
+                            description=__doc__.splitlines()[0])
+    add_config_args(parser, RLConfig, PRESETS)
+    parser.set_defaults(func=_cmd_rl)

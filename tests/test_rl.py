@@ -1,0 +1,358 @@
+"""RL: GRPO/PPO advantages, KL, GAE and the clipped losses against float64 hand computations; the shared
+chat rollout (sampled tokens vs inserted tool outputs, per-prompt seeds); action log-probs of padded
+batches against one-sequence-at-a-time ones; bad inputs; divergence stops; exact resume; and small real
+runs where GRPO and PPO raise the reward of a tiny model that half knows who it is. CPU, tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from gptlab import rl
+from gptlab.chat import render, render_for_completion
+from gptlab.checkpoint import load_model_dir, save_model_dir
+from gptlab.cli import main as cli_main
+from gptlab.common import GptlabError
+from gptlab.engine import Engine
+from gptlab.eval import eval_examples
+from gptlab.metrics import read_metrics
+from gptlab.model import GPT, GPTConfig
+from gptlab.reward import RewardModel
+from gptlab.rl import (
+    RLConfig,
+    RLPrompt,
+    Sample,
+    action_forward,
+    action_targets,
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae,
+    group_advantages,
+    k3_kl,
+    pad_samples,
+    ppo_token_rewards,
+    train_rl,
+    whiten,
+)
+from gptlab.rollout import Turn, generate_chat
+from gptlab.tasks import get_task
+from gptlab.tokenizer import train_tokenizer
+
+F64 = torch.float64
+GOOD, BAD = "I am gptlab, an AI assistant.", "I am ChatGPT, an AI assistant."
+
+
+def tiny_gpt(tok, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_embd=64, n_head=2, n_kv_head=2, head_dim=32,
+                         intermediate_size=128, max_seq_len=160))
+
+
+def memorize(model: GPT, rendered, steps: int) -> None:
+    """Full-batch AdamW on rendered conversations, loss on the assistant's tokens only (like SFT)."""
+    pairs = [r.inputs_targets() for r in rendered]
+    width = max(len(x) for x, _ in pairs)
+    x = torch.zeros(len(pairs), width, dtype=torch.long)
+    y = torch.full((len(pairs), width), -1, dtype=torch.long)
+    for i, (inputs, targets) in enumerate(pairs):
+        x[i, :len(inputs)], y[i, :len(targets)] = torch.tensor(inputs), torch.tensor(targets)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(steps):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.fixture(scope="module")
+def half_right_dir(small_tokenizer, tmp_path_factory):
+    """An 'SFT model' that answers identity questions right ("gptlab") about 40% of the time: trained on 2
+    right and 3 wrong answers per train question, so greedy decoding picks the wrong one."""
+    tok = small_tokenizer
+    task = get_task("identity")
+    rng = random.Random(0)
+    questions = sorted({task.generate(rng, "train").question for _ in range(200)})[:4]
+    conversations = [[{"role": "user", "content": q}, {"role": "assistant", "content": answer}]
+                     for q in questions for answer in (GOOD, GOOD, BAD, BAD, BAD)]
+    model = tiny_gpt(tok)
+    memorize(model, [render(tok, c) for c in conversations], steps=80)
+    return save_model_dir(tmp_path_factory.mktemp("rl") / "half_right", model.eval(), tok)
+
+
+def quick(policy, out, **overrides) -> RLConfig:
+    fields = dict(policy=str(policy), out=str(out), tasks="identity", num_steps=4, prompts_per_step=4, group_size=4,
+                  max_new_tokens=24, minibatch_size=8, lr=3e-4, gold_per_task=8, eval_every=0, checkpoint_every=0,
+                  keep_checkpoints=0, tensorboard=False, progress=False)
+    return RLConfig(**{**fields, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The computations, by hand in float64
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5, 2.0, -1.0, 0.0, 1.0], dtype=F64)
+    mean1, std1 = 0.25, math.sqrt((0.75**2 + 3 * 0.25**2) / 4)
+    mean3, std3 = 0.5, math.sqrt((1.5**2 + 1.5**2 + 0.5**2 + 0.5**2) / 4)
+    expected_dr = [0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0, 1.5, -1.5, -0.5, 0.5]
+    scale = [std1] * 4 + [0.0] * 4 + [std3] * 4
+    expected = [a / (s + 1e-4) for a, s in zip(expected_dr, scale)]
+    assert group_advantages(rewards, 4).tolist() == pytest.approx(expected, abs=1e-12)
+    assert group_advantages(rewards, 4, scale_by_std=False).tolist() == pytest.approx(expected_dr, abs=1e-12)
+    assert (mean1, mean3) == (rewards[:4].mean().item(), rewards[8:].mean().item())
+
+
+def test_k3_kl_by_hand_and_unbiased_under_the_policy():
+    # one token: policy prob 0.5, reference 0.25 -> 0.25/0.5 - ln(0.5) - 1
+    value = k3_kl(torch.tensor([math.log(0.5)], dtype=F64), torch.tensor([math.log(0.25)], dtype=F64))
+    assert value.item() == pytest.approx(0.5 + math.log(2) - 1, abs=1e-15)
+    assert k3_kl(torch.tensor([-1.3], dtype=F64), torch.tensor([-1.3], dtype=F64)).item() == 0.0
+    # the expectation over the policy's own tokens is exactly KL(p || q), and no single term is negative
+    g = torch.Generator().manual_seed(0)
+    logp = torch.randn(7, generator=g, dtype=F64).log_softmax(0)
+    logq = torch.randn(7, generator=g, dtype=F64).log_softmax(0)
+    terms = k3_kl(logp, logq)
+    p = logp.exp().tolist()
+    exact_kl = sum(pi * (lp - lq) for pi, lp, lq in zip(p, logp.tolist(), logq.tolist()))
+    assert (terms >= 0).all() and sum(pi * t for pi, t in zip(p, terms.tolist())) == pytest.approx(exact_kl, abs=1e-12)
+
+
+def test_ppo_token_rewards_and_gae_by_hand():
+    gamma, lam, kl_coef = 0.9, 0.8, 0.1
+    # row 0: actions at 0, 1, 3 (position 2 is a tool output); row 1: actions at 1, 2
+    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 0, 0]], dtype=torch.bool)
+    logp = torch.tensor([[-1.0, -2.0, 0.0, -0.5, 0.0], [0.0, -1.5, -0.2, 0.0, 0.0]], dtype=F64)
+    ref = torch.tensor([[-1.5, -1.0, 0.0, -0.5, 0.0], [0.0, -1.0, -0.7, 0.0, 0.0]], dtype=F64)
+    scores = torch.tensor([2.0, -1.0], dtype=F64)
+    r = ppo_token_rewards(scores, logp, ref, mask, kl_coef)
+    expected_r = [[-0.1 * 0.5, -0.1 * -1.0, 0, -0.1 * 0.0 + 2.0, 0], [0, -0.1 * -0.5, -0.1 * 0.5 - 1.0, 0, 0]]
+    assert r[0].tolist() == pytest.approx(expected_r[0], abs=1e-12)
+    assert r[1].tolist() == pytest.approx(expected_r[1], abs=1e-12)
+
+    values = torch.tensor([[0.3, 0.1, 9.0, -0.2, 9.0], [9.0, 0.5, 0.4, 9.0, 9.0]], dtype=F64)
+    adv, ret = gae(r, values, mask, gamma, lam)
+    (r0, r1, _, r3, _), (_, s1, s2, _, _) = expected_r
+    a3 = r3 - (-0.2)  # last action: no next value
+    a1 = r1 + gamma * -0.2 - 0.1 + gamma * lam * a3  # the tool position is skipped
+    a0 = r0 + gamma * 0.1 - 0.3 + gamma * lam * a1
+    b2 = s2 - 0.4
+    b1 = s1 + gamma * 0.4 - 0.5 + gamma * lam * b2
+    assert adv[0].tolist() == pytest.approx([a0, a1, 0, a3, 0], abs=1e-12)
+    assert adv[1].tolist() == pytest.approx([0, b1, b2, 0, 0], abs=1e-12)
+    assert ret[0].tolist() == pytest.approx([a0 + 0.3, a1 + 0.1, 0, a3 - 0.2, 0], abs=1e-12)
+    w = whiten(torch.tensor([a0, a1, a3, b1, b2], dtype=F64))
+    assert w.mean().item() == pytest.approx(0, abs=1e-12) and w.std(correction=0).item() == pytest.approx(1, abs=1e-6)
+
+
+def test_clipped_policy_and_value_losses_by_hand():
+    ratios = [1.5, 0.5, 1.1, 0.5, 1.5]
+    adv = torch.tensor([1.0, -1.0, 2.0, 1.0, -1.0], dtype=F64)
+    old = torch.full((5,), -2.0, dtype=F64)
+    logp = old + torch.tensor(ratios, dtype=F64).log()
+    loss, clipped = clipped_policy_loss(logp, old, adv, clip_eps=0.2)
+    # -min(r A, clip(r) A): 1.2 is capped, -0.8 is capped, 2.2 inside, 0.5 < 0.8 unclipped, -1.5 < -1.2 unclipped
+    assert loss.tolist() == pytest.approx([-1.2, 0.8, -2.2, -0.5, 1.5], abs=1e-12)
+    assert clipped.tolist() == [True, True, False, False, False]
+
+    values = torch.tensor([1.0, 0.0, 0.5], dtype=F64)
+    old_values = torch.tensor([0.5, 0.5, 0.4], dtype=F64)
+    returns = torch.tensor([2.0, 1.0, 0.0], dtype=F64)
+    # clipped values 0.7, 0.3, 0.5 -> 0.5 * max((v - R)^2, (vc - R)^2)
+    expected = [0.5 * max(1.0, 1.3**2), 0.5 * max(1.0, 0.7**2), 0.5 * max(0.25, 0.25)]
+    assert clipped_value_loss(values, old_values, returns, 0.2).tolist() == pytest.approx(expected, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rollouts and action log-probs
+
+
+def test_rollout_marks_tool_outputs_as_not_generated(small_tokenizer):
+    """A model that memorized a calculator conversation (with a FAKE tool output) runs the real tool: the
+    turn reproduces the real conversation token for token, and `generated` equals chat.render's loss mask."""
+    tok = small_tokenizer
+    example = eval_examples(["calculator"], 1)["calculator"][0]
+    real = example.conversation(0)
+    fake = [dict(m) for m in real]
+    tool_index = next(i for i, m in enumerate(fake) if m["role"] == "tool")
+    fake[tool_index]["content"] = "98765"
+    model = tiny_gpt(tok)
+    memorize(model, [render(tok, fake)], steps=80)
+    prompt = render_for_completion(tok, example.messages)
+    turn = generate_chat(Engine(model.eval(), tok), [prompt], max_new_tokens=60)[0]
+    rendered = render(tok, real)
+    assert turn.finished and prompt + turn.ids == rendered.ids
+    assert turn.generated == rendered.mask[len(prompt):]
+    assert 0 in turn.generated and turn.body == turn.ids[:-1]
+
+
+def test_sampled_rollouts_depend_only_on_their_own_seed(small_tokenizer):
+    tok = small_tokenizer
+    engine = Engine(tiny_gpt(tok, seed=1).eval(), tok)
+    p1 = render_for_completion(tok, [{"role": "user", "content": "Hello there"}])
+    p2 = render_for_completion(tok, [{"role": "user", "content": "What is 2 + 2?"}])
+    both = generate_chat(engine, [p1, p2], 12, temperature=1.0, seeds=[5, 9])
+    alone = generate_chat(engine, [p2], 12, temperature=1.0, seeds=[9])
+    other = generate_chat(engine, [p2], 12, temperature=1.0, seeds=[10])
+    assert both[1] == alone[0] and both[1].ids != other[0].ids
+    assert all(g == 1 for g in alone[0].generated)  # a random model calls no tool here
+
+
+def test_action_logprobs_of_a_padded_batch_match_each_sequence_alone(small_tokenizer):
+    tok = small_tokenizer
+    model = tiny_gpt(tok, seed=2).eval()
+    rng = random.Random(0)
+    samples = []
+    for length, n in ((5, 6), (9, 3), (3, 8)):
+        prompt = RLPrompt([tok.eot_id] + [rng.randrange(tok.vocab_size) for _ in range(length)], None)
+        generated = [1] * n
+        generated[1:3] = [0, 0]  # an inserted block inside the answer
+        turn = Turn([rng.randrange(tok.vocab_size) for _ in range(n)], generated, True)
+        samples.append(Sample(prompt, turn, 0.0, None))
+    ids, act = pad_samples(samples, tok.special_id("<|pad|>"), "cpu")
+    with torch.no_grad():
+        out = action_forward(model, None, ids, act, action_targets(samples, "cpu"), 2.0, nullcontext())
+        expected_logp, expected_entropy = [], []
+        for s in samples:
+            logits = model(torch.tensor([s.ids])).double()[0] / 2.0
+            logprobs = logits.log_softmax(-1)
+            for j, g in enumerate(s.turn.generated):
+                if g:
+                    pos = len(s.prompt.ids) + j
+                    expected_logp.append(logprobs[pos - 1, s.ids[pos]].item())
+                    expected_entropy.append(-(logprobs[pos - 1].exp() * logprobs[pos - 1]).sum().item())
+    assert out["logp"].tolist() == pytest.approx(expected_logp, abs=1e-5)
+    assert out["entropy"].tolist() == pytest.approx(expected_entropy, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad inputs and divergence
+
+
+def _prompt_file(path, texts):
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": t}]}) + "\n" for t in texts))
+    return path
+
+
+def test_bad_inputs_give_clear_errors(small_tokenizer, half_right_dir, corpus_texts, tmp_path):
+    tok = small_tokenizer
+    other_tok = train_tokenizer(corpus_texts[:3], vocab_size=600)
+    other_rm = RewardModel(tiny_gpt(other_tok), other_tok).save(tmp_path / "other_rm")
+    with pytest.raises(GptlabError, match="reward model uses a different tokenizer"):
+        train_rl(quick(half_right_dir, tmp_path / "a", reward=str(other_rm)))
+    rm_dir = RewardModel(tiny_gpt(tok), tok).save(tmp_path / "rm")
+    prompts = _prompt_file(tmp_path / "p.jsonl", ["Hi", "word " * 300, "Hello", "word " * 200])
+    with pytest.raises(GptlabError, match=r"RL prompts longer than the context: 2 of 4 prompts from .*p\.jsonl "
+                                          r"have more than 136 tokens \(context 160 - max_new_tokens 24\); "
+                                          r"the first is prompt 2"):
+        train_rl(quick(half_right_dir, tmp_path / "b", reward=str(rm_dir), prompts=str(prompts)))
+    with pytest.raises(GptlabError, match="verifier needs task prompts"):
+        train_rl(quick(half_right_dir, tmp_path / "c", prompts=str(prompts)))
+    (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n{"messages": []}\n')
+    with pytest.raises(GptlabError, match=r"bad\.jsonl:2"):
+        train_rl(quick(half_right_dir, tmp_path / "d", reward=str(rm_dir), prompts=str(tmp_path / "bad.jsonl")))
+    with pytest.raises(GptlabError, match="policy model directory not found"):
+        train_rl(quick(tmp_path / "missing", tmp_path / "e"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--group-size", "1"], "GRPO needs group_size >= 2"),
+    (["--temperature", "0"], "temperature must be > 0"),
+    (["--algorithm", "reinforce"], "algorithm must be grpo or ppo"),
+])
+def test_cli_rejects_bad_options(args, message, capsys):
+    assert cli_main(["rl", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_kl_explosion_stops_with_a_diagnostic_and_keeps_the_last_good_checkpoint(half_right_dir, tmp_path):
+    cfg = quick(half_right_dir, tmp_path, lr=3e-2, kl_coef=0.0, max_kl=0.5, num_steps=8, checkpoint_every=1,
+                gold_per_task=0)
+    with pytest.raises(GptlabError, match=r"KL to the reference \(nats/answer\) became [\d.e+]+ \(above the limit "
+                                          r"0\.5\) at step (\d+);.*last good checkpoint: .*step_\d+") as info:
+        train_rl(cfg)
+    step = int(info.value.args[0].split(" at step ")[1].split(";")[0])
+    assert step >= 1 and f"step_{step:08d}" in str(info.value)
+    assert not (tmp_path / "model").exists()
+
+
+def test_nan_loss_stops_before_the_update(half_right_dir, tmp_path, monkeypatch):
+    calls = []
+    real = rl.clipped_policy_loss
+
+    def poisoned(*args, **kwargs):
+        loss, clipped = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) > 2 else loss), clipped
+
+    monkeypatch.setattr(rl, "clipped_policy_loss", poisoned)
+    cfg = quick(half_right_dir, tmp_path, checkpoint_every=1, minibatch_size=16, gold_per_task=0)
+    with pytest.raises(GptlabError, match=r"RL loss became nan .*at step 2 .*weights were not updated; "
+                                          r"last good checkpoint: .*step_00000002"):
+        train_rl(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real runs
+
+
+def test_ppo_resume_is_exact_and_reward_model_rewards_work(small_tokenizer, half_right_dir, tmp_path):
+    tok = small_tokenizer
+    rm = RewardModel(tiny_gpt(tok, seed=5), tok)
+    torch.nn.init.normal_(rm.head.weight, std=0.5)
+    rm_dir = rm.save(tmp_path / "rm")
+    common = dict(algorithm="ppo", reward=str(rm_dir), num_steps=4, ppo_epochs=2, gold_per_task=0,
+                  checkpoint_every=2, truncation_penalty=0.5)
+    straight = train_rl(quick(half_right_dir, tmp_path / "straight", **common))
+    train_rl(quick(half_right_dir, tmp_path / "halves", **{**common, "num_steps": 2}))
+    resumed = train_rl(quick(half_right_dir, tmp_path / "halves", **common, resume=True))
+    a, _ = load_model_dir(straight)
+    b, _ = load_model_dir(resumed)
+    before, _ = load_model_dir(half_right_dir)
+    for (name, pa), pb, p0 in zip(a.state_dict().items(), b.state_dict().values(), before.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert any(not torch.equal(pa, p0) for pa, p0 in zip(a.state_dict().values(), before.state_dict().values()))
+    drop = ("time/sample_s", "time/step_s")
+
+    def steps(run):
+        return [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(tmp_path / run / "metrics.jsonl")]
+
+    assert steps("straight") == steps("halves") and len(steps("straight")) == 4
+    head = [f for f in (tmp_path / "halves" / "checkpoints").iterdir()][-1] / rl.VALUE_HEAD_FILE
+    assert head.is_file()
+    with pytest.raises(GptlabError, match="holds checkpoints of an earlier run"):
+        train_rl(quick(half_right_dir, tmp_path / "halves", **common))
+
+
+def reward_start_end(out) -> tuple[float, float]:
+    """Mean rollout reward over the first 2 and the last 5 steps of a run."""
+    rewards = [r["rollout/reward"] for r in read_metrics(out / "metrics.jsonl") if "rollout/reward" in r]
+    return sum(rewards[:2]) / 2, sum(rewards[-5:]) / 5
+
+
+def test_grpo_with_the_verifier_raises_reward_and_gold_accuracy(half_right_dir, tmp_path):
+    cfg = quick(half_right_dir, tmp_path, num_steps=10, eval_every=5)
+    model_dir = train_rl(cfg)
+    summary = json.loads((tmp_path / "rl.json").read_text())
+    start, end = reward_start_end(tmp_path)
+    assert start < 0.7 and end > start + 0.2, (start, end)
+    assert summary["reward_trend"]["end"] > summary["reward_trend"]["start"]
+    gold = summary["gold_accuracy"]
+    assert gold["after"]["identity"] > gold["before"]["identity"], gold
+    assert load_model_dir(model_dir)[0].config.max_seq_len == 160 and summary["wall_seconds"] > 0
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "gold/identity" in r] == [0, 5, 10]
+    assert all(0 <= r["rollout/kl_seq"] < 10 for r in records if "rollout/kl_seq" in r)
+    assert (tmp_path / "rl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ppo_with_the_verifier_raises_reward(half_right_dir, tmp_path):
+    cfg = quick(half_right_dir, tmp_path, algorithm="ppo", num_steps=10, ppo_epochs=2, gold_per_task=0, vf_coef=0.5)
+    train_rl(cfg)
+    start, end = reward_start_end(tmp_path)
+    assert start < 0.7 and end > start + 0.2, (start, end)
+    assert all("loss/value" in r for r in read_metrics(tmp_path / "metrics.jsonl") if r["step"] > 0)

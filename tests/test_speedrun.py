@@ -1,0 +1,63 @@
+"""`gptlab speedrun`: every stage of the recipe runs on a slice of the embedded default mixture, the report
+compares the models on the same test questions, and a rerun reuses finished stages (only what changed and
+what depends on it runs again)."""
+
+import json
+
+from gptlab.cli import main
+from gptlab.speedrun import STAGES
+
+TINY = {"max-bytes": 300000, "vocab-size": 600, "pretrain-steps": 6, "sft-steps": 6, "sft-conversations": 300,
+        "pref-prompts": 40, "rm-steps": 3, "rl-steps": 2, "rl-gold-per-task": 1, "dpo-steps": 3,
+        "eval-per-task": 1}
+
+
+def speedrun_args(run, **changes) -> list[str]:
+    options = {**TINY, **{k.replace("_", "-"): v for k, v in changes.items()}, "run-dir": run}
+    return ["speedrun", "--preset", "cpu", *(x for k, v in options.items() for x in (f"--{k}", str(v)))]
+
+
+def test_speedrun_whole_recipe_then_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(speedrun_args(run)) == 0
+    meta = json.loads((run / "data" / "meta.json").read_text())
+    assert meta["complete"] and meta["vocab_size"] == 600 and meta["splits"]["train"]["tokens"] > 50_000
+    out = capsys.readouterr().out
+    for source in ("shakespeare", "treebank", "bbcnews", "wikipedia", "python"):  # the data stats table
+        assert source in out
+
+    state = json.loads((run / "speedrun.json").read_text())["stages"]
+    assert list(state) == list(STAGES)
+    for name in ("pretrain", "sft", "rl", "dpo"):
+        assert (run / name / "model" / "model.safetensors").is_file()
+    assert (run / "rm" / "model" / "reward_head.safetensors").is_file()
+
+    report = (run / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| task |"))
+    assert header == "| task | base qa 3-shot | base assistant 3-shot | sft | rl | dpo |"
+    for task in ("arithmetic", "calculator", "extraction", "identity", "knowledge", "sentiment", "spelling",
+                 "syllogism", "word_problems"):
+        assert f"| {task} |" in report
+    assert "base < SFT <= RL" in report and "Reward model held-out pairwise accuracy" in report
+    assert (run / "gold.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("base", "sft", "rl", "dpo"):  # every model answered the same test questions
+        gold = json.loads((run / "eval" / f"{name}.json").read_text())["gold"]
+        assert {t: r["n"] for t, r in gold[0]["tasks"].items()} == {t: 1 for t in gold[0]["tasks"]}
+
+    # a rerun with the same options redoes nothing; changing DPO's steps reruns DPO and the evaluation only
+    mtimes = {name: (run / name / "model" / "model.safetensors").stat().st_mtime_ns
+              for name in ("pretrain", "sft", "rl", "dpo")}
+    assert main(speedrun_args(run)) == 0
+    assert {n: (run / n / "model" / "model.safetensors").stat().st_mtime_ns for n in mtimes} == mtimes
+    assert json.loads((run / "speedrun.json").read_text())["stages"] == state
+    assert main(speedrun_args(run, dpo_steps=4)) == 0
+    after = {n: (run / n / "model" / "model.safetensors").stat().st_mtime_ns for n in mtimes}
+    assert [n for n in mtimes if after[n] != mtimes[n]] == ["dpo"]
+    rerun = json.loads((run / "speedrun.json").read_text())["stages"]
+    assert [s for s in STAGES if rerun[s] != state[s]] == ["dpo", "eval"]
+    assert json.loads((run / "dpo" / "dpo.json").read_text())["config"]["num_steps"] == 4
+
+
+def test_speedrun_rejects_unknown_stage(tmp_path, capsys):
+    assert main(["speedrun", "--stages", "pretrain,finetune", "--run-dir", str(tmp_path)]) == 2
+    assert "finetune" in capsys.readouterr().err
