@@ -16,6 +16,9 @@ SECTIONS = [
     ("interop.md", "Loading SmolLM2 from GGUF (issue: model and pretraining)"),
     ("sft.md", "SFT steps vs TRL SFTTrainer (issue: assistant recipe)"),
     ("preferences.md", "Reward model accuracy (issue: assistant recipe)"),
+    ("trl_rm_dpo.md", "Reward model and DPO vs TRL RewardTrainer / DPOTrainer (issue: assistant recipe)"),
+    ("trl_grpo.md", "GRPO vs TRL GRPOTrainer (issue: assistant recipe)"),
+    ("speedrun.md", "The speedrun: wall time per stage and gold accuracy per model (issue: assistant recipe)"),
     ("serve.md", "Serving: continuous batching (issue: serving)"),
 ]
 

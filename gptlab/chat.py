@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .common import GptlabError, atomic_write_text, iter_jsonl
+from .common import GptlabError, atomic_write_text, iter_records
 from .tokenizer import EOT, Tokenizer
 
 Message = dict[str, Any]
@@ -261,8 +261,9 @@ def completion_text(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
 # ---- JSONL files ------------------------------------------------------------------------------------------
 def read_messages_jsonl(path: str | os.PathLike, *, complete: bool = True) -> Iterator[list[Message]]:
     """Conversations from an OpenAI-style JSONL file: one `{"messages": [...]}` object per line (blank lines
-    are skipped). Every error names `file:line`."""
-    for where, record in iter_jsonl(path, "messages file"):
+    are skipped), or from a Hugging Face dataset with a `messages` column (`common.iter_records`: a
+    `save_to_disk` folder or `hf:NAME[:SPLIT]`). Every error names `file:line` (or `dataset[row]`)."""
+    for where, record in iter_records(path, "messages file"):
         if not isinstance(record, dict) or "messages" not in record:
             raise GptlabError(f"{where}: expected an object with a 'messages' list")
         try:

@@ -103,6 +103,47 @@ def iter_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[str, Any]]:
                 raise GptlabError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
 
 
+HF_PREFIX = "hf:"
+
+
+def iter_records(source: str | os.PathLike, what: str) -> Iterator[tuple[str, Any]]:
+    """(where, record) for each record of a dataset given as a JSONL file (`where` = `file:line`), a
+    Hugging Face dataset saved with `save_to_disk` (a folder), or `hf:NAME[:SPLIT]` (the Hub, split train by
+    default; needs network and the `datasets` package). Dataset rows come back as plain dicts, with the
+    None-valued keys that `datasets` adds to make struct columns uniform (a message without `tool_calls`
+    gets `tool_calls: None`) removed, so they read exactly like the JSONL records they came from."""
+    text = os.fspath(source)
+    if not (text.startswith(HF_PREFIX) or Path(text).is_dir()):
+        yield from iter_jsonl(text, what)
+        return
+    try:
+        import datasets
+    except ImportError:
+        raise GptlabError(f"{what} {text} needs the `datasets` package: pip install datasets") from None
+    try:
+        if text.startswith(HF_PREFIX):
+            name, _, split = text[len(HF_PREFIX):].partition(":")
+            ds = datasets.load_dataset(name, split=split or "train")
+        else:
+            ds = datasets.load_from_disk(text)
+            if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise GptlabError(f"{what} {text} has splits {sorted(ds)}, none named train")
+                ds = ds["train"]
+    except (OSError, ValueError, FileNotFoundError) as e:  # datasets' errors for missing/unreadable data
+        raise GptlabError(f"cannot load {what} {text}: {e}") from None
+    for index, row in enumerate(ds):
+        yield f"{text}[{index}]", _drop_none(row)
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
 def get_logger(name: str) -> logging.Logger:
     """Loggers write `gptlab.<stage>: message` lines to stderr, easy to grep in a run's output."""
     logger = logging.getLogger(f"gptlab.{name}")

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from .chat import Message, completion_text, render, render_for_completion, validate_messages
-from .common import GptlabError, get_logger, iter_jsonl
+from .common import GptlabError, get_logger, iter_records
 from .engine import Engine, SamplingParams
 from .model import GPT
 from .tasks import TASKS, Example, get_task, sample_examples
@@ -142,9 +142,11 @@ def check_distinct(pset: PreferenceSet) -> None:
 
 
 def read_preferences_jsonl(path: str | os.PathLike) -> list[PreferenceSet]:
-    """All preference sets of a JSONL file; any error names `file:line`."""
+    """All preference sets of a JSONL file, or of a Hugging Face dataset with the same columns (a
+    `save_to_disk` folder or `hf:NAME[:SPLIT]`, e.g. TRL's preference datasets); any error names `file:line`
+    (or `dataset[row]`)."""
     sets = []
-    for where, record in iter_jsonl(path, "preference file"):
+    for where, record in iter_records(path, "preference file"):
         try:
             sets.append(parse_preference(record))
         except GptlabError as e:

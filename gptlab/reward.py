@@ -187,7 +187,8 @@ class PreferenceTrainConfig(TrainConfig):
 
     model: str = option("runs/default/sft/model", "starting model directory (normally the SFT model)")
     out: str = option("runs/default/rm", "output directory: checkpoints, metrics, final model")
-    data: str = option("tasks", "'tasks' (generated from the task suite) or a preference JSONL file")
+    data: str = option("tasks", "'tasks' (generated from the task suite), a preference JSONL file, a HF "
+                                 "dataset folder (save_to_disk) or hf:NAME[:SPLIT]")
     val_data: str | None = option(None, "held-out preference JSONL (default: the task test split, or "
                                       "val_fraction of a data file)")
     val_fraction: float = option(0.1, "fraction of a JSONL file held out when val_data is not given")

@@ -115,7 +115,8 @@ class RLConfig(TrainConfig):
     reward: str = option("verifier", "'verifier' (the task's gold checker: 1 right, 0 wrong) or a reward "
                                      "model directory (gptlab rm)")
     algorithm: str = option("grpo", "grpo (group baseline, no value model) or ppo (value head, GAE)")
-    prompts: str = option("tasks", "'tasks' (task suite train split) or an OpenAI messages .jsonl of prompts")
+    prompts: str = option("tasks", "'tasks' (task suite train split), or messages prompts: .jsonl, HF dataset "
+                                   "folder or hf:NAME[:SPLIT]")
     tasks: str = option("all", "comma-separated task names or 'all': task prompts and gold accuracy")
     out: str = option("runs/default/rl", "output: model/, checkpoints, metrics.jsonl, rl.json, rl.png")
     num_steps: int = option(100, "RL steps (each: sample, score, update)")

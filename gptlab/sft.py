@@ -4,7 +4,7 @@
     gptlab sft --preset gpu --model imported/qwen --data chats.jsonl --out runs/qwen-sft --lora-rank 16
 
 Design decisions
-- Data: an OpenAI-style `messages` JSONL file (`gptlab.chat.read_messages_jsonl`: strict validation, errors
+- Data: an OpenAI-style `messages` JSONL file or HF dataset (`gptlab.chat.read_messages_jsonl`: strict validation, errors
   name file:line), or `tasks` (the default): conversations drawn from the train split of the embedded task
   suite, a uniform mix of every task (identity included, so the model learns who it is), each with one of
   its reference answers at random. Held-out loss is measured on the task suite's test split (disjoint by
@@ -84,7 +84,8 @@ log = get_logger("sft")
 @dataclass
 class SFTConfig(TrainConfig):
     model: str = option("runs/default/pretrain/model", "base model directory (gptlab pretrain or gptlab import)")
-    data: str = option("tasks", "'tasks' (the embedded task suite) or an OpenAI messages .jsonl file")
+    data: str = option("tasks", "'tasks' (the embedded task suite), an OpenAI messages .jsonl file, a HF dataset "
+                                "folder (save_to_disk) or hf:NAME[:SPLIT] with a messages column")
     out: str = option("runs/default/sft", "output: model/, adapter/ (LoRA), checkpoints, metrics, sft.json")
     tasks: str | None = option(None, "data=tasks: comma-separated task names (default: all)")
     num_conversations: int = option(8000, "data=tasks: training conversations to draw")

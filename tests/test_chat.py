@@ -280,3 +280,21 @@ def test_gptlab_template_through_the_template_path_equals_native_rendering(small
     tok = copy.copy(small_tokenizer)
     tok.chat_template, tok.eos_token = CHAT_TEMPLATE, "<|assistant_end|>"
     assert render_for_completion(tok, conversation) == native
+
+
+def test_messages_from_a_hugging_face_dataset_folder(tmp_path):
+    """A `messages` column read through `datasets`: struct columns give every message every key (None where
+    absent), which must read back as the original conversations, tool calls included."""
+    import datasets
+
+    conversations = [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+        [{"role": "user", "content": "12 * 7?"},
+         {"role": "assistant", "content": "", "tool_calls": [{"name": "calculator", "arguments": {"expression": "12 * 7"}}]},
+         {"role": "tool", "content": "84"}, {"role": "assistant", "content": "84."}],
+    ]
+    datasets.Dataset.from_list([{"messages": c} for c in conversations]).save_to_disk(str(tmp_path / "ds"))
+    assert list(read_messages_jsonl(tmp_path / "ds")) == [validate_messages(c) for c in conversations]
+    datasets.Dataset.from_list([{"messages": [{"role": "assistant", "content": "x"}]}]).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(GptlabError, match=r"bad\[0\]"):
+        list(read_messages_jsonl(tmp_path / "bad"))

@@ -163,3 +163,20 @@ def test_collate_lays_out_each_completion_once(small_tokenizer):
         assert batch.completion_mask[row, :n].tolist() == sets[s].completion_mask[k]
         assert not batch.completion_mask[row, n:].any()
 
+
+
+def test_preferences_from_a_hugging_face_dataset_folder(tmp_path):
+    """TRL-style preference datasets load through `datasets` (a save_to_disk folder here; `hf:NAME` is the
+    same code on the Hub) and read exactly like the JSONL file with the same records."""
+    import datasets
+
+    records = [{"prompt": [{"role": "user", "content": f"What is {i} + {i}?"}],
+                "chosen": [{"role": "assistant", "content": f"{2 * i}."}],
+                "rejected": [{"role": "assistant", "content": f"{2 * i + 1}."}]} for i in range(5)]
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "prefs"))
+    from_hf = read_preferences_jsonl(tmp_path / "prefs")
+    from_jsonl = read_preferences_jsonl(write_jsonl(tmp_path / "prefs.jsonl", records))
+    assert [(s.prompt, s.tiers) for s in from_hf] == [(s.prompt, s.tiers) for s in from_jsonl]
+    datasets.Dataset.from_list([{**records[0], "rejected": records[0]["chosen"]}]).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(GptlabError, match=r"bad\[0\]: .*same"):
+        read_preferences_jsonl(tmp_path / "bad")

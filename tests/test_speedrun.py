@@ -5,11 +5,12 @@ what depends on it runs again)."""
 import json
 
 from gptlab.cli import main
+from gptlab.metrics import read_metrics
 from gptlab.speedrun import STAGES
 
 TINY = {"max-bytes": 300000, "vocab-size": 600, "pretrain-steps": 6, "sft-steps": 6, "sft-conversations": 300,
-        "pref-prompts": 40, "rm-steps": 3, "rl-steps": 2, "rl-gold-per-task": 1, "dpo-steps": 3,
-        "eval-per-task": 1}
+        "pref-prompts": 40, "pref-val-prompts": 20, "rm-steps": 3, "rl-steps": 2, "rl-gold-per-task": 1,
+        "dpo-steps": 3, "eval-per-task": 1, "eval-max-tokens": 24}
 
 
 def speedrun_args(run, **changes) -> list[str]:
@@ -56,6 +57,9 @@ def test_speedrun_whole_recipe_then_resume(tmp_path, capsys):
     rerun = json.loads((run / "speedrun.json").read_text())["stages"]
     assert [s for s in STAGES if rerun[s] != state[s]] == ["dpo", "eval"]
     assert json.loads((run / "dpo" / "dpo.json").read_text())["config"]["num_steps"] == 4
+    # new options start the stage afresh instead of resuming the old run's checkpoint at step 3
+    steps = [r["step"] for r in read_metrics(run / "dpo" / "metrics.jsonl") if "train/loss" in r]
+    assert steps == [1, 2, 3, 4]
 
 
 def test_speedrun_rejects_unknown_stage(tmp_path, capsys):
