@@ -356,3 +356,26 @@ def test_ppo_with_the_verifier_raises_reward(half_right_dir, tmp_path):
     start, end = reward_start_end(tmp_path)
     assert start < 0.7 and end > start + 0.2, (start, end)
     assert all("loss/value" in r for r in read_metrics(tmp_path / "metrics.jsonl") if r["step"] > 0)
+
+
+def test_replay_loss_is_the_sft_loss_of_the_drawn_conversations(small_tokenizer):
+    """PPO-ptx's replay term: the masked cross-entropy over the assistant tokens of `ptx_rows` task-suite
+    conversations, padded into one batch, equal to the same loss computed one conversation at a time."""
+    tok = small_tokenizer
+    model = tiny_gpt(tok).eval()
+    cfg = RLConfig(ptx_coef=1.0, ptx_rows=3, seed=5)
+    names = ["identity", "sentiment"]
+    loss = rl.replay_loss(cfg, model, tok, names, step=2, update=1, pad_id=tok.special_id("<|pad|>"),
+                          device=torch.device("cpu"), autocast=nullcontext())
+    examples = rl.sample_examples(names, 3, "train", seed="ptx-5-2-1")
+    nats = count = 0.0
+    with torch.no_grad():
+        for ex in examples:
+            x, y = render(tok, ex.conversation(0)).inputs_targets()
+            logits = model(torch.tensor([x]))[0]
+            y = torch.tensor(y)
+            nats += torch.nn.functional.cross_entropy(logits[y != -1], y[y != -1], reduction="sum").item()
+            count += int((y != -1).sum())
+    assert loss.item() == pytest.approx(nats / count, rel=1e-5)
+    with pytest.raises(ValueError, match="prompts=tasks"):
+        RLConfig(ptx_coef=0.5, prompts="prompts.jsonl")
