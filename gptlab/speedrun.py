@@ -234,29 +234,20 @@ def speedrun(cfg: SpeedrunConfig) -> Path:
     base_dir = run_stage(state, "pretrain", pre_cfg, lambda: _pretrain_and_sample(pretrain, pre_cfg), wanted,
                          run / "pretrain" / "checkpoints")
 
-    sft_cfg = _override(SFT_PRESETS[preset], model=str(base_dir), out=str(run / "sft"), resume=True,
-                        device=cfg.device, gold_per_task=0, num_steps=cfg.sft_steps, lr=cfg.sft_lr,
-                        num_conversations=cfg.sft_conversations)
-    sft_dir = run_stage(state, "sft", sft_cfg, lambda: sft(sft_cfg), wanted,
-                        run / "sft" / "checkpoints")
+    def trained(name: str, preset_cfg, train: Callable, **fields) -> Path:
+        """A training stage writing to run/<name>, resumable from its own checkpoints there."""
+        config = _override(preset_cfg, out=str(run / name), resume=True, device=cfg.device, **fields)
+        return run_stage(state, name, config, lambda: train(config), wanted, run / name / "checkpoints")
 
-    rm_cfg = _override(RM_PRESETS[preset], model=str(sft_dir), out=str(run / "rm"), resume=True,
-                       device=cfg.device, num_steps=cfg.rm_steps, train_prompts=cfg.pref_prompts,
-                       val_prompts=cfg.pref_val_prompts)
-    rm_dir = run_stage(state, "rm", rm_cfg, lambda: train_reward_model(rm_cfg), wanted,
-                        run / "rm" / "checkpoints")
-
-    rl_cfg = _override(RL_PRESETS[preset], policy=str(sft_dir), out=str(run / "rl"), resume=True,
-                       device=cfg.device, num_steps=cfg.rl_steps, gold_per_task=cfg.rl_gold_per_task,
-                       reward="verifier" if cfg.rl_reward == "verifier" else str(rm_dir))
-    rl_dir = run_stage(state, "rl", rl_cfg, lambda: train_rl(rl_cfg), wanted,
-                        run / "rl" / "checkpoints")
-
-    dpo_cfg = _override(DPO_PRESETS[preset], model=str(sft_dir), out=str(run / "dpo"), resume=True,
-                        device=cfg.device, gold_prompts=0, num_steps=cfg.dpo_steps, train_prompts=cfg.pref_prompts,
-                        val_prompts=cfg.pref_val_prompts)
-    dpo_dir = run_stage(state, "dpo", dpo_cfg, lambda: train_dpo(dpo_cfg), wanted,
-                        run / "dpo" / "checkpoints")
+    sft_dir = trained("sft", SFT_PRESETS[preset], sft, model=str(base_dir), gold_per_task=0,
+                      num_steps=cfg.sft_steps, lr=cfg.sft_lr, num_conversations=cfg.sft_conversations)
+    rm_dir = trained("rm", RM_PRESETS[preset], train_reward_model, model=str(sft_dir), num_steps=cfg.rm_steps,
+                     train_prompts=cfg.pref_prompts, val_prompts=cfg.pref_val_prompts)
+    rl_dir = trained("rl", RL_PRESETS[preset], train_rl, policy=str(sft_dir), num_steps=cfg.rl_steps,
+                     gold_per_task=cfg.rl_gold_per_task,
+                     reward="verifier" if cfg.rl_reward == "verifier" else str(rm_dir))
+    dpo_dir = trained("dpo", DPO_PRESETS[preset], train_dpo, model=str(sft_dir), gold_prompts=0,
+                      num_steps=cfg.dpo_steps, train_prompts=cfg.pref_prompts, val_prompts=cfg.pref_val_prompts)
 
     models = {"base": base_dir, "sft": sft_dir, "rl": rl_dir, "dpo": dpo_dir}
     eval_cfg = {"models": {k: str(v) for k, v in models.items()}, "rm": str(rm_dir),
