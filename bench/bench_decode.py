@@ -2,12 +2,15 @@
 
 Both sides get the same GPT (random init; speed does not depend on the values), loaded into
 `transformers.LlamaForCausalLM` built from our config, the same prompt (repeated `batch` times, so neither
-side pads), greedy decoding, exactly `new_tokens` new tokens (no stop token). Repetitions are interleaved
-(ours, HF, ours, HF, ...) so load from other work on the machine hits both alike; the median is reported.
-The generated token ids are compared, so the two sides are known to do the same work. Timings include
-the prompt's prefill; every step ends with a host sync on both sides (`.tolist()`), so GPU timings are exact.
+side pads), greedy decoding, exactly `new_tokens` new tokens (no stop token). Our engine runs in up to
+three ways: "forward" (decode steps through `GPT.forward`, `fused_decode=False`), "fused" (the default
+`FusedDecoder`) and, with --compile, "compiled" (`compile=True`; the first call's extra time is reported
+as compile time, apart from tok/s). Repetitions are interleaved (forward, fused, compiled, HF, forward, ...)
+so load from other work on the machine hits every side alike; the median is reported. The generated
+token ids of all sides are compared, so they are known to do the same work. Timings include the prompt's
+prefill; every step ends with a host sync on each side (`.tolist()`), so GPU timings are exact.
 
-    python bench/bench_decode.py --depths 4 8 --batches 1 32 --new-tokens 64 --reps 5
+    python bench/bench_decode.py --depths 4 8 --batches 1 32 --new-tokens 64 --reps 5 --compile
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import textwrap
 import time
 
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gptlab.engine import Engine, SamplingParams
@@ -43,36 +47,72 @@ def hf_twin(model: GPT) -> LlamaForCausalLM:
     return hf
 
 
+def matmuls_alone_ms(weights: list[torch.Tensor], batch: int, transposed: bool, reps: int = 20) -> float:
+    """ms for one step's matmuls and nothing else (random inputs): the floor under any decode step that
+    uses these weights in this layout. transposed: (in, out) weights, `x @ w`; else (out, in), F.linear."""
+    inputs = [torch.randn(batch, w.shape[0 if transposed else 1], device=w.device, dtype=w.dtype) for w in weights]
+    with torch.inference_mode():
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(reps):
+                for x, w in zip(inputs, weights):
+                    (x @ w) if transposed else F.linear(x, w)
+            best = min(best, (time.perf_counter() - start) / reps)
+    return best * 1e3
+
+
 def bench(depth: int, batch: int, prompt_len: int, new_tokens: int, reps: int, tokenizer, device: str,
-          dtype: torch.dtype) -> dict:
+          dtype: torch.dtype, compile: bool) -> dict:
     torch.manual_seed(0)
     config = GPTConfig.from_depth(depth, vocab_size=tokenizer.vocab_size, max_seq_len=512)
     model = GPT(config).eval()
     hf = hf_twin(model).to(device=device, dtype=dtype)
     model = model.to(device=device, dtype=dtype)
-    engine = Engine(model, tokenizer)
+    engines = {"forward": Engine(model, tokenizer, fused_decode=False), "fused": Engine(model, tokenizer)}
+    if compile:
+        engines["compiled"] = Engine(model, tokenizer, compile=True)
     prompt = tokenizer.encode(inspect.getsource(json.decoder))[:prompt_len]
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_token_ids=())
     input_ids = torch.tensor([prompt] * batch, device=device)
 
-    def run_ours():
-        return [c.token_ids for c in engine.generate([prompt] * batch, params)]
+    def ours(engine):
+        return lambda: [c.token_ids for c in engine.generate([prompt] * batch, params)]
 
     def run_hf():
         out = hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
                           do_sample=False)
         return out[:, prompt_len:].tolist()
 
-    same = run_ours() == run_hf()  # also the warm-up of both
-    times = {"ours": [], "hf": []}
+    sides = {name: ours(engine) for name, engine in engines.items()} | {"hf": run_hf}
+    first_call = {}
+    outputs = {}
+    for name, fn in sides.items():  # warm-up; the compiled engine compiles here
+        start = time.perf_counter()
+        outputs[name] = fn()
+        first_call[name] = time.perf_counter() - start
+    times = {name: [] for name in sides}
     for _ in range(reps):
-        for name, fn in (("ours", run_ours), ("hf", run_hf)):
+        for name, fn in sides.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    ours, theirs = statistics.median(times["ours"]), statistics.median(times["hf"])
-    return {"depth": depth, "params_m": model.num_params() / 1e6, "batch": batch, "ours_tps": batch * new_tokens / ours,
-                "hf_tps": batch * new_tokens / theirs, "ratio": theirs / ours, "same_tokens": same}
+    median = {name: statistics.median(t) for name, t in times.items()}
+    result = {"depth": depth, "params_m": model.num_params() / 1e6, "batch": batch,
+              "same_tokens": all(out == outputs["hf"] for out in outputs.values())}
+    for name in sides:
+        result[f"{name}_tps"] = batch * new_tokens / median[name]
+        result[f"{name}_ratio"] = median["hf"] / median[name]
+    if compile:  # the warm-up call minus a steady-state call
+        result["compile_s"] = first_call["compiled"] - median["compiled"]
+    for name in sides:
+        result[f"{name}_ms"] = median[name] / new_tokens * 1e3
+    decoder = engines["fused"]._decoder
+    fused_weights = [w for layer in decoder.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    result["mm_fused_ms"] = matmuls_alone_ms(fused_weights + [decoder.head], batch, transposed=True)
+    linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    result["mm_linear_ms"] = matmuls_alone_ms(linears, batch, transposed=False)
+    return result
 
 
 def main() -> None:
@@ -85,6 +125,8 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--device", default="cpu", help="e.g. cuda (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--compile", action="store_true",
+                        help="also time Engine(compile=True); its compilation is reported apart from tok/s")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for both sides (default 1: on a CPU shared with other jobs, OpenMP "
                              "regions wait on descheduled threads and 2 threads ran 10-1000x slower)")
@@ -96,14 +138,30 @@ def main() -> None:
           f"load: {os.getloadavg()}")
     print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, median of {args.reps} "
           f"interleaved reps, vocab {tokenizer.vocab_size}")
-    print("| depth | params | batch | gptlab tok/s | HF generate tok/s | speedup | same tokens |")
-    print("|---|---|---|---|---|---|---|")
+    columns = ["forward", "fused"] + (["compiled"] if args.compile else [])
+    print("| depth | params | batch | HF generate tok/s | " + " | ".join(f"gptlab {c} tok/s (vs HF)" for c in columns)
+          + " | same tokens |" + (" compile s |" if args.compile else ""))
+    print("|---" * (5 + len(columns) + args.compile) + "|")
+    results = []
     for depth in args.depths:
         for batch in args.batches:
             r = bench(depth, batch, args.prompt_len, args.new_tokens, args.reps, tokenizer, args.device,
-                      getattr(torch, args.dtype))
-            print(f"| {r['depth']} | {r['params_m']:.1f}M | {r['batch']} | {r['ours_tps']:.0f} | {r['hf_tps']:.0f} "
-                  f"| {r['ratio']:.2f}x | {r['same_tokens']} |", flush=True)
+                      getattr(torch, args.dtype), args.compile)
+            results.append(r)
+            cells = " | ".join(f"{r[f'{c}_tps']:.0f} ({r[f'{c}_ratio']:.2f}x)" for c in columns)
+            extra = f" {r['compile_s']:.1f} |" if args.compile else ""
+            print(f"| {r['depth']} | {r['params_m']:.1f}M | {r['batch']} | {r['hf_tps']:.0f} | {cells} "
+                  f"| {r['same_tokens']} |{extra}", flush=True)
+    print("\nms per generated step (prefill included) and the step's matmuls alone, in our fused (in, out) "
+          "layout and in F.linear's (out, in) layout (what HF and `GPT.forward` run):")
+    print("| depth | batch | HF | " + " | ".join(f"gptlab {c}" for c in columns) +
+          " | matmuls alone, fused | matmuls alone, F.linear |")
+    print("|---" * (4 + len(columns)) + "|---|")
+    for r in results:
+        cells = " | ".join(f"{r[f'{c}_ms']:.2f}" for c in columns)
+        print(f"| {r['depth']} | {r['batch']} | {r['hf_ms']:.2f} | {cells} | {r['mm_fused_ms']:.2f} "
+              f"| {r['mm_linear_ms']:.2f} |")
+    print(f"load at end: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

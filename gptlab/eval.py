@@ -291,11 +291,15 @@ def _distinct_examples(task_name: str, split: str, n: int, rng: random.Random) -
     return out
 
 
-def eval_examples(tasks: Sequence[str] | None, n_per_task: int, seed: int = 0) -> dict[str, list[Example]]:
-    """Distinct test-split questions per task, the same for every model given the same seed."""
+def eval_examples(tasks: Sequence[str] | None, n_per_task: int, seed: int = 0,
+                  split: str = "test") -> dict[str, list[Example]]:
+    """Distinct questions per task, the same for every model given the same seed: test-split questions,
+    or train-split ones drawn as validation questions (for choosing a checkpoint without touching the test
+    split; a training run may also draw them, so they measure held-out generalisation less strictly)."""
     if n_per_task < 1:
         raise GptlabError(f"n_per_task must be >= 1, got {n_per_task}")
-    return {name: _distinct_examples(name, "test", n_per_task, random.Random(f"eval:{seed}:{name}"))
+    prefix = "eval" if split == "test" else f"eval-{split}"
+    return {name: _distinct_examples(name, split, n_per_task, random.Random(f"{prefix}:{seed}:{name}"))
             for name in _task_names(tasks)}
 
 
@@ -338,8 +342,9 @@ def build_prompt(example: Example, shots: Sequence[Example], mode: str, style: s
 def gold_accuracy(model: GPT | None, tokenizer: Tokenizer, tasks: Sequence[str] | None = None,
                   n_per_task: int = 20, *, mode: str = "base", shots: int = 0, style: str = "qa",
                   max_new_tokens: int = 64, batch_size: int = 16, samples: int = 2, seed: int = 0,
-                  responses: Callable[[Example], str] | None = None) -> dict[str, Any]:
-    """Fraction of test questions per task whose response the task's checker accepts.
+                  responses: Callable[[Example], str] | None = None, split: str = "test") -> dict[str, Any]:
+    """Fraction of test questions (or `split` questions, `eval_examples`) per task whose response the
+    task's checker accepts.
 
     mode "base": greedy completion of a `style` document ("qa" or "assistant") with `shots` examples;
     mode "chat": greedy assistant turn after `chat.render_for_completion`, tools run in line.
@@ -351,7 +356,7 @@ def gold_accuracy(model: GPT | None, tokenizer: Tokenizer, tasks: Sequence[str] 
         raise GptlabError(f"unknown prompt style {style!r} (expected one of {', '.join(STYLES)})")
     if model is None and responses is None:
         raise GptlabError("gold_accuracy needs a model or a responses function")
-    examples = eval_examples(tasks, n_per_task, seed)
+    examples = eval_examples(tasks, n_per_task, seed, split)
     engine = Engine(model, tokenizer) if model is not None else None
     # room left for the prompt: the engine keeps min(max_new_tokens, window // 2) positions free
     limit = engine.window - min(max_new_tokens, engine.window // 2) if engine else 0

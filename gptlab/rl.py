@@ -30,6 +30,15 @@ Design decisions
   -min(ratio A, clip(ratio, 1 +- clip_eps) A) + kl_coef * k3, where k3 = exp(ref - logp) - (ref - logp) - 1
   (Schulman 2020, "Approximating KL divergence": unbiased for KL(pi || ref) under pi's samples and never
   negative), averaged over the action tokens of a minibatch.
+- Dynamic sampling (`oversample` > 1, GRPO only; DAPO, Yu et al. 2025): a group whose answers all get the
+  same reward (all right or all wrong) has zero advantage, so it spends sampling and update time on nothing
+  but its KL term. With `oversample` k, k x `prompts_per_step` prompts are answered and the step trains on
+  `prompts_per_step` groups, those with differing rewards first (draw order, then the rest). Sampling costs k
+  times more, the update the same. On the CPU speedrun's SFT model 75% of the groups had no signal (most
+  tasks are solved always or never at that size); with k = 3 about 30% of the drawn groups had signal and
+  the trained batch was nearly all signal (docs/LOG.md). Reward, accuracy and truncation are logged over all
+  drawn answers (the trained groups are a biased selection); `rollout/signal_drawn` is the drawn fraction
+  with signal.
 - PPO (Schulman et al. 2017; RLHF as in Ziegler et al. 2019 and InstructGPT): per-token reward
   -kl_coef * (logp_old - logp_ref) on every action plus the scalar reward on the last action; GAE(gamma,
   lambda) backwards over the action tokens only (a tool block between two actions is part of the
@@ -45,6 +54,13 @@ Design decisions
   tasks whose prompts give GRPO no signal (all answers right, or all wrong) while the shared weights move
   under them. On the 5M-parameter CPU model it did not help (coefficients 0.3 and 1.0: mean gold accuracy
   23.0% vs 25.6% without; docs/LOG.md), so the presets leave it off.
+- Checkpoint selection (`val_per_task` > 0): RL on a small model is noisy and, through the shared weights,
+  can unlearn tasks it gets no signal from; so, as early stopping, every gold-accuracy step also measures
+  greedy accuracy on validation questions (train-split questions drawn apart from RL's prompts by their
+  own seed; the train split is large enough that few coincide) and `out/model` is the checkpoint after
+  step 0 with the best of them (the earliest on a tie), kept in `out/best`. It never looks at the test
+  questions that `gptlab eval` reports, and step 0 (the SFT model) is not a candidate, so the output is
+  always a model RL trained. `rl.json` names the selected step.
 - Reference: a frozen copy of the policy (or `--reference DIR`, same tokenizer). Divergence: before every
   update, a NaN/inf loss or gradient norm, or a mean KL above `max_kl` nats per answer, stops the run with
   the step, the figure and the last good checkpoint (`optim.raise_if_diverged`); nothing after it is saved.
@@ -63,6 +79,7 @@ Design decisions
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import logging
 import math
@@ -93,6 +110,7 @@ from .common import GptlabError, atomic_write_json, get_logger
 from .config import add_config_args, build_config, option
 from .engine import Engine
 from .eval import chat_messages, gold_accuracy
+from .lora import add_lora, fold_lora, lora_layers, merge_lora, unmerge_lora
 from .metrics import MetricsLogger, plot_panels, read_metrics
 from .model import GPT
 from .optim import TrainConfig, build_optimizers, lr_multiplier, raise_if_diverged
@@ -111,6 +129,7 @@ GRPO_STD_EPS = 1e-4
 # options that may change on --resume: they do not alter the trajectory of the run
 _RESUMABLE_CHANGES = {"num_steps", "resume", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints",
                       "eval_every", "gold_per_task", "device"}
+BEST_DIR = "best"  # out/best: the checkpoint chosen on validation questions so far (val_per_task > 0)
 
 
 @dataclass
@@ -126,6 +145,8 @@ class RLConfig(TrainConfig):
     out: str = option("runs/default/rl", "output: model/, checkpoints, metrics.jsonl, rl.json, rl.png")
     num_steps: int = option(100, "RL steps (each: sample, score, update)")
     prompts_per_step: int = option(8, "prompts per step")
+    oversample: int = option(1, "GRPO dynamic sampling (DAPO): answer oversample x prompts_per_step prompts and "
+                                "train on prompts_per_step groups, those whose rewards differ first (1 = off)")
     group_size: int = option(8, "sampled answers per prompt (the GRPO group)")
     max_new_tokens: int = option(64, "token budget of an answer (per stretch between tool calls)")
     temperature: float = option(1.0, "sampling temperature of the rollouts (> 0)")
@@ -145,6 +166,12 @@ class RLConfig(TrainConfig):
                                   "(InstructGPT's PPO-ptx; 0 = off; task prompts only)")
     ptx_rows: int = option(8, "replayed reference conversations per update (ptx_coef > 0)")
     gold_per_task: int = option(20, "test questions per task for greedy gold accuracy (0 = skip)")
+    lora_rank: int = option(0, "LoRA rank: train adapters on every projection instead of all weights (0 = "
+                               "full fine-tuning); lr is then the adapters' learning rate")
+    lora_alpha: float = option(16.0, "LoRA alpha: the update is scaled by alpha / rank")
+    val_per_task: int = option(0, "validation questions per task (train split): out/model is the checkpoint "
+                                  "with the best greedy accuracy on them among the eval_every steps after step "
+                                  "0 (0 = the last step)")
     eval_every: int = option(25, "gold accuracy every N steps (0 = start and end only)")
     lr: float = option(1e-5, "peak AdamW learning rate")
     muon_lr: float = option(0.002, "peak Muon learning rate (optimizer=muon)")
@@ -162,6 +189,8 @@ class RLConfig(TrainConfig):
                self.minibatch_size) < 1:
             raise ValueError("num_steps, prompts_per_step, group_size, max_new_tokens, ppo_epochs and "
                              "minibatch_size must be positive")
+        if self.oversample < 1 or (self.oversample > 1 and self.algorithm != "grpo"):
+            raise ValueError("oversample must be >= 1, and > 1 only with GRPO (it selects groups by their rewards)")
         if self.algorithm == "grpo" and self.group_size < 2:
             raise ValueError("GRPO needs group_size >= 2 (a group of one has no baseline)")
         if self.temperature <= 0 or self.top_k < 0:
@@ -170,6 +199,8 @@ class RLConfig(TrainConfig):
             raise ValueError("clip_eps, value_clip and max_kl must be positive, kl_coef >= 0")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError("gamma and lam must be in [0, 1]")
+        if self.val_per_task < 0 or self.lora_rank < 0:
+            raise ValueError("val_per_task and lora_rank must be >= 0")
         if self.ptx_coef < 0 or self.ptx_rows < 1:
             raise ValueError("ptx_coef must be >= 0 and ptx_rows >= 1")
         if self.ptx_coef and self.prompts != "tasks":
@@ -319,12 +350,11 @@ class PromptSource:
                 raise GptlabError(f"{cfg.prompts}: no prompts")
             check_prompt_lengths(self.file_prompts, window, cfg.max_new_tokens, cfg.prompts)
 
-    def at(self, step: int) -> list[RLPrompt]:
+    def at(self, step: int, count: int) -> list[RLPrompt]:
         cfg = self.cfg
         if self.file_prompts is not None:
-            return [self.file_prompts[i] for i in
-                    batch_indices(step, cfg.prompts_per_step, len(self.file_prompts), cfg.seed)]
-        examples = sample_examples(self.names, cfg.prompts_per_step, "train", seed=f"rl-{cfg.seed}-{step}")
+            return [self.file_prompts[i] for i in batch_indices(step, count, len(self.file_prompts), cfg.seed)]
+        examples = sample_examples(self.names, count, "train", seed=f"rl-{cfg.seed}-{step}")
         prompts = [RLPrompt(render_for_completion(self.tokenizer, chat_messages(e)), e) for e in examples]
         check_prompt_lengths(prompts, self.window, cfg.max_new_tokens, f"tasks {cfg.tasks!r}")
         return prompts
@@ -356,6 +386,17 @@ def build_reward(cfg: RLConfig, tokenizer: Tokenizer, device: torch.device) -> R
         return model.score_ids([p.ids + t.body + [end] for p, t in zip(prompts, turns)]).tolist()
 
     return score
+
+
+def select_groups(samples: list[Sample], group_size: int, keep: int) -> list[Sample]:
+    """DAPO's dynamic sampling (Yu et al. 2025): of the drawn groups, keep `keep`, first those whose rewards
+    differ (a group of equal rewards has zero GRPO advantage everywhere and adds nothing to the policy
+    gradient but its KL term), then the others, each in draw order so the choice is a pure function of the
+    rewards."""
+    groups = [samples[i:i + group_size] for i in range(0, len(samples), group_size)]
+    signal = [len({s.reward for s in g}) > 1 for g in groups]
+    ranked = [g for g, s in zip(groups, signal) if s] + [g for g, s in zip(groups, signal) if not s]
+    return [s for g in ranked[:keep] for s in g]
 
 
 def verdicts(prompts: Sequence[RLPrompt], turns: Sequence[Turn], tokenizer: Tokenizer) -> list[bool | None]:
@@ -416,10 +457,11 @@ def _value_head_bytes(head: nn.Module) -> bytes:
     return save({k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()})
 
 
-def _gold(model: GPT, tokenizer: Tokenizer, names: list[str], cfg: RLConfig, autocast) -> dict[str, float]:
+def _gold(model: GPT, tokenizer: Tokenizer, names: list[str], cfg: RLConfig, autocast,
+          split: str = "test") -> dict[str, float]:
     with autocast:
-        result = gold_accuracy(model, tokenizer, names, cfg.gold_per_task, mode="chat",
-                               max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        result = gold_accuracy(model, tokenizer, names, cfg.gold_per_task if split == "test" else cfg.val_per_task,
+                               mode="chat", max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, split=split)
     return {"mean": result["accuracy"], **{name: r["accuracy"] for name, r in result["tasks"].items()}}
 
 
@@ -435,7 +477,8 @@ def _trend(records: list[dict], key: str) -> dict[str, float] | None:
 def plot_rl(metrics_path: Path, png_path: Path, task_keys: list[str]) -> Path:
     """Reward next to gold accuracy (also in one panel: reward hacking is the two parting), then per-task
     gold accuracy, KL, entropy, length and losses."""
-    panels = [("reward (samples) and gold accuracy (test)", ["rollout/reward", "rollout/correct", "gold/mean"]),
+    panels = [("reward (samples) and gold accuracy (test, validation)",
+               ["rollout/reward", "rollout/correct", "gold/mean", "val/mean"]),
               ("gold accuracy (test, greedy)", task_keys),
               ("KL to reference (nats/answer)", ["rollout/kl_seq"]), ("entropy (nats/token)", ["rollout/entropy"]),
               ("answer length (tokens)", ["rollout/length"]),
@@ -466,6 +509,8 @@ def train_rl(cfg: RLConfig) -> Path:
     gold_names = source.names if cfg.gold_per_task else []
     pad_id = tokenizer.special_tokens.get("<|pad|>", tokenizer.eot_id)
 
+    if cfg.lora_rank:
+        add_lora(policy, cfg.lora_rank, cfg.lora_alpha)
     value_head = None
     optimizers = build_optimizers(policy, cfg)
     if cfg.algorithm == "ppo":
@@ -497,12 +542,24 @@ def train_rl(cfg: RLConfig) -> Path:
     metrics = MetricsLogger(out_dir, tensorboard=cfg.tensorboard, resume_step=step if meta else None)
     gold_keys = ["gold/mean"] + [f"gold/{n}" for n in gold_names]
 
+    # checkpoint selection on validation questions: early stopping on held-out accuracy (rather than on the
+    # reward, which RL optimises and can hack), never on the test questions `gptlab eval` reports
+    best: dict[str, Any] = meta.get("best", {"step": None, "val": -1.0}) if meta else {"step": None, "val": -1.0}
+    gold_by_step: dict[str, dict[str, float]] = meta.get("gold_by_step", {}) if meta else {}
+
     def measure_gold(at_step: int) -> dict[str, float]:
-        if not gold_names:
-            return {}
-        gold = _gold(policy, tokenizer, gold_names, cfg, autocast)
-        metrics.log(at_step, **{f"gold/{k}": v for k, v in gold.items()})
-        log.info("step %d: gold accuracy %s", at_step, ", ".join(f"{k} {v:.2f}" for k, v in gold.items()))
+        gold = {}
+        if gold_names:
+            gold = gold_by_step[str(at_step)] = _gold(policy, tokenizer, gold_names, cfg, autocast)
+            metrics.log(at_step, **{f"gold/{k}": v for k, v in gold.items()})
+            log.info("step %d: gold accuracy %s", at_step, ", ".join(f"{k} {v:.2f}" for k, v in gold.items()))
+        if cfg.val_per_task:
+            val = _gold(policy, tokenizer, source.names, cfg, autocast, split="train")
+            metrics.log(at_step, **{f"val/{k}": v for k, v in val.items()})
+            log.info("step %d: validation accuracy %.3f", at_step, val["mean"])
+            if at_step > 0 and val["mean"] > best["val"]:
+                save_model_dir(out_dir / BEST_DIR, plain_model(policy), tokenizer)
+                best.update(step=at_step, val=val["mean"])
         return gold
 
     gold_before = meta.get("gold_before") if meta else measure_gold(0)
@@ -510,7 +567,7 @@ def train_rl(cfg: RLConfig) -> Path:
 
     def save(at_step: int) -> Path:
         extra = {VALUE_HEAD_FILE: _value_head_bytes(value_head)} if value_head is not None else {}
-        info = {"config": asdict(cfg), "gold_before": gold_before,
+        info = {"config": asdict(cfg), "gold_before": gold_before, "best": best, "gold_by_step": gold_by_step,
                 "wall_seconds": wall_before + time.perf_counter() - started}
         return save_training_checkpoint(ckpt_root, at_step, policy, tokenizer, optimizers=optimizers,
                                         rng_states=[rng_state()], meta=info, keep_last=cfg.keep_checkpoints,
@@ -543,13 +600,21 @@ def train_rl(cfg: RLConfig) -> Path:
         bar.close()
         metrics.close()
 
-    final = save_model_dir(out_dir / "model", policy, tokenizer)
+    if best["step"] is not None and best["step"] != step:
+        chosen, _ = load_model_dir(out_dir / BEST_DIR, device)
+        log.info("out/model: step %d, the best validation accuracy (%.3f)", best["step"], best["val"])
+        gold_after = gold_by_step.get(str(best["step"]), {})
+    else:
+        chosen = plain_model(policy)
+    final = save_model_dir(out_dir / "model", chosen, tokenizer)
     records = read_metrics(metrics.path)
     summary: dict[str, Any] = {
         "algorithm": cfg.algorithm, "policy": cfg.policy, "reference": cfg.reference or cfg.policy,
         "reward": cfg.reward, "prompts": cfg.prompts, "tasks": source.names, "steps": step,
         "answers_per_step": cfg.prompts_per_step * cfg.group_size,
-        "gold_accuracy": {"before": gold_before, "after": gold_after},
+        "gold_accuracy": {"before": gold_before, "after": gold_after},  # after: of out/model
+        "selected_step": best["step"] if best["step"] is not None else step,
+        "validation_accuracy": best["val"] if best["step"] is not None else None,
         **{name: _trend(records, key) for name, key in (
             ("reward_trend", "rollout/reward"), ("correct_trend", "rollout/correct"),
             ("kl_seq_trend", "rollout/kl_seq"), ("entropy_trend", "rollout/entropy"),
@@ -563,6 +628,11 @@ def train_rl(cfg: RLConfig) -> Path:
             f"{k} {before.get(k, float('nan')):.2f} -> {v:.2f}" for k, v in gold_after.items()))
     log.info("RL model: %s (%s)", final, out_dir / "rl.json")
     return final
+
+
+def plain_model(policy: GPT) -> GPT:
+    """The policy as an ordinary model (LoRA adapters folded into a copy), for saving as a model dir."""
+    return fold_lora(copy.deepcopy(policy)) if lora_layers(policy) else policy
 
 
 def replay_loss(cfg: RLConfig, policy: GPT, tokenizer: Tokenizer, task_names: list[str], step: int, update: int,
@@ -596,17 +666,23 @@ def rl_step(cfg: RLConfig, step: int, policy: GPT, reference: GPT, value_head: n
             group["lr"] = group["base_lr"] * scale
 
     # 1. sample: every prompt group_size times, one seed per answer
-    prompts = [p for p in source.at(step) for _ in range(cfg.group_size)]
+    prompts = [p for p in source.at(step, cfg.prompts_per_step * cfg.oversample) for _ in range(cfg.group_size)]
     policy.eval()
+    merge_lora(policy)  # LoRA: sample at the base model's speed (unmerge restores the weights bit for bit)
     with autocast:
         turns = generate_chat(Engine(policy, tokenizer, strict_context=True), [p.ids for p in prompts],
                               cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                               seeds=[sample_seed(cfg.seed, step, i) for i in range(len(prompts))])
+    unmerge_lora(policy)
     rewards = reward_fn(prompts, turns)
     correct = verdicts(prompts, turns, tokenizer)
     truncated = [not t.finished for t in turns]
     rewards = [r - cfg.truncation_penalty * cut for r, cut in zip(rewards, truncated)]
     samples = [Sample(p, t, r, c) for p, t, r, c in zip(prompts, turns, rewards, correct)]
+    drawn = {"reward": torch.tensor(rewards), "correct": [c for c in correct if c is not None],
+             "truncated": sum(truncated) / len(truncated)}
+    if cfg.oversample > 1:
+        samples = select_groups(samples, cfg.group_size, cfg.prompts_per_step)
     t_sample = time.perf_counter() - t0
 
     # 2. score: old and reference log-probs (and old values) of every action, in minibatch-sized chunks
@@ -632,7 +708,7 @@ def rl_step(cfg: RLConfig, step: int, policy: GPT, reference: GPT, value_head: n
                       hint="Lower --lr or raise --kl-coef")
 
     # 3. advantages (and PPO returns), per action token
-    scores = torch.tensor(rewards, dtype=torch.float32, device=device)
+    scores = torch.tensor([s.reward for s in samples], dtype=torch.float32, device=device)
     returns: list[torch.Tensor] = []
     record: dict[str, float] = {}
     if cfg.algorithm == "grpo":
@@ -697,18 +773,22 @@ def rl_step(cfg: RLConfig, step: int, policy: GPT, reference: GPT, value_head: n
     policy.eval()
 
     lengths = [sum(s.turn.generated) for s in samples]
-    known = [c for c in correct if c is not None]
+    # reward, accuracy and truncation of every drawn answer: with oversampling the trained groups are a
+    # selection, and only the draw measures the policy
     record.update({
-        "rollout/reward": scores.mean().item(), "rollout/reward_std": scores.std(correction=0).item(),
+        "rollout/reward": drawn["reward"].mean().item(), "rollout/reward_std": drawn["reward"].std(correction=0).item(),
         "rollout/kl_token": kl_token.mean().item(), "rollout/kl_seq": kl_seq,
         "rollout/entropy": torch.cat(old["entropy"]).mean().item(),
         "rollout/length": sum(lengths) / len(lengths),
-        "rollout/truncated": sum(truncated) / len(truncated),
+        "rollout/truncated": drawn["truncated"],
         "loss/policy": sums["policy"] / updates,
         "train/clip_frac": sums["clip"] / updates, "train/grad_norm": sums["grad_norm"] / updates,
         "train/lr_scale": scale, "time/sample_s": t_sample, "time/step_s": time.perf_counter() - t0})
-    if known:
-        record["rollout/correct"] = sum(known) / len(known)
+    if drawn["correct"]:
+        record["rollout/correct"] = sum(drawn["correct"]) / len(drawn["correct"])
+    if cfg.oversample > 1:
+        drawn_groups = drawn["reward"].view(-1, cfg.group_size)
+        record["rollout/signal_drawn"] = (drawn_groups.std(dim=1, correction=0) > 0).float().mean().item()
     # GRPO's loss has the k3 KL term; PPO's KL is in the rewards (rollout/kl_*)
     if cfg.algorithm == "grpo":
         record["loss/kl"] = sums["kl"] / updates

@@ -57,7 +57,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     _validate_device(args.device)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     model, tokenizer = load_model_dir(args.model, device=args.device, dtype=dtypes[args.dtype])
-    engine = Engine(model, tokenizer, strict_context=args.strict_context)
+    engine = Engine(model, tokenizer, strict_context=args.strict_context, compile=args.compile)
     params = sampling_params_from_args(args, tokenizer)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if params.num_beams > 1:
@@ -80,6 +80,8 @@ def register(sub) -> None:
     p.add_argument("--prompt", default=None, help="prompt text (default: read stdin)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (compiles first, then faster per token; for long outputs)")
     add_sampling_args(p)
     p.set_defaults(func=_cmd_sample)
 

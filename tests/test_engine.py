@@ -4,6 +4,7 @@ tokenizer trained on real text (the `json` package's source plus some non-ASCII 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json.decoder
 import json.encoder
@@ -24,6 +25,7 @@ from gptlab.engine import (
     filter_top_k,
     filter_top_p,
 )
+from gptlab.lora import add_lora
 from gptlab.model import GPT, GPTConfig
 from gptlab.tokenizer import train_tokenizer
 
@@ -202,6 +204,81 @@ def test_rows_join_and_leave_between_steps(engine):
     assert seen_rows == {0, 1, 2}
     for row, prompt, p in zip(rows, [PROMPTS[3], PROMPTS[2], PROMPTS[0]], [p_long, p_short, p_long]):
         assert row.completion() == engine.generate([prompt], p)[0]
+
+
+# ---- fused and compiled decode steps ------------------------------------------------------------------
+def tiny_model(tok, seed: int, **overrides) -> GPT:
+    """Like the `model` fixture (a fresh one, so a test may change its weights); norm weights and biases
+    get noise too, so every weight the fused decoder re-lays out matters."""
+    torch.manual_seed(seed)
+    sizes = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_kv_head": 2, "head_dim": 16, "intermediate_size": 128,
+             "max_seq_len": 96}
+    config = GPTConfig(vocab_size=tok.vocab_size, **(sizes | overrides))
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(20)
+            else:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+RAGGED = [greedy(max_new_tokens=n, stop_token_ids=()) for n in (30, 7, 22, 15)]  # rows leave one by one
+
+
+@pytest.mark.parametrize("variant", [{}, {"qk_norm": True, "attn_bias": True}], ids=["llama", "qwen"])
+def test_fused_decode_equals_forward_decode(variant, tok):
+    model = tiny_model(tok, 1, **variant)
+    fused, plain = Engine(model, tok), Engine(model, tok, fused_decode=False)
+    got = fused.generate(PROMPTS, RAGGED)  # ragged prompts: left padding and a key mask
+    assert fused._decoder is not None and plain._decoder is None
+    assert got == plain.generate(PROMPTS, RAGGED)
+    beam = SamplingParams(max_new_tokens=12, num_beams=3, stop_token_ids=())
+    assert fused.generate(PROMPTS[:2], beam) == plain.generate(PROMPTS[:2], beam)
+    # step by step the logits agree to float32 rounding (the transposed weights sum in another order)
+    a, b = fused.prefill(PROMPTS, RAGGED[0]), plain.prefill(PROMPTS, RAGGED[0])
+    for _ in range(10):
+        fused.step(a)
+        plain.step(b)
+        scale = b.logits.abs().max()
+        assert scale > 1 and (a.logits - b.logits).abs().max() <= 1e-5 * scale
+
+
+def test_fused_decoder_follows_weight_updates(tok):
+    """A model trained between generate calls (RL) must not decode with a stale copy of its weights."""
+    model = tiny_model(tok, 2)
+    engine, p = Engine(model, tok), greedy(max_new_tokens=15, stop_token_ids=())
+    before = engine.generate(PROMPTS[:2], p)
+    with torch.no_grad():  # in place, as an optimizer step does
+        for w in model.parameters():
+            w.add_(torch.randn_like(w))
+    after = engine.generate(PROMPTS[:2], p)
+    assert after != before
+    assert after == Engine(model, tok, fused_decode=False).generate(PROMPTS[:2], p)
+
+
+def test_models_with_lora_layers_decode_through_forward(model, tok):
+    adapted = copy.deepcopy(model)
+    add_lora(adapted, rank=2, alpha=4.0)
+    engine = Engine(adapted, tok)
+    got = engine.generate(PROMPTS, RAGGED)
+    assert engine._decoder is None
+    # LoRA's B matrices start at zero, so the adapted model still computes the base model's function
+    assert got == Engine(model, tok).generate(PROMPTS, RAGGED)
+
+
+def test_compiled_decode_equals_eager(tok):
+    """compile=True: a static-shape step through torch.compile; a batch of two whose rows leave at different
+    steps exercises the batched graph, the single-row graph and the cache trimming in between. One layer:
+    compile time grows with the unrolled graph."""
+    model, params = tiny_model(tok, 3, n_layer=1), RAGGED[:2]
+    compiled = Engine(model, tok, compile=True)
+    expected = Engine(model, tok, fused_decode=False).generate(PROMPTS[:2], params)
+    assert compiled.generate(PROMPTS[:2], params) == expected
+    assert compiled._decoder._compiled is not None
+    with pytest.raises(GptlabError, match="fused_decode"):
+        Engine(model, tok, fused_decode=False, compile=True)
 
 
 def test_text_stream_holds_partial_characters_and_stop_prefixes(tok):

@@ -36,11 +36,12 @@ from gptlab.rl import (
     k3_kl,
     pad_samples,
     ppo_token_rewards,
+    select_groups,
     train_rl,
     whiten,
 )
 from gptlab.rollout import Turn, generate_chat
-from gptlab.tasks import get_task
+from gptlab.tasks import get_task, split_of
 from gptlab.tokenizer import train_tokenizer
 
 F64 = torch.float64
@@ -263,6 +264,7 @@ def test_bad_inputs_give_clear_errors(small_tokenizer, half_right_dir, corpus_te
     (["--group-size", "1"], "GRPO needs group_size >= 2"),
     (["--temperature", "0"], "temperature must be > 0"),
     (["--algorithm", "reinforce"], "algorithm must be grpo or ppo"),
+    (["--algorithm", "ppo", "--oversample", "2"], "> 1 only with GRPO"),
 ])
 def test_cli_rejects_bad_options(args, message, capsys):
     assert cli_main(["rl", *args]) == 2
@@ -348,6 +350,69 @@ def test_grpo_with_the_verifier_raises_reward_and_gold_accuracy(half_right_dir, 
     assert [r["step"] for r in records if "gold/identity" in r] == [0, 5, 10]
     assert all(0 <= r["rollout/kl_seq"] < 10 for r in records if "rollout/kl_seq" in r)
     assert (tmp_path / "rl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_select_groups_puts_groups_with_signal_first_in_draw_order():
+    prompt = RLPrompt([1], None)
+    rewards = [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.5, 0.5]]
+    samples = [Sample(prompt, Turn([2], [1], True), r, None) for group in rewards for r in group]
+    picked = [[s.reward for s in select_groups(samples, 2, keep)] for keep in (1, 3, 5)]
+    assert picked[0] == [1.0, 0.0]
+    assert picked[1] == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    assert picked[2] == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.5, 0.5]
+    assert select_groups(samples, 2, 1) == samples[2:4] and select_groups(samples, 2, 1)[0] is samples[2]
+
+
+def test_oversampling_trains_on_the_groups_with_signal(half_right_dir, tmp_path):
+    """3x the prompts are answered; the trained batch holds every drawn group with signal (up to the batch)."""
+    cfg = quick(half_right_dir, tmp_path, num_steps=3, oversample=3, gold_per_task=0)
+    train_rl(cfg)
+    for r in read_metrics(tmp_path / "metrics.jsonl"):
+        with_signal = round(r["rollout/signal_drawn"] * cfg.prompts_per_step * cfg.oversample)
+        assert r["rollout/no_signal_groups"] == max(0, cfg.prompts_per_step - with_signal) / cfg.prompts_per_step
+
+
+def test_validation_selects_the_checkpoint_with_the_best_validation_accuracy(half_right_dir, tmp_path, monkeypatch):
+    """Validation accuracy 0.9 at step 2 and 0.5 at step 4: out/model is the step-2 policy, not the last."""
+    real, val_by_call = rl._gold, iter([0.1, 0.9, 0.5])
+
+    def scripted(model, tokenizer, names, cfg, autocast, split="test"):
+        if split == "test":
+            return real(model, tokenizer, names, cfg, autocast)
+        return {"mean": next(val_by_call), **{n: 0.0 for n in names}}
+
+    monkeypatch.setattr(rl, "_gold", scripted)
+    cfg = quick(half_right_dir, tmp_path, num_steps=4, eval_every=2, checkpoint_every=2, gold_per_task=2,
+                val_per_task=3)
+    model_dir = train_rl(cfg)
+    summary = json.loads((tmp_path / "rl.json").read_text())
+    assert summary["selected_step"] == 2 and summary["validation_accuracy"] == 0.9
+    out = load_model_dir(model_dir)[0].state_dict()
+    at2 = load_model_dir(tmp_path / "checkpoints" / "step_00000002")[0].state_dict()
+    at4 = load_model_dir(tmp_path / "checkpoints" / "step_00000004")[0].state_dict()
+    assert all(torch.equal(out[k], at2[k]) for k in out) and not all(torch.equal(out[k], at4[k]) for k in out)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["val/mean"]) for r in records if "val/mean" in r] == [(0, 0.1), (2, 0.9), (4, 0.5)]
+    gold2 = next(r for r in records if r["step"] == 2 and "gold/mean" in r)
+    assert summary["gold_accuracy"]["after"]["mean"] == gold2["gold/mean"]
+
+
+def test_lora_rl_trains_adapters_only_and_saves_a_plain_model(half_right_dir, tmp_path):
+    model_dir = train_rl(quick(half_right_dir, tmp_path, num_steps=3, lora_rank=4, lr=3e-3, gold_per_task=0))
+    before = load_model_dir(half_right_dir)[0].state_dict()
+    after = load_model_dir(model_dir)[0].state_dict()  # a plain model dir: no adapter tensors
+    assert after.keys() == before.keys()
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert moved and all(k.endswith("proj.weight") for k in moved), moved  # the embeddings and norms stay
+
+
+def test_validation_questions_are_train_split_and_apart_from_the_test_questions():
+    val = eval_examples(["arithmetic", "syllogism"], 10, split="train")
+    test = eval_examples(["arithmetic", "syllogism"], 10)
+    for name in val:
+        task = get_task(name)
+        assert all(split_of(name, task.split_key(e), task.test_fraction) == "train" for e in val[name])
+        assert not {e.question for e in val[name]} & {e.question for e in test[name]}
 
 
 def test_ppo_with_the_verifier_raises_reward(half_right_dir, tmp_path):
