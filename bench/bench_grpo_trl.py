@@ -46,6 +46,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from trl_step_clock import step_clock  # bench/, beside this script
+
 from gptlab import rl
 from gptlab.chat import completion_text
 from gptlab.checkpoint import load_model_dir
@@ -114,18 +116,8 @@ def run_ours(a: argparse.Namespace, out: Path) -> dict:
 
 def run_trl(a: argparse.Namespace, work: Path, out: Path) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
-
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.ends: list[float] = []
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.ends.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            self.ends.append(time.perf_counter())
 
     _, tokenizer = load_model_dir(a.model)
     window = json.loads((work / "meta.json").read_text())["window"]
@@ -155,7 +147,7 @@ def run_trl(a: argparse.Namespace, work: Path, out: Path) -> dict:
         gradient_checkpointing=False, log_completions=False)
     hf_tokenizer = AutoTokenizer.from_pretrained(work / "hf")
     model = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32)
-    clock = StepClock()
+    clock = step_clock()
     trainer = GRPOTrainer(model=model, reward_funcs=verifier, args=args, train_dataset=dataset,
                           processing_class=hf_tokenizer, callbacks=[clock])
     trl_ids = trainer._tokenize_prompts([row["prompt"] for row in dataset])[0]  # what TRL feeds generate
@@ -169,7 +161,7 @@ def run_trl(a: argparse.Namespace, work: Path, out: Path) -> dict:
         raise SystemExit(f"TRL logged {len(logs)} steps, expected {a.steps}")
     trainer.save_model(str(out / "model"))
     policy = load_hf(out / "model")[0]
-    return {"step_s": [t1 - t0 for t0, t1 in zip(clock.ends, clock.ends[1:])], "gen_s": meter.seconds,
+    return {"step_s": clock.times(), "gen_s": meter.seconds,
             "tokens": meter.tokens, "reward": [h["reward"] for h in logs], "kl_token": [h.get("kl") for h in logs],
             "truncated": [h["completions/clipped_ratio"] for h in logs], "tool_turns": tool_turns,
             "gold": gold(policy, tokenizer, a)}

@@ -54,6 +54,7 @@ from gptlab.interop import export_hf, load_hf
 from gptlab.metrics import read_metrics
 from gptlab.preferences import EncodedSet, default_preferences, encode_set, row_offsets
 from gptlab.reward import RewardConfig, RewardModel, batch_indices, pairwise_accuracy, train_reward_model
+from trl_step_clock import step_clock  # bench/, beside this script
 
 WARMUP, SEED, TASKS = 3, 0, "all"
 
@@ -106,29 +107,13 @@ def trl_args(config_cls, out: Path, a: argparse.Namespace, lr: float, pairs_per_
 def run_trl(stage: str, a: argparse.Namespace, work: Path, out: Path, window: int, pairs_per_step: int,
             val: list[EncodedSet]) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
-
-    class StepClock(TrainerCallback):
-        """Times each optimizer step end to end (collation, forward, backward, update): HF's Trainer fetches
-        the batch before `on_step_begin`, so intervals between step ends are what gptlab's step_s covers."""
-
-        def __init__(self):
-            self.ends: list[float] = []
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.ends.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            self.ends.append(time.perf_counter())
-
-        def times(self) -> list[float]:
-            return [b - a for a, b in zip(self.ends, self.ends[1:])]
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     data = json.loads((work / "trl_pairs.json").read_text())
     datasets = {split: Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
                 for split, rows in data.items()}
     tokenizer = AutoTokenizer.from_pretrained(work / "hf")
-    clock = StepClock()
+    clock = step_clock()
     if stage == "rm":
         from trl import RewardConfig as TRLRewardConfig
         from trl import RewardTrainer

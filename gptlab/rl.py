@@ -392,13 +392,18 @@ def build_reward(cfg: RLConfig, tokenizer: Tokenizer, device: torch.device) -> R
     return score
 
 
+def groups_with_signal(rewards: Sequence[float], group_size: int) -> list[bool]:
+    """For each group of `group_size` consecutive rewards: do they differ? A group of equal rewards has zero
+    GRPO advantage everywhere and adds nothing to the policy gradient but its KL term."""
+    return [len(set(rewards[i:i + group_size])) > 1 for i in range(0, len(rewards), group_size)]
+
+
 def select_groups(samples: list[Sample], group_size: int, keep: int) -> list[Sample]:
-    """DAPO's dynamic sampling (Yu et al. 2025): of the drawn groups, keep `keep`, first those whose rewards
-    differ (a group of equal rewards has zero GRPO advantage everywhere and adds nothing to the policy
-    gradient but its KL term), then the others, each in draw order so the choice is a pure function of the
+    """DAPO's dynamic sampling (Yu et al. 2025): of the drawn groups, keep `keep`, first those with signal
+    (`groups_with_signal`), then the others, each in draw order so the choice is a pure function of the
     rewards."""
     groups = [samples[i:i + group_size] for i in range(0, len(samples), group_size)]
-    signal = [len({s.reward for s in g}) > 1 for g in groups]
+    signal = groups_with_signal([s.reward for s in samples], group_size)
     ranked = [g for g, s in zip(groups, signal) if s] + [g for g, s in zip(groups, signal) if not s]
     return [s for g in ranked[:keep] for s in g]
 
@@ -461,11 +466,11 @@ def _value_head_bytes(head: nn.Module) -> bytes:
     return save({k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()})
 
 
-def _gold(model: GPT, tokenizer: Tokenizer, names: list[str], cfg: RLConfig, autocast,
+def _gold(model: GPT, tokenizer: Tokenizer, names: list[str], n_per_task: int, cfg: RLConfig, autocast,
           split: str = "test") -> dict[str, float]:
     with autocast:
-        result = gold_accuracy(model, tokenizer, names, cfg.gold_per_task if split == "test" else cfg.val_per_task,
-                               mode="chat", max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, split=split)
+        result = gold_accuracy(model, tokenizer, names, n_per_task, mode="chat", max_new_tokens=cfg.max_new_tokens,
+                               seed=cfg.seed, split=split)
     return {"mean": result["accuracy"], **{name: r["accuracy"] for name, r in result["tasks"].items()}}
 
 
@@ -549,16 +554,15 @@ def train_rl(cfg: RLConfig) -> Path:
     # checkpoint selection on validation questions: early stopping on held-out accuracy (rather than on the
     # reward, which RL optimises and can hack), never on the test questions `gptlab eval` reports
     best: dict[str, Any] = meta.get("best", {"step": None, "val": -1.0}) if meta else {"step": None, "val": -1.0}
-    gold_by_step: dict[str, dict[str, float]] = meta.get("gold_by_step", {}) if meta else {}
 
     def measure_gold(at_step: int) -> dict[str, float]:
         gold = {}
         if gold_names:
-            gold = gold_by_step[str(at_step)] = _gold(policy, tokenizer, gold_names, cfg, autocast)
+            gold = _gold(policy, tokenizer, gold_names, cfg.gold_per_task, cfg, autocast)
             metrics.log(at_step, **{f"gold/{k}": v for k, v in gold.items()})
             log.info("step %d: gold accuracy %s", at_step, ", ".join(f"{k} {v:.2f}" for k, v in gold.items()))
         if cfg.val_per_task:
-            val = _gold(policy, tokenizer, source.names, cfg, autocast, split="train")
+            val = _gold(policy, tokenizer, source.names, cfg.val_per_task, cfg, autocast, split="train")
             metrics.log(at_step, **{f"val/{k}": v for k, v in val.items()})
             log.info("step %d: validation accuracy %.3f", at_step, val["mean"])
             if at_step > 0 and val["mean"] > best["val"]:
@@ -571,7 +575,7 @@ def train_rl(cfg: RLConfig) -> Path:
 
     def save(at_step: int) -> Path:
         extra = {VALUE_HEAD_FILE: _value_head_bytes(value_head)} if value_head is not None else {}
-        info = {"config": asdict(cfg), "gold_before": gold_before, "best": best, "gold_by_step": gold_by_step,
+        info = {"config": asdict(cfg), "gold_before": gold_before, "best": best,
                 "wall_seconds": wall_before + time.perf_counter() - started}
         return save_training_checkpoint(ckpt_root, at_step, policy, tokenizer, optimizers=optimizers,
                                         rng_states=[rng_state()], meta=info, keep_last=cfg.keep_checkpoints,
@@ -604,14 +608,15 @@ def train_rl(cfg: RLConfig) -> Path:
         bar.close()
         metrics.close()
 
+    records = read_metrics(metrics.path)
     if best["step"] is not None and best["step"] != step:
         chosen, _ = load_model_dir(out_dir / BEST_DIR, device)
         log.info("out/model: step %d, the best validation accuracy (%.3f)", best["step"], best["val"])
-        gold_after = gold_by_step.get(str(best["step"]), {})
+        gold_after = {k.removeprefix("gold/"): v for r in records if r["step"] == best["step"]
+                      for k, v in r.items() if k.startswith("gold/")}
     else:
         chosen = plain_model(policy)
     final = save_model_dir(out_dir / "model", chosen, tokenizer)
-    records = read_metrics(metrics.path)
     summary: dict[str, Any] = {
         "algorithm": cfg.algorithm, "policy": cfg.policy, "reference": cfg.reference or cfg.policy,
         "reward": cfg.reward, "prompts": cfg.prompts, "tasks": source.names, "steps": step,
@@ -684,7 +689,8 @@ def rl_step(cfg: RLConfig, step: int, policy: GPT, reference: GPT, value_head: n
     rewards = [r - cfg.truncation_penalty * cut for r, cut in zip(rewards, truncated)]
     samples = [Sample(p, t, r, c) for p, t, r, c in zip(prompts, turns, rewards, correct)]
     drawn = {"reward": torch.tensor(rewards), "correct": [c for c in correct if c is not None],
-             "truncated": sum(truncated) / len(truncated)}
+             "truncated": sum(truncated) / len(truncated),
+             "signal": groups_with_signal(rewards, cfg.group_size) if cfg.oversample > 1 else []}
     if cfg.oversample > 1:
         samples = select_groups(samples, cfg.group_size, cfg.prompts_per_step)
     t_sample = time.perf_counter() - t0
@@ -718,8 +724,8 @@ def rl_step(cfg: RLConfig, step: int, policy: GPT, reference: GPT, value_head: n
     if cfg.algorithm == "grpo":
         per_answer = group_advantages(scores, cfg.group_size, cfg.grpo_std)
         advantages = [per_answer[i].expand(len(lp)) for i, lp in enumerate(old["logp"])]
-        no_signal = scores.view(-1, cfg.group_size).std(dim=1, correction=0) == 0
-        record["rollout/no_signal_groups"] = no_signal.float().mean().item()
+        signal = groups_with_signal([s.reward for s in samples], cfg.group_size)
+        record["rollout/no_signal_groups"] = signal.count(False) / len(signal)
     else:
         counts = [len(lp) for lp in old["logp"]]
         act = torch.zeros(len(samples), max(counts), dtype=torch.bool, device=device)
@@ -791,8 +797,7 @@ def rl_step(cfg: RLConfig, step: int, policy: GPT, reference: GPT, value_head: n
     if drawn["correct"]:
         record["rollout/correct"] = sum(drawn["correct"]) / len(drawn["correct"])
     if cfg.oversample > 1:
-        drawn_groups = drawn["reward"].view(-1, cfg.group_size)
-        record["rollout/signal_drawn"] = (drawn_groups.std(dim=1, correction=0) > 0).float().mean().item()
+        record["rollout/signal_drawn"] = sum(drawn["signal"]) / len(drawn["signal"])
     # GRPO's loss has the k3 KL term; PPO's KL is in the rewards (rollout/kl_*)
     if cfg.algorithm == "grpo":
         record["loss/kl"] = sums["kl"] / updates

@@ -376,9 +376,9 @@ def test_validation_selects_the_checkpoint_with_the_best_validation_accuracy(hal
     """Validation accuracy 0.9 at step 2 and 0.5 at step 4: out/model is the step-2 policy, not the last."""
     real, val_by_call = rl._gold, iter([0.1, 0.9, 0.5])
 
-    def scripted(model, tokenizer, names, cfg, autocast, split="test"):
+    def scripted(model, tokenizer, names, n_per_task, cfg, autocast, split="test"):
         if split == "test":
-            return real(model, tokenizer, names, cfg, autocast)
+            return real(model, tokenizer, names, n_per_task, cfg, autocast)
         return {"mean": next(val_by_call), **{n: 0.0 for n in names}}
 
     monkeypatch.setattr(rl, "_gold", scripted)
