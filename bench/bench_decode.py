@@ -47,6 +47,27 @@ def hf_twin(model: GPT) -> LlamaForCausalLM:
     return hf
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, gib: float = 1.0) -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written: the memory
+    bandwidth a decode step could reach at best (median of 10 copies after a warm-up)."""
+    src = torch.randn(int(gib * 2**30) // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(10):
+        synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / statistics.median(times)
+
+
 def matmuls_alone_ms(weights: list[torch.Tensor], batch: int, transposed: bool, reps: int = 20) -> float:
     """ms for one step's matmuls and nothing else (random inputs): the floor under any decode step that
     uses these weights in this layout. transposed: (in, out) weights, `x @ w`; else (out, in), F.linear."""
@@ -54,10 +75,12 @@ def matmuls_alone_ms(weights: list[torch.Tensor], batch: int, transposed: bool, 
     with torch.inference_mode():
         best = float("inf")
         for _ in range(3):
+            synchronize(weights[0].device)
             start = time.perf_counter()
             for _ in range(reps):
                 for x, w in zip(inputs, weights):
                     (x @ w) if transposed else F.linear(x, w)
+            synchronize(weights[0].device)
             best = min(best, (time.perf_counter() - start) / reps)
     return best * 1e3
 
@@ -112,6 +135,13 @@ def bench(depth: int, batch: int, prompt_len: int, new_tokens: int, reps: int, t
     result["mm_fused_ms"] = matmuls_alone_ms(fused_weights + [decoder.head], batch, transposed=True)
     linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     result["mm_linear_ms"] = matmuls_alone_ms(linears, batch, transposed=False)
+    # bytes a step must read at least: every weight of the fused layout once (the embedding is a lookup of
+    # `batch` rows) and the KV cache filled so far (mean over the generated steps)
+    weight_bytes = sum(w.numel() * w.element_size() for w in fused_weights + [decoder.head])
+    c = model.config
+    mean_len = prompt_len + new_tokens / 2
+    kv_bytes = 2 * c.n_layer * batch * c.n_kv_head * c.head_dim * mean_len * dtype.itemsize
+    result["step_bytes"] = weight_bytes + kv_bytes
     return result
 
 
@@ -161,6 +191,16 @@ def main() -> None:
         cells = " | ".join(f"{r[f'{c}_ms']:.2f}" for c in columns)
         print(f"| {r['depth']} | {r['batch']} | {r['hf_ms']:.2f} | {cells} | {r['mm_fused_ms']:.2f} "
               f"| {r['mm_linear_ms']:.2f} |")
+    if args.device.startswith("cuda"):
+        bandwidth = copy_bandwidth(torch.device(args.device))
+        print(f"\nmemory-bandwidth limit at batch 1: bytes a step must read (weights + KV cache) / step time, "
+              f"as a fraction of the measured device-to-device copy rate {bandwidth / 1e12:.2f} TB/s "
+              f"(H100 SXM datasheet: 3.35 TB/s):")
+        print("| depth | batch | MB per step | " + " | ".join(f"gptlab {c}" for c in columns) + " | HF |")
+        print("|---" * (3 + len(columns)) + "|---|")
+        for r in results:
+            cells = " | ".join(f"{r['step_bytes'] / (r[f'{c}_ms'] / 1e3) / bandwidth:.1%}" for c in columns + ["hf"])
+            print(f"| {r['depth']} | {r['batch']} | {r['step_bytes'] / 1e6:.0f} | {cells} |")
     print(f"load at end: {os.getloadavg()}")
 
 

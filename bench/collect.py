@@ -13,12 +13,14 @@ SECTIONS = [
     ("tokenizer.md", "Tokenizer: training, encoding, compression, `data prepare` (issue: foundation)"),
     ("train_cpu.md", "Pretraining throughput on CPU vs transformers (issue: model and pretraining)"),
     ("decode.md", "Decoding with the KV cache vs transformers `generate` (issue: model and pretraining)"),
+    ("gpu_h100.md", "GPU: correctness, pretraining MFU, decoding on an H100 (issue: model and pretraining)"),
     ("interop.md", "Loading SmolLM2 from GGUF (issue: model and pretraining)"),
     ("sft.md", "SFT steps vs TRL SFTTrainer (issue: assistant recipe)"),
     ("preferences.md", "Reward model accuracy (issue: assistant recipe)"),
     ("trl_rm_dpo.md", "Reward model and DPO vs TRL RewardTrainer / DPOTrainer (issue: assistant recipe)"),
     ("trl_grpo.md", "GRPO vs TRL GRPOTrainer (issue: assistant recipe)"),
     ("speedrun.md", "The speedrun: wall time per stage and gold accuracy per model (issue: assistant recipe)"),
+    ("speedrun_gpu.md", "The GPU speedrun preset on an H100 (issue: assistant recipe)"),
     ("serve.md", "Serving: continuous batching (issue: serving)"),
 ]
 

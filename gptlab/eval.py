@@ -79,7 +79,7 @@ from .chat import Message, completion_text, render_for_completion, response_text
 from .common import GptlabError, atomic_write_json, atomic_write_text, get_logger, read_json
 from .config import add_config_args, build_config, option
 from .data.loader import PackedLoader
-from .engine import Engine, SamplingParams
+from .engine import Engine, SamplingParams, default_batch_size
 from .model import GPT
 from .pretrain import evaluate
 from .rollout import generate_chat
@@ -341,7 +341,7 @@ def build_prompt(example: Example, shots: Sequence[Example], mode: str, style: s
 
 def gold_accuracy(model: GPT | None, tokenizer: Tokenizer, tasks: Sequence[str] | None = None,
                   n_per_task: int = 20, *, mode: str = "base", shots: int = 0, style: str = "qa",
-                  max_new_tokens: int = 64, batch_size: int = 16, samples: int = 2, seed: int = 0,
+                  max_new_tokens: int = 64, batch_size: int | None = None, samples: int = 2, seed: int = 0,
                   responses: Callable[[Example], str] | None = None, split: str = "test") -> dict[str, Any]:
     """Fraction of test questions (or `split` questions, `eval_examples`) per task whose response the
     task's checker accepts.
@@ -358,6 +358,7 @@ def gold_accuracy(model: GPT | None, tokenizer: Tokenizer, tasks: Sequence[str] 
         raise GptlabError("gold_accuracy needs a model or a responses function")
     examples = eval_examples(tasks, n_per_task, seed, split)
     engine = Engine(model, tokenizer) if model is not None else None
+    batch_size = batch_size or default_batch_size(model, cpu=16)
     # room left for the prompt: the engine keeps min(max_new_tokens, window // 2) positions free
     limit = engine.window - min(max_new_tokens, engine.window // 2) if engine else 0
     result: dict[str, Any] = {"mode": mode, "style": style if mode == "base" else "chat", "shots": shots,

@@ -90,7 +90,9 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opt
     no_decay = [p for n, p in params.items() if n not in muon_names and p.ndim < 2]
     adamw = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}],
-                              lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+                              lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                              # one kernel for the whole update on GPU (torch's default there is foreach)
+                              fused=all(p.is_cuda for p in decay + no_decay) or None)
     optimizers: list[torch.optim.Optimizer] = [adamw]
     if muon_names:
         optimizers.append(torch.optim.Muon([params[n] for n in sorted(muon_names)], lr=cfg.muon_lr,

@@ -39,7 +39,7 @@ import torch
 
 from .chat import Message, completion_text, render, render_for_completion, validate_messages
 from .common import GptlabError, get_logger, iter_records
-from .engine import Engine, SamplingParams
+from .engine import Engine, SamplingParams, default_batch_size
 from .model import GPT
 from .tasks import TASKS, Example, get_task, sample_examples
 from .tokenizer import Tokenizer
@@ -177,9 +177,11 @@ def task_preferences(examples: Sequence[Example], seed: int = 0) -> list[Prefere
 
 
 def generate_completions(model: GPT, tokenizer: Tokenizer, examples: Sequence[Example], params: SamplingParams,
-                         samples_per_prompt: int = 1, batch_size: int = 32) -> list[list[str]]:
-    """`samples_per_prompt` completions (assistant text, tool blocks left out) for each example's prompt."""
+                         samples_per_prompt: int = 1, batch_size: int | None = None) -> list[list[str]]:
+    """`samples_per_prompt` completions (assistant text, tool blocks left out) for each example's prompt
+    (`batch_size` prompts per generate call; default: `engine.default_batch_size`)."""
     engine = Engine(model, tokenizer)
+    batch_size = batch_size or default_batch_size(model, cpu=32)
     prompts = [render_for_completion(tokenizer, e.messages) for e in examples for _ in range(samples_per_prompt)]
     texts: list[str] = []
     was_training = model.training

@@ -22,6 +22,7 @@ from gptlab.engine import (
     SamplingParams,
     TextStream,
     apply_repetition_penalty,
+    default_batch_size,
     filter_top_k,
     filter_top_p,
 )
@@ -266,6 +267,11 @@ def test_models_with_lora_layers_decode_through_forward(model, tok):
     assert engine._decoder is None
     # LoRA's B matrices start at zero, so the adapted model still computes the base model's function
     assert got == Engine(model, tok).generate(PROMPTS, RAGGED)
+
+
+def test_default_batch_size_is_the_callers_on_cpu(model):
+    # the CPU batch sizes every figure in docs/ was measured with (a GPU model gets 256; CI has no GPU)
+    assert default_batch_size(model, cpu=16) == 16 and default_batch_size(None, cpu=32) == 32
 
 
 def test_compiled_decode_equals_eager(tok):

@@ -60,6 +60,12 @@ def test_speedrun_whole_recipe_then_resume(tmp_path, capsys):
     # new options start the stage afresh instead of resuming the old run's checkpoint at step 3
     steps = [r["step"] for r in read_metrics(run / "dpo" / "metrics.jsonl") if "train/loss" in r]
     assert steps == [1, 2, 3, 4]
+    # --pref-sample-prompts reaches both preference stages (and reruns them, not SFT or RL)
+    assert main(speedrun_args(run, dpo_steps=4, pref_sample_prompts=7)) == 0
+    last = json.loads((run / "speedrun.json").read_text())["stages"]
+    assert [s for s in STAGES if last[s] != rerun[s]] == ["rm", "dpo", "eval"]
+    assert json.loads((run / "rm" / "model" / "reward.json").read_text())["config"]["sample_prompts"] == 7
+    assert json.loads((run / "dpo" / "dpo.json").read_text())["config"]["sample_prompts"] == 7
 
 
 def test_speedrun_rejects_unknown_stage(tmp_path, capsys):
