@@ -3,13 +3,15 @@
 Both sides: the same config (depth 12 by default: 12 x 768, 12 heads, SwiGLU 2048, tied 50304-token
 vocabulary, ~124M parameters, T=1024), fp32 master weights with bf16 autocast, torch.compile, fused AdamW
 (betas 0.9/0.95, weight decay on matrices), gradient clipping at 1.0, random tokens (speed does not depend
-on the data), one optimizer step per micro-batch group of `--micro-batch` rows. Time is measured between
+on the data), one optimizer step per `--grad-accum` micro-batches of `--micro-batches` rows (the `gpt2`
+pretraining preset: 16 x 32 rows = 0.5M tokens). Time is measured between
 CUDA synchronizations over `--steps` steps after `--warmup` steps (which include compilation).
 MFU = tokens/s x FLOPs per token / 989e12 (H100 SXM dense bf16 peak), FLOPs per token from
 `GPT.flops_per_token` (6N + 12 L H Dh T, the convention of nanoGPT's estimate, so the figures compare with
 docs/peers.md's nanoGPT 40% and HF GPT-2 33%).
 
     python bench/bench_train_gpu.py --depth 12 --micro-batches 16 32 --steps 10
+    python bench/bench_train_gpu.py --sides gptlab --grad-accum 16 --compile-mode max-autotune-no-cudagraphs
 """
 
 from __future__ import annotations
@@ -36,26 +38,28 @@ def hf_llama(config: GPTConfig) -> LlamaForCausalLM:
     return LlamaForCausalLM(hf_config)
 
 
-def run(side: str, config: GPTConfig, micro_batch: int, steps: int, warmup: int, compile: bool,
-        flops_per_token: float) -> dict:
+def run(side: str, config: GPTConfig, micro_batch: int, steps: int, warmup: int, compile_mode: str | None,
+        flops_per_token: float, grad_accum: int) -> dict:
     torch.manual_seed(0)
     device = torch.device("cuda")
     model = (GPT(config) if side == "gptlab" else hf_llama(config)).to(device)
     optimizers = build_optimizers(model, TrainConfig(lr=6e-4))
-    step_model = torch.compile(model) if compile else model
+    step_model = torch.compile(model, mode=compile_mode) if compile_mode else model
     T = config.max_seq_len
     data = torch.randint(0, config.vocab_size, (8, micro_batch, T + 1), device=device)
 
-    def step(i: int) -> float:
-        batch = data[i % len(data)]
-        x, y = batch[:, :-1], batch[:, 1:]
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            if side == "gptlab":
-                _, loss = step_model(x, y)
-            else:
-                logits = step_model(input_ids=x).logits
-                loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-        loss.backward()
+    def step(i: int) -> torch.Tensor:
+        for micro in range(grad_accum):
+            batch = data[(i * grad_accum + micro) % len(data)]
+            x, y = batch[:, :-1], batch[:, 1:]
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                if side == "gptlab":
+                    _, loss = step_model(x, y)
+                else:
+                    logits = step_model(input_ids=x).logits
+                    loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)),
+                                                             y.reshape(-1))
+            (loss / grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for opt in optimizers:
             opt.step()
@@ -73,13 +77,11 @@ def run(side: str, config: GPTConfig, micro_batch: int, steps: int, warmup: int,
         loss = step(i)
     torch.cuda.synchronize()
     dt = (time.perf_counter() - start) / steps
-    tokens_per_s = micro_batch * T / dt
-    result = {"side": side, "micro_batch": micro_batch, "compile": compile, "tok_s": tokens_per_s,
+    tokens_per_s = grad_accum * micro_batch * T / dt
+    result = {"side": side, "micro_batch": micro_batch, "tok_s": tokens_per_s,
               "mfu": tokens_per_s * flops_per_token / H100_BF16_PEAK_FLOPS, "ms_step": dt * 1e3,
               "warmup_s": warmup_s, "mem_gb": torch.cuda.max_memory_allocated() / 2**30, "loss": loss.item(),
               "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
-    del model, step_model, optimizers, data
-    torch.cuda.empty_cache()
     return result
 
 
@@ -92,19 +94,23 @@ def main() -> None:
     parser.add_argument("--sides", nargs="+", default=["gptlab", "hf"], choices=["gptlab", "hf"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode (default, max-autotune-no-cudagraphs, ...) or none")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     config = GPTConfig.from_depth(args.depth, args.vocab, max_seq_len=args.seq_len)
     flops_per_token = GPT(config).flops_per_token(args.seq_len)  # the same shape on both sides
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, depth {args.depth}, T {args.seq_len}, "
-          f"vocab {args.vocab}, compile {not args.no_compile}", flush=True)
+          f"vocab {args.vocab}, compile mode {args.compile_mode}, grad accum {args.grad_accum}", flush=True)
     print("| side | params | micro-batch | tokens/s | MFU | ms/step | peak memory GiB | warm-up s | loss |")
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for micro_batch in args.micro_batches:
         for side in args.sides:
             try:
-                r = run(side, config, micro_batch, args.steps, args.warmup, not args.no_compile, flops_per_token)
+                mode = None if args.compile_mode == "none" else args.compile_mode
+                r = run(side, config, micro_batch, args.steps, args.warmup, mode, flops_per_token, args.grad_accum)
+                torch.cuda.empty_cache()  # the finished side's model and optimizer state are garbage now
             except Exception:  # one failing configuration (e.g. out of memory) must not hide the others
                 traceback.print_exc()
                 torch.cuda.empty_cache()

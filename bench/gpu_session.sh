@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a GPU session runs (the device machine has PyTorch and transformers but not gptlab's other
 # dependencies; wheels for rustbpe/gguf travel in .whl). Usage: bash bench/gpu_session.sh OUTDIR PARTS...
-# PARTS: check (bench/check_gpu.py), train (bench_train_gpu.py), decode (bench_decode.py on CUDA),
+# PARTS: check (bench/check_gpu.py), train (bench_train_gpu.py), mfu (its variants), decode (bench_decode.py on CUDA),
 # speedrun (the GPU preset), smoke (every stage of the GPU speedrun for a few steps, on a copy of runs/gpu's tokenizer + data).
 set -uo pipefail
 out=${1:?output dir}; shift
@@ -15,6 +15,11 @@ for part in "$@"; do
   case $part in
   check) timeout 150 python3 bench/check_gpu.py 2>&1 | tee "$out/check_gpu.log" ;;
   train) timeout 200 python3 bench/bench_train_gpu.py --micro-batches 32 --steps 10 2>&1 | tee "$out/train_gpu.md" ;;
+  mfu) # next session's MFU variants: the preset's accumulation, bigger micro-batches, autotuned kernels
+    for mode in default max-autotune-no-cudagraphs; do
+      timeout 280 python3 bench/bench_train_gpu.py --sides gptlab --grad-accum 16 --micro-batches 32 64 --steps 3 \
+        --compile-mode $mode 2>&1 | tee -a "$out/mfu_gpu.md"
+    done ;;
   decode) timeout 160 python3 bench/bench_decode.py --device cuda --dtype bfloat16 --depths 12 --batches 1 32 \
             --reps 3 --compile 2>&1 | tee "$out/decode_gpu.md" ;;
   smoke)

@@ -455,7 +455,10 @@ class FusedDecoder:
             slot_index = torch.tensor([slot], device=tokens.device)
             if self._cuda_graphs:
                 # the graph writes into the cache in place, which CUDA graphs allow only for inputs whose
-                # address is fixed; and a replay reuses its output buffer, so the logits are copied out
+                # address is fixed; and a replay reuses its output buffer, so the logits are copied out.
+                # Each generate call's new cache is a new address, so the graph is recorded again once per
+                # call; past torch's limit (128 recordings) the compiled step runs without graphs: still
+                # right, slower. Long-lived callers (a server) would want one reused cache allocation.
                 torch._dynamo.mark_static_address(cache.k)
                 torch._dynamo.mark_static_address(cache.v)
                 torch.compiler.cudagraph_mark_step_begin()
@@ -510,7 +513,7 @@ class FusedDecoder:
 def default_batch_size(model: nn.Module | None, cpu: int) -> int:
     """Rows per `generate` call where the caller did not choose: `cpu` on a CPU, where a decode step's
     time grows with the batch; 256 on a GPU, where a step costs about the same for 1 row as for 32 (its
-    time is kernel launches: 4.4 vs 5.1 ms, bench/results/decode_gpu.md), so fewer, fuller calls win."""
+    time is kernel launches: 4.4 vs 5.1 ms, bench/results/gpu_h100.md), so fewer, fuller calls win."""
     on_gpu = model is not None and next(model.parameters()).device.type == "cuda"
     return 256 if on_gpu else cpu
 

@@ -22,7 +22,9 @@ Design decisions
   `reward` is a reward-model directory (`gptlab rm`) scoring prompt + answer with `<|assistant_end|>`
   (added to a truncated answer so the readout sits where it was trained). `truncation_penalty` is
   subtracted from answers that hit the token budget without ending. Task prompts also get the checker's
-  verdict logged as `rollout/correct` whatever the reward, so reward hacking shows next to it.
+  verdict logged as `rollout/correct` whatever the reward, so reward hacking shows next to it; also per task
+  (`rollout/correct/<task>`, over the step's answers to that task's prompts: sampled accuracy, next to the
+  greedy `gold/<task>`).
 - GRPO (Shao et al. 2024, DeepSeekMath): advantage of a sample = (r - mean of its group) /
   (std of its group + 1e-4), std over the group (ddof 0), the same for each of its action tokens;
   `grpo_std false` drops the division (Dr. GRPO, Liu et al. 2025: it upweights questions whose rewards
@@ -689,7 +691,11 @@ def rl_step(cfg: RLConfig, step: int, policy: GPT, reference: GPT, value_head: n
     truncated = [not t.finished for t in turns]
     rewards = [r - cfg.truncation_penalty * cut for r, cut in zip(rewards, truncated)]
     samples = [Sample(p, t, r, c) for p, t, r, c in zip(prompts, turns, rewards, correct)]
-    drawn = {"reward": torch.tensor(rewards), "correct": [c for c in correct if c is not None],
+    by_task: dict[str, list[bool]] = {}  # the draw's verdicts per task: which tasks RL is moving
+    for prompt, verdict in zip(prompts, correct):
+        if verdict is not None:
+            by_task.setdefault(prompt.example.task, []).append(verdict)
+    drawn = {"reward": torch.tensor(rewards), "correct": [c for c in correct if c is not None], "by_task": by_task,
              "truncated": sum(truncated) / len(truncated),
              "signal": groups_with_signal(rewards, cfg.group_size) if cfg.oversample > 1 else []}
     if cfg.oversample > 1:
@@ -797,6 +803,8 @@ def rl_step(cfg: RLConfig, step: int, policy: GPT, reference: GPT, value_head: n
         "train/lr_scale": scale, "time/sample_s": t_sample, "time/step_s": time.perf_counter() - t0})
     if drawn["correct"]:
         record["rollout/correct"] = sum(drawn["correct"]) / len(drawn["correct"])
+    for task, verdicts_of_task in drawn["by_task"].items():
+        record[f"rollout/correct/{task}"] = sum(verdicts_of_task) / len(verdicts_of_task)
     if cfg.oversample > 1:
         record["rollout/signal_drawn"] = sum(drawn["signal"]) / len(drawn["signal"])
     # GRPO's loss has the k3 KL term; PPO's KL is in the rewards (rollout/kl_*)

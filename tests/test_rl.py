@@ -349,6 +349,9 @@ def test_grpo_with_the_verifier_raises_reward_and_gold_accuracy(half_right_dir, 
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records if "gold/identity" in r] == [0, 5, 10]
     assert all(0 <= r["rollout/kl_seq"] < 10 for r in records if "rollout/kl_seq" in r)
+    # one task here, so its sampled accuracy is the whole draw's
+    per_task = [(r["rollout/correct/identity"], r["rollout/correct"]) for r in records if "rollout/correct" in r]
+    assert len(per_task) == 10 and all(a == b for a, b in per_task)
     assert (tmp_path / "rl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
