@@ -2,7 +2,7 @@
 tokenizer -> data -> pretrain -> SFT -> reward model -> RL -> DPO -> evaluation -> `report.md`.
 
     gptlab speedrun                      # preset cpu: the README's main command (<= 20 minutes on 2 cores)
-    gptlab speedrun --preset gpu         # one GPU: GPT-2-small shape, more data and steps
+    gptlab speedrun --preset gpu         # one GPU: GPT-2-small shape (110M), ~20 minutes on an H100
     gptlab chat --model runs/default/rl/model      # talk to the result
 
 Design decisions
