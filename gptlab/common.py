@@ -21,6 +21,23 @@ class GptlabError(Exception):
     """An error caused by the user's input or environment, reported as one line without a traceback."""
 
 
+def torch_device(name: str):
+    """The torch device a `--device` option names: "auto" is CUDA where there is one, else the CPU. A
+    malformed name, or CUDA on a machine without it, is a GptlabError. (torch is imported here, not at the
+    top: this module is imported by light tools that never touch a model.)"""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise GptlabError(f"invalid device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GptlabError(f"--device {name} requested but CUDA is not available")
+    return device
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that readers see either the old file or the whole new one, never a part:
     write a temp file in the same directory, fsync it, rename over the target, fsync the directory."""

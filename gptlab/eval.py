@@ -76,7 +76,7 @@ from typing import Any
 import torch
 
 from .chat import Message, completion_text, render_for_completion, response_text
-from .common import GptlabError, atomic_write_json, atomic_write_text, get_logger, read_json
+from .common import GptlabError, atomic_write_json, atomic_write_text, get_logger, read_json, torch_device
 from .config import add_config_args, build_config, option
 from .data.loader import PackedLoader
 from .engine import Engine, SamplingParams, default_batch_size
@@ -591,13 +591,7 @@ def run_eval(cfg: EvalConfig) -> tuple[Path, Path]:
         tasks: list[str] | None = []
     else:
         tasks = None if cfg.tasks.strip() == "all" else _csv(cfg.tasks)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        raise GptlabError(f"invalid device {cfg.device!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GptlabError(f"--device {cfg.device} requested but CUDA is not available")
+    device = torch_device(cfg.device)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if cfg.dtype != "auto" and cfg.dtype not in dtypes:
         raise GptlabError(f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")

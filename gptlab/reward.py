@@ -50,7 +50,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .chat import render
 from .checkpoint import (checkpoint_dirs, latest_valid_checkpoint, load_model_dir, load_training_checkpoint,
                          rng_state, save_model_dir, save_training_checkpoint)
-from .common import GptlabError, atomic_write_bytes, atomic_write_json, get_logger, read_json
+from .common import GptlabError, atomic_write_bytes, atomic_write_json, get_logger, read_json, torch_device
 from .config import add_config_args, build_config, option
 from .metrics import MetricsLogger, plot_loss_curve
 from .model import GPT
@@ -258,9 +258,7 @@ def load_preference_data(cfg: PreferenceTrainConfig, policy: GPT, tokenizer: Tok
 
 def resolve_device(cfg: PreferenceTrainConfig) -> tuple[torch.device, Any]:
     """(device, autocast context) per cfg.device / cfg.dtype."""
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise GptlabError(f"--device {cfg.device} requested but CUDA is not available")
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch_device(cfg.device)
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
     return device, torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 

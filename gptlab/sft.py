@@ -68,7 +68,7 @@ from . import lora as lora_mod
 from .chat import Rendered, read_messages_jsonl, render
 from .checkpoint import (checkpoint_dirs, latest_valid_checkpoint, load_model_dir,
                          load_training_checkpoint, rng_state, save_model_dir, save_training_checkpoint, set_rng_state)
-from .common import GptlabError, atomic_write_json, get_logger
+from .common import GptlabError, atomic_write_json, get_logger, torch_device
 from .config import add_config_args, build_config, option
 from .eval import gold_accuracy
 from .metrics import MetricsLogger, plot_loss_curve
@@ -334,17 +334,11 @@ def sft_loss(model: GPT, x: torch.Tensor, y: torch.Tensor, batch_size: int, auto
 # The loop
 
 
-def _device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise GptlabError(f"--device {name} requested but CUDA is not available")
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
 def sft(cfg: SFTConfig) -> Path:
     """Fine-tune per `cfg`; return the fine-tuned model directory (`out/model`)."""
     out_dir = Path(cfg.out)
     ckpt_root = out_dir / "checkpoints"
-    device = _device(cfg.device)
+    device = torch_device(cfg.device)
     existing = checkpoint_dirs(ckpt_root)
     if existing and not cfg.resume:
         raise GptlabError(f"{ckpt_root} holds checkpoints of an earlier run ({existing[-1].name}): pass "

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import load_model_dir
-from .common import atomic_write_bytes, atomic_write_json, atomic_write_text, get_logger, read_json
+from .common import atomic_write_bytes, atomic_write_json, atomic_write_text, get_logger, read_json, torch_device
 from .config import add_config_args, build_config, option
 from .data.mixture import load_mixture
 from .data.prepare import PrepareConfig, prepare
@@ -234,8 +234,8 @@ def speedrun(cfg: SpeedrunConfig) -> Path:
                                       warmup_steps=min(pre_cfg.warmup_steps, max(1, cfg.pretrain_steps // 10)),
                                       eval_every=min(pre_cfg.eval_every, quarter),
                                       checkpoint_every=min(pre_cfg.checkpoint_every, 2 * quarter))
-    base_dir = run_stage(state, "pretrain", pre_cfg, lambda: _pretrain_and_sample(pretrain, pre_cfg), wanted,
-                         run / "pretrain" / "checkpoints")
+    base_dir = run_stage(state, "pretrain", pre_cfg, lambda: _pretrain_and_sample(pretrain, pre_cfg, cfg.device),
+                         wanted, run / "pretrain" / "checkpoints")
 
     def trained(name: str, preset_cfg, train: Callable, **fields) -> Path:
         """A training stage writing to run/<name>, resumable from its own checkpoints there."""
@@ -266,9 +266,9 @@ def speedrun(cfg: SpeedrunConfig) -> Path:
     return report
 
 
-def _pretrain_and_sample(pretrain: Callable, pre_cfg) -> Path:
+def _pretrain_and_sample(pretrain: Callable, pre_cfg, device: str) -> Path:
     base_dir = pretrain(pre_cfg)
-    model, tokenizer = load_model_dir(base_dir)
+    model, tokenizer = load_model_dir(base_dir, torch_device(device))
     # sampled, not greedy: a small base model's greedy text falls into loops ("to the to the ...")
     outputs = Engine(model, tokenizer).generate(
         SAMPLE_PROMPTS, SamplingParams(max_new_tokens=32, temperature=0.8, top_k=50, repetition_penalty=1.2, seed=0))
@@ -284,8 +284,10 @@ def evaluate_all(models: dict[str, Path], rm_dir: Path, data_dir: Path, out: Pat
     from .reward import RewardModel
 
     out.mkdir(parents=True, exist_ok=True)
+    # on the run's device (fp32: the report's figures should not depend on the precision of the machine)
+    device = torch_device(cfg.device)
     for name, path in models.items():
-        model, tokenizer = load_model_dir(path)
+        model, tokenizer = load_model_dir(path, device)
         mode = "base" if name == "base" else "chat"
         log.info("evaluating %s (%s, %s)", name, path, mode)
         result = evaluate_model(model, tokenizer, mode=mode, n_per_task=cfg.eval_per_task,
@@ -296,7 +298,7 @@ def evaluate_all(models: dict[str, Path], rm_dir: Path, data_dir: Path, out: Pat
                                 batch_size=default_batch_size(model, cpu=min(64, cfg.eval_per_task)))
         result["model_dir"] = str(path)
         atomic_write_json(out / f"{name}.json", result)
-    reward_model = RewardModel.load(rm_dir)
+    reward_model = RewardModel.load(rm_dir, device)
     atomic_write_json(out / "rm.json", pairwise_accuracy(reward_model.score, n_per_task=cfg.eval_per_task))
     return out
 

@@ -49,3 +49,20 @@ def test_help_states_each_default_once(capsys):
             checked += "(default:" in text
             assert text.count("(default:") <= 1, f"gptlab {' '.join(path)}: {text}"
     assert checked > 50  # the parsing above found the options' help texts
+
+
+@pytest.mark.parametrize("command", [["sft", "--device"], ["rm", "--device"]])
+def test_bad_device_is_a_clear_error(command, tmp_path, capsys):
+    # CI has no GPU: "cuda" names a device this machine lacks, "tpu9" one torch does not know
+    for device, message in (("cuda", "CUDA is not available"), ("tpu9", "invalid device 'tpu9'")):
+        assert main([*command, device, "--out", str(tmp_path / device)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_auto_device_is_the_cpu_without_cuda():
+    import torch
+
+    from gptlab.common import torch_device
+
+    assert torch_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert torch_device("cpu") == torch.device("cpu")
