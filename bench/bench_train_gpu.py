@@ -1,6 +1,6 @@
 """GPU pretraining throughput and MFU: gptlab's GPT vs Hugging Face `LlamaForCausalLM` of the same shape.
 
-Both sides: the same config (depth 12 by default: 12 x 768, 12 heads, SwiGLU 2048, tied 50304-token
+Both sides (the HF side built by bench_decode.hf_twin): the same config (depth 12 by default: 12 x 768, 12 heads, SwiGLU 2048, tied 50304-token
 vocabulary, ~124M parameters, T=1024), fp32 master weights with bf16 autocast, torch.compile, fused AdamW
 (betas 0.9/0.95, weight decay on matrices), gradient clipping at 1.0, random tokens (speed does not depend
 on the data), one optimizer step per `--grad-accum` micro-batches of `--micro-batches` rows (the `gpt2`
@@ -21,28 +21,19 @@ import time
 import traceback
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from bench_decode import hf_twin  # bench/, beside this script
 
 from gptlab.model import GPT, GPTConfig
 from gptlab.optim import TrainConfig, build_optimizers
 from gptlab.pretrain import H100_BF16_PEAK_FLOPS
 
 
-def hf_llama(config: GPTConfig) -> LlamaForCausalLM:
-    c = config
-    hf_config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
-                            num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-                            num_key_value_heads=c.n_kv_head, head_dim=c.head_dim,
-                            max_position_embeddings=c.max_seq_len, rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps,
-                            tie_word_embeddings=c.tie_embeddings, attn_implementation="sdpa")
-    return LlamaForCausalLM(hf_config)
-
-
 def run(side: str, config: GPTConfig, micro_batch: int, steps: int, warmup: int, compile_mode: str | None,
         flops_per_token: float, grad_accum: int) -> dict:
     torch.manual_seed(0)
     device = torch.device("cuda")
-    model = (GPT(config) if side == "gptlab" else hf_llama(config)).to(device)
+    # the HF side starts from the same initial weights (speed does not depend on them)
+    model = (GPT(config) if side == "gptlab" else hf_twin(GPT(config))).to(device).train()
     optimizers = build_optimizers(model, TrainConfig(lr=6e-4))
     step_model = torch.compile(model, mode=compile_mode) if compile_mode else model
     T = config.max_seq_len

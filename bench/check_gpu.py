@@ -16,7 +16,7 @@ import inspect
 import json.decoder
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from bench_decode import hf_twin  # bench/, beside this script
 
 from gptlab.engine import Engine, SamplingParams
 from gptlab.model import GPT, GPTConfig
@@ -59,15 +59,8 @@ def main() -> None:
     print("seeded sampling reproducible:", first == second, "differs from greedy:", first != reference)
     assert first == second and first != reference
 
-    c = model.config
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-        head_dim=c.head_dim, max_position_embeddings=c.max_seq_len, rope_theta=c.rope_theta,
-        rms_norm_eps=c.norm_eps, tie_word_embeddings=c.tie_embeddings)).cuda().eval()
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
-    ids = torch.randint(0, c.vocab_size, (2, 100), device="cuda")
+    hf = hf_twin(model).cuda()  # our weights in transformers' Llama (asserts every weight maps)
+    ids = torch.randint(0, model.config.vocab_size, (2, 100), device="cuda")
     with torch.no_grad():
         diff = (hf(ids).logits - model(ids)).abs().max().item()
     print(f"HF Llama logits on CUDA, fp32: max abs diff {diff:.2e}")

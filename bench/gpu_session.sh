@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# What a GPU session runs (the device machine has PyTorch and transformers but not gptlab's other
-# dependencies; wheels for rustbpe/gguf travel in .whl). Usage: bash bench/gpu_session.sh OUTDIR PARTS...
-# PARTS: check (bench/check_gpu.py), train (bench_train_gpu.py), mfu (its variants), decode (bench_decode.py on CUDA),
-# speedrun (the GPU preset), smoke (every stage of the GPU speedrun for a few steps, on a copy of runs/gpu's tokenizer + data).
+# What a GPU session runs. The device machine has PyTorch and transformers but not gptlab's other
+# dependencies: wheels for rustbpe/gguf travel in .whl, gptlab runs from the tree (`python3 -m gptlab.cli`).
+# Usage: bash bench/gpu_session.sh OUTDIR PARTS...
+# PARTS: check (bench/check_gpu.py), train (bench_train_gpu.py), mfu (its variants), decode (bench_decode.py
+# on CUDA), speedrun (the GPU preset), smoke (every stage of the GPU speedrun for a few steps, on a copy of
+# runs/gpu's tokenizer + data).
 set -uo pipefail
 out=${1:?output dir}; shift
 export PYTHONUNBUFFERED=1
@@ -24,14 +26,12 @@ for part in "$@"; do
             --reps 3 --compile 2>&1 | tee "$out/decode_gpu.md" ;;
   smoke)
     rm -rf /tmp/smoke && mkdir -p /tmp/smoke/runs && cp -r runs/gpu /tmp/smoke/runs/gpu
-    (cd /tmp/smoke && timeout 280 python3 -c 'import sys; from gptlab.cli import main; sys.exit(main())' \
-      speedrun --preset gpu --run-dir runs/gpu --pretrain-steps 4 --sft-steps 20 --rm-steps 20 --rl-steps 3 \
+    (cd /tmp/smoke && timeout 280 python3 -m gptlab.cli speedrun --preset gpu --run-dir runs/gpu --pretrain-steps 4 --sft-steps 20 --rm-steps 20 --rl-steps 3 \
       --dpo-steps 10 --eval-per-task 5 --pref-prompts 300 --pref-val-prompts 100 --rl-gold-per-task 3) \
       > "$out/smoke.log" 2>&1; echo "smoke exit $?"; grep -v '%|' "$out/smoke.log" | tail -60
     cp /tmp/smoke/runs/gpu/report.md "$out/smoke_report.md" 2>/dev/null ;;
   speedrun)  # the GPU preset for real; rerun the same command to resume after a timeout
-    timeout "${SPEEDRUN_TIMEOUT:-540}" python3 -c 'import sys; from gptlab.cli import main; sys.exit(main())' \
-      speedrun --preset gpu --run-dir runs/gpu >> "$out/speedrun.log" 2>&1; echo "speedrun exit $?"
+    timeout "${SPEEDRUN_TIMEOUT:-540}" python3 -m gptlab.cli speedrun --preset gpu --run-dir runs/gpu >> "$out/speedrun.log" 2>&1; echo "speedrun exit $?"
     grep -v '%|' "$out/speedrun.log" | cut -c1-300 | tail -70
     tar czf "$out/gpu_run.tgz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' runs/gpu ;;
   esac

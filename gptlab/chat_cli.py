@@ -21,7 +21,7 @@ import signal
 import sys
 
 from .chat import render_for_completion, write_messages_jsonl
-from .common import GptlabError, get_logger
+from .common import GptlabError, get_logger, torch_device
 from .engine import Engine, SamplingParams
 
 log = get_logger("chat")
@@ -145,7 +145,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     if args.num_beams > 1:
         raise GptlabError("chat streams its answers; beam search (--num-beams > 1) cannot stream")
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    model, tokenizer = load_model_dir(args.model, device=args.device, dtype=dtypes[args.dtype])
+    model, tokenizer = load_model_dir(args.model, device=torch_device(args.device), dtype=dtypes[args.dtype])
     engine = Engine(model.eval(), tokenizer, strict_context=args.strict_context)
     session = ChatSession(engine, sampling_params_from_args(args, tokenizer), args.system)
     if args.prompt is not None:

@@ -79,6 +79,14 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     return 1.0 - (1 - floor) * min(1.0, (step - decay_start + 1) / decay_steps)
 
 
+def bf16_autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast | None:
+    """The bf16 autocast context `cfg.dtype` asks for on `device` ("auto": on CUDA only, since most CPUs
+    multiply bf16 slowly), or None for plain fp32."""
+    if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return None
+
+
 def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     """AdamW for all parameters, or Muon for 2-D matrices inside the blocks + AdamW for the rest.
     Each param group remembers its peak `base_lr`; the schedule scales it every step."""

@@ -57,13 +57,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .checkpoint import (checkpoint_dirs, latest_valid_checkpoint, load_training_checkpoint, rng_state,
                          save_model_dir, save_training_checkpoint, set_rng_state)
-from .common import GptlabError, get_logger, read_json
+from .common import GptlabError, get_logger, read_json, torch_device
 from .config import add_config_args, build_config, option
 from .data.loader import PackedLoader
 from .engine import Engine, SamplingParams
 from .metrics import MetricsLogger, plot_loss_curve
 from .model import GPT, GPTConfig
-from .optim import TrainConfig, build_optimizers, lr_multiplier, raise_if_diverged
+from .optim import TrainConfig, bf16_autocast, build_optimizers, lr_multiplier, raise_if_diverged
 from .tokenizer import Tokenizer
 
 log = get_logger("pretrain")
@@ -181,9 +181,8 @@ def setup_distributed(cfg: PretrainConfig) -> tuple[int, int, torch.device]:
     NCCL when CUDA is available, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise GptlabError(f"--device {cfg.device} requested but CUDA is not available")
+    device = torch_device(cfg.device)
+    use_cuda = device.type == "cuda"
     if world > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -191,8 +190,6 @@ def setup_distributed(cfg: PretrainConfig) -> tuple[int, int, torch.device]:
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
-    else:
-        device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if use_cuda else "cpu"))
     return rank, world, device
 
 
@@ -267,8 +264,8 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device) -> 
             step, last_good, resumed = meta["step"], meta.get("train_loss"), True
             log.info("resumed from %s at step %d", ckpt, step)
 
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    bf16 = bf16_autocast(cfg, device)
+    autocast = bf16 or nullcontext()
     train_model = torch.compile(model) if cfg.compile else model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -313,7 +310,7 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device) -> 
     if master:
         log.info("model: depth %d, %.2fM params; %d tokens/step = %d ranks x %d micro-batches x %dx%d; "
                  "device %s%s", cfg.depth, model.num_params() / 1e6, total, world, grad_accum, cfg.batch_size,
-                 cfg.seq_len, device, " (bf16 autocast)" if use_bf16 else "")
+                 cfg.seq_len, device, " (bf16 autocast)" if bf16 else "")
     bar = tqdm(total=cfg.num_steps, initial=step, disable=not (master and cfg.progress), unit="step",
                dynamic_ncols=True)
     loss_value = last_good

@@ -56,7 +56,7 @@ from .metrics import MetricsLogger, plot_loss_curve
 from .model import GPT
 from .preferences import (EncodedSet, PreferenceBatch, PreferenceSet, collate, default_preferences, encode_sets,
                           read_preferences_jsonl, row_offsets, sampled_preferences, task_names)
-from .optim import TrainConfig, build_optimizers, lr_multiplier, raise_if_diverged
+from .optim import TrainConfig, bf16_autocast, build_optimizers, lr_multiplier, raise_if_diverged
 from .pretrain import StopRequest
 from .tasks import sample_examples
 from .tokenizer import Tokenizer
@@ -259,8 +259,7 @@ def load_preference_data(cfg: PreferenceTrainConfig, policy: GPT, tokenizer: Tok
 def resolve_device(cfg: PreferenceTrainConfig) -> tuple[torch.device, Any]:
     """(device, autocast context) per cfg.device / cfg.dtype."""
     device = torch_device(cfg.device)
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    return device, torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    return device, bf16_autocast(cfg, device) or nullcontext()
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from .common import GptlabError, get_logger
+from .common import get_logger, torch_device
 from .engine import Engine, SamplingParams
 
 log = get_logger("sample")
@@ -54,9 +54,8 @@ def sampling_params_from_args(args: argparse.Namespace, tokenizer) -> SamplingPa
 def _cmd_sample(args: argparse.Namespace) -> None:
     from .checkpoint import load_model_dir
 
-    _validate_device(args.device)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    model, tokenizer = load_model_dir(args.model, device=args.device, dtype=dtypes[args.dtype])
+    model, tokenizer = load_model_dir(args.model, device=torch_device(args.device), dtype=dtypes[args.dtype])
     engine = Engine(model, tokenizer, strict_context=args.strict_context, compile=args.compile)
     params = sampling_params_from_args(args, tokenizer)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
@@ -85,9 +84,3 @@ def register(sub) -> None:
     add_sampling_args(p)
     p.set_defaults(func=_cmd_sample)
 
-
-def _validate_device(device: str) -> None:
-    try:
-        torch.device(device)
-    except RuntimeError as e:
-        raise GptlabError(f"invalid device {device!r}: {e}") from None

@@ -73,7 +73,7 @@ from .config import add_config_args, build_config, option
 from .eval import gold_accuracy
 from .metrics import MetricsLogger, plot_loss_curve
 from .model import GPT
-from .optim import TrainConfig, build_optimizers, lr_multiplier, raise_if_diverged
+from .optim import TrainConfig, bf16_autocast, build_optimizers, lr_multiplier, raise_if_diverged
 from .pretrain import StopRequest
 from .tasks import get_task, sample_examples
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -391,8 +391,8 @@ def sft(cfg: SFTConfig) -> Path:
             step, resumed, last_good = meta["step"], True, meta.get("train_loss")
             log.info("resumed from %s at step %d", ckpt, step)
 
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    bf16 = bf16_autocast(cfg, device)
+    autocast = bf16 or nullcontext()
     metrics = MetricsLogger(out_dir, tensorboard=cfg.tensorboard, resume_step=step if resumed else None)
     model.train()
 
@@ -412,7 +412,7 @@ def sft(cfg: SFTConfig) -> Path:
     log.info("%s: %.2fM trainable of %.2fM parameters; %d steps of %d rows x %d tokens; device %s%s",
              f"LoRA r={cfg.lora_rank}" if cfg.lora_rank else "full fine-tuning", n_trainable / 1e6,
              sum(p.numel() for p in model.parameters()) / 1e6, num_steps, rows_per_step, seq_len, device,
-             " (bf16 autocast)" if use_bf16 else "")
+             " (bf16 autocast)" if bf16 else "")
     bar = tqdm(total=num_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
     loss_value = last_good
     try:

@@ -51,11 +51,14 @@ def test_help_states_each_default_once(capsys):
     assert checked > 50  # the parsing above found the options' help texts
 
 
-@pytest.mark.parametrize("command", [["sft", "--device"], ["rm", "--device"]])
+@pytest.mark.parametrize("command", [["sft", "--out", "{tmp}"], ["rm", "--out", "{tmp}"],
+                                     ["sample", "--model", "{tmp}", "--prompt", "hi"]])
 def test_bad_device_is_a_clear_error(command, tmp_path, capsys):
-    # CI has no GPU: "cuda" names a device this machine lacks, "tpu9" one torch does not know
+    # CI has no GPU: "cuda" names a device this machine lacks, "tpu9" one torch does not know; the device
+    # is checked before anything is read or written
     for device, message in (("cuda", "CUDA is not available"), ("tpu9", "invalid device 'tpu9'")):
-        assert main([*command, device, "--out", str(tmp_path / device)]) == 2
+        args = [a.format(tmp=tmp_path / device) for a in command]
+        assert main([*args, "--device", device]) == 2
         assert message in capsys.readouterr().err
 
 

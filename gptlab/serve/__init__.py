@@ -22,10 +22,11 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     import torch
 
     from gptlab.checkpoint import load_model_dir
+    from gptlab.common import torch_device
     from gptlab.serve.app import ServeConfig, create_app, run_server
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    model, tokenizer = load_model_dir(args.model, device=args.device, dtype=dtypes[args.dtype])
+    model, tokenizer = load_model_dir(args.model, device=torch_device(args.device), dtype=dtypes[args.dtype])
     model.eval()
     if args.threads:
         torch.set_num_threads(args.threads)
