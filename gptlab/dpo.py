@@ -138,7 +138,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
 
     figures = fit_preferences(cfg, trainable=policy, gpt=policy, tokenizer=tokenizer, optimizers=optimizers,
                               train=train, val=val, scores_of=scores_of, device=device, start_step=start,
-                              checkpoint_meta={"gold_accuracy_before": gold_before})
+                              checkpoint_meta={"gold_accuracy_before": gold_before}, logger=log)
     gold_after = measure_gold()
     final = save_model_dir(Path(cfg.out) / "model", policy, tokenizer)
     summary = {"base_model": str(cfg.model), "gold_accuracy_before": gold_before, "gold_accuracy_after": gold_after,

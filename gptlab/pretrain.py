@@ -152,11 +152,13 @@ def find_tokenizer(cfg: PretrainConfig) -> Path:
 
 class StopRequest:
     """SIGINT/SIGTERM set a flag the loop checks after each step (then it saves and exits); a second
-    Ctrl-C interrupts at once. Handlers are restored on exit."""
+    Ctrl-C interrupts at once. Handlers are restored on exit. `logger`: the stage's own, so the notice
+    greps under the stage that received the signal."""
 
-    def __init__(self):
+    def __init__(self, logger: logging.Logger = log):
         self.requested = False
         self.previous = {}
+        self.log = logger
 
     def __enter__(self):
         import threading
@@ -169,7 +171,7 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
+        self.log.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():

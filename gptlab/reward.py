@@ -323,10 +323,10 @@ def fit_preferences(cfg: PreferenceTrainConfig, *, trainable: nn.Module, gpt: GP
                     optimizers: list[torch.optim.Optimizer], train: list[EncodedSet], val: list[EncodedSet],
                     scores_of: ScoreFn, device: torch.device, start_step: int = 0,
                     checkpoint_files: Callable[[], dict[str, bytes]] = dict,
-                    checkpoint_meta: dict | None = None) -> dict[str, float]:
+                    checkpoint_meta: dict | None = None, logger: logging.Logger = log) -> dict[str, float]:
     """Minimise the all-pairs Bradley-Terry loss of `scores_of` over `train` for cfg.num_steps steps,
     evaluating on `val`, checkpointing `gpt` (+ `checkpoint_files()`) under cfg.out; returns the last
-    validation figures."""
+    validation figures. `logger`: the calling stage's, so its lines grep under that stage."""
     out = Path(cfg.out)
     pad_id = tokenizer.special_tokens.get("<|pad|>", tokenizer.eot_id)
     offsets = row_offsets(train)
@@ -339,7 +339,7 @@ def fit_preferences(cfg: PreferenceTrainConfig, *, trainable: nn.Module, gpt: GP
         last.update(evaluate_preferences(val, scores_of, cfg.batch_size, pad_id, device))
         trainable.train()
         metrics.log(at_step, **last)
-        log.info("step %d: held-out loss %.4f, pairwise accuracy %.3f, margin %.3f", at_step, last["val/loss"],
+        logger.info("step %d: held-out loss %.4f, pairwise accuracy %.3f, margin %.3f", at_step, last["val/loss"],
                  last["val/accuracy"], last["val/margin"])
 
     def save(at_step: int, train_loss: float | None) -> Path:
@@ -353,7 +353,7 @@ def fit_preferences(cfg: PreferenceTrainConfig, *, trainable: nn.Module, gpt: GP
     trainable.train()
     bar = tqdm(total=cfg.num_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
     try:
-        with StopRequest() as stop, logging_redirect_tqdm([logging.getLogger("gptlab")]):
+        with StopRequest(logger) as stop, logging_redirect_tqdm([logging.getLogger("gptlab")]):
             while step < cfg.num_steps:
                 t0 = time.perf_counter()
                 scale = lr_multiplier(step, cfg)
@@ -382,7 +382,7 @@ def fit_preferences(cfg: PreferenceTrainConfig, *, trainable: nn.Module, gpt: GP
                 bar.update(1)
                 if stop.requested:
                     path = save(step, loss_value)
-                    log.warning("stopped at step %d; checkpoint %s; continue with --resume true", step, path)
+                    logger.warning("stopped at step %d; checkpoint %s; continue with --resume true", step, path)
                     raise KeyboardInterrupt
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
                     run_eval(step)

@@ -41,6 +41,11 @@ Design decisions
   the trained batch was nearly all signal (docs/LOG.md). Reward, accuracy and truncation are logged over all
   drawn answers (the trained groups are a biased selection); `rollout/signal_drawn` is the drawn fraction
   with signal.
+- Task probe (`probe_per_task` > 0, task prompts): before step 1 the policy answers `probe_per_task`
+  train-split prompts of each task once greedily and `group_size` times sampled; RL then draws prompts only
+  from tasks it can still raise (greedy accuracy below `solved_accuracy`, at least one right answer),
+  `probe_tasks` says why. The others stay in the gold-accuracy curve, and `ptx_coef` replays the solved
+  ones. The probe is stored in the checkpoints, so a resumed run trains on the same tasks.
 - PPO (Schulman et al. 2017; RLHF as in Ziegler et al. 2019 and InstructGPT): per-token reward
   -kl_coef * (logp_old - logp_ref) on every action plus the scalar reward on the last action; GAE(gamma,
   lambda) backwards over the action tokens only (a tool block between two actions is part of the
@@ -51,11 +56,12 @@ Design decisions
   through the trunk, as in the PPO paper's shared-parameter setup (L = L_clip - c1 L_VF): one forward
   pass gives logits and values, and a laptop holds two models (policy and reference), not three. Its
   weights live in the training checkpoints (`value_head.safetensors`), not in the output model.
-- Replay (`ptx_coef`, off by default): every update also takes `ptx_coef` x the SFT loss on a few task-suite
-  reference conversations, InstructGPT's PPO-ptx with SFT data in place of pretraining data, meant for
-  tasks whose prompts give GRPO no signal (all answers right, or all wrong) while the shared weights move
-  under them. On the 5M-parameter CPU model it did not help (coefficients 0.3 and 1.0: mean gold accuracy
-  23.0% vs 25.6% without; docs/LOG.md), so the presets leave it off.
+- Replay (`ptx_coef`): every update also takes `ptx_coef` x the SFT loss on a few task-suite reference
+  conversations, InstructGPT's PPO-ptx with SFT data in place of pretraining data, meant for tasks whose
+  prompts give GRPO no signal (all answers right, or all wrong) while the shared weights move under them.
+  Replaying every task did not help the 5M-parameter CPU model (23.0% vs 25.6% without, one seed: it also
+  pulls on the tasks RL is raising); with the task probe it replays only the tasks the probe found solved,
+  which is what the presets do (ptx 0.3; docs/LOG.md, session 5).
 - Checkpoint selection (`val_per_task` > 0): RL on a small model is noisy and, through the shared weights,
   can unlearn tasks it gets no signal from; so, as early stopping, every gold-accuracy step also measures
   greedy accuracy on validation questions (train-split questions drawn apart from RL's prompts by their
@@ -144,6 +150,11 @@ class RLConfig(TrainConfig):
     prompts: str = option("tasks", "'tasks' (task suite train split), or messages prompts: .jsonl, HF dataset "
                                    "folder or hf:NAME[:SPLIT]")
     tasks: str = option("all", "comma-separated task names or 'all': task prompts and gold accuracy")
+    probe_per_task: int = option(0, "before step 1, probe each task on this many train-split prompts (one greedy "
+                                    "and group_size sampled answers each) and train only on tasks the policy can "
+                                    "still raise: greedy accuracy below solved_accuracy and at least one right "
+                                    "answer; gold accuracy still covers every task (0 = train on every task)")
+    solved_accuracy: float = option(0.9, "probe: greedy accuracy at which a task counts as solved (left out of RL)")
     out: str = option("runs/default/rl", "output: model/, checkpoints, metrics.jsonl, rl.json, rl.png")
     num_steps: int = option(100, "RL steps (each: sample, score, update)")
     prompts_per_step: int = option(8, "prompts per step")
@@ -165,7 +176,7 @@ class RLConfig(TrainConfig):
     truncation_penalty: float = option(0.0, "subtracted from the reward of answers cut by the token budget")
     max_kl: float = option(10.0, "stop when the mean KL to the reference exceeds this (nats per answer)")
     ptx_coef: float = option(0.0, "weight of an SFT replay loss on task-suite reference answers in every update "
-                                  "(InstructGPT's PPO-ptx; 0 = off; task prompts only)")
+                                  "(InstructGPT's PPO-ptx; 0 = off; task prompts only; with a probe, only the tasks it finds solved)")
     ptx_rows: int = option(8, "replayed reference conversations per update (ptx_coef > 0)")
     gold_per_task: int = option(20, "test questions per task for greedy gold accuracy (0 = skip)")
     lora_rank: int = option(0, "LoRA rank: train adapters on every projection instead of all weights (0 = "
@@ -201,8 +212,10 @@ class RLConfig(TrainConfig):
             raise ValueError("clip_eps, value_clip and max_kl must be positive, kl_coef >= 0")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError("gamma and lam must be in [0, 1]")
-        if self.val_per_task < 0 or self.lora_rank < 0:
-            raise ValueError("val_per_task and lora_rank must be >= 0")
+        if self.val_per_task < 0 or self.lora_rank < 0 or self.probe_per_task < 0:
+            raise ValueError("val_per_task, lora_rank and probe_per_task must be >= 0")
+        if self.probe_per_task and self.prompts != "tasks":
+            raise ValueError("probe_per_task measures task-suite accuracy: it needs prompts=tasks")
         if self.ptx_coef < 0 or self.ptx_rows < 1:
             raise ValueError("ptx_coef must be >= 0 and ptx_rows >= 1")
         if self.ptx_coef and self.prompts != "tasks":
@@ -211,16 +224,19 @@ class RLConfig(TrainConfig):
 
 PRESETS = {
     # CPU, minutes for a depth-2..6 SFT model: GRPO with the gold checker, 8 prompts x 8 answers a step, two
-    # passes over each batch (at lr 3e-4 a 1.5M-parameter policy left the KL limit within 15 steps). Dr. GRPO
-    # (no std division), chosen on two seeds where it had the best mean of six variants (25.35% vs 23.55%
-    # with std; SFT 25.9%); a third seed made the two equal (24.1% vs 24.3%): at this size every variant is
-    # SFT +- 3 points and the seed decides (docs/LOG.md). Kept, as the choice made before that seed.
-    "cpu": RLConfig(num_steps=60, lr=1e-4, ppo_epochs=2, grpo_std=False, eval_every=20, checkpoint_every=20,
-                    gold_per_task=20),
-    # GPU (one H100, a few minutes at 110M): the CPU recipe (Dr. GRPO, two passes) with 4x the prompts a
-    # step and a 10x lower rate for the larger model (not swept).
+    # passes over each batch (at lr 3e-4 a 1.5M-parameter policy left the KL limit within 15 steps), Dr. GRPO
+    # (no std division; session 3: no better or worse than std-scaled at this size). Since session 5 it
+    # probes the tasks first and trains only on those it can raise, replaying the solved ones (ptx 0.3): on
+    # four seeds mean gold accuracy 25.65% vs 22.8% without (SFT 25.9%); lr 1e-4 over 5e-5 on validation
+    # questions (27.98% vs 27.3%), though 5e-5 was the better of the two on the test ones (docs/LOG.md).
+    "cpu": RLConfig(num_steps=60, lr=1e-4, ppo_epochs=2, grpo_std=False, probe_per_task=16, ptx_coef=0.3,
+                    eval_every=20, checkpoint_every=20, gold_per_task=20),
+    # GPU (one H100, a few minutes at 110M): the CPU recipe (Dr. GRPO, two passes, probe and replay) with 4x
+    # the prompts a step, twice the probe, and a 10x lower rate for the larger model (not swept; the probe
+    # and replay have not yet run on a GPU).
     "gpu": RLConfig(num_steps=40, prompts_per_step=32, group_size=8, minibatch_size=128, max_new_tokens=128,
-                    lr=1e-5, ppo_epochs=2, grpo_std=False, eval_every=10, checkpoint_every=10, gold_per_task=50),
+                    lr=1e-5, ppo_epochs=2, grpo_std=False, probe_per_task=32, ptx_coef=0.3, eval_every=10,
+                    checkpoint_every=10, gold_per_task=50),
 }
 
 
@@ -347,6 +363,8 @@ class PromptSource:
     def __init__(self, cfg: RLConfig, tokenizer: Tokenizer, window: int):
         self.cfg, self.tokenizer, self.window = cfg, tokenizer, window
         self.names = task_names(cfg.tasks)
+        self.train_names = self.names  # the tasks RL draws prompts from (`probe_tasks` may narrow them)
+        self.replay_names = self.names  # the tasks `ptx_coef` replays (with a probe: the solved ones)
         self.file_prompts: list[RLPrompt] | None = None
         if cfg.prompts != "tasks":
             if not (Path(cfg.prompts).exists() or cfg.prompts.startswith("hf:")):
@@ -361,7 +379,7 @@ class PromptSource:
         cfg = self.cfg
         if self.file_prompts is not None:
             return [self.file_prompts[i] for i in batch_indices(step, count, len(self.file_prompts), cfg.seed)]
-        examples = sample_examples(self.names, count, "train", seed=f"rl-{cfg.seed}-{step}")
+        examples = sample_examples(self.train_names, count, "train", seed=f"rl-{cfg.seed}-{step}")
         prompts = [RLPrompt(render_for_completion(self.tokenizer, chat_messages(e)), e) for e in examples]
         check_prompt_lengths(prompts, self.window, cfg.max_new_tokens, f"tasks {cfg.tasks!r}")
         return prompts
@@ -371,6 +389,34 @@ def sample_seed(seed: int, step: int, index: int) -> int:
     """The sampling seed of answer `index` at `step`: a hash, so no two answers share a random stream."""
     digest = hashlib.sha256(f"rl-sample:{seed}:{step}:{index}".encode()).digest()
     return int.from_bytes(digest[:7], "big")
+
+
+def probe_tasks(cfg: RLConfig, policy: GPT, tokenizer: Tokenizer, names: list[str], autocast) -> dict[str, dict]:
+    """Which tasks RL can raise: per task, on `probe_per_task` train-split prompts (seeded apart from the
+    steps' prompts), the policy's greedy accuracy and the fraction of `group_size` sampled answers (the
+    rollout temperature and budget) that are right. A task is trained on when its greedy accuracy is below
+    `solved_accuracy` and at least one answer was right. Why: gold accuracy is measured greedily, so a task
+    already solved greedily can only lose (on the 5M-parameter CPU model, RL on sentiment, 100% greedy but
+    70% sampled, taught a label bias that flipped a quarter of the unseen positive reviews), and a task with
+    no right answer gives GRPO groups without signal (Polaris / Skywork-OR1 filter prompts by pass rate
+    for the same reasons); docs/LOG.md has the measurements."""
+    result = {}
+    engine = Engine(policy, tokenizer, strict_context=True)
+    for t, name in enumerate(names):
+        examples = sample_examples([name], cfg.probe_per_task, "train", seed=f"rl-probe-{cfg.seed}-{name}")
+        prompts = [RLPrompt(render_for_completion(tokenizer, chat_messages(e)), e) for e in examples]
+        repeated = [p for p in prompts for _ in range(cfg.group_size)]
+        first_seed = t * len(repeated)
+        with autocast:
+            greedy = generate_chat(engine, [p.ids for p in prompts], cfg.max_new_tokens)
+            sampled = generate_chat(engine, [p.ids for p in repeated], cfg.max_new_tokens, temperature=cfg.temperature,
+                                    top_k=cfg.top_k, seeds=[sample_seed(cfg.seed, -1, first_seed + i)
+                                                            for i in range(len(repeated))])
+        greedy_right, sampled_right = verdicts(prompts, greedy, tokenizer), verdicts(repeated, sampled, tokenizer)
+        greedy_acc, sampled_acc = sum(greedy_right) / len(prompts), sum(sampled_right) / len(repeated)
+        result[name] = {"greedy": greedy_acc, "sampled": sampled_acc,
+                        "trained": greedy_acc < cfg.solved_accuracy and any(greedy_right + sampled_right)}
+    return result
 
 
 RewardFn = Callable[[list[RLPrompt], list[Turn]], list[float]]
@@ -521,6 +567,8 @@ def train_rl(cfg: RLConfig) -> Path:
     gold_names = source.names if cfg.gold_per_task else []
     pad_id = tokenizer.special_tokens.get("<|pad|>", tokenizer.eot_id)
 
+    resuming = bool(cfg.resume and existing)
+    probe = probe_tasks(cfg, policy, tokenizer, source.names, autocast) if cfg.probe_per_task and not resuming else {}
     if cfg.lora_rank:
         add_lora(policy, cfg.lora_rank, cfg.lora_alpha)
     value_head = None
@@ -534,7 +582,7 @@ def train_rl(cfg: RLConfig) -> Path:
     params = [p for p in policy.parameters() if p.requires_grad] + (list(value_head.parameters()) if value_head else [])
 
     step, meta = 0, {}
-    if cfg.resume and existing:
+    if resuming:
         ckpt = latest_valid_checkpoint(ckpt_root)
         if ckpt is None:
             raise GptlabError(f"no checkpoint in {ckpt_root} passes its checksums; move them away to start over")
@@ -550,7 +598,21 @@ def train_rl(cfg: RLConfig) -> Path:
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise GptlabError(f"cannot load the value head of {ckpt}: {e}") from None
         step = meta["step"]
+        probe = meta.get("probe", {})  # the first start's probe: the policy has moved since
         log.info("resumed from %s at step %d", ckpt, step)
+    if probe:
+        trained = [name for name, r in probe.items() if r["trained"]]
+        log.info("probe (%d prompts per task; greedy / sampled accuracy): %s", cfg.probe_per_task, ", ".join(
+            f"{name} {r['greedy']:.2f} / {r['sampled']:.2f}{'' if r['trained'] else ' (left out)'}"
+            for name, r in probe.items()))
+        solved = [name for name, r in probe.items() if r["greedy"] >= cfg.solved_accuracy]
+        if solved:  # what RL leaves out as solved is what the shared weights can unlearn: replay that
+            source.replay_names = solved
+        if trained:
+            source.train_names = trained
+        else:
+            log.warning("the probe found no task RL can raise (every task solved or never answered right): "
+                        "training on all of them")
     metrics = MetricsLogger(out_dir, tensorboard=cfg.tensorboard, resume_step=step if meta else None)
     gold_keys = ["gold/mean"] + [f"gold/{n}" for n in gold_names]
 
@@ -578,7 +640,7 @@ def train_rl(cfg: RLConfig) -> Path:
 
     def save(at_step: int) -> Path:
         extra = {VALUE_HEAD_FILE: _value_head_bytes(value_head)} if value_head is not None else {}
-        info = {"config": asdict(cfg), "gold_before": gold_before, "best": best,
+        info = {"config": asdict(cfg), "gold_before": gold_before, "best": best, "probe": probe,
                 "wall_seconds": wall_before + time.perf_counter() - started}
         return save_training_checkpoint(ckpt_root, at_step, policy, tokenizer, optimizers=optimizers,
                                         rng_states=[rng_state()], meta=info, keep_last=cfg.keep_checkpoints,
@@ -588,7 +650,7 @@ def train_rl(cfg: RLConfig) -> Path:
              cfg.policy, cfg.num_steps, cfg.prompts_per_step, cfg.group_size, cfg.reward, device)
     bar = tqdm(total=cfg.num_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
     try:
-        with StopRequest() as stop, logging_redirect_tqdm([logging.getLogger("gptlab")]):
+        with StopRequest(log) as stop, logging_redirect_tqdm([logging.getLogger("gptlab")]):
             while step < cfg.num_steps:
                 record = rl_step(cfg, step, policy, reference, value_head, tokenizer, source, reward_fn, optimizers,
                                  params, pad_id, device, autocast, ckpt_root)
@@ -622,7 +684,8 @@ def train_rl(cfg: RLConfig) -> Path:
     final = save_model_dir(out_dir / "model", chosen, tokenizer)
     summary: dict[str, Any] = {
         "algorithm": cfg.algorithm, "policy": cfg.policy, "reference": cfg.reference or cfg.policy,
-        "reward": cfg.reward, "prompts": cfg.prompts, "tasks": source.names, "steps": step,
+        "reward": cfg.reward, "prompts": cfg.prompts, "tasks": source.names, "trained_tasks": source.train_names,
+        "probe": probe, "steps": step,
         "answers_per_step": cfg.prompts_per_step * cfg.group_size,
         "gold_accuracy": {"before": gold_before, "after": gold_after},  # after: of out/model
         "selected_step": best["step"] if best["step"] is not None else step,
@@ -766,7 +829,7 @@ def rl_step(cfg: RLConfig, step: int, policy: GPT, reference: GPT, value_head: n
             kl = k3_kl(cur["logp"], gather(old["ref"])).mean()
             value_loss = torch.zeros((), device=device)
             if cfg.ptx_coef:
-                loss = loss + cfg.ptx_coef * replay_loss(cfg, policy, tokenizer, source.names, step, updates, pad_id,
+                loss = loss + cfg.ptx_coef * replay_loss(cfg, policy, tokenizer, source.replay_names, step, updates, pad_id,
                                                          device, autocast)
             if cfg.algorithm == "grpo":
                 loss = loss + cfg.kl_coef * kl

@@ -416,7 +416,7 @@ def sft(cfg: SFTConfig) -> Path:
     bar = tqdm(total=num_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
     loss_value = last_good
     try:
-        with StopRequest() as stop, logging_redirect_tqdm([logging.getLogger("gptlab")]):
+        with StopRequest(log) as stop, logging_redirect_tqdm([logging.getLogger("gptlab")]):
             if step == 0:
                 run_eval(0)
             while step < num_steps:

@@ -387,7 +387,7 @@ def write_report(run: Path, state: RunState, eval_dir: Path) -> Path:
         for task in sorted({t for g in columns.values() for t in g["tasks"]}):
             lines.append(f"| {task} | " + " | ".join(_pct(g["tasks"].get(task)) for g in columns.values()) + " |")
         lines.append("| **mean** | " + " | ".join(f"**{100 * g['accuracy']:.1f}**" for g in columns.values()) + " |")
-        lines += ["", "![gold accuracy per task](gold.png)", ""]
+        lines += ["", "![gold accuracy per task](gold.png)", ""] + rl_tasks_lines(run / "rl" / "rl.json")
     lines += ["## Other figures", "", "| model | val bits/byte | multiple choice | notes |", "|---|---|---|---|"]
     for name in MODELS:
         path = eval_dir / f"{name}.json"
@@ -420,6 +420,23 @@ def write_report(run: Path, state: RunState, eval_dir: Path) -> Path:
                              f"`{_one_line(sample['prompt'])}` -> `{_one_line(sample['response'])}`")
     atomic_write_text(run / REPORT_FILE, "\n".join(lines) + "\n")
     return run / REPORT_FILE
+
+
+def rl_tasks_lines(rl_json: Path) -> list[str]:
+    """Which tasks RL trained on, and why the others were left out (its probe of the SFT model)."""
+    if not rl_json.is_file():
+        return []
+    probe = read_json(rl_json, "RL summary").get("probe") or {}
+    if not probe:
+        return []
+    solved = [t for t, r in probe.items() if not r["trained"] and r["greedy"] > 0]
+    unreached = [t for t, r in probe.items() if not r["trained"] and r["greedy"] == 0]
+    trained = [f"{t} ({100 * r['greedy']:.0f}% greedy, {100 * r['sampled']:.0f}% sampled)"
+               for t, r in probe.items() if r["trained"]]
+    line = (f"RL trained on {', '.join(trained) or 'every task (none was left to raise)'}; it left out "
+            f"{', '.join(solved) or 'no task'} as solved and {', '.join(unreached) or 'no task'} as out of reach "
+            "(no right answer): accuracy of the SFT model on RL's probe prompts (`gptlab rl --probe-per-task`).")
+    return [line, ""]
 
 
 def _one_line(text: str, limit: int = 160) -> str:

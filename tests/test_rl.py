@@ -5,6 +5,7 @@ runs where GRPO and PPO raise the reward of a tiny model that half knows who it 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -447,3 +448,57 @@ def test_replay_loss_is_the_sft_loss_of_the_drawn_conversations(small_tokenizer)
     assert loss.item() == pytest.approx(nats / count, rel=1e-5)
     with pytest.raises(ValueError, match="prompts=tasks"):
         RLConfig(ptx_coef=0.5, prompts="prompts.jsonl")
+
+
+def test_probe_trains_only_on_tasks_the_policy_can_still_raise(half_right_dir, small_tokenizer, tmp_path, monkeypatch):
+    """The half-right model gets identity wrong greedily but right in some samples (trained on), and never
+    answers a sentiment question (left out: no signal); the run draws only identity prompts, still measures
+    gold accuracy on both, records the probe, and a resumed run reuses the first start's probe."""
+    cfg = quick(half_right_dir, tmp_path, tasks="identity,sentiment", probe_per_task=4, num_steps=2,
+                checkpoint_every=2)
+    train_rl(cfg)
+    summary = json.loads((tmp_path / "rl.json").read_text())
+    probe = summary["probe"]
+    assert probe["identity"]["greedy"] == 0 and 0 < probe["identity"]["sampled"] < 1 and probe["identity"]["trained"]
+    assert probe["sentiment"] == {"greedy": 0.0, "sampled": 0.0, "trained": False}
+    assert summary["trained_tasks"] == ["identity"] and summary["tasks"] == ["identity", "sentiment"]
+    assert set(summary["gold_accuracy"]["before"]) == {"mean", "identity", "sentiment"}
+    drawn = {k for r in read_metrics(tmp_path / "metrics.jsonl") for k in r if k.startswith("rollout/correct/")}
+    assert drawn == {"rollout/correct/identity"}
+
+    def no_second_probe(*args):
+        raise AssertionError("a resumed run must reuse the probe of its first start")
+    monkeypatch.setattr(rl, "probe_tasks", no_second_probe)
+    train_rl(dataclasses.replace(cfg, num_steps=3, resume=True))
+    resumed = json.loads((tmp_path / "rl.json").read_text())
+    assert resumed["steps"] == 3 and resumed["trained_tasks"] == ["identity"] and resumed["probe"] == probe
+
+
+def test_probe_leaves_solved_tasks_out_and_replays_them(small_tokenizer, tmp_path, caplog, monkeypatch):
+    """A model that always answers identity right: the probe calls identity solved (greedy 1.0 >= 0.9) and
+    sentiment out of reach, so no task is left to raise: the run warns and trains on both, and the PPO-ptx
+    replay draws from the solved task only."""
+    tok = small_tokenizer
+    task = get_task("identity")
+    rng = random.Random(0)
+    questions = sorted({task.generate(rng, "train").question for _ in range(200)})
+    model = tiny_gpt(tok, seed=1)
+    memorize(model, [render(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": GOOD}])
+                     for q in questions], steps=60)
+    policy = save_model_dir(tmp_path / "right", model.eval(), tok)
+    replayed = []
+    real_replay = rl.replay_loss
+
+    def spy(cfg, policy, tokenizer, names, *args, **kwargs):
+        replayed.append(list(names))
+        return real_replay(cfg, policy, tokenizer, names, *args, **kwargs)
+    monkeypatch.setattr(rl, "replay_loss", spy)
+    with caplog.at_level("WARNING", logger="gptlab.rl"):
+        train_rl(quick(policy, tmp_path / "rl", tasks="identity,sentiment", probe_per_task=4, num_steps=1,
+                       ptx_coef=0.5, ptx_rows=2))
+    summary = json.loads((tmp_path / "rl" / "rl.json").read_text())
+    assert summary["probe"]["identity"]["greedy"] == 1.0 and not summary["probe"]["identity"]["trained"]
+    assert summary["trained_tasks"] == ["identity", "sentiment"] and "no task RL can raise" in caplog.text
+    assert replayed and all(names == ["identity"] for names in replayed)
+    with pytest.raises(ValueError, match="probe_per_task"):
+        RLConfig(probe_per_task=-1)

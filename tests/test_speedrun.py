@@ -40,6 +40,9 @@ def test_speedrun_whole_recipe_then_resume(tmp_path, capsys):
                  "syllogism", "word_problems"):
         assert f"| {task} |" in report
     assert "base < SFT <= RL" in report and "Reward model held-out pairwise accuracy" in report
+    probe = json.loads((run / "rl" / "rl.json").read_text())["probe"]  # the cpu preset probes before RL
+    assert set(probe) == {"arithmetic", "calculator", "extraction", "identity", "knowledge", "sentiment",
+                          "spelling", "syllogism", "word_problems"} and "RL trained on " in report
     assert (run / "gold.png").read_bytes()[:4] == b"\x89PNG"
     for name in ("base", "sft", "rl", "dpo"):  # every model answered the same test questions
         gold = json.loads((run / "eval" / f"{name}.json").read_text())["gold"]
