@@ -49,10 +49,13 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 log = get_logger("checkpoint")
 
 
-def save_model_dir(path: str | Path, model: GPT, tokenizer: Tokenizer) -> Path:
+def save_model_dir(path: str | Path, model: GPT, tokenizer: Tokenizer,
+                   state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `model` (its config, and its weights or `state`: the gathered weights of a sharded model) with
+    `tokenizer` as a model directory."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (model.state_dict() if state is None else state).items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     atomic_write_bytes(path / "model.safetensors", save(state, metadata={"format": "pt"}))
@@ -148,19 +151,22 @@ def checkpoint_dirs(root: str | Path) -> list[Path]:
 
 def save_training_checkpoint(root: str | Path, step: int, model: GPT, tokenizer: Tokenizer, *,
                              optimizers: list[torch.optim.Optimizer], rng_states: list[dict], meta: dict,
-                             keep_last: int = 0, extra_files: dict[str, bytes] | None = None) -> Path:
+                             keep_last: int = 0, extra_files: dict[str, bytes] | None = None,
+                             state: tuple[dict, list[dict]] | None = None) -> Path:
     """Write `root/step_<step>` (see the module docstring); keep only the newest `keep_last` (0 keeps all).
 
-    `model` must be the unwrapped model with full (not sharded) parameters; `rng_states` holds one entry
-    per rank; `meta` is JSON (step, loader state, run config, ...); `extra_files` (name -> bytes) are
-    written into the checkpoint and covered by its checksums (e.g. a reward model's head)."""
+    `model` is the unwrapped model; if its parameters are sharded, `state` holds the gathered full model
+    and optimizer states to write instead (`sharding.full_state`). `rng_states` holds one entry per rank;
+    `meta` is JSON (step, loader state, run config, ...); `extra_files` (name -> bytes) are written into
+    the checkpoint and covered by its checksums (e.g. a reward model's head)."""
     root = Path(root)
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model_dir(tmp, model, tokenizer)
+    model_state, optimizer_states = state or (None, [opt.state_dict() for opt in optimizers])
+    save_model_dir(tmp, model, tokenizer, state=model_state)
     buf = io.BytesIO()
-    torch.save({"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng_states}, buf)
+    torch.save({"optimizers": optimizer_states, "rng": rng_states}, buf)
     atomic_write_bytes(tmp / TRAINER_STATE, buf.getvalue())
     atomic_write_json(tmp / TRAINER_META, {"step": step, **meta})
     for name, data in (extra_files or {}).items():

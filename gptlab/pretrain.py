@@ -12,9 +12,9 @@ Design decisions
   gradient is the gradient of the mean loss over the whole batch, whatever the split.
 - Distributed = DistributedDataParallel over the same loop. `PackedLoader` numbers rows globally, so W
   ranks x A micro-batches read exactly the rows one process reads with W*A micro-batches, and the two give
-  the same weights (tests/test_pretrain.py checks this). Nothing assumes parameters are local tensors
-  (clipping, optimizer grouping, and checkpointing go through the unwrapped module), which keeps the door
-  open to FSDP; checkpoint saving would then need a full state dict gathered on rank 0.
+  the same weights (tests/test_pretrain.py checks this). `--fsdp true` shards weights, gradients and
+  AdamW state instead (FSDP2, `gptlab/sharding.py`); checkpoints then hold the full states gathered on
+  rank 0, the same files as any other run.
 - Optimizers: AdamW (Loshchilov & Hutter 2019) for everything, or Muon (Jordan et al. 2024,
   `torch.optim.Muon`) for the 2-D weight matrices inside the blocks with AdamW for embeddings, head and
   norms: Muon orthogonalizes the update of a matrix (Newton-Schulz), which is meaningless for an
@@ -55,8 +55,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .checkpoint import (checkpoint_dirs, latest_valid_checkpoint, load_training_checkpoint, rng_state,
-                         save_model_dir, save_training_checkpoint, set_rng_state)
+from .checkpoint import (checkpoint_dirs, latest_valid_checkpoint, load_training_checkpoint, model_from_state,
+                         rng_state, save_model_dir, save_training_checkpoint, set_rng_state)
 from .common import GptlabError, get_logger, read_json, torch_device
 from .config import add_config_args, build_config, option
 from .data.loader import PackedLoader
@@ -64,6 +64,7 @@ from .engine import Engine, SamplingParams
 from .metrics import MetricsLogger, plot_loss_curve
 from .model import GPT, GPTConfig
 from .optim import TrainConfig, bf16_autocast, build_optimizers, lr_multiplier, raise_if_diverged
+from .sharding import full_state, grad_norm_value, load_optimizer_states, shard_model
 from .tokenizer import Tokenizer
 
 log = get_logger("pretrain")
@@ -87,6 +88,8 @@ class PretrainConfig(TrainConfig):
     sample_tokens: int = option(48, "tokens per sample")
     sample_temperature: float = option(0.8, "sampling temperature (0 = greedy)")
     compile: bool = option(False, "torch.compile the model (CUDA)")
+    fsdp: bool = option(False, "under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2, "
+                               "one unit per block; gptlab/sharding.py) instead of replicating them (DDP)")
     peak_flops: float | None = option(None, "peak FLOP/s per device for MFU (default: H100 bf16 on CUDA)")
 
     def __post_init__(self):
@@ -233,6 +236,10 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device) -> 
                           f"{rows_per_step}")
     grad_accum = total // rows_per_step
 
+    sharded = world > 1 and cfg.fsdp
+    if sharded and cfg.optimizer != "adamw":
+        raise GptlabError(f"--fsdp needs --optimizer adamw (got {cfg.optimizer}): Muon orthogonalises whole "
+                          "matrices, and a rank holds a slice of each")
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     model_config = GPTConfig.from_depth(cfg.depth, tokenizer.vocab_size, max_seq_len=cfg.seq_len)
     model = GPT(model_config).to(device)
@@ -266,10 +273,18 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device) -> 
             step, last_good, resumed = meta["step"], meta.get("train_loss"), True
             log.info("resumed from %s at step %d", ckpt, step)
 
+    if sharded:  # checkpoints hold full states: load them (above) into the whole model, then shard
+        loaded = [opt.state_dict() for opt in optimizers] if resumed else None
+        shard_model(model)
+        optimizers = build_optimizers(model, cfg)
+        if master:
+            log.info("FSDP: weights, gradients and AdamW state sharded over %d ranks, one unit per block", world)
+        if loaded:
+            load_optimizer_states(model, optimizers, loaded)
     bf16 = bf16_autocast(cfg, device)
     autocast = bf16 or nullcontext()
     train_model = torch.compile(model) if cfg.compile else model
-    if world > 1:
+    if world > 1 and not sharded:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
     peak = cfg.peak_flops or (H100_BF16_PEAK_FLOPS if device.type == "cuda" else None)
@@ -279,12 +294,14 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device) -> 
 
     def save(at_step: int, train_loss: float | None) -> Path:
         rngs = _gather_rng_states(world)
+        state = full_state(model, optimizers) if sharded else None  # a collective: every rank gathers
         path = None
         if master:
             meta = {"loader": train_loader.state_dict(), "train_loss": train_loss, "world_size": world,
                     "grad_accum": grad_accum, "config": asdict(cfg)}
             path = save_training_checkpoint(ckpt_root, at_step, model, tokenizer, optimizers=optimizers,
-                                            rng_states=rngs, meta=meta, keep_last=cfg.keep_checkpoints)
+                                            rng_states=rngs, meta=meta, keep_last=cfg.keep_checkpoints,
+                                            state=state)
         if world > 1:
             dist.barrier()
         return path or ckpt_root / f"step_{at_step:08d}"
@@ -296,14 +313,18 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device) -> 
             log.info("step %d: val loss %.4f, %.4f bits/byte", at_step, result["val/loss"], result["val/bpb"])
 
     def show_samples(at_step: int) -> None:
+        # sharded: rank 0 samples from a whole copy (the engine reads weights directly, and a forward of
+        # the sharded model alone would wait for the other ranks' all-gathers)
+        state = full_state(model, [])[0] if sharded else None
         if not master:
             return
-        model.eval()
+        whole = model_from_state(model_config, state, "gathered shards").to(device) if sharded else model
+        whole.eval()
         # seeded per step: samples are reproducible and never draw from the global RNG (exact resume)
         params = SamplingParams(max_new_tokens=cfg.sample_tokens, temperature=cfg.sample_temperature,
                                 seed=cfg.seed + at_step)
         with autocast:
-            completions = Engine(model, tokenizer).generate(list(SAMPLE_PROMPTS), params)
+            completions = Engine(whole, tokenizer).generate(list(SAMPLE_PROMPTS), params)
         model.train()
         for prompt, completion in zip(SAMPLE_PROMPTS, completions):
             log.info("sample at step %d: %r", at_step, prompt + completion.text)
@@ -329,9 +350,11 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device) -> 
                 loss_sum = torch.zeros((), device=device)
                 for micro in range(grad_accum):
                     x, y = (t.to(device, non_blocking=True) for t in train_loader.next_batch())
-                    # DDP all-reduces gradients only on the last micro-batch of the step
+                    # DDP all-reduces (FSDP reduce-scatters) gradients only on the last micro-batch of the step
                     sync = world == 1 or micro == grad_accum - 1
-                    with (nullcontext() if sync else train_model.no_sync()):
+                    if sharded:
+                        model.set_requires_gradient_sync(sync)
+                    with (nullcontext() if sync or sharded else train_model.no_sync()):
                         with autocast:
                             _, loss = train_model(x, y)
                         (loss / grad_accum).backward()
@@ -340,7 +363,7 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device) -> 
                     dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
                 loss_value = loss_sum.item()
                 # the norm is computed even without clipping (max_norm=inf): it is logged and checked
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
+                grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
                 raise_if_diverged({"training loss": loss_value, "gradient norm": grad_norm}, step=step,
                                   checkpoints=ckpt_root, context=f" (lr scale {scale:.4g}, peak lr {cfg.lr:g}); "
                                   f"last good loss {last_good}",
@@ -385,8 +408,9 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device) -> 
         metrics.close()
 
     final = out_dir / "model"
+    state = full_state(model, [])[0] if sharded else None
     if master:
-        save_model_dir(final, model, tokenizer)
+        save_model_dir(final, model, tokenizer, state=state)
         plot_loss_curve(metrics.path, out_dir / "loss.png")
         log.info("final model: %s (loss curve %s)", final, out_dir / "loss.png")
     if world > 1:

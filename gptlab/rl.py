@@ -214,6 +214,8 @@ class RLConfig(TrainConfig):
             raise ValueError("gamma and lam must be in [0, 1]")
         if self.val_per_task < 0 or self.lora_rank < 0 or self.probe_per_task < 0:
             raise ValueError("val_per_task, lora_rank and probe_per_task must be >= 0")
+        if not 0 < self.solved_accuracy <= 1:
+            raise ValueError(f"solved_accuracy must be in (0, 1], got {self.solved_accuracy}")
         if self.probe_per_task and self.prompts != "tasks":
             raise ValueError("probe_per_task measures task-suite accuracy: it needs prompts=tasks")
         if self.ptx_coef < 0 or self.ptx_rows < 1:

@@ -172,6 +172,42 @@ def test_ddp_two_gloo_ranks_equal_single_process_accumulation(accum_run, data_di
     assert ddp_loss == pytest.approx(single_loss, rel=1e-6) and ddp_norm == pytest.approx(single_norm, rel=1e-5)
 
 
+def test_fsdp_two_gloo_ranks_with_resume_equal_single_process_accumulation(accum_run, data_dir, tmp_path):
+    """FSDP2 over 2 ranks, stopped after step 2 (its checkpoint gathered from the shards, a sample drawn from
+    a gathered copy) and resumed (the full states sharded again) to step 3: the same weights, losses and
+    AdamW moments, in the same checkpoint layout, as one process accumulating 2 micro-batches."""
+    def run(steps: int, *extra: str) -> str:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "gptlab.pretrain", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--depth", "1",
+               "--seq-len", "32", "--batch-size", "2", "--total-batch-tokens", "128", "--num-steps", str(steps),
+               "--warmup-steps", "2", "--lr", "3e-3", "--eval-every", "0", "--eval-batches", "2",
+               "--sample-every", "2", "--sample-tokens", "4", "--checkpoint-every", "0", "--tensorboard", "false",
+               "--progress", "false", "--fsdp", "true", *extra]
+        proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stderr
+
+    first = run(2)
+    assert "sample at step 2" in first and "FSDP: weights, gradients and AdamW state sharded over 2 ranks" in first
+    assert "resumed from" in run(3, "--resume", "true")
+    fsdp, single = load_file(tmp_path / "model" / "model.safetensors"), load_file(accum_run / "model.safetensors")
+    assert fsdp.keys() == single.keys()
+    for k in single:
+        torch.testing.assert_close(fsdp[k], single[k], rtol=0, atol=2e-6)
+    (fsdp_loss, fsdp_norm), (single_loss, single_norm) = train_records(tmp_path), train_records(accum_run.parent)
+    assert fsdp_loss == pytest.approx(single_loss, rel=1e-6) and fsdp_norm == pytest.approx(single_norm, rel=1e-5)
+    moments = [torch.load(root / "checkpoints" / "step_00000003" / "trainer.pt", weights_only=True)["optimizers"]
+               for root in (tmp_path, accum_run.parent)]
+    for fsdp_opt, single_opt in zip(*moments):
+        def listed(groups):  # the gathered state lists what AdamW keeps as tuples (betas)
+            return [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in groups]
+        assert listed(fsdp_opt["param_groups"]) == listed(single_opt["param_groups"])
+        assert fsdp_opt["state"].keys() == single_opt["state"].keys()
+        for i, state in single_opt["state"].items():
+            for name in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(fsdp_opt["state"][i][name], state[name], rtol=1e-4, atol=1e-9)
+
+
 def test_nan_loss_stops_with_diagnostic_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     forward = GPT.forward
     calls = {"n": 0}

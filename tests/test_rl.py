@@ -502,3 +502,7 @@ def test_probe_leaves_solved_tasks_out_and_replays_them(small_tokenizer, tmp_pat
     assert replayed and all(names == ["identity"] for names in replayed)
     with pytest.raises(ValueError, match="probe_per_task"):
         RLConfig(probe_per_task=-1)
+    with pytest.raises(ValueError, match="solved_accuracy"):
+        RLConfig(solved_accuracy=1.5)
+    with pytest.raises(ValueError, match="prompts=tasks"):
+        RLConfig(probe_per_task=8, prompts="prompts.jsonl")
