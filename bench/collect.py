@@ -13,6 +13,7 @@ SECTIONS = [
     ("tokenizer.md", "Tokenizer: training, encoding, compression, `data prepare` (issue: foundation)"),
     ("train_cpu.md", "Pretraining throughput on CPU vs transformers (issue: model and pretraining)"),
     ("decode.md", "Decoding with the KV cache vs transformers `generate` (issue: model and pretraining)"),
+    ("fsdp_cpu.md", "FSDP vs DDP: per-rank state and step time, 2 CPU ranks (issue: model and pretraining)"),
     ("gpu_h100.md", "GPU: correctness, pretraining MFU, decoding on an H100 (issue: model and pretraining)"),
     ("interop.md", "Loading SmolLM2 from GGUF (issue: model and pretraining)"),
     ("sft.md", "SFT steps vs TRL SFTTrainer (issue: assistant recipe)"),

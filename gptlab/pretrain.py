@@ -96,6 +96,9 @@ class PretrainConfig(TrainConfig):
         super().__post_init__()
         if min(self.depth, self.seq_len, self.batch_size, self.num_steps) < 1:
             raise ValueError("depth, seq_len, batch_size and num_steps must be positive")
+        if self.fsdp and self.optimizer != "adamw":
+            raise ValueError(f"--fsdp needs --optimizer adamw (got {self.optimizer}): Muon orthogonalises whole "
+                             "matrices, and a rank holds a slice of each")
 
 
 PRESETS = {
@@ -237,9 +240,8 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device) -> 
     grad_accum = total // rows_per_step
 
     sharded = world > 1 and cfg.fsdp
-    if sharded and cfg.optimizer != "adamw":
-        raise GptlabError(f"--fsdp needs --optimizer adamw (got {cfg.optimizer}): Muon orthogonalises whole "
-                          "matrices, and a rank holds a slice of each")
+    if cfg.fsdp and not sharded:
+        log.warning("--fsdp true in a single process: nothing to shard over (launch with torchrun)")
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     model_config = GPTConfig.from_depth(cfg.depth, tokenizer.vocab_size, max_seq_len=cfg.seq_len)
     model = GPT(model_config).to(device)

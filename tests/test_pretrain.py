@@ -187,6 +187,8 @@ def test_fsdp_two_gloo_ranks_with_resume_equal_single_process_accumulation(accum
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stderr
 
+    with pytest.raises(ValueError, match="--fsdp needs --optimizer adamw"):
+        PretrainConfig(fsdp=True, optimizer="muon")
     first = run(2)
     assert "sample at step 2" in first and "FSDP: weights, gradients and AdamW state sharded over 2 ranks" in first
     assert "resumed from" in run(3, "--resume", "true")
