@@ -23,7 +23,9 @@ Design decisions
   its in-training gold-accuracy curve (small n), which is what makes reward hacking visible.
 - RL's reward (`rl_reward`): `verifier` (the task checkers; what raises gold accuracy most directly) or
   `rm` (the reward model this run trained: classic RLHF). DPO starts from the SFT model, as in Rafailov
-  et al. 2023, so the report compares RL and DPO as two answers to the same question.
+  et al. 2023, so the report compares RL and DPO as two answers to the same question. The RL presets
+  probe the SFT model first and train only on the tasks whose greedy accuracy they can still raise
+  (`rl.probe_tasks`); the report lists which, and why the others were left out.
 - The chat model at the end is the RL policy (`run_dir/rl/model`); `report.md` says which model scored
   best, and whether base < SFT <= RL held on this run (an honest line, not an assertion).
 """
