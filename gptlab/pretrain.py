@@ -365,7 +365,8 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device) -> 
                     dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
                 loss_value = loss_sum.item()
                 # the norm is computed even without clipping (max_norm=inf): it is logged and checked
-                grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+                grad_norm = grad_norm_value(norm)
                 raise_if_diverged({"training loss": loss_value, "gradient norm": grad_norm}, step=step,
                                   checkpoints=ckpt_root, context=f" (lr scale {scale:.4g}, peak lr {cfg.lr:g}); "
                                   f"last good loss {last_good}",

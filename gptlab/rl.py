@@ -176,7 +176,8 @@ class RLConfig(TrainConfig):
     truncation_penalty: float = option(0.0, "subtracted from the reward of answers cut by the token budget")
     max_kl: float = option(10.0, "stop when the mean KL to the reference exceeds this (nats per answer)")
     ptx_coef: float = option(0.0, "weight of an SFT replay loss on task-suite reference answers in every update "
-                                  "(InstructGPT's PPO-ptx; 0 = off; task prompts only; with a probe, only the tasks it finds solved)")
+                                  "(InstructGPT's PPO-ptx; 0 = off; task prompts only; with a probe, only the "
+                                  "tasks it finds solved)")
     ptx_rows: int = option(8, "replayed reference conversations per update (ptx_coef > 0)")
     gold_per_task: int = option(20, "test questions per task for greedy gold accuracy (0 = skip)")
     lora_rank: int = option(0, "LoRA rank: train adapters on every projection instead of all weights (0 = "
@@ -396,8 +397,8 @@ def sample_seed(seed: int, step: int, index: int) -> int:
 def probe_tasks(cfg: RLConfig, policy: GPT, tokenizer: Tokenizer, names: list[str], autocast) -> dict[str, dict]:
     """Which tasks RL can raise: per task, on `probe_per_task` train-split prompts (seeded apart from the
     steps' prompts), the policy's greedy accuracy and the fraction of `group_size` sampled answers (the
-    rollout temperature and budget) that are right. A task is trained on when its greedy accuracy is below
-    `solved_accuracy` and at least one answer was right. Why: gold accuracy is measured greedily, so a task
+    rollout temperature and budget) that are right. A task is solved when its greedy accuracy reaches
+    `solved_accuracy`, and trained on when it is not solved and at least one answer was right. Why: gold accuracy is measured greedily, so a task
     already solved greedily can only lose (on the 5M-parameter CPU model, RL on sentiment, 100% greedy but
     70% sampled, taught a label bias that flipped a quarter of the unseen positive reviews), and a task with
     no right answer gives GRPO groups without signal (Polaris / Skywork-OR1 filter prompts by pass rate
@@ -416,8 +417,9 @@ def probe_tasks(cfg: RLConfig, policy: GPT, tokenizer: Tokenizer, names: list[st
                                                             for i in range(len(repeated))])
         greedy_right, sampled_right = verdicts(prompts, greedy, tokenizer), verdicts(repeated, sampled, tokenizer)
         greedy_acc, sampled_acc = sum(greedy_right) / len(prompts), sum(sampled_right) / len(repeated)
-        result[name] = {"greedy": greedy_acc, "sampled": sampled_acc,
-                        "trained": greedy_acc < cfg.solved_accuracy and any(greedy_right + sampled_right)}
+        solved = greedy_acc >= cfg.solved_accuracy
+        result[name] = {"greedy": greedy_acc, "sampled": sampled_acc, "solved": solved,
+                        "trained": not solved and any(greedy_right + sampled_right)}
     return result
 
 
@@ -607,7 +609,7 @@ def train_rl(cfg: RLConfig) -> Path:
         log.info("probe (%d prompts per task; greedy / sampled accuracy): %s", cfg.probe_per_task, ", ".join(
             f"{name} {r['greedy']:.2f} / {r['sampled']:.2f}{'' if r['trained'] else ' (left out)'}"
             for name, r in probe.items()))
-        solved = [name for name, r in probe.items() if r["greedy"] >= cfg.solved_accuracy]
+        solved = [name for name, r in probe.items() if r["solved"]]
         if solved:  # what RL leaves out as solved is what the shared weights can unlearn: replay that
             source.replay_names = solved
         if trained:
@@ -831,8 +833,8 @@ def rl_step(cfg: RLConfig, step: int, policy: GPT, reference: GPT, value_head: n
             kl = k3_kl(cur["logp"], gather(old["ref"])).mean()
             value_loss = torch.zeros((), device=device)
             if cfg.ptx_coef:
-                loss = loss + cfg.ptx_coef * replay_loss(cfg, policy, tokenizer, source.replay_names, step, updates, pad_id,
-                                                         device, autocast)
+                loss = loss + cfg.ptx_coef * replay_loss(cfg, policy, tokenizer, source.replay_names, step, updates,
+                                                         pad_id, device, autocast)
             if cfg.algorithm == "grpo":
                 loss = loss + cfg.kl_coef * kl
             else:

@@ -431,8 +431,8 @@ def rl_tasks_lines(rl_json: Path) -> list[str]:
     probe = read_json(rl_json, "RL summary").get("probe") or {}
     if not probe:
         return []
-    solved = [t for t, r in probe.items() if not r["trained"] and r["greedy"] > 0]
-    unreached = [t for t, r in probe.items() if not r["trained"] and r["greedy"] == 0]
+    solved = [t for t, r in probe.items() if r["solved"]]
+    unreached = [t for t, r in probe.items() if not r["solved"] and not r["trained"]]
     trained = [f"{t} ({100 * r['greedy']:.0f}% greedy, {100 * r['sampled']:.0f}% sampled)"
                for t, r in probe.items() if r["trained"]]
     line = (f"RL trained on {', '.join(trained) or 'every task (none was left to raise)'}; it left out "

@@ -460,7 +460,8 @@ def test_probe_trains_only_on_tasks_the_policy_can_still_raise(half_right_dir, s
     summary = json.loads((tmp_path / "rl.json").read_text())
     probe = summary["probe"]
     assert probe["identity"]["greedy"] == 0 and 0 < probe["identity"]["sampled"] < 1 and probe["identity"]["trained"]
-    assert probe["sentiment"] == {"greedy": 0.0, "sampled": 0.0, "trained": False}
+    assert probe["sentiment"] == {"greedy": 0.0, "sampled": 0.0, "solved": False, "trained": False}
+    assert not probe["identity"]["solved"]
     assert summary["trained_tasks"] == ["identity"] and summary["tasks"] == ["identity", "sentiment"]
     assert set(summary["gold_accuracy"]["before"]) == {"mean", "identity", "sentiment"}
     drawn = {k for r in read_metrics(tmp_path / "metrics.jsonl") for k in r if k.startswith("rollout/correct/")}
@@ -497,7 +498,8 @@ def test_probe_leaves_solved_tasks_out_and_replays_them(small_tokenizer, tmp_pat
         train_rl(quick(policy, tmp_path / "rl", tasks="identity,sentiment", probe_per_task=4, num_steps=1,
                        ptx_coef=0.5, ptx_rows=2))
     summary = json.loads((tmp_path / "rl" / "rl.json").read_text())
-    assert summary["probe"]["identity"]["greedy"] == 1.0 and not summary["probe"]["identity"]["trained"]
+    assert summary["probe"]["identity"]["greedy"] == 1.0 and summary["probe"]["identity"]["solved"]
+    assert not summary["probe"]["identity"]["trained"]
     assert summary["trained_tasks"] == ["identity", "sentiment"] and "no task RL can raise" in caplog.text
     assert replayed and all(names == ["identity"] for names in replayed)
     with pytest.raises(ValueError, match="probe_per_task"):
