@@ -17,11 +17,13 @@ for part in "$@"; do
   case $part in
   check) timeout 150 python3 bench/check_gpu.py 2>&1 | tee "$out/check_gpu.log" ;;
   train) timeout 200 python3 bench/bench_train_gpu.py --micro-batches 32 --steps 10 2>&1 | tee "$out/train_gpu.md" ;;
-  mfu) # next session's MFU variants: the preset's accumulation, bigger micro-batches, autotuned kernels
-    for mode in default max-autotune-no-cudagraphs; do
-      timeout 280 python3 bench/bench_train_gpu.py --sides gptlab --grad-accum 16 --micro-batches 32 64 --steps 3 \
-        --compile-mode $mode 2>&1 | tee -a "$out/mfu_gpu.md"
-    done ;;
+  mfu) # the MFU search: one process per variant (micro-batch 32, T 1024, vocab 50304), two of them profiled
+    b="python3 bench/bench_train_gpu.py --sides gptlab --steps 8 --warmup 2"
+    for variant in "--profile 2" "--attention cudnn" "--fused-projections" "--attention cudnn --fused-projections --profile 2" \
+        "--attention cudnn --fused-projections --micro-batches 64" \
+        "--attention cudnn --fused-projections --compile-mode max-autotune-no-cudagraphs"; do
+      echo "--- $variant"; timeout 170 $b $variant 2>&1 | grep -v Warning
+    done 2>&1 | tee -a "$out/mfu_gpu.md" ;;
   decode) timeout 160 python3 bench/bench_decode.py --device cuda --dtype bfloat16 --depths 12 --batches 1 32 \
             --reps 3 --compile 2>&1 | tee "$out/decode_gpu.md" ;;
   smoke)
