@@ -45,11 +45,13 @@ log = get_logger("dpo")
 
 def sequence_logprobs(model: GPT, ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """Sum over completion tokens of log p(token | everything before it), per row (N,). Rows are
-    right-padded, so causal attention needs no key mask; padding has completion_mask 0."""
-    logits = model(ids[:, :-1])
-    targets = ids[:, 1:]
-    token_logprobs = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return (token_logprobs.view_as(targets) * completion_mask[:, 1:]).sum(dim=1)
+    right-padded, so causal attention needs no key mask; padding has completion_mask 0. The head runs at
+    the completion's positions only (as in `GPT.masked_loss`)."""
+    keep = completion_mask[:, 1:] > 0
+    logits = model.lm_head(model(ids[:, :-1], return_hidden=True)[keep])
+    token_logprobs = -F.cross_entropy(logits.float(), ids[:, 1:][keep], reduction="none")
+    rows = torch.arange(len(ids), device=ids.device)[:, None].expand_as(keep)[keep]
+    return token_logprobs.new_zeros(len(ids)).index_add(0, rows, token_logprobs)
 
 
 def implicit_reward(policy_logprobs: torch.Tensor, reference_logprobs: torch.Tensor, beta: float) -> torch.Tensor:

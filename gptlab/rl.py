@@ -729,7 +729,7 @@ def replay_loss(cfg: RLConfig, policy: GPT, tokenizer: Tokenizer, task_names: li
         x[row, :len(inputs[:width])] = torch.tensor(inputs[:width])
         y[row, :len(targets[:width])] = torch.tensor(targets[:width])
     with autocast:
-        _, loss = policy(x.to(device), y.to(device))
+        loss = policy.masked_loss(x.to(device), y.to(device))
     return loss.float()
 
 

@@ -60,7 +60,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -323,8 +322,7 @@ def sft_loss(model: GPT, x: torch.Tensor, y: torch.Tensor, batch_size: int, auto
     for start in range(0, len(x), batch_size):
         xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
         with autocast:
-            logits = model(xb)
-        nats += F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), ignore_index=-1, reduction="sum").item()
+            nats += model.masked_loss(xb, yb, reduction="sum").item()
         count += int((yb != -1).sum())
     model.train(was_training)
     return nats / max(1, count)
@@ -431,7 +429,7 @@ def sft(cfg: SFTConfig) -> Path:
                 for x, y in micro:
                     x, y = x.to(device), y.to(device)
                     with autocast:
-                        _, loss = model(x, y)
+                        loss = model.masked_loss(x, y)
                     # weight each micro-batch's mean by its share of the step's trained tokens
                     weighted = loss * (int((y != -1).sum()) / trained_tokens)
                     weighted.backward()

@@ -401,7 +401,7 @@ def test_write_report_and_chat_mode_defaults(tok, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "arithmetic,nope"], "unknown task 'nope'"),
-    (["--tasks", "identity", "--shots", "20"], "task 'identity' has only 15 distinct train examples"),
+    (["--tasks", "identity", "--shots", "40"], "task 'identity' has only 31 distinct train examples"),
     (["--mode", "instruct"], "unknown mode 'instruct'"),
     (["--styles", "qa,poem"], "unknown prompt style 'poem'"),
     (["--n-per-task", "0"], "n_per_task must be >= 1"),

@@ -266,18 +266,44 @@ def test_sft_on_a_model_whose_tokenizer_lacks_chat_tokens(corpus_texts, tmp_path
     assert tuned.config.vocab_size == tok.vocab_size
 
 
+def test_masked_loss_equals_the_full_head_loss():
+    """GPT.masked_loss runs the head at the trained positions only: the loss and every gradient equal
+    forward's ignore-index loss over all positions (a float64 model; both compute the softmax in float32,
+    as training does, hence the 1e-6 tolerances)."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=97, n_layer=2, n_embd=32, n_head=2, n_kv_head=1, head_dim=16,
+                       intermediate_size=64, max_seq_len=24)
+    model = GPT(config).double()
+    x = torch.randint(0, 97, (3, 24))
+    y = torch.randint(0, 97, (3, 24))
+    y[torch.rand(3, 24) < 0.6] = -1
+    y[1] = -1  # a row with nothing to train on
+    results = []
+    for loss_fn in (lambda: model(x, y)[1], lambda: model.masked_loss(x, y)):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    (full, full_grads), (masked, masked_grads) = results
+    assert masked == pytest.approx(full, rel=1e-6)
+    for a, b in zip(full_grads, masked_grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    kept = int((y != -1).sum())
+    assert model.masked_loss(x, y, reduction="sum").item() == pytest.approx(full * kept, rel=1e-6)
+
+
 def test_nan_loss_stops_with_a_diagnostic(small_tokenizer, tmp_path, monkeypatch):
     base = tiny_model_dir(small_tokenizer, tmp_path / "base")
-    forward, calls = GPT.forward, {"n": 0}
+    masked_loss, calls = GPT.masked_loss, {"n": 0}
 
-    def poisoned(self, idx, targets=None, **kw):
-        out = forward(self, idx, targets, **kw)
-        if targets is not None:
+    def poisoned(self, idx, targets, reduction="mean"):
+        loss = masked_loss(self, idx, targets, reduction)
+        if reduction == "mean":  # a training step (the held-out loss sums)
             calls["n"] += 1
             if calls["n"] == 3:  # the 3rd training step
-                return out[0], out[1] * float("nan")
-        return out
+                return loss * float("nan")
+        return loss
 
-    monkeypatch.setattr(GPT, "forward", poisoned)
+    monkeypatch.setattr(GPT, "masked_loss", poisoned)
     with pytest.raises(GptlabError, match=r"SFT loss became nan .*at step 2 .*last good loss \d+\.\d+.*step_00000002"):
         sft(tiny_config(base, tmp_path / "out", checkpoint_every=2))
