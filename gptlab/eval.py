@@ -89,7 +89,7 @@ from .tokenizer import Tokenizer
 log = get_logger("eval")
 
 MODES = ("base", "chat")
-_DRAWS_PER_EXAMPLE = 50  # draw budget when collecting distinct questions (identity has only 15 in train)
+_DRAWS_PER_EXAMPLE = 50  # draw budget when collecting distinct questions (identity has only 31 in train)
 
 
 # ---------------------------------------------------------------------------------------------------------

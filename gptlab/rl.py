@@ -230,8 +230,9 @@ PRESETS = {
     # passes over each batch (at lr 3e-4 a 1.5M-parameter policy left the KL limit within 15 steps), Dr. GRPO
     # (no std division; session 3: no better or worse than std-scaled at this size). Since session 5 it
     # probes the tasks first and trains only on those it can raise, replaying the solved ones (ptx 0.3): on
-    # four seeds mean gold accuracy 25.65% vs 22.8% without (six seeds: 25.2%; SFT 25.9%); lr 1e-4 over 5e-5
-    # on validation questions (27.98% vs 27.3%), though 5e-5 was the better on the test ones (docs/LOG.md).
+    # four seeds mean gold accuracy 25.65% vs 22.8% without (six seeds: 25.2%; SFT 25.9%; session 5's SFT
+    # model); lr 1e-4 over 5e-5 on validation questions (27.98% vs 27.3%), though 5e-5 was the better on
+    # the test ones (docs/LOG.md).
     "cpu": RLConfig(num_steps=60, lr=1e-4, ppo_epochs=2, grpo_std=False, probe_per_task=16, ptx_coef=0.3,
                     eval_every=20, checkpoint_every=20, gold_per_task=20),
     # GPU (one H100, a few minutes at 110M): the CPU recipe (Dr. GRPO, two passes, probe and replay) with 4x

@@ -74,11 +74,12 @@ def memorize(model: GPT, rendered, steps: int) -> None:
 @pytest.fixture(scope="module")
 def half_right_dir(small_tokenizer, tmp_path_factory):
     """An 'SFT model' that answers identity questions right ("gptlab") about 40% of the time: trained on 2
-    right and 3 wrong answers per train question, so greedy decoding picks the wrong one."""
+    right and 3 wrong answers to every fourth train question (8 of 31, spread over the phrasings), so greedy
+    decoding picks the wrong one."""
     tok = small_tokenizer
     task = get_task("identity")
     rng = random.Random(0)
-    questions = sorted({task.generate(rng, "train").question for _ in range(200)})[:4]
+    questions = sorted({task.generate(rng, "train").question for _ in range(400)})[::4]
     conversations = [[{"role": "user", "content": q}, {"role": "assistant", "content": answer}]
                      for q in questions for answer in (GOOD, GOOD, BAD, BAD, BAD)]
     model = tiny_gpt(tok)
