@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import load_model_dir, save_model_dir
 from .common import atomic_write_json, get_logger
@@ -46,10 +45,10 @@ log = get_logger("dpo")
 def sequence_logprobs(model: GPT, ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """Sum over completion tokens of log p(token | everything before it), per row (N,). Rows are
     right-padded, so causal attention needs no key mask; padding has completion_mask 0. The head runs at
-    the completion's positions only (as in `GPT.masked_loss`)."""
-    keep = completion_mask[:, 1:] > 0
-    logits = model.lm_head(model(ids[:, :-1], return_hidden=True)[keep])
-    token_logprobs = -F.cross_entropy(logits.float(), ids[:, 1:][keep], reduction="none")
+    the completion's positions only (`GPT.masked_loss`)."""
+    targets = ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, -1)
+    token_logprobs = -model.masked_loss(ids[:, :-1], targets, reduction="none")  # flat, kept positions
+    keep = targets != -1
     rows = torch.arange(len(ids), device=ids.device)[:, None].expand_as(keep)[keep]
     return token_logprobs.new_zeros(len(ids)).index_add(0, rows, token_logprobs)
 

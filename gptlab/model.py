@@ -286,7 +286,8 @@ class GPT(nn.Module):
         CPU SFT preset), and the head is the largest matmul of a small model (8192 x 256 of the CPU model's
         5.3M parameters): measured 29% off a CPU SFT step. The selection makes the number of positions
         data-dependent, which torch.compile would recompile for, so pretraining (every target valid) keeps
-        `forward`. Same loss; gradients equal up to float rounding (the head's reduction runs over fewer rows)."""
+        `forward`. Same loss; gradients equal up to float rounding (the head's reduction runs over fewer rows).
+        `reduction="none"`: one loss per kept position, flat, in row-major order (DPO sums them per row)."""
         keep = targets != -1
         hidden = self(idx, return_hidden=True)[keep]
         return F.cross_entropy(self.lm_head(hidden).float(), targets[keep], reduction=reduction)
