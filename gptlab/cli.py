@@ -16,6 +16,7 @@ from .common import GptlabError
 STAGES = [
     "gptlab.tokenizer",
     "gptlab.data.prepare",
+    "gptlab.tasks_cli",
     "gptlab.pretrain",
     "gptlab.sft",
     "gptlab.speedrun",

@@ -34,7 +34,7 @@ from .common import atomic_write_json, get_logger
 from .config import add_config_args, build_config, option
 from .model import GPT
 from .eval import gold_accuracy
-from .preferences import EncodedSet, PreferenceBatch, collate, encode_sets, row_offsets, task_names
+from .preferences import EncodedSet, PreferenceBatch, by_length, collate, encode_sets, row_offsets, task_names
 from .optim import build_optimizers
 from .reward import (PreferenceTrainConfig, fit_preferences, load_preference_data,
                      resolve_device, resume_checkpoint)
@@ -69,7 +69,7 @@ def reference_logprobs(model: GPT, sets: list[EncodedSet], batch_size: int, pad_
     for start in range(0, len(sets), batch_size):
         batch = collate(sets, range(start, min(start + batch_size, len(sets))), offsets, pad_id).to(device)
         with autocast:
-            out[batch.rows] = sequence_logprobs(model, batch.ids, batch.completion_mask).float()
+            out[batch.rows] = by_length(lambda ids, _, mask: sequence_logprobs(model, ids, mask), batch).float()
     model.train(was_training)
     return out
 
@@ -134,7 +134,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
 
     def scores_of(batch: PreferenceBatch, split: str) -> torch.Tensor:
         with autocast:
-            logprobs = sequence_logprobs(policy, batch.ids, batch.completion_mask)
+            logprobs = by_length(lambda ids, _, mask: sequence_logprobs(policy, ids, mask), batch)
         return implicit_reward(logprobs.float(), reference[split][batch.rows], cfg.beta)
 
     figures = fit_preferences(cfg, trainable=policy, gpt=policy, tokenizer=tokenizer, optimizers=optimizers,

@@ -54,8 +54,8 @@ from .common import GptlabError, atomic_write_bytes, atomic_write_json, get_logg
 from .config import add_config_args, build_config, option
 from .metrics import MetricsLogger, plot_loss_curve
 from .model import GPT
-from .preferences import (EncodedSet, PreferenceBatch, PreferenceSet, collate, default_preferences, encode_sets,
-                          read_preferences_jsonl, row_offsets, sampled_preferences, task_names)
+from .preferences import (EncodedSet, PreferenceBatch, PreferenceSet, by_length, collate, default_preferences,
+                          encode_sets, read_preferences_jsonl, row_offsets, sampled_preferences, task_names)
 from .optim import TrainConfig, bf16_autocast, build_optimizers, lr_multiplier, raise_if_diverged
 from .pretrain import StopRequest
 from .tasks import sample_examples
@@ -121,11 +121,13 @@ class RewardModel(nn.Module):
 
     @torch.inference_mode()
     def score_ids(self, seqs: Sequence[Sequence[int]], batch_size: int = 16) -> torch.Tensor:
-        """Rewards (N,) float32 on the CPU of token rows (each a whole rendered conversation)."""
+        """Rewards (N,) float32 on the CPU of token rows (each a whole rendered conversation). Rows are
+        batched in order of length, so each batch pads little (the scores do not depend on the batching)."""
         device = self.head.weight.device
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out = []
         for start in range(0, len(seqs), batch_size):
-            chunk = seqs[start:start + batch_size]
+            chunk = [seqs[i] for i in order[start:start + batch_size]]
             width = max(map(len, chunk))
             if width > self.gpt.config.max_seq_len:
                 raise GptlabError(f"a conversation of {width} tokens exceeds the reward model's context "
@@ -136,7 +138,10 @@ class RewardModel(nn.Module):
                 ids[r, :len(s)] = torch.tensor(list(s), device=device)
                 mask[r, :len(s)] = True
             out.append(self(ids, mask).float().cpu())
-        return torch.cat(out)
+        scores = torch.empty(len(seqs))
+        if order:
+            scores[torch.tensor(order)] = torch.cat(out)
+        return scores
 
     def score(self, conversations: Sequence[Sequence[dict[str, Any]]], batch_size: int = 16) -> torch.Tensor:
         """Rewards (N,) of complete conversations (prompt messages followed by the assistant's answer)."""
@@ -419,7 +424,7 @@ def train_reward_model(cfg: RewardConfig) -> Path:
 
     def scores_of(batch: PreferenceBatch, split: str) -> torch.Tensor:
         with autocast:
-            return model(batch.ids, batch.attn_mask)
+            return by_length(lambda ids, attn_mask, _: model(ids, attn_mask), batch)
 
     figures = fit_preferences(cfg, trainable=model, gpt=gpt, tokenizer=tokenizer, optimizers=optimizers,
                               train=train, val=val, scores_of=scores_of, device=device, start_step=start,

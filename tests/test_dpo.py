@@ -16,8 +16,8 @@ from gptlab.common import GptlabError
 from gptlab.dpo import DPOConfig, implicit_reward, reference_logprobs, sequence_logprobs, train_dpo
 from gptlab.engine import Engine
 from gptlab.metrics import read_metrics
-from gptlab.preferences import collate, default_preferences, encode_sets, parse_preference, row_offsets
-from gptlab.reward import bradley_terry_loss
+from gptlab.preferences import by_length, collate, default_preferences, encode_sets, parse_preference, row_offsets
+from gptlab.reward import RewardModel, bradley_terry_loss
 
 QUICK = dict(tasks="sentiment,arithmetic", train_prompts=48, val_prompts=16, batch_size=4, num_steps=20, lr=2e-3,
              warmup_steps=2, eval_every=10, checkpoint_every=10, gold_prompts=6, max_new_tokens=8,
@@ -62,6 +62,38 @@ def test_sequence_logprobs_sum_completion_tokens_only(base_dir):
             continuations.append(ids[start:])
     expected = [s.logprob for s in Engine(model, tok).score(prompts, continuations)]
     assert torch.allclose(got.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-4)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3, 7])
+def test_scoring_by_length_groups_equals_one_padded_batch(base_dir, groups):
+    """`by_length` (rows sorted by length, each group padded to its own longest row) gives the scores and
+    gradients of one call on the whole right-padded batch: float64 model, DPO log-probs and reward model."""
+    model, tok = load_model_dir(base_dir, dtype=torch.float64)
+    sets = encode_sets(tok, [parse_preference({"prompt": "Is 4 even?", "chosen": "Yes, 4 is even.", "rejected": "No."}),
+                             parse_preference({"prompt": "Say hi to my friend Bob please, and be brief about it.",
+                                               "ranked": ["Hi Bob!", "Hello there, Bob, my friend's friend.", "Bye."]}),
+                             parse_preference({"prompt": "2+2?", "chosen": "4", "rejected": "5, or so I think."})],
+                       192, "test")
+    batch = collate(sets, [0, 1, 2], row_offsets(sets), pad_id=0)
+    lengths = batch.attn_mask.sum(1)
+    assert lengths.unique().numel() == len(lengths)  # every row its own length: the groups really differ
+    reward_model = RewardModel(model, tok).double()
+    torch.nn.init.normal_(reward_model.head.weight)
+    weights = torch.linspace(-1, 1, len(lengths), dtype=torch.float64)  # any loss that tells the rows apart
+    scorers = {"dpo": lambda ids, _, mask: sequence_logprobs(model, ids, mask),
+               "rm": lambda ids, attn_mask, _: reward_model(ids, attn_mask)}
+    for name, scorer in scorers.items():
+        results = []
+        for grouped in (False, True):
+            model.zero_grad()
+            scores = by_length(scorer, batch, groups) if grouped else scorer(batch.ids, batch.attn_mask,
+                                                                             batch.completion_mask)
+            (weights * scores).sum().backward()
+            results.append((scores.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        (whole, whole_grads), (by_groups, group_grads) = results
+        assert torch.allclose(by_groups, whole, atol=1e-10), name
+        assert len(group_grads) == len(whole_grads) > 0
+        assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(group_grads, whole_grads)), name
 
 
 def test_dpo_increases_the_chosen_vs_rejected_margin(base_dir, small_tokenizer, tmp_path):

@@ -12,7 +12,7 @@ from gptlab.chat import render_for_completion, response_text
 from gptlab.common import GptlabError
 from gptlab.model import GPT, GPTConfig
 from gptlab.preferences import (PreferenceSet, collate, default_preferences, encode_set, parse_preference,
-                                read_preferences_jsonl, row_offsets, sampled_preferences)
+                                read_preferences_jsonl, row_offsets, sampled_preferences, write_preferences_jsonl)
 from gptlab.tasks import get_task, sample_examples
 
 
@@ -69,6 +69,11 @@ def test_bad_records_name_file_and_line(tmp_path):
         (json.dumps({"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}),
          r":2: message 1 \(assistant\)"),
         (json.dumps([1, 2]), r":2: expected a JSON object"),
+        (json.dumps({"prompt": "p", "tiers": [["a", "b"]]}), r":2: 'tiers' must be a list of at least 2"),
+        (json.dumps({"prompt": "p", "tiers": [["a"], []]}), r":2: 'tiers' must be a list of at least 2 non-empty"),
+        (json.dumps({"prompt": "p", "tiers": [["a", "b"], ["c", "a"]]}), r":2: completions 0 and 3 are identical"),
+        (json.dumps({"prompt": "p", "tiers": [["a"], [7]]}), r":2: tiers\[1\]\[0\] must be a string"),
+        (json.dumps({"tiers": [["a"], ["b"]]}), r":2: a 'tiers' record needs a 'prompt'"),
     ]
     for i, (line, pattern) in enumerate(cases):
         path = write_jsonl(tmp_path / f"bad{i}.jsonl", [good, line])
@@ -78,6 +83,39 @@ def test_bad_records_name_file_and_line(tmp_path):
         read_preferences_jsonl(tmp_path / "missing.jsonl")
     path = write_jsonl(tmp_path / "ok.jsonl", [good, "", {"prompt": "q", "ranked": ["x", "y", "z"]}])
     assert [len(s.pairs()) for s in read_preferences_jsonl(path)] == [1, 3]
+
+
+def test_written_preferences_read_back_as_the_same_sets(tmp_path):
+    """Every set survives a JSONL round trip in the simplest format that expresses it: the task suite's
+    tiered sets (with tool calls), a K-way ranking and a TRL pair."""
+    sets = default_preferences("all", 40, "train", seed=5)
+    sets += [parse_preference({"prompt": "Best city?", "ranked": ["Paris.", "Rome.", "Oslo."]}),
+             parse_preference({"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."})]
+    assert any(len(c) > 1 for s in sets for c in s.completions())  # tool-using completions included
+    path = tmp_path / "prefs.jsonl"
+    assert write_preferences_jsonl(path, sets) == len(sets)
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert [next(k for k in ("tiers", "ranked", "chosen") if k in r) for r in records[-3:]] == ["tiers", "ranked",
+                                                                                              "chosen"]
+    back = read_preferences_jsonl(path)
+    assert [(s.prompt, s.tiers) for s in back] == [(s.prompt, s.tiers) for s in sets]
+
+
+def test_tasks_export_writes_what_the_stages_train_on(tmp_path, capsys):
+    from gptlab.chat import read_messages_jsonl
+    from gptlab.cli import main
+    from gptlab.sft import task_conversations
+
+    prefs, convs = tmp_path / "p.jsonl", tmp_path / "c.jsonl"
+    assert main(["tasks", "export", "--kind", "preferences", "--n", "30", "--seed", "2", "--out", str(prefs)]) == 0
+    expected = default_preferences("all", 30, "train", 2)
+    assert [(s.prompt, s.tiers) for s in read_preferences_jsonl(prefs)] == [(s.prompt, s.tiers) for s in expected]
+    assert main(["tasks", "export", "--kind", "sft", "--n", "25", "--split", "test", "--tasks", "sentiment,identity",
+                 "--out", str(convs)]) == 0
+    assert list(read_messages_jsonl(convs)) == task_conversations(["sentiment", "identity"], 25, "test", 0)
+    assert main(["tasks", "export", "--kind", "sft", "--tasks", "nope", "--out", str(convs)]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert main(["tasks", "list"]) == 0 and "syllogism" in capsys.readouterr().out
 
 
 def test_task_preferences_rank_references_above_bad_responses():

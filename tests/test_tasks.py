@@ -125,6 +125,24 @@ def test_knowledge_checker_edge_cases():
     assert mentions("Washington, D.C. is", "washington, d.c.") and not mentions("Romeo", "Rome")
 
 
+def test_knowledge_bad_responses_name_train_answers_only():
+    """A test fact's answer never appears in training data, not even on the rejected side: every wrong
+    answer in a bad response (either split) is a train fact's, and the test facts' answers do occur."""
+    from gptlab.tasks.knowledge import FACTS
+
+    task = get_task("knowledge")
+    split = {f.answers[0]: split_of("knowledge", f"{f.relation}: {f.subject}", task.test_fraction) for f in FACTS}
+    rng, seen_test_answers = random.Random(3), set()
+    for example in sample_examples(["knowledge"], 400, "train", seed=3) + sample_examples(["knowledge"], 100, "test",
+                                                                                           seed=3):
+        if example.metadata["split"] == "test":
+            seen_test_answers.add(example.answer_text)
+        texts = [response_text(response) for response in task.bad_responses(example, rng)]
+        wrong = {answer for answer in split for text in texts if answer != example.answer_text and mentions(text, answer)}
+        assert wrong and all(split[a] == "train" for a in wrong), (example.question, wrong)
+    assert len(seen_test_answers) > 5
+
+
 def test_syllogism_checker_edge_cases():
     task = get_task("syllogism")
     pos = _find("syllogism", lambda e: not e.metadata["negative"] and e.metadata["property"] == "mortal")

@@ -1,7 +1,11 @@
 """World-knowledge questions from a hand-written fact table (capitals, currencies, authors, planets).
 
 A model can only know these from pretraining text; SFT teaches the answer format. The split is by fact,
-so test facts are never seen in SFT data in any phrasing. A reply is right when it names the answer
+so test facts are never seen in SFT data in any phrasing. The wrong answers of bad responses (the rejected
+side of preference data) are always train facts' answers: drawn from every fact, a test answer such as
+Kyiv appeared in training only as a rejected answer ("The capital of France is Kyiv."), so the reward model
+learned to score the word itself down and then ranked the test question's correct answer below a wrong
+one (knowledge was the reward model's worst task, 63-77% held-out; docs/LOG.md). A reply is right when it names the answer
 (any accepted alias, any case, with or without accents) and names no other answer of the same kind.
 """
 
@@ -10,7 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from . import Example, Task, register
+from . import Example, Task, register, split_of
 from .checks import EVASIVE, mentions
 
 CAPITALS = """France: Paris; Germany: Berlin; Italy: Rome; Spain: Madrid; Portugal: Lisbon; Denmark: Copenhagen;
@@ -65,6 +69,10 @@ def _parse(relation: str, table: str) -> list[Fact]:
     return facts
 
 
+def _fact_key(relation: str, subject: str) -> str:
+    return f"{relation}: {subject}"
+
+
 FACTS = [fact for relation, (table, _, _) in RELATIONS.items() for fact in _parse(relation, table)]
 
 
@@ -83,7 +91,11 @@ class Knowledge(Task):
                        {"relation": fact.relation, "subject": fact.subject, "answers": list(fact.answers)})
 
     def split_key(self, example: Example) -> str:
-        return f"{example.metadata['relation']}: {example.metadata['subject']}"
+        return _fact_key(example.metadata["relation"], example.metadata["subject"])
+
+    def train_facts(self, relation: str) -> list[Fact]:
+        return [f for f in FACTS if f.relation == relation
+                and split_of(self.name, _fact_key(f.relation, f.subject), self.test_fraction) == "train"]
 
     @staticmethod
     def _rivals(example: Example) -> list[str]:
@@ -98,7 +110,7 @@ class Knowledge(Task):
     def _bad_responses(self, example: Example, rng: random.Random):
         meta = example.metadata
         reference = RELATIONS[meta["relation"]][2]
-        wrong = rng.choice([f for f in FACTS if f.relation == meta["relation"] and f.subject != meta["subject"]])
+        wrong = rng.choice([f for f in self.train_facts(meta["relation"]) if f.subject != meta["subject"]])
         yield reference.format(s=meta["subject"], a=wrong.answers[0])
         yield f"It is either {wrong.answers[0]} or {example.answer_text}."
         yield wrong.answers[0]
