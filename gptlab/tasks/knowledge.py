@@ -2,11 +2,11 @@
 
 A model can only know these from pretraining text; SFT teaches the answer format. The split is by fact,
 so test facts are never seen in SFT data in any phrasing. The wrong answers of bad responses (the rejected
-side of preference data) are always train facts' answers: drawn from every fact, a test answer such as
-Kyiv appeared in training only as a rejected answer ("The capital of France is Kyiv."), so the reward model
-learned to score the word itself down and then ranked the test question's correct answer below a wrong
-one (knowledge was the reward model's worst task, 63-77% held-out; docs/LOG.md). A reply is right when it names the answer
-(any accepted alias, any case, with or without accents) and names no other answer of the same kind.
+side of preference data) are train facts' answers only, so a test answer appears in no training data at
+all: drawn from every fact, a test answer such as Kyiv appeared in training only as a rejected answer ("The
+capital of France is Kyiv."), and the reward model learned to score the word itself down (docs/LOG.md,
+session 7). A reply is right when it names the answer (any accepted alias, any case, with or without
+accents) and names no other answer of the same kind.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ class Knowledge(Task):
         return _fact_key(example.metadata["relation"], example.metadata["subject"])
 
     def train_facts(self, relation: str) -> list[Fact]:
+        """The facts of `relation` whose questions are in the train split."""
         return [f for f in FACTS if f.relation == relation
                 and split_of(self.name, _fact_key(f.relation, f.subject), self.test_fraction) == "train"]
 
