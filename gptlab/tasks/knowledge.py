@@ -11,6 +11,7 @@ accents) and names no other answer of the same kind.
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -76,6 +77,12 @@ def _fact_key(relation: str, subject: str) -> str:
 FACTS = [fact for relation, (table, _, _) in RELATIONS.items() for fact in _parse(relation, table)]
 
 
+@functools.cache
+def _train_facts(task_name: str, test_fraction: float, relation: str) -> tuple[Fact, ...]:
+    return tuple(f for f in FACTS if f.relation == relation
+                 and split_of(task_name, _fact_key(f.relation, f.subject), test_fraction) == "train")
+
+
 @register
 class Knowledge(Task):
     name = "knowledge"
@@ -93,10 +100,10 @@ class Knowledge(Task):
     def split_key(self, example: Example) -> str:
         return _fact_key(example.metadata["relation"], example.metadata["subject"])
 
-    def train_facts(self, relation: str) -> list[Fact]:
-        """The facts of `relation` whose questions are in the train split."""
-        return [f for f in FACTS if f.relation == relation
-                and split_of(self.name, _fact_key(f.relation, f.subject), self.test_fraction) == "train"]
+    def train_facts(self, relation: str) -> tuple[Fact, ...]:
+        """The facts of `relation` whose questions are in the train split (hashed once per relation: every
+        bad response asks, and a GPU-preset preference set is 20,000 of them)."""
+        return _train_facts(self.name, self.test_fraction, relation)
 
     @staticmethod
     def _rivals(example: Example) -> list[str]:
