@@ -34,10 +34,11 @@ from .common import atomic_write_json, get_logger
 from .config import add_config_args, build_config, option
 from .model import GPT
 from .eval import gold_accuracy
-from .preferences import EncodedSet, PreferenceBatch, by_length, collate, encode_sets, row_offsets, task_names
+from .preferences import EncodedSet, PreferenceBatch, by_length, collate, encode_sets, row_offsets
 from .optim import build_optimizers
 from .reward import (PreferenceTrainConfig, fit_preferences, load_preference_data,
                      resolve_device, resume_checkpoint)
+from .tasks import task_names
 
 log = get_logger("dpo")
 

@@ -83,7 +83,7 @@ from .engine import Engine, SamplingParams, default_batch_size
 from .model import GPT
 from .pretrain import evaluate
 from .rollout import generate_chat
-from .tasks import TASKS, Example, get_task
+from .tasks import Example, get_task, task_names
 from .tokenizer import Tokenizer
 
 log = get_logger("eval")
@@ -271,13 +271,6 @@ STYLES = {
 }
 
 
-def _task_names(tasks: Sequence[str] | None) -> list[str]:
-    names = sorted(TASKS) if tasks is None else list(tasks)
-    for name in names:
-        get_task(name)  # unknown names fail here, with the list of available tasks
-    return names
-
-
 def _distinct_examples(task_name: str, split: str, n: int, rng: random.Random) -> list[Example]:
     """Up to n examples with distinct questions, within a bounded number of draws."""
     task, seen, out = get_task(task_name), set(), []
@@ -300,7 +293,7 @@ def eval_examples(tasks: Sequence[str] | None, n_per_task: int, seed: int = 0,
         raise GptlabError(f"n_per_task must be >= 1, got {n_per_task}")
     prefix = "eval" if split == "test" else f"eval-{split}"
     return {name: _distinct_examples(name, split, n_per_task, random.Random(f"{prefix}:{seed}:{name}"))
-            for name in _task_names(tasks)}
+            for name in task_names(tasks)}
 
 
 def draw_shots(example: Example, k: int, seed: int, index: int) -> list[Example]:
@@ -449,7 +442,7 @@ def evaluate_model(model: GPT, tokenizer: Tokenizer, mode: str = "base", tasks: 
     if mode not in MODES:
         raise GptlabError(f"unknown mode {mode!r} (expected base or chat)")
     shots = (3 if mode == "base" else 0) if shots is None else shots
-    names = _task_names(tasks)
+    names = task_names(tasks)
     for style in styles if mode == "base" else ():
         if style not in STYLES:
             raise GptlabError(f"unknown prompt style {style!r} (expected one of {', '.join(STYLES)})")

@@ -50,7 +50,7 @@ from .chat import Message, completion_text, render, render_for_completion, valid
 from .common import GptlabError, atomic_write_text, get_logger, iter_records
 from .engine import Engine, SamplingParams, default_batch_size
 from .model import GPT
-from .tasks import TASKS, Example, get_task, sample_examples
+from .tasks import Example, get_task, sample_examples, task_names
 from .tokenizer import Tokenizer
 
 log = get_logger("preferences")
@@ -191,14 +191,6 @@ def write_preferences_jsonl(path: str | os.PathLike, sets: Sequence[PreferenceSe
 
 
 # ---- generated from the task suite ------------------------------------------------------------------------
-def task_names(spec: str) -> list[str]:
-    """'all' or comma-separated task names."""
-    names = sorted(TASKS) if spec.strip() == "all" else [n.strip() for n in spec.split(",") if n.strip()]
-    for name in names:
-        get_task(name)  # unknown names fail here, listing the available ones
-    return names
-
-
 def task_preferences(examples: Sequence[Example], seed: int = 0) -> list[PreferenceSet]:
     """For each task example: its references (correct, helpful) above its task's bad responses (wrong,
     evasive, malformed)."""

@@ -55,10 +55,10 @@ from .config import add_config_args, build_config, option
 from .metrics import MetricsLogger, plot_loss_curve
 from .model import GPT
 from .preferences import (EncodedSet, PreferenceBatch, PreferenceSet, by_length, collate, default_preferences,
-                          encode_sets, read_preferences_jsonl, row_offsets, sampled_preferences, task_names)
+                          encode_sets, read_preferences_jsonl, row_offsets, sampled_preferences)
 from .optim import TrainConfig, bf16_autocast, build_optimizers, lr_multiplier, raise_if_diverged
 from .pretrain import StopRequest
-from .tasks import sample_examples
+from .tasks import sample_examples, task_names
 from .tokenizer import Tokenizer
 
 log = get_logger("reward")

@@ -122,11 +122,10 @@ from .lora import add_lora, fold_lora, lora_layers, merge_lora, unmerge_lora
 from .metrics import MetricsLogger, plot_panels, read_metrics
 from .model import GPT
 from .optim import TrainConfig, build_optimizers, lr_multiplier, raise_if_diverged
-from .preferences import task_names
 from .pretrain import StopRequest
 from .reward import RewardModel, batch_indices, check_same_tokenizer, resolve_device
 from .rollout import Turn, generate_chat
-from .tasks import Example, get_task, sample_examples
+from .tasks import Example, get_task, sample_examples, task_names
 from .tokenizer import Tokenizer
 
 log = get_logger("rl")
@@ -715,13 +714,13 @@ def plain_model(policy: GPT) -> GPT:
     return fold_lora(copy.deepcopy(policy)) if lora_layers(policy) else policy
 
 
-def replay_loss(cfg: RLConfig, policy: GPT, tokenizer: Tokenizer, task_names: list[str], step: int, update: int,
+def replay_loss(cfg: RLConfig, policy: GPT, tokenizer: Tokenizer, names: list[str], step: int, update: int,
                 pad_id: int, device: torch.device, autocast) -> torch.Tensor:
     """SFT cross-entropy on `ptx_rows` task-suite train conversations with reference answers, drawn as a
     pure function of (seed, step, update): InstructGPT's PPO-ptx term (Ouyang et al. 2022, eq. 2) with SFT
     data in place of pretraining data, which keeps RL from unlearning what SFT taught on tasks whose
     prompts give the policy gradient no signal (all answers right, or all wrong)."""
-    examples = sample_examples(task_names, cfg.ptx_rows, "train", seed=f"ptx-{cfg.seed}-{step}-{update}")
+    examples = sample_examples(names, cfg.ptx_rows, "train", seed=f"ptx-{cfg.seed}-{step}-{update}")
     pairs = [render(tokenizer, ex.conversation(0)).inputs_targets() for ex in examples]
     width = min(max(len(x) for x, _ in pairs), policy.config.max_seq_len)
     x = torch.full((len(pairs), width), pad_id, dtype=torch.long)

@@ -75,7 +75,7 @@ from .metrics import MetricsLogger, plot_loss_curve
 from .model import GPT
 from .optim import TrainConfig, bf16_autocast, build_optimizers, lr_multiplier, raise_if_diverged
 from .pretrain import StopRequest
-from .tasks import get_task, sample_examples
+from .tasks import sample_examples, task_names
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
 log = get_logger("sft")
@@ -144,19 +144,17 @@ PRESETS = {
 # Data: conversations -> rendered ids/masks -> packed rows
 
 
-def task_conversations(task_names: list[str] | None, n: int, split: str, seed: int) -> list[list[dict]]:
+def task_conversations(names: list[str] | None, n: int, split: str, seed: int) -> list[list[dict]]:
     """`n` conversations of `split` from the task suite, each with a random one of its reference answers."""
     rng = random.Random(f"sft-reference-{seed}-{split}")
-    examples = sample_examples(task_names, n, split, seed=f"sft-{seed}-{split}")
+    examples = sample_examples(names, n, split, seed=f"sft-{seed}-{split}")
     return [ex.conversation(rng.randrange(len(ex.reference))) for ex in examples]
 
 
 def load_conversations(cfg: SFTConfig) -> tuple[list[list[dict]], list[list[dict]]]:
     """(train, held-out) conversations for `cfg.data` (module docstring)."""
     if cfg.data == "tasks":
-        names = [t.strip() for t in cfg.tasks.split(",") if t.strip()] if cfg.tasks else None
-        for name in names or []:
-            get_task(name)  # unknown names fail here, with the list of tasks
+        names = task_names(cfg.tasks)
         return (task_conversations(names, cfg.num_conversations, "train", cfg.seed),
                 task_conversations(names, cfg.val_conversations, "test", cfg.seed))
     conversations = list(read_messages_jsonl(cfg.data))
@@ -476,7 +474,7 @@ def sft(cfg: SFTConfig) -> Path:
         lora_mod.fold_lora(model)
     save_model_dir(final, model, tokenizer)
     if cfg.gold_per_task:
-        names = [t.strip() for t in cfg.tasks.split(",") if t.strip()] if cfg.tasks and cfg.data == "tasks" else None
+        names = task_names(cfg.tasks if cfg.data == "tasks" else None)
         with autocast:
             gold = gold_accuracy(model, tokenizer, names, cfg.gold_per_task, mode="chat",
                                  max_new_tokens=cfg.gold_max_tokens, seed=cfg.seed)

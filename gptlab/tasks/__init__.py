@@ -158,6 +158,19 @@ def get_task(name: str | Task) -> Task:
     return TASKS[name]
 
 
+def task_names(spec: str | Sequence[str] | None = None) -> list[str]:
+    """The tasks a `--tasks` option names: None or 'all' for every registered task (in name order, which is
+    also `TASKS`' order: modules are discovered sorted and named after their task), a comma-separated
+    string or a list of names. Unknown names fail here, listing the available tasks. One parser for every
+    stage, so `gptlab tasks export` and a stage given the same option draw the same examples."""
+    if spec is None or (isinstance(spec, str) and spec.strip() == "all"):
+        return sorted(TASKS)
+    names = [n.strip() for n in spec.split(",") if n.strip()] if isinstance(spec, str) else list(spec)
+    for name in names:
+        get_task(name)
+    return names
+
+
 def sample_examples(tasks: Sequence[str | Task] | Mapping[str, float] | None, n: int, split: str,
                     seed: int | str = 0) -> list[Example]:
     """`n` examples of `split` from a mixture of tasks: names (uniform), a {name: weight} mapping, or None
