@@ -303,23 +303,20 @@ class DecodeBatch:
         a, b = self.cache, other.cache
         length = max(a.length, b.length)
         capacity = length + max(a.capacity - a.length, b.capacity - b.length)
-
-        def aligned(cache: KVCache, mask: torch.Tensor | None):
-            shift, rows = length - cache.length, cache.k.shape[1]
-            k = cache.k.new_zeros(*cache.k.shape[:3], capacity, cache.k.shape[-1])
-            v = torch.zeros_like(k)
-            k[..., shift:shift + cache.capacity, :] = cache.k
-            v[..., shift:shift + cache.capacity, :] = cache.v
-            new_mask = torch.ones(rows, capacity, dtype=torch.bool, device=k.device)
-            new_mask[:, :shift] = False
-            if mask is not None:
-                new_mask[:, shift:shift + cache.capacity] = mask
-            return k, v, new_mask
-
-        ka, va, ma = aligned(a, self.key_mask)
-        kb, vb, mb = aligned(b, other.key_mask)
-        a.k, a.v, a.length = torch.cat([ka, kb], dim=1), torch.cat([va, vb], dim=1), length
-        self.key_mask = torch.cat([ma, mb])
+        n_a = a.k.shape[1]
+        shape = (a.k.shape[0], n_a + b.k.shape[1], a.k.shape[2], capacity, a.k.shape[4])
+        # one allocation, and only the filled slots of each cache are copied (not their empty capacity)
+        k, v = a.k.new_zeros(shape), a.v.new_zeros(shape)
+        mask = torch.ones(shape[1], capacity, dtype=torch.bool, device=k.device)  # slots to come: attended
+        for rows, cache, old_mask in ((slice(0, n_a), a, self.key_mask), (slice(n_a, None), b, other.key_mask)):
+            shift = length - cache.length
+            k[:, rows, :, shift:length] = cache.k[:, :, :, :cache.length]
+            v[:, rows, :, shift:length] = cache.v[:, :, :, :cache.length]
+            mask[rows, :shift] = False
+            if old_mask is not None:
+                mask[rows, shift:length] = old_mask[:, :cache.length]
+        a.k, a.v, a.length = k, v, length
+        self.key_mask = mask
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
         self.logits = torch.cat([self.logits, other.logits])
         if self.seen is not None or other.seen is not None:

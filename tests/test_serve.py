@@ -265,7 +265,20 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(model_dir):
     assert reply.choices[0].message.content == expected
 
 
-def test_disconnecting_stream_leaves_the_batch(server):
+@pytest.fixture
+def slow_decode(engine, monkeypatch):
+    """Each decode step held 2 ms, so 1,500 tokens take at least 3 s: the disconnect tests then do not
+    depend on how fast this machine decodes the tiny model (one thread decodes them in well under 1 s)."""
+    step = engine.step
+
+    def slow_step(batch):
+        time.sleep(0.002)
+        return step(batch)
+
+    monkeypatch.setattr(engine, "step", slow_step)
+
+
+def test_disconnecting_stream_leaves_the_batch(server, slow_decode):
     before = health(server)
     body = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 1500, "stream": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as response:
@@ -281,7 +294,8 @@ def test_disconnecting_stream_leaves_the_batch(server):
     assert after["running_rows"] == 0
 
 
-def test_disconnecting_non_streaming_client_cancels(server):
+def test_disconnecting_non_streaming_client_cancels(server, slow_decode):
+    """The client gives up after 0.5 s, long before the 1,500 tokens it asked for (>= 3 s)."""
     before = health(server)
     body = {"model": MODEL, "messages": HELLO, "temperature": 0, "max_tokens": 1500}
     with pytest.raises(httpx.TimeoutException):
