@@ -35,6 +35,8 @@ for part in "$@"; do
   speedrun)  # the GPU preset for real; rerun the same command to resume after a timeout
     timeout "${SPEEDRUN_TIMEOUT:-540}" python3 -m gptlab.cli speedrun --preset gpu --run-dir runs/gpu >> "$out/speedrun.log" 2>&1; echo "speedrun exit $?"
     grep -v '%|' "$out/speedrun.log" | cut -c1-300 | tail -70
+    # does the 110M base recall the `facts` source (the CPU model does not)? docs/LOG.md, session 8
+    timeout 120 python3 bench/knowledge_probe.py runs/gpu/pretrain/model 2>&1 | tee "$out/knowledge_probe.md"
     tar czf "$out/gpu_run.tgz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' runs/gpu ;;
   esac
 done

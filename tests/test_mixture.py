@@ -171,7 +171,9 @@ def test_hf_dataset_saved_to_disk(tmp_path):
 
 
 def test_python_object_source(tmp_path, monkeypatch):
-    (tmp_path / "fake_corpus_pkg.py").write_text(f"corpus = {{'a': {PARAGRAPHS[0]!r}, 'b': {PARAGRAPHS[1]!r}}}\n")
+    (tmp_path / "fake_corpus_pkg.py").write_text(f"corpus = {{'a': {PARAGRAPHS[0]!r}, 'b': {PARAGRAPHS[1]!r}}}\n"
+                                                 f"def pages():\n    return {PARAGRAPHS[2]!r} + '\\n\\n' + "
+                                                 f"{PARAGRAPHS[3]!r}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     path = write_mixture(tmp_path, """
         val_fraction = 0.0
@@ -182,6 +184,15 @@ def test_python_object_source(tmp_path, monkeypatch):
         keys = ["b", "a"]
     """)
     assert [d.text for d in load_mixture(path).documents("train")] == [PARAGRAPHS[1], PARAGRAPHS[0]]
+    path = write_mixture(tmp_path, """
+        val_fraction = 0.0
+        [[sources]]
+        name = "made"
+        kind = "python"
+        object = "fake_corpus_pkg:pages"
+        doc_unit = "paragraph"
+    """)  # a function is called for its text
+    assert [d.text for d in load_mixture(path).documents("train")] == [PARAGRAPHS[2], PARAGRAPHS[3]]
     sys.modules.pop("fake_corpus_pkg", None)
 
 
@@ -316,10 +327,10 @@ def test_default_mixture_sources_all_present():
     """The embedded default mixture needs nothing but the pip-installed packages."""
     mix = load_mixture("default", max_bytes=600_000)
     by_source = dict(mix.documents_by_source(split=None))
-    assert list(by_source) == ["shakespeare", "treebank", "bbcnews", "wikipedia", "python"]
+    assert list(by_source) == ["shakespeare", "treebank", "bbcnews", "wikipedia", "python", "facts"]
     for spec in mix.sources:
         assert by_source[spec.name], spec.name
         assert spec.licence, f"source {spec.name} must document its licence"
-    assert "ROMEO" in "".join(d.text for d in by_source["shakespeare"]) or \
-        any("KING" in d.text for d in by_source["shakespeare"])
+    assert any("Enter " in d.text for d in by_source["shakespeare"])  # stage directions
     assert any("def " in d.text for d in by_source["python"])
+    assert any("The capital of " in d.text or "the capital of " in d.text for d in by_source["facts"])

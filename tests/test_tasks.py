@@ -5,12 +5,13 @@ calculator; the registry and the mixture sampler."""
 import dataclasses
 import operator
 import random
+import re
 
 import pytest
 
 from gptlab.chat import render, response_text
 from gptlab.common import GptlabError
-from gptlab.tasks import TASKS, Example, Task, get_task, register, sample_examples, split_of
+from gptlab.tasks import TASKS, Example, Task, get_task, register, sample_examples, split_of, task_names
 from gptlab.tasks.checks import find_json_object, final_number, mentions
 from gptlab.tasks.spelling import spelled_letters
 from gptlab.tasks.tools import calculate, calculator, execute_tool_call
@@ -243,6 +244,45 @@ def test_sample_examples_mixture():
         sample_examples({"arithmetic": 0}, 1, "train")
     with pytest.raises(GptlabError, match="no tasks"):
         sample_examples([], 1, "train")
+
+
+def test_task_names_parses_every_spelling_of_the_option():
+    """One parser for every stage's --tasks: all, a comma list (spaces and empty items ignored) or a list;
+    'all' is the registry's own order, so a stage drawing from `None` and one given `task_names('all')`
+    draw the same examples."""
+    assert task_names(None) == task_names("all") == task_names(" all ") == list(TASKS) == sorted(TASKS)
+    assert task_names("sentiment, arithmetic,,") == ["sentiment", "arithmetic"]
+    assert task_names(("knowledge",)) == ["knowledge"] and task_names([]) == []
+    assert [e.messages for e in sample_examples(task_names("all"), 40, "train", seed=5)] == \
+        [e.messages for e in sample_examples(None, 40, "train", seed=5)]
+    with pytest.raises(GptlabError, match=r"unknown task 'arithmatic' \(available: .*arithmetic"):
+        task_names("sentiment,arithmatic")
+
+
+def test_fact_pages_state_every_fact_truthfully():
+    """The pretraining prose names every fact of both splits (so test questions ask what pretraining
+    taught), and each sentence, read as an answer to its own fact's question, passes the gold checker: no
+    sentence pairs a subject with another fact's answer, none states two facts."""
+    from gptlab.tasks.knowledge import FACTS, RELATIONS, fact_pages
+
+    text = fact_pages(pages=400, seed=1)
+    assert text == fact_pages(pages=400, seed=1) and text != fact_pages(pages=400, seed=2)
+    paragraphs = text.split("\n\n")
+    assert len(paragraphs) == 400 and all(p.strip() for p in paragraphs)
+    task = get_task("knowledge")
+    stated = set()
+    # a sentence ends at a period after a lower-case letter ("J. R. R. Tolkien" goes on) or after "D.C."
+    boundary = re.compile(r"(?<=[a-zà-ÿ])\. (?=[A-Z])|(?<=D\.C\.) (?=[A-Z])")
+    for sentence in (s for p in paragraphs for s in boundary.split(p)):
+        # the facts whose subject the sentence names (Sweden has a capital and a currency): one must pass
+        right = [f for f in FACTS if f.subject.lower() in sentence.lower() and task.check(
+            Example("knowledge", [{"role": "user", "content": "?"}], f.answers[0], [f.answers[0]],
+                    {"relation": f.relation, "subject": f.subject, "answers": list(f.answers)}), sentence)]
+        assert len(right) == 1, sentence
+        stated.add((right[0].relation, right[0].subject))
+    assert stated == {(f.relation, f.subject) for f in FACTS}
+    splits = {split_of("knowledge", f"{r}: {s}", task.test_fraction) for r, s in stated}
+    assert splits == {"train", "test"} and set(RELATIONS) == {r for r, _ in stated}
 
 
 def test_example_wraps_string_references():

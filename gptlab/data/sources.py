@@ -1,7 +1,7 @@
 """Readers that turn a source spec (one `[[sources]]` table of a mixture file) into raw documents.
 
 Kinds: `text` (files and globs), `jsonl` (a chosen field), `parquet` (a chosen column), `hf` (a Hugging
-Face dataset by name, or saved with `save_to_disk`), `python` (a string attribute of an installed module,
+Face dataset by name, or saved with `save_to_disk`), `python` (a string attribute of an installed module, or a function returning one,
 e.g. the Penn Treebank inside the `treebank` package), `wikidump` (a MediaWiki XML dump, .bz2 allowed).
 Paths are resolved against `package` (the install directory of a Python package, or `@stdlib` for the
 standard library) when given, else against the mixture file's directory.
@@ -256,6 +256,8 @@ def _read_python(spec: SourceSpec, base_dir: Path, counters: ReadCounters) -> It
     value = getattr(module, attr, None)
     if value is None:
         raise GptlabError(f"source {spec.name!r}: {module_name} has no attribute {attr!r}")
+    if callable(value):  # a function that makes its text (e.g. gptlab.tasks.knowledge:fact_pages)
+        value = value()
     parts = [(f"{spec.object}[{k!r}]", value[k]) for k in spec.keys] if spec.keys else [(spec.object, value)]
     for origin, text in parts:
         if not isinstance(text, str):

@@ -1,7 +1,10 @@
 """World-knowledge questions from a hand-written fact table (capitals, currencies, authors, planets).
 
-A model can only know these from pretraining text; SFT teaches the answer format. The split is by fact,
-so test facts are never seen in SFT data in any phrasing. The wrong answers of bad responses (the rejected
+A model can only know these from pretraining text; SFT teaches the answer format (State of GPT: the
+knowledge is in the base model, fine-tuning unlocks it). So the table also renders as encyclopedic prose,
+`fact_pages`, a source of the default pretraining mixture covering every fact of both splits, and the split
+is by fact: test facts are never seen in SFT or preference data in any phrasing, so a test question
+measures whether the chat model answers from what pretraining taught it. The wrong answers of bad responses (the rejected
 side of preference data) are train facts' answers only, so a test answer appears in no training data at
 all: drawn from every fact, a test answer such as Kyiv appeared in training only as a rejected answer ("The
 capital of France is Kyiv."), and the reward model learned to score the word itself down (docs/LOG.md,
@@ -77,6 +80,53 @@ def _fact_key(relation: str, subject: str) -> str:
 FACTS = [fact for relation, (table, _, _) in RELATIONS.items() for fact in _parse(relation, table)]
 
 
+# Declarative sentences for the pretraining prose ({S}: the subject with a capital first letter). Only true
+# statements: "{a}, the largest city of {s}" would be false for Canberra or Ottawa.
+PROSE = {
+    "capital": ["The capital of {s} is {a}.", "{a} is the capital of {s}.", "{a} is the capital city of {s}.",
+                "{S} has its capital in {a}.", "The government of {s} sits in {a}, the capital.",
+                "{S}'s capital is {a}."],
+    "currency": ["The currency of {s} is the {a}.", "In {s}, prices are paid in the {a}.",
+                 "{S} uses the {a} as its currency.", "The {a} is the currency of {s}."],
+    "author": ["{s} was written by {a}.", "{a} wrote {s}.", "The author of {s} is {a}.",
+               "{a} is the author of {s}.", "{s} is a work by {a}."],
+    "planet": ["The planet that is {s} is {a}.", "{a} is the planet that is {s}.",
+               "Of all the planets, {a} is {s}.", "{a} is {s}."],
+}
+
+
+def _state(template: str, subject: str, answer: str) -> str:
+    """A template filled in as a sentence: first letter upper case, one final period ("Washington, D.C.")."""
+    text = template.format(s=subject, S=subject[:1].upper() + subject[1:], a=answer)
+    return text[:1].upper() + text[1:-1] if text.endswith("..") else text[:1].upper() + text[1:]
+
+
+def fact_pages(pages: int = 4000, seed: int = 0) -> str:
+    """Encyclopedic prose stating every fact of the table: `pages` paragraphs (blank-line separated) of 3-6
+    sentences about one relation (drawn in proportion to its facts), phrasings drawn at random, the
+    canonical answer 9 times in 10 and an alias otherwise. The default pretraining mixture reads it as its
+    `facts` source. 4,000 pages are 0.73 MB, 2.4% of the mixture: each fact is stated ~160 times an epoch,
+    ~1,000 times in the GPU preset's ~6 epochs, while the CPU preset's 100 steps (5% of an epoch) spend
+    only ~2% of their tokens on it. Measured on the 5M-parameter model (docs/LOG.md, session 8; the right
+    answer ranked first among its relation's answers by log-likelihood, chance 4%): at 100 steps nothing
+    even at a 14% share; at 500 steps chance at 5%, 17% of facts at 14% (~230 statements each). So the CPU
+    preset does not learn the facts (to it they are familiar words); a larger model that sees each ~1,000
+    times should."""
+    rng = random.Random(seed)
+    by_relation = {r: [f for f in FACTS if f.relation == r] for r in RELATIONS}
+    paragraphs = []
+    relations, sizes = list(by_relation), [len(facts) for facts in by_relation.values()]
+    for _ in range(pages):
+        relation = rng.choices(relations, sizes)[0]  # weighted by facts, so every fact is stated as often
+        facts = rng.sample(by_relation[relation], min(len(by_relation[relation]), rng.randint(3, 6)))
+        sentences = []
+        for f in facts:
+            answer = f.answers[0] if len(f.answers) == 1 or rng.random() < 0.9 else rng.choice(f.answers[1:])
+            sentences.append(_state(rng.choice(PROSE[relation]), f.subject, answer))
+        paragraphs.append(" ".join(sentences))
+    return "\n\n".join(paragraphs)
+
+
 @functools.cache
 def _train_facts(task_name: str, test_fraction: float, relation: str) -> tuple[Fact, ...]:
     return tuple(f for f in FACTS if f.relation == relation
@@ -94,7 +144,7 @@ class Knowledge(Task):
         question = rng.choice(phrasings).format(s=fact.subject)
         answer = fact.answers[0]
         return Example(self.name, [{"role": "user", "content": question}], answer,
-                       [reference.format(s=fact.subject, a=answer), answer],
+                       [_state(reference, fact.subject, answer), answer],
                        {"relation": fact.relation, "subject": fact.subject, "answers": list(fact.answers)})
 
     def split_key(self, example: Example) -> str:
@@ -119,7 +169,7 @@ class Knowledge(Task):
         meta = example.metadata
         reference = RELATIONS[meta["relation"]][2]
         wrong = rng.choice([f for f in self.train_facts(meta["relation"]) if f.subject != meta["subject"]])
-        yield reference.format(s=meta["subject"], a=wrong.answers[0])
+        yield _state(reference, meta["subject"], wrong.answers[0])
         yield f"It is either {wrong.answers[0]} or {example.answer_text}."
         yield wrong.answers[0]
         yield rng.choice(EVASIVE)
