@@ -11,11 +11,12 @@ Design decisions
   run's paths: the speedrun adds no training code, so anything it does can be reproduced one stage at a
   time with `gptlab <stage> --preset cpu ...`. The few overrides a preset of the speedrun makes (step
   counts, learning rates tuned for its model size) are fields of `SpeedrunConfig` and are logged.
-- Resume: `run_dir/speedrun.json` records, per finished stage, its full configuration, its output and its
-  wall time. A rerun skips a stage whose recorded configuration is unchanged and whose output exists, and
-  resumes an unfinished stage from its newest valid checkpoint (every stage runs with `resume=True`), so
-  Ctrl-C at any point loses at most one checkpoint interval. Changing an option reruns that stage (and,
-  since their inputs changed, the stages after it).
+- Resume: `run_dir/speedrun.json` records, per stage, a fingerprint of its configuration and of the
+  fingerprints of the stages it reads (the tokenizer's includes the mixture file's parsed contents), its
+  output and its wall time. A rerun skips a stage whose fingerprint is unchanged and whose output exists,
+  and resumes an unfinished stage from its newest valid checkpoint (every stage runs with `resume=True`),
+  so Ctrl-C at any point loses at most one checkpoint interval. Changing an option reruns that stage and
+  every stage downstream of it (a new base model retrains SFT, RM, RL, DPO and the evaluation).
 - Stages measure nothing twice: the training stages' own end-of-run gold evaluations are switched off
   and one evaluation stage measures every model on the same test questions (`gptlab.eval`, seeded), so
   the report's columns are comparable: the base model few-shot in both prompt styles (plain Q/A document
@@ -38,7 +39,7 @@ import io
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from typing import Any
 from .checkpoint import load_model_dir
 from .common import atomic_write_bytes, atomic_write_json, atomic_write_text, get_logger, read_json, torch_device
 from .config import add_config_args, build_config, option
-from .data.mixture import load_mixture
+from .data.mixture import load_mixture, mixture_digest
 from .data.prepare import PrepareConfig, prepare
 from .engine import Engine, SamplingParams, default_batch_size
 from .tokenizer import Tokenizer, train_tokenizer
@@ -122,9 +123,9 @@ PRESETS = {
 # Bookkeeping: which stages are done with which configuration
 
 
-def _fingerprint(config: Any) -> str:
-    payload = json.dumps(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
-                         sort_keys=True, default=str)
+def _fingerprint(config: Any, upstream: dict[str, str]) -> str:
+    options = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    payload = json.dumps({"options": options, "upstream": upstream}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -155,12 +156,13 @@ class RunState:
 
 
 def run_stage(state: RunState, name: str, config: Any, work: Callable[[], Path], wanted: list[str],
-              checkpoints: Path | None = None) -> Path:
-    """Run `work` unless the stage already finished with the same `config` (or is not `wanted` and has
-    finished before). A stage interrupted with the same `config` resumes from its own `checkpoints`; one
-    whose options changed since it started starts afresh (its old checkpoints are removed: resuming them
-    would continue another run's schedule)."""
-    fingerprint = _fingerprint(config)
+              checkpoints: Path | None = None, after: Sequence[str] = ()) -> Path:
+    """Run `work` unless the stage already finished with the same `config` and the same upstream stages
+    `after` (the stages whose output it reads: their fingerprints are part of its own, so a new base model
+    retrains SFT and everything after it), or is not `wanted` and has finished before. A stage interrupted
+    with the same fingerprint resumes from its own `checkpoints`; one whose fingerprint changed since it
+    started starts afresh (its old checkpoints are removed: resuming them would continue another run)."""
+    fingerprint = _fingerprint(config, {stage: state.stages[stage]["fingerprint"] for stage in after})
     entry = state.finished(name)
     if name not in wanted and (entry is None or entry["fingerprint"] != fingerprint):
         if entry is None:
@@ -214,7 +216,9 @@ def speedrun(cfg: SpeedrunConfig) -> Path:
     preset = cfg.stage_preset
 
     tok_path = run / "tokenizer.json"
-    tok_cfg = {"mixture": cfg.mixture, "max_bytes": cfg.max_bytes, "vocab_size": cfg.vocab_size}
+    # the mixture's digest too: an edited mixture file under the same name must retrain the tokenizer
+    tok_cfg = {"mixture": cfg.mixture, "mixture_sha256": mixture_digest(cfg.mixture), "max_bytes": cfg.max_bytes,
+               "vocab_size": cfg.vocab_size}
 
     def train_tok() -> Path:
         mixture = load_mixture(cfg.mixture, max_bytes=cfg.max_bytes)
@@ -227,7 +231,8 @@ def speedrun(cfg: SpeedrunConfig) -> Path:
     data_cfg = PrepareConfig(mixture=cfg.mixture, tokenizer=str(tok_path), out=str(run / "data"),
                              max_bytes=cfg.max_bytes, force=True)
     data_dir = run_stage(state, "data", {**dataclasses.asdict(data_cfg), "tokenizer_sha256": Tokenizer.load(tok_path).sha256},
-                         lambda: prepare(data_cfg, load_mixture(cfg.mixture, max_bytes=cfg.max_bytes)), wanted)
+                         lambda: prepare(data_cfg, load_mixture(cfg.mixture, max_bytes=cfg.max_bytes)), wanted,
+                         after=("tokenizer",))
 
     pre_cfg = dataclasses.replace(PRETRAIN_PRESETS[cfg.pretrain_preset], data_dir=str(data_dir),
                                   tokenizer=str(tok_path), out_dir=str(run / "pretrain"), resume=True,
@@ -239,31 +244,31 @@ def speedrun(cfg: SpeedrunConfig) -> Path:
                                       eval_every=min(pre_cfg.eval_every, quarter),
                                       checkpoint_every=min(pre_cfg.checkpoint_every, 2 * quarter))
     base_dir = run_stage(state, "pretrain", pre_cfg, lambda: _pretrain_and_sample(pretrain, pre_cfg, cfg.device),
-                         wanted, run / "pretrain" / "checkpoints")
+                         wanted, run / "pretrain" / "checkpoints", after=("data",))
 
-    def trained(name: str, preset_cfg, train: Callable, **fields) -> Path:
+    def trained(name: str, after: tuple[str, ...], preset_cfg, train: Callable, **fields) -> Path:
         """A training stage writing to run/<name>, resumable from its own checkpoints there."""
         config = _override(preset_cfg, out=str(run / name), resume=True, device=cfg.device, **fields)
-        return run_stage(state, name, config, lambda: train(config), wanted, run / name / "checkpoints")
+        return run_stage(state, name, config, lambda: train(config), wanted, run / name / "checkpoints", after)
 
-    sft_dir = trained("sft", SFT_PRESETS[preset], sft, model=str(base_dir), gold_per_task=0,
+    sft_dir = trained("sft", ("pretrain",), SFT_PRESETS[preset], sft, model=str(base_dir), gold_per_task=0,
                       num_steps=cfg.sft_steps, lr=cfg.sft_lr, num_conversations=cfg.sft_conversations)
-    rm_dir = trained("rm", RM_PRESETS[preset], train_reward_model, model=str(sft_dir), num_steps=cfg.rm_steps,
+    rm_dir = trained("rm", ("sft",), RM_PRESETS[preset], train_reward_model, model=str(sft_dir), num_steps=cfg.rm_steps,
                      train_prompts=cfg.pref_prompts, val_prompts=cfg.pref_val_prompts,
                      sample_prompts=cfg.pref_sample_prompts)
-    rl_dir = trained("rl", RL_PRESETS[preset], train_rl, policy=str(sft_dir), num_steps=cfg.rl_steps,
-                     gold_per_task=cfg.rl_gold_per_task,
-                     reward="verifier" if cfg.rl_reward == "verifier" else str(rm_dir))
-    dpo_dir = trained("dpo", DPO_PRESETS[preset], train_dpo, model=str(sft_dir), gold_prompts=0,
+    by_rm = cfg.rl_reward != "verifier"
+    rl_dir = trained("rl", ("sft", "rm") if by_rm else ("sft",), RL_PRESETS[preset], train_rl, policy=str(sft_dir),
+                     num_steps=cfg.rl_steps, gold_per_task=cfg.rl_gold_per_task,
+                     reward=str(rm_dir) if by_rm else "verifier")
+    dpo_dir = trained("dpo", ("sft",), DPO_PRESETS[preset], train_dpo, model=str(sft_dir), gold_prompts=0,
                       num_steps=cfg.dpo_steps, train_prompts=cfg.pref_prompts, val_prompts=cfg.pref_val_prompts,
                       sample_prompts=cfg.pref_sample_prompts)
 
     models = {"base": base_dir, "sft": sft_dir, "rl": rl_dir, "dpo": dpo_dir}
     eval_cfg = {"models": {k: str(v) for k, v in models.items()}, "rm": str(rm_dir),
-                "per_task": cfg.eval_per_task, "shots": cfg.eval_shots, "max_tokens": cfg.eval_max_tokens,
-                "upstream": {k: state.stages[k]["fingerprint"] for k in ("pretrain", "sft", "rl", "dpo", "rm")}}
-    eval_dir = run_stage(state, "eval", eval_cfg,
-                         lambda: evaluate_all(models, rm_dir, data_dir, run / "eval", cfg), wanted)
+                "per_task": cfg.eval_per_task, "shots": cfg.eval_shots, "max_tokens": cfg.eval_max_tokens}
+    eval_dir = run_stage(state, "eval", eval_cfg, lambda: evaluate_all(models, rm_dir, data_dir, run / "eval", cfg),
+                         wanted, after=("data", "pretrain", "sft", "rm", "rl", "dpo"))
 
     report = write_report(run, state, eval_dir)
     log.info("report: %s; chat with the RL model: gptlab chat --model %s", report, rl_dir)

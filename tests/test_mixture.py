@@ -5,12 +5,14 @@ import bz2
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
+import gptlab
 from gptlab.cli import main
 from gptlab.common import GptlabError
-from gptlab.data.mixture import is_val, load_mixture
+from gptlab.data.mixture import is_val, load_mixture, mixture_digest
 
 PARAGRAPHS = [f"Paragraph {i}: the quick brown fox number {i} jumps over {i * 7} lazy dogs." for i in range(300)]
 
@@ -321,6 +323,21 @@ def test_missing_mixture_path_cli_error(capsys, tmp_path):
     assert main(["data", "stats", "--mixture", str(tmp_path / "nope.toml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: mixture") and "not found" in err[0]
+
+
+def test_mixture_digest_follows_the_parsed_file(tmp_path):
+    """What a speedrun fingerprints: equal for a built-in name and its file, blind to comments and layout,
+    changed by any value."""
+    text = (Path(gptlab.__file__).parent / "mixtures" / "default.toml").read_text(encoding="utf-8")
+    path = tmp_path / "mix.toml"
+    path.write_text(text, encoding="utf-8")
+    assert mixture_digest("default") == mixture_digest(path)
+    path.write_text("# a comment\n\n" + text.replace("weight = 0.5", "weight   =   0.5"), encoding="utf-8")
+    assert mixture_digest(path) == mixture_digest("default")
+    path.write_text(text.replace("weight = 0.5", "weight = 0.4"), encoding="utf-8")
+    assert mixture_digest(path) != mixture_digest("default")
+    with pytest.raises(GptlabError, match="not found"):
+        mixture_digest(tmp_path / "missing.toml")
 
 
 def test_default_mixture_sources_all_present():

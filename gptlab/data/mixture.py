@@ -26,6 +26,7 @@ Design decisions
 from __future__ import annotations
 
 import hashlib
+import json
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -192,17 +193,28 @@ def _builtin_mixtures() -> dict[str, Path]:
     return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".toml")}
 
 
-def load_mixture(name_or_path: str | Path, *, max_bytes: int | None = None,
-                 strict_utf8: bool | None = None) -> Mixture:
-    """A built-in mixture by name (`default`, ...) or a mixture TOML file by path."""
+def _read_spec(name_or_path: str | Path) -> tuple[Path, dict]:
+    """The TOML file of a built-in mixture name (`default`, ...) or a path, and its parsed contents."""
     builtin = _builtin_mixtures()
     path = builtin.get(str(name_or_path)) or Path(name_or_path)
     if not path.is_file():
         raise GptlabError(f"mixture {name_or_path!r} not found: not a file and not one of {', '.join(sorted(builtin))}")
     try:
-        spec = tomllib.loads(path.read_text(encoding="utf-8"))
+        return path, tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise GptlabError(f"mixture file {path} is not valid TOML: {e}") from None
+
+
+def mixture_digest(name_or_path: str | Path) -> str:
+    """sha256 of a mixture's parsed TOML (comments and layout do not count), so a speedrun notices that the
+    file behind a mixture name was edited. Text made by code (a `python` source) is not covered."""
+    return hashlib.sha256(json.dumps(_read_spec(name_or_path)[1], sort_keys=True).encode()).hexdigest()
+
+
+def load_mixture(name_or_path: str | Path, *, max_bytes: int | None = None,
+                 strict_utf8: bool | None = None) -> Mixture:
+    """A built-in mixture by name (`default`, ...) or a mixture TOML file by path."""
+    path, spec = _read_spec(name_or_path)
     raw_sources = spec.get("sources", [])
     if not raw_sources:
         raise GptlabError(f"mixture {path} has no [[sources]]")
