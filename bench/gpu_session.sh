@@ -4,7 +4,8 @@
 # Usage: bash bench/gpu_session.sh OUTDIR PARTS...
 # PARTS: check (bench/check_gpu.py), train (bench_train_gpu.py), mfu (its variants), decode (bench_decode.py
 # on CUDA), speedrun (the GPU preset), smoke (every stage of the GPU speedrun for a few steps, on a copy of
-# runs/gpu's tokenizer + data).
+# runs/gpu's tokenizer + data). runs/gpu is made on the CPU machine, which has the mixture's packages:
+# `gptlab speedrun --preset gpu --stages tokenizer,data --run-dir runs/gpu`, then carried.
 set -uo pipefail
 out=${1:?output dir}; shift
 export PYTHONUNBUFFERED=1

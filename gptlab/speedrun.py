@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import load_model_dir
-from .common import atomic_write_bytes, atomic_write_json, atomic_write_text, get_logger, read_json, torch_device
+from .common import (GptlabError, atomic_write_bytes, atomic_write_json, atomic_write_text, get_logger, read_json,
+                     torch_device)
 from .config import add_config_args, build_config, option
 from .data.mixture import load_mixture, mixture_digest
 from .data.prepare import PrepareConfig, prepare
@@ -83,7 +84,8 @@ class SpeedrunConfig:
                                                 "in-training gold-accuracy curve")
     dpo_steps: int | None = option(None, "override the DPO preset's step count")
     stages: str = option("all", "comma-separated stages to run (tokenizer,data,pretrain,sft,rm,rl,dpo,eval) "
-                                "or all; skipped stages must have run before")
+                                "or all; a skipped stage reuses its earlier output, and the run stops after "
+                                "the selected stages when the next one has never run")
     eval_per_task: int = option(30, "test questions per task in the evaluation stage")
     eval_shots: int = option(3, "shots of the base model's few-shot prompts")
     eval_max_tokens: int = option(96, "max new tokens per evaluated answer")
@@ -165,8 +167,11 @@ def run_stage(state: RunState, name: str, config: Any, work: Callable[[], Path],
     fingerprint = _fingerprint(config, {stage: state.stages[stage]["fingerprint"] for stage in after})
     entry = state.finished(name)
     if name not in wanted and (entry is None or entry["fingerprint"] != fingerprint):
+        if entry is None and STAGES.index(name) > max(STAGES.index(stage) for stage in wanted):
+            raise _AfterLastSelected(name)
         if entry is None:
-            raise ValueError(f"stage {name!r} was not selected with --stages and has not run before")
+            raise GptlabError(f"stage {name!r} has not run in this run dir and a selected stage needs its output: "
+                              "add it to --stages")
         log.warning("%s: not selected; using its earlier output %s (other options)", name, entry["output"])
         return Path(entry["output"])
     if entry is not None and entry["fingerprint"] == fingerprint:
@@ -195,7 +200,22 @@ def _override(config, **fields):
 # The recipe
 
 
+class _AfterLastSelected(Exception):
+    """A stage after the last one selected with --stages has never run: the recipe stops there."""
+
+
 def speedrun(cfg: SpeedrunConfig) -> Path:
+    """The recipe; returns the report, or the run dir when `--stages` stops before the evaluation (e.g.
+    `--stages tokenizer,data` on a machine with the mixture's packages, the rest on a GPU machine)."""
+    try:
+        return _recipe(cfg)
+    except _AfterLastSelected as stop:
+        log.info("stopping before %s: the stages after %s were not selected and have not run", stop,
+                 max(cfg.stage_list(), key=STAGES.index))
+        return Path(cfg.run_dir)
+
+
+def _recipe(cfg: SpeedrunConfig) -> Path:
     # imported here: each stage module is heavy, and `gptlab --help` should not pay for them
     from .dpo import PRESETS as DPO_PRESETS
     from .dpo import train_dpo

@@ -93,3 +93,15 @@ def test_speedrun_whole_recipe_then_resume(tmp_path, capsys):
 def test_speedrun_rejects_unknown_stage(tmp_path, capsys):
     assert main(["speedrun", "--stages", "pretrain,finetune", "--run-dir", str(tmp_path)]) == 2
     assert "finetune" in capsys.readouterr().err
+
+
+def test_speedrun_stops_after_the_selected_stages(tmp_path, capsys):
+    """`--stages tokenizer,data` prepares the data and stops (how a GPU machine without the mixture's
+    packages gets its run dir); selecting a stage whose input never ran is a clear error."""
+    run = tmp_path / "run"
+    assert main(speedrun_args(run, stages="tokenizer,data")) == 0
+    assert list(json.loads((run / "speedrun.json").read_text())["stages"]) == ["tokenizer", "data"]
+    assert (run / "data" / "meta.json").is_file() and not (run / "pretrain").exists()
+    capsys.readouterr()
+    assert main(speedrun_args(run, stages="sft")) == 2
+    assert "stage 'pretrain' has not run in this run dir" in capsys.readouterr().err
