@@ -127,7 +127,7 @@ def test_knowledge_checker_edge_cases():
 
 
 def test_knowledge_bad_responses_name_train_answers_only():
-    """A test fact's answer never appears in training data, not even on the rejected side: every wrong
+    """A test fact's answer never appears in fine-tuning data, not even on the rejected side: every wrong
     answer in a bad response (either split) is a train fact's, and the test facts' answers do occur."""
     from gptlab.tasks.knowledge import FACTS
 

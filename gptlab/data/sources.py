@@ -1,8 +1,9 @@
 """Readers that turn a source spec (one `[[sources]]` table of a mixture file) into raw documents.
 
 Kinds: `text` (files and globs), `jsonl` (a chosen field), `parquet` (a chosen column), `hf` (a Hugging
-Face dataset by name, or saved with `save_to_disk`), `python` (a string attribute of an installed module, or a function returning one,
-e.g. the Penn Treebank inside the `treebank` package), `wikidump` (a MediaWiki XML dump, .bz2 allowed).
+Face dataset by name, or saved with `save_to_disk`), `python` (a string attribute of an installed module,
+e.g. the Penn Treebank inside the `treebank` package, or a function returning the text, e.g. gptlab's own
+`gptlab.tasks.knowledge:fact_pages`), `wikidump` (a MediaWiki XML dump, .bz2 allowed).
 Paths are resolved against `package` (the install directory of a Python package, or `@stdlib` for the
 standard library) when given, else against the mixture file's directory.
 

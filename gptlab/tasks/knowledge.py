@@ -4,12 +4,12 @@ A model can only know these from pretraining text; SFT teaches the answer format
 knowledge is in the base model, fine-tuning unlocks it). So the table also renders as encyclopedic prose,
 `fact_pages`, a source of the default pretraining mixture covering every fact of both splits, and the split
 is by fact: test facts are never seen in SFT or preference data in any phrasing, so a test question
-measures whether the chat model answers from what pretraining taught it. The wrong answers of bad responses (the rejected
-side of preference data) are train facts' answers only, so a test answer appears in no training data at
-all: drawn from every fact, a test answer such as Kyiv appeared in training only as a rejected answer ("The
-capital of France is Kyiv."), and the reward model learned to score the word itself down (docs/LOG.md,
-session 7). A reply is right when it names the answer (any accepted alias, any case, with or without
-accents) and names no other answer of the same kind.
+measures whether the chat model answers from what pretraining taught it. The wrong answers of bad
+responses (the rejected side of preference data) are train facts' answers only, so a test answer appears in
+no fine-tuning data at all: drawn from every fact, a test answer such as Kyiv appeared there only as a
+rejected answer ("The capital of France is Kyiv."), and the reward model learned to score the word itself
+down (docs/LOG.md, session 7). A reply is right when it names the answer (any accepted alias, any case,
+with or without accents) and names no other answer of the same kind.
 """
 
 from __future__ import annotations
