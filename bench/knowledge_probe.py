@@ -14,7 +14,7 @@ import torch
 
 from gptlab.checkpoint import load_model_dir
 from gptlab.engine import Engine
-from gptlab.tasks import get_task, split_of
+from gptlab.tasks import get_task
 from gptlab.tasks.knowledge import FACTS, RELATIONS
 
 
@@ -30,7 +30,7 @@ def probe(model_dir: str) -> dict[str, tuple[int, int]]:
         with torch.no_grad():
             scores = engine.score([prefix] * len(rivals), [" " + f.answers[0] for f in rivals])
         best = max(zip(scores, rivals), key=lambda pair: pair[0].logprob)[1]
-        split = split_of(task.name, f"{fact.relation}: {fact.subject}", task.test_fraction)
+        split = "train" if fact in task.train_facts(fact.relation) else "test"  # the task's own split
         known[split][0] += best is fact
         known[split][1] += 1
     return {split: (k, n) for split, (k, n) in known.items()}

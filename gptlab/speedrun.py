@@ -210,8 +210,7 @@ def speedrun(cfg: SpeedrunConfig) -> Path:
     try:
         return _recipe(cfg)
     except _AfterLastSelected as stop:
-        log.info("stopping before %s: the stages after %s were not selected and have not run", stop,
-                 max(cfg.stage_list(), key=STAGES.index))
+        log.info("stopping before %s: it and the stages after it were not selected and have not run", stop)
         return Path(cfg.run_dir)
 
 
