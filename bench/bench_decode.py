@@ -1,4 +1,4 @@
-"""Decode throughput of gptlab.engine vs Hugging Face `generate` on the same weights (CPU).
+"""Decode throughput of gptlab.infer.engine vs Hugging Face `generate` on the same weights (CPU).
 
 Both sides get the same GPT (random init; speed does not depend on the values), loaded into
 `transformers.LlamaForCausalLM` built from our config, the same prompt (repeated `batch` times, so neither
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gptlab.engine import Engine, SamplingParams
+from gptlab.infer.engine import Engine, SamplingParams
 from gptlab.model import GPT, GPTConfig
 from gptlab.tokenizer import train_tokenizer
 

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from gptlab.model import GPT, GPTConfig
-from gptlab.optim import TrainConfig, build_optimizers
-from gptlab.sharding import shard_model
+from gptlab.train.optim import TrainConfig, build_optimizers
+from gptlab.train.sharding import shard_model
 
 
 def local_bytes(tensors) -> int:

@@ -25,7 +25,7 @@ consecutive `on_step_end` callbacks), median after 2 warm-up steps, generated to
 over those steps (sampled tokens including the closing one), and sampling alone (the generation call of
 each side). Repetitions are interleaved (gptlab, TRL, gptlab, TRL), each in a fresh process.
 Final figures: the per-step mean reward of the sampled answers, and greedy gold accuracy on the test split
-by one piece of code for both (`gptlab.eval.gold_accuracy`, chat mode, the rollout budget; TRL's model saved
+by one piece of code for both (`gptlab.eval.report.gold_accuracy`, chat mode, the rollout budget; TRL's model saved
 and read back with `gptlab.interop.load_hf`). Needs `pip install trl` (not a gptlab dependency).
 """
 
@@ -51,9 +51,9 @@ from trl_step_clock import step_clock  # bench/, beside this script
 from gptlab import rl
 from gptlab.chat import completion_text
 from gptlab.checkpoint import load_model_dir
-from gptlab.eval import chat_messages, gold_accuracy
+from gptlab.eval.report import chat_messages, gold_accuracy
 from gptlab.interop import export_hf, load_hf
-from gptlab.metrics import read_metrics
+from gptlab.train.metrics import read_metrics
 from gptlab.tasks import get_task
 
 WARMUP, SEED = 2, 0

@@ -49,11 +49,11 @@ sys.path.insert(0, str(REPO))
 
 from gptlab.chat import render_for_completion
 from gptlab.checkpoint import load_model_dir
-from gptlab.dpo import DPOConfig, reference_logprobs, train_dpo
+from gptlab.train.dpo import DPOConfig, reference_logprobs, train_dpo
 from gptlab.interop import export_hf, load_hf
-from gptlab.metrics import read_metrics
-from gptlab.preferences import EncodedSet, default_preferences, encode_set, row_offsets
-from gptlab.reward import RewardConfig, RewardModel, batch_indices, pairwise_accuracy, train_reward_model
+from gptlab.train.metrics import read_metrics
+from gptlab.train.preferences import EncodedSet, default_preferences, encode_set, row_offsets
+from gptlab.train.reward import RewardConfig, RewardModel, batch_indices, pairwise_accuracy, train_reward_model
 from trl_step_clock import step_clock  # bench/, beside this script
 
 WARMUP, SEED, TASKS = 3, 0, "all"

@@ -35,9 +35,9 @@ from gptlab.chat import CHAT_TEMPLATE
 from gptlab.checkpoint import save_model_dir
 from gptlab.interop import export_hf
 from gptlab.lora import DEFAULT_TARGETS
-from gptlab.metrics import read_metrics
+from gptlab.train.metrics import read_metrics
 from gptlab.model import GPT, GPTConfig
-from gptlab.sft import SFTConfig, sft, task_conversations
+from gptlab.train.sft import SFTConfig, sft, task_conversations
 from gptlab.tokenizer import train_tokenizer
 
 SEQ_LEN, BATCH, WARMUP = 256, 8, 3

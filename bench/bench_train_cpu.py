@@ -2,7 +2,7 @@
 
 For each preset (`tiny`, `small`) both sides get the model `GPTConfig.from_depth(depth)` with the preset's
 sequence length and micro-batch, identical initial weights (HF Llama parameter names are ours), the same
-AdamW param groups (`gptlab.pretrain.build_optimizers`), the same batch of token ids, fp32, and the same step:
+AdamW param groups (`gptlab.train.pretrain.build_optimizers`), the same batch of token ids, fp32, and the same step:
 forward, mean cross-entropy over all positions, backward, clip the gradient norm to 1, optimizer step. The
 first step's losses are compared, so the two sides are known to compute the same thing. Repetitions are
 interleaved (ours, HF, ours, HF, ...) so load from other work on the machine hits both alike; the median
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from bench_decode import hf_twin
 from gptlab.model import GPT, GPTConfig
-from gptlab.optim import build_optimizers
-from gptlab.pretrain import PRESETS
+from gptlab.train.optim import build_optimizers
+from gptlab.train.pretrain import PRESETS
 
 
 def make_step(model, optimizers, forward_loss):

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from bench_decode import hf_twin  # bench/, beside this script
 
 from gptlab.model import GPT, Attention, GPTConfig, MLP, apply_rotary
-from gptlab.optim import TrainConfig, build_optimizers
-from gptlab.pretrain import H100_BF16_PEAK_FLOPS
+from gptlab.train.optim import TrainConfig, build_optimizers
+from gptlab.train.pretrain import H100_BF16_PEAK_FLOPS
 
 
 def fused_attention_forward(self, x, cos, sin, layer, kv_cache, mask):

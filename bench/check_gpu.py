@@ -18,7 +18,7 @@ import json.decoder
 import torch
 from bench_decode import hf_twin  # bench/, beside this script
 
-from gptlab.engine import Engine, SamplingParams
+from gptlab.infer.engine import Engine, SamplingParams
 from gptlab.model import GPT, GPTConfig
 from gptlab.tokenizer import train_tokenizer
 

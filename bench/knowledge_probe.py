@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from gptlab.checkpoint import load_model_dir
-from gptlab.engine import Engine
+from gptlab.infer.engine import Engine
 from gptlab.tasks import get_task
 from gptlab.tasks.knowledge import FACTS, RELATIONS
 

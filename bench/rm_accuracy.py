@@ -11,8 +11,8 @@ from collections import defaultdict
 
 import torch
 
-from gptlab.preferences import default_preferences, task_names
-from gptlab.reward import RewardModel, pairwise_accuracy
+from gptlab.train.preferences import default_preferences, task_names
+from gptlab.train.reward import RewardModel, pairwise_accuracy
 from gptlab.tasks import sample_examples
 
 

@@ -244,7 +244,7 @@ class GPT(nn.Module):
         `logits_to_keep` > 0: logits of the last that many positions only (a prefill needs just the last
         one; the head over the whole prompt would cost B * T * vocab floats). Same meaning as in HF.
         `return_hidden`: return the final-norm hidden states (B, T, n_embd) the head would read, for a
-        reward or value head (gptlab.reward); `targets` is then ignored.
+        reward or value head (gptlab.train.reward); `targets` is then ignored.
         """
         B, T = idx.shape
         offset = kv_cache.length if kv_cache is not None else 0

@@ -18,7 +18,7 @@ Design decisions
   so Ctrl-C at any point loses at most one checkpoint interval. Changing an option reruns that stage and
   every stage downstream of it (a new base model retrains SFT, RM, RL, DPO and the evaluation).
 - Stages measure nothing twice: the training stages' own end-of-run gold evaluations are switched off
-  and one evaluation stage measures every model on the same test questions (`gptlab.eval`, seeded), so
+  and one evaluation stage measures every model on the same test questions (`gptlab.eval.report`, seeded), so
   the report's columns are comparable: the base model few-shot in both prompt styles (plain Q/A document
   and State of GPT's "fake assistant document"), the tuned models zero-shot in the chat format. RL keeps
   its in-training gold-accuracy curve (small n), which is what makes reward hacking visible.
@@ -50,7 +50,7 @@ from .common import (GptlabError, atomic_write_bytes, atomic_write_json, atomic_
 from .config import add_config_args, build_config, option
 from .data.mixture import load_mixture, mixture_digest
 from .data.prepare import PrepareConfig, prepare
-from .engine import Engine, SamplingParams, default_batch_size
+from .infer.engine import Engine, SamplingParams, default_batch_size
 from .tokenizer import Tokenizer, train_tokenizer
 
 log = get_logger("speedrun")
@@ -216,16 +216,16 @@ def speedrun(cfg: SpeedrunConfig) -> Path:
 
 def _recipe(cfg: SpeedrunConfig) -> Path:
     # imported here: each stage module is heavy, and `gptlab --help` should not pay for them
-    from .dpo import PRESETS as DPO_PRESETS
-    from .dpo import train_dpo
-    from .pretrain import PRESETS as PRETRAIN_PRESETS
-    from .pretrain import pretrain
-    from .reward import PRESETS as RM_PRESETS
-    from .reward import train_reward_model
-    from .rl import PRESETS as RL_PRESETS
-    from .rl import train_rl
-    from .sft import PRESETS as SFT_PRESETS
-    from .sft import sft
+    from .train.dpo import PRESETS as DPO_PRESETS
+    from .train.dpo import train_dpo
+    from .train.pretrain import PRESETS as PRETRAIN_PRESETS
+    from .train.pretrain import pretrain
+    from .train.reward import PRESETS as RM_PRESETS
+    from .train.reward import train_reward_model
+    from .train.rl import PRESETS as RL_PRESETS
+    from .train.rl import train_rl
+    from .train.sft import PRESETS as SFT_PRESETS
+    from .train.sft import sft
 
     if cfg.pretrain_preset not in PRETRAIN_PRESETS:
         raise ValueError(f"unknown pretrain preset {cfg.pretrain_preset!r}")
@@ -308,8 +308,8 @@ def _pretrain_and_sample(pretrain: Callable, pre_cfg, device: str) -> Path:
 def evaluate_all(models: dict[str, Path], rm_dir: Path, data_dir: Path, out: Path, cfg: SpeedrunConfig) -> Path:
     """One `eval/<model>.json` per model (same seeded test questions for all), plus the reward model's
     held-out pairwise accuracy in `eval/rm.json`."""
-    from .eval import evaluate_model, pairwise_accuracy
-    from .reward import RewardModel
+    from .eval.report import evaluate_model, pairwise_accuracy
+    from .train.reward import RewardModel
 
     out.mkdir(parents=True, exist_ok=True)
     # on the run's device (fp32: the report's figures should not depend on the precision of the machine)

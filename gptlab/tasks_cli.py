@@ -2,7 +2,7 @@
 
     gptlab tasks list
     gptlab tasks export --kind sft --n 5000 --out sft.jsonl             # OpenAI-style {"messages": [...]}
-    gptlab tasks export --kind preferences --n 2000 --out prefs.jsonl   # prompt + tiers (gptlab.preferences)
+    gptlab tasks export --kind preferences --n 2000 --out prefs.jsonl   # prompt + tiers (gptlab.train.preferences)
 
 An export holds exactly what `gptlab sft` / `gptlab rm` / `gptlab dpo` train on with `--data tasks` and the
 same split, count and seed, so the task suite can feed other trainers (TRL reads the messages file as is) or
@@ -30,12 +30,12 @@ def _cmd_export(args: argparse.Namespace) -> None:
         raise GptlabError(f"--n must be positive, got {args.n}")
     if args.kind == "sft":
         from .chat import write_messages_jsonl
-        from .sft import task_conversations
+        from .train.sft import task_conversations
 
         count = write_messages_jsonl(args.out, task_conversations(task_names(args.tasks), args.n, args.split,
                                                                   args.seed))
     else:
-        from .preferences import default_preferences, write_preferences_jsonl
+        from .train.preferences import default_preferences, write_preferences_jsonl
 
         count = write_preferences_jsonl(args.out, default_preferences(args.tasks, args.n, args.split, args.seed))
     print(f"wrote {count} {args.kind} records ({args.split} split) to {args.out}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from gptlab.checkpoint import load_model_dir, save_model_dir
-from gptlab.engine import Engine
+from gptlab.infer.engine import Engine
 from gptlab.model import GPT, GPTConfig
 from gptlab.tokenizer import train_tokenizer
 

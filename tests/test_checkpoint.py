@@ -18,10 +18,10 @@ from gptlab import checkpoint as ckpt_mod
 from gptlab.checkpoint import (CHECKSUMS, checkpoint_dirs, latest_valid_checkpoint, load_training_checkpoint,
                                rng_state, save_training_checkpoint, set_rng_state, verify_checkpoint)
 from gptlab.common import GptlabError, sha256_file
-from gptlab.metrics import read_metrics
+from gptlab.train.metrics import read_metrics
 from gptlab.model import GPT, GPTConfig
-from gptlab.optim import build_optimizers
-from gptlab.pretrain import PretrainConfig, pretrain
+from gptlab.train.optim import build_optimizers
+from gptlab.train.pretrain import PretrainConfig, pretrain
 from gptlab.tokenizer import Tokenizer, train_tokenizer
 
 

@@ -17,7 +17,7 @@ import torch
 from gptlab.checkpoint import save_model_dir
 from gptlab.cli import main as cli_main
 from gptlab.common import GptlabError
-from gptlab.engine import (
+from gptlab.infer.engine import (
     Engine,
     SamplingParams,
     TextStream,
@@ -345,7 +345,7 @@ def test_context_window_policy(engine, model, tok, caplog):
     window = model.config.max_seq_len
     long_ids = (tok.encode(inspect.getsource(json.decoder)) * 2)[:window + 20]
     params = greedy(max_new_tokens=10, stop_token_ids=())
-    with caplog.at_level(logging.WARNING, logger="gptlab.engine"):
+    with caplog.at_level(logging.WARNING, logger="gptlab.infer.engine"):
         got = engine.generate([long_ids], params)[0]
     assert "exceeds the context window" in caplog.text
     assert got.prompt_tokens == window - 10

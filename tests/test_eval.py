@@ -19,8 +19,8 @@ from gptlab.checkpoint import save_model_dir
 from gptlab.cli import main as cli_main
 from gptlab.common import GptlabError
 from gptlab.data.loader import PackedLoader
-from gptlab.engine import Engine
-from gptlab.eval import (
+from gptlab.infer.engine import Engine
+from gptlab.eval.report import (
     ASSISTANT_HEADER,
     STYLES,
     chat_messages,
@@ -421,9 +421,9 @@ def test_cli_missing_model_dir(tmp_path, capsys):
 
 
 def test_cli_reports_reward_model_pairwise_accuracy(dataset, tmp_path):
-    """`--reward-model` loads a `gptlab.reward.RewardModel` directory. Its head starts at zero, so every
+    """`--reward-model` loads a `gptlab.train.reward.RewardModel` directory. Its head starts at zero, so every
     conversation gets the same reward and every pair is a tie: exactly 50% by the tie rule."""
-    from gptlab.reward import RewardModel
+    from gptlab.train.reward import RewardModel
 
     _, tok = dataset
     model_dir = save_model_dir(tmp_path / "policy", tiny_gpt(tok, max_seq_len=64), tok)

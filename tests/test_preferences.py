@@ -11,7 +11,7 @@ from gptlab import preferences
 from gptlab.chat import render_for_completion, response_text
 from gptlab.common import GptlabError
 from gptlab.model import GPT, GPTConfig
-from gptlab.preferences import (PreferenceSet, collate, default_preferences, encode_set, parse_preference,
+from gptlab.train.preferences import (PreferenceSet, collate, default_preferences, encode_set, parse_preference,
                                 read_preferences_jsonl, row_offsets, sampled_preferences, write_preferences_jsonl)
 from gptlab.tasks import get_task, sample_examples
 
@@ -104,7 +104,7 @@ def test_written_preferences_read_back_as_the_same_sets(tmp_path):
 def test_tasks_export_writes_what_the_stages_train_on(tmp_path, capsys):
     from gptlab.chat import read_messages_jsonl
     from gptlab.cli import main
-    from gptlab.sft import task_conversations
+    from gptlab.train.sft import task_conversations
 
     prefs, convs = tmp_path / "p.jsonl", tmp_path / "c.jsonl"
     assert main(["tasks", "export", "--kind", "preferences", "--n", "30", "--seed", "2", "--out", str(prefs)]) == 0

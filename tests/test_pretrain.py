@@ -20,10 +20,10 @@ from _pretrain_data import make_dataset
 from gptlab.checkpoint import latest_valid_checkpoint, load_model_dir
 from gptlab.common import GptlabError
 from gptlab.data.loader import PackedLoader
-from gptlab.metrics import read_metrics
+from gptlab.train.metrics import read_metrics
 from gptlab.model import GPT, GPTConfig
-from gptlab.optim import build_optimizers, lr_multiplier
-from gptlab.pretrain import PRESETS, PretrainConfig, evaluate, pretrain
+from gptlab.train.optim import build_optimizers, lr_multiplier
+from gptlab.train.pretrain import PRESETS, PretrainConfig, evaluate, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def test_pretrain_learns_and_writes_outputs(data_dir, tmp_path, caplog):
     assert val[0] > math.log(400) - 0.3  # untrained: about uniform over the vocabulary
     assert val[-1] < val[0] - 0.8  # learned: 0.8 nats/token better on held-out text (measured: 1.08)
     samples = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sample at step 30")]
-    assert len(samples) == 3  # one per prompt, through gptlab.engine
+    assert len(samples) == 3  # one per prompt, through gptlab.infer.engine
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -232,7 +232,7 @@ def test_nan_loss_stops_with_diagnostic_and_keeps_last_good_checkpoint(data_dir,
 
 
 def test_sigterm_saves_a_checkpoint_then_resume_continues(data_dir, tmp_path):
-    cmd = [sys.executable, "-m", "gptlab.pretrain", "--data-dir", str(data_dir), "--out-dir", str(tmp_path),
+    cmd = [sys.executable, "-m", "gptlab.train.pretrain", "--data-dir", str(data_dir), "--out-dir", str(tmp_path),
            "--depth", "1", "--seq-len", "32", "--batch-size", "4", "--num-steps", "100000", "--eval-every", "0",
            "--sample-every", "0", "--checkpoint-every", "0", "--tensorboard", "false", "--progress", "false"]
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -15,9 +15,9 @@ from gptlab.chat import render
 from gptlab.checkpoint import load_model_dir
 from gptlab.cli import main as cli_main
 from gptlab.common import GptlabError
-from gptlab.metrics import read_metrics
-from gptlab.preferences import PreferenceSet, default_preferences
-from gptlab.reward import RewardConfig, RewardModel, batch_indices, bradley_terry_loss, train_reward_model
+from gptlab.train.metrics import read_metrics
+from gptlab.train.preferences import PreferenceSet, default_preferences
+from gptlab.train.reward import RewardConfig, RewardModel, batch_indices, bradley_terry_loss, train_reward_model
 from gptlab.tokenizer import train_tokenizer
 
 QUICK = dict(tasks="sentiment,arithmetic", train_prompts=64, val_prompts=24, batch_size=4, num_steps=24, lr=2e-3,

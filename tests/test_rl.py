@@ -19,12 +19,12 @@ from gptlab.chat import render, render_for_completion
 from gptlab.checkpoint import load_model_dir, save_model_dir
 from gptlab.cli import main as cli_main
 from gptlab.common import GptlabError
-from gptlab.engine import Engine
-from gptlab.eval import eval_examples
-from gptlab.metrics import read_metrics
+from gptlab.infer.engine import Engine
+from gptlab.eval.report import eval_examples
+from gptlab.train.metrics import read_metrics
 from gptlab.model import GPT, GPTConfig
-from gptlab.reward import RewardModel
-from gptlab.rl import (
+from gptlab.train.reward import RewardModel
+from gptlab.train.rl import (
     RLConfig,
     RLPrompt,
     Sample,
@@ -41,7 +41,7 @@ from gptlab.rl import (
     train_rl,
     whiten,
 )
-from gptlab.rollout import Turn, generate_chat
+from gptlab.infer.rollout import Turn, generate_chat
 from gptlab.tasks import get_task, split_of
 from gptlab.tokenizer import train_tokenizer
 
@@ -495,7 +495,7 @@ def test_probe_leaves_solved_tasks_out_and_replays_them(small_tokenizer, tmp_pat
         replayed.append(list(names))
         return real_replay(cfg, policy, tokenizer, names, *args, **kwargs)
     monkeypatch.setattr(rl, "replay_loss", spy)
-    with caplog.at_level("WARNING", logger="gptlab.rl"):
+    with caplog.at_level("WARNING", logger="gptlab.train.rl"):
         train_rl(quick(policy, tmp_path / "rl", tasks="identity,sentiment", probe_per_task=4, num_steps=1,
                        ptx_coef=0.5, ptx_rows=2))
     summary = json.loads((tmp_path / "rl" / "rl.json").read_text())

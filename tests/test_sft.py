@@ -20,9 +20,9 @@ from gptlab.cli import main as cli_main
 from gptlab.common import GptlabError
 from gptlab.interop import export_hf
 from gptlab.lora import ADAPTER_CONFIG, load_adapter
-from gptlab.metrics import read_metrics
+from gptlab.train.metrics import read_metrics
 from gptlab.model import GPT, GPTConfig
-from gptlab.sft import (ConversationBatches, SFTConfig, add_chat_tokens, build_rows, load_conversations, pack,
+from gptlab.train.sft import (ConversationBatches, SFTConfig, add_chat_tokens, build_rows, load_conversations, pack,
                         render_and_fit, sft)
 from gptlab.tokenizer import SPECIAL_TOKENS, Tokenizer
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from gptlab.cli import main
-from gptlab.metrics import read_metrics
+from gptlab.train.metrics import read_metrics
 from gptlab.speedrun import STAGES
 
 DEFAULT_MIXTURE = Path(__file__).resolve().parents[1] / "gptlab" / "mixtures" / "default.toml"

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from gptlab.common import GptlabError, get_logger
-from gptlab.engine import Engine
+from gptlab.infer.engine import Engine
 
 log = get_logger("serve")
 

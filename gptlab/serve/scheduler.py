@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..common import get_logger
-from ..engine import DecodeBatch, Engine, SamplingParams
+from ..infer.engine import DecodeBatch, Engine, SamplingParams
 
 log = get_logger("serve")
 

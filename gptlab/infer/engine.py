@@ -55,9 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import GptlabError, get_logger
-from .model import GPT, KVCache, apply_rotary, rotary_cos_sin
-from .tokenizer import Tokenizer
+from ..common import GptlabError, get_logger
+from ..model import GPT, KVCache, apply_rotary, rotary_cos_sin
+from ..tokenizer import Tokenizer
 
 log = get_logger("engine")
 

@@ -6,9 +6,9 @@ Design decisions
 - Loss (Rafailov et al. 2023, eq. 7): -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))))
   for chosen c and rejected r, where log pi(y) is the sum of log-probabilities of the completion's own
   tokens: the prompt, `<|assistant_start|>` and tool outputs are not the policy's choices and are left out
-  (`gptlab.preferences` builds that mask). This is the reward model's Bradley-Terry loss with the implicit
+  (`gptlab.train.preferences` builds that mask). This is the reward model's Bradley-Terry loss with the implicit
   reward beta * (log pi - log ref) in place of a learned head, so DPO runs through the same loop
-  (`gptlab.reward.fit_preferences`): all pairs of a ranked set in one batch, held-out pairwise accuracy
+  (`gptlab.train.reward.fit_preferences`): all pairs of a ranked set in one batch, held-out pairwise accuracy
   and margins of the implicit reward, checkpoints, resume.
 - Reference: the starting model, frozen. Its log-probabilities are computed once, before training, for
   every training and held-out completion and kept as one number per completion; no second model sits in
@@ -29,16 +29,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model_dir, save_model_dir
-from .common import atomic_write_json, get_logger
-from .config import add_config_args, build_config, option
-from .model import GPT
-from .eval import gold_accuracy
+from ..checkpoint import load_model_dir, save_model_dir
+from ..common import atomic_write_json, get_logger
+from ..config import add_config_args, build_config, option
+from ..model import GPT
+from ..eval.report import gold_accuracy
 from .preferences import EncodedSet, PreferenceBatch, by_length, collate, encode_sets, row_offsets
 from .optim import build_optimizers
 from .reward import (PreferenceTrainConfig, fit_preferences, load_preference_data,
                      resolve_device, resume_checkpoint)
-from .tasks import task_names
+from ..tasks import task_names
 
 log = get_logger("dpo")
 
@@ -118,7 +118,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
     gold_per_task = -(-cfg.gold_prompts // len(gold_tasks)) if cfg.gold_prompts else 0
 
     def measure_gold() -> float | None:
-        """Macro-averaged gold accuracy on task test prompts, chat mode, greedy, tools run (gptlab.eval)."""
+        """Macro-averaged gold accuracy on task test prompts, chat mode, greedy, tools run (gptlab.eval.report)."""
         if not gold_per_task:
             return None
         return gold_accuracy(policy, tokenizer, gold_tasks, gold_per_task, mode="chat",

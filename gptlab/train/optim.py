@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import latest_valid_checkpoint
-from .common import GptlabError
-from .config import option
+from ..checkpoint import latest_valid_checkpoint
+from ..common import GptlabError
+from ..config import option
 
 
 @dataclass

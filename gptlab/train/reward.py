@@ -1,7 +1,7 @@
 """Reward model: a scalar score for (prompt, completion), trained on ranked completions.
 
     gptlab rm --model runs/default/sft/model --out runs/default/rm
-    python -c "from gptlab.reward import RewardModel; rm = RewardModel.load('runs/default/rm/model'); ..."
+    python -c "from gptlab.train.reward import RewardModel; rm = RewardModel.load('runs/default/rm/model'); ..."
 
 Design decisions
 - Architecture (InstructGPT, Ouyang et al. 2022): the SFT model (any model directory) with its language
@@ -11,7 +11,7 @@ Design decisions
   of each row (`RewardModel.forward` takes a key mask), so padding never changes a score.
 - Loss: Bradley-Terry, -log sigmoid(r_better - r_worse), over ALL pairs of each ranked set, averaged per
   set and then over sets, with all of a set's completions in one batch (InstructGPT's K choose 2 per
-  prompt; see `gptlab.preferences`). The head starts at zero, so every run starts at loss ln 2 (no
+  prompt; see `gptlab.train.preferences`). The head starts at zero, so every run starts at loss ln 2 (no
   evaluation is spent on step 0: its figures are known, loss ln 2 and accuracy 0.5).
 - The loss only sees reward differences, so the head's bias is free: after training it is set so that the
   best-ranked validation completions average 0 (InstructGPT normalises its RM the same way before RL), which
@@ -47,19 +47,19 @@ from safetensors.torch import load_file, save
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .chat import render
-from .checkpoint import (checkpoint_dirs, latest_valid_checkpoint, load_model_dir, load_training_checkpoint,
+from ..chat import render
+from ..checkpoint import (checkpoint_dirs, latest_valid_checkpoint, load_model_dir, load_training_checkpoint,
                          rng_state, save_model_dir, save_training_checkpoint)
-from .common import GptlabError, atomic_write_bytes, atomic_write_json, get_logger, read_json, torch_device
-from .config import add_config_args, build_config, option
+from ..common import GptlabError, atomic_write_bytes, atomic_write_json, get_logger, read_json, torch_device
+from ..config import add_config_args, build_config, option
 from .metrics import MetricsLogger, plot_loss_curve
-from .model import GPT
+from ..model import GPT
 from .preferences import (EncodedSet, PreferenceBatch, PreferenceSet, by_length, collate, default_preferences,
                           encode_sets, read_preferences_jsonl, row_offsets, sampled_preferences)
 from .optim import TrainConfig, bf16_autocast, build_optimizers, lr_multiplier, raise_if_diverged
 from .pretrain import StopRequest
-from .tasks import sample_examples, task_names
-from .tokenizer import Tokenizer
+from ..tasks import sample_examples, task_names
+from ..tokenizer import Tokenizer
 
 log = get_logger("reward")
 

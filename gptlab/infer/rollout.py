@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .engine import Engine, SamplingParams
-from .tasks.tools import execute_tool_call
+from ..tasks.tools import execute_tool_call
 
 MAX_TOOL_CALLS = 3
 _ROUND_SEED_STRIDE = 1_000_003  # seeds of successive decoding rounds of one prompt, far apart

@@ -41,7 +41,7 @@ Design decisions
      A shot's answer is the assistant text of the task's first reference response
      (`chat.response_text`). System messages (the calculator's tool hint) are left out of base prompts:
      a base model cannot call tools. Generation stops at a blank line or the next "Q:"/"User:" label.
-- Chat generation runs tool calls in line (`gptlab.rollout.generate_chat`, shared with RL): decoding stops
+- Chat generation runs tool calls in line (`gptlab.infer.rollout.generate_chat`, shared with RL): decoding stops
   at `<|tool_call_end|>`, the call runs through `tasks.tools.execute_tool_call`, and the output block is
   appended before decoding continues (the same layout `chat.render` trains on), at most
   `rollout.MAX_TOOL_CALLS` times per answer. The checker reads `chat.completion_text` (assistant text
@@ -75,16 +75,16 @@ from typing import Any
 
 import torch
 
-from .chat import Message, completion_text, render_for_completion, response_text
-from .common import GptlabError, atomic_write_json, atomic_write_text, get_logger, read_json, torch_device
-from .config import add_config_args, build_config, option
-from .data.loader import PackedLoader
-from .engine import Engine, SamplingParams, default_batch_size
-from .model import GPT
-from .pretrain import evaluate
-from .rollout import generate_chat
-from .tasks import Example, get_task, task_names
-from .tokenizer import Tokenizer
+from ..chat import Message, completion_text, render_for_completion, response_text
+from ..common import GptlabError, atomic_write_json, atomic_write_text, get_logger, read_json, torch_device
+from ..config import add_config_args, build_config, option
+from ..data.loader import PackedLoader
+from ..infer.engine import Engine, SamplingParams, default_batch_size
+from ..model import GPT
+from ..train.pretrain import evaluate
+from ..infer.rollout import generate_chat
+from ..tasks import Example, get_task, task_names
+from ..tokenizer import Tokenizer
 
 log = get_logger("eval")
 
@@ -573,7 +573,7 @@ def _csv(text: str) -> list[str]:
 
 def run_eval(cfg: EvalConfig) -> tuple[Path, Path]:
     """Load the model directory, evaluate it per `cfg`, write the report; returns (json, md) paths."""
-    from .checkpoint import load_model_dir
+    from ..checkpoint import load_model_dir
 
     if not cfg.model:
         raise GptlabError("--model is required (a model directory)")
@@ -592,7 +592,7 @@ def run_eval(cfg: EvalConfig) -> tuple[Path, Path]:
     model, tokenizer = load_model_dir(model_dir, device=device, dtype=dtype)
     reward_scorer: ConversationScorer | None = None
     if cfg.reward_model:
-        from .reward import RewardModel
+        from ..train.reward import RewardModel
 
         if not Path(cfg.reward_model).is_dir():
             raise GptlabError(f"reward model directory not found: {cfg.reward_model}")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .model import GPT
+from ..model import GPT
 
 # gathered to rank 0's CPU: the save path never needs a full copy on the accelerator
 _FULL_ON_RANK0 = {"full_state_dict": True, "cpu_offload": True}

@@ -1,7 +1,7 @@
 """`gptlab sample`: complete a prompt with a model directory, streaming the text to stdout.
 
 Design decisions
-- Everything happens in `gptlab.engine`; this module only maps flags to `SamplingParams`.
+- Everything happens in `gptlab.infer.engine`; this module only maps flags to `SamplingParams`.
   `add_sampling_args` / `sampling_params_from_args` are shared with the later chat and serving commands,
   so every command spells the sampling flags the same way.
 - Flags are written out here rather than generated with `config.add_config_args`, because stop strings
@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from .common import get_logger, torch_device
+from ..common import get_logger, torch_device
 from .engine import Engine, SamplingParams
 
 log = get_logger("sample")
@@ -52,7 +52,7 @@ def sampling_params_from_args(args: argparse.Namespace, tokenizer) -> SamplingPa
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
-    from .checkpoint import load_model_dir
+    from ..checkpoint import load_model_dir
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     model, tokenizer = load_model_dir(args.model, device=torch_device(args.device), dtype=dtypes[args.dtype])

@@ -20,8 +20,8 @@ import argparse
 import signal
 import sys
 
-from .chat import render_for_completion, write_messages_jsonl
-from .common import GptlabError, get_logger, torch_device
+from ..chat import render_for_completion, write_messages_jsonl
+from ..common import GptlabError, get_logger, torch_device
 from .engine import Engine, SamplingParams
 
 log = get_logger("chat")
@@ -139,7 +139,7 @@ def run_interactive(session: ChatSession, read=input, out=None) -> None:
 def _cmd_chat(args: argparse.Namespace) -> None:
     import torch
 
-    from .checkpoint import load_model_dir
+    from ..checkpoint import load_model_dir
     from .sample import sampling_params_from_args
 
     if args.num_beams > 1:

@@ -1,5 +1,5 @@
 """Preference data: prompts with completions ranked best to worst, read from JSONL or generated from the
-embedded task suite, and turned into token batches for the reward model (`gptlab.reward`) and DPO.
+embedded task suite, and turned into token batches for the reward model (`gptlab.train.reward`) and DPO.
 
 Design decisions
 - One in-memory form, `PreferenceSet(prompt, tiers)`: the prompt messages and the completions grouped in
@@ -46,12 +46,12 @@ from typing import Any
 
 import torch
 
-from .chat import Message, completion_text, render, render_for_completion, validate_messages
-from .common import GptlabError, atomic_write_text, get_logger, iter_records
-from .engine import Engine, SamplingParams, default_batch_size
-from .model import GPT
-from .tasks import Example, get_task, sample_examples, task_names
-from .tokenizer import Tokenizer
+from ..chat import Message, completion_text, render, render_for_completion, validate_messages
+from ..common import GptlabError, atomic_write_text, get_logger, iter_records
+from ..infer.engine import Engine, SamplingParams, default_batch_size
+from ..model import GPT
+from ..tasks import Example, get_task, sample_examples, task_names
+from ..tokenizer import Tokenizer
 
 log = get_logger("preferences")
 

@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from .common import atomic_write_bytes, atomic_write_text, get_logger
+from ..common import atomic_write_bytes, atomic_write_text, get_logger
 
 log = get_logger("metrics")
 

@@ -31,7 +31,7 @@ Design decisions
 - Output: `out/model`, an ordinary model dir (with LoRA, the adapters folded into the weights, so every
   later stage loads it like any model), `out/adapter` (LoRA only, PEFT format), `out/sft.json` (data
   counts, final held-out loss, gold accuracy), metrics and a loss curve. Gold accuracy is measured at the
-  end with `gptlab.eval.gold_accuracy` in chat mode (task suite test split, greedy, tool calls run).
+  end with `gptlab.eval.report.gold_accuracy` in chat mode (task suite test split, greedy, tool calls run).
 - Imported models (HF/GGUF) are model dirs like any other, but their tokenizers lack gptlab's chat tokens:
   those are added to the tokenizer at new ids, growing the embedding (and an untied head) when the model
   has no spare rows. New rows are drawn from a normal with the existing rows' per-dimension mean and spread
@@ -64,19 +64,19 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import lora as lora_mod
-from .chat import Rendered, read_messages_jsonl, render
-from .checkpoint import (checkpoint_dirs, latest_valid_checkpoint, load_model_dir,
+from .. import lora as lora_mod
+from ..chat import Rendered, read_messages_jsonl, render
+from ..checkpoint import (checkpoint_dirs, latest_valid_checkpoint, load_model_dir,
                          load_training_checkpoint, rng_state, save_model_dir, save_training_checkpoint, set_rng_state)
-from .common import GptlabError, atomic_write_json, get_logger, torch_device
-from .config import add_config_args, build_config, option
-from .eval import gold_accuracy
+from ..common import GptlabError, atomic_write_json, get_logger, torch_device
+from ..config import add_config_args, build_config, option
+from ..eval.report import gold_accuracy
 from .metrics import MetricsLogger, plot_loss_curve
-from .model import GPT
+from ..model import GPT
 from .optim import TrainConfig, bf16_autocast, build_optimizers, lr_multiplier, raise_if_diverged
 from .pretrain import StopRequest
-from .tasks import sample_examples, task_names
-from .tokenizer import SPECIAL_TOKENS, Tokenizer
+from ..tasks import sample_examples, task_names
+from ..tokenizer import SPECIAL_TOKENS, Tokenizer
 
 log = get_logger("sft")
 

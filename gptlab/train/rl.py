@@ -6,7 +6,7 @@
 Design decisions
 - One step = sample, score, update. `prompts_per_step` prompts are drawn (task suite train split, a fresh
   seeded draw per step, or slices of seeded permutations of a messages JSONL file: both pure functions of
-  (seed, step)), each is answered `group_size` times by `gptlab.rollout.generate_chat` (the loop eval uses,
+  (seed, step)), each is answered `group_size` times by `gptlab.infer.rollout.generate_chat` (the loop eval uses,
   here sampling at `temperature`/`top_k` with one seed per sample, tool calls run in line), the answers are
   rewarded, and the policy takes `ppo_epochs` passes of minibatch updates over them. Nothing reads global
   RNG state, so a resumed run repeats an uninterrupted one exactly on the CPU (fp32; bf16 autocast on CUDA).
@@ -104,8 +104,8 @@ from safetensors.torch import load_file, save
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .chat import completion_text, read_messages_jsonl, render, render_for_completion
-from .checkpoint import (
+from ..chat import completion_text, read_messages_jsonl, render, render_for_completion
+from ..checkpoint import (
     checkpoint_dirs,
     latest_valid_checkpoint,
     load_model_dir,
@@ -114,19 +114,19 @@ from .checkpoint import (
     save_model_dir,
     save_training_checkpoint,
 )
-from .common import GptlabError, atomic_write_json, get_logger
-from .config import add_config_args, build_config, option
-from .engine import Engine
-from .eval import chat_messages, gold_accuracy
-from .lora import add_lora, fold_lora, lora_layers, merge_lora, unmerge_lora
+from ..common import GptlabError, atomic_write_json, get_logger
+from ..config import add_config_args, build_config, option
+from ..infer.engine import Engine
+from ..eval.report import chat_messages, gold_accuracy
+from ..lora import add_lora, fold_lora, lora_layers, merge_lora, unmerge_lora
 from .metrics import MetricsLogger, plot_panels, read_metrics
-from .model import GPT
+from ..model import GPT
 from .optim import TrainConfig, build_optimizers, lr_multiplier, raise_if_diverged
 from .pretrain import StopRequest
 from .reward import RewardModel, batch_indices, check_same_tokenizer, resolve_device
-from .rollout import Turn, generate_chat
-from .tasks import Example, get_task, sample_examples, task_names
-from .tokenizer import Tokenizer
+from ..infer.rollout import Turn, generate_chat
+from ..tasks import Example, get_task, sample_examples, task_names
+from ..tokenizer import Tokenizer
 
 log = get_logger("rl")
 
