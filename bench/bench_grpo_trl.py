@@ -25,7 +25,7 @@ consecutive `on_step_end` callbacks), median after 2 warm-up steps, generated to
 over those steps (sampled tokens including the closing one), and sampling alone (the generation call of
 each side). Repetitions are interleaved (gptlab, TRL, gptlab, TRL), each in a fresh process.
 Final figures: the per-step mean reward of the sampled answers, and greedy gold accuracy on the test split
-by one piece of code for both (`gptlab.eval.report.gold_accuracy`, chat mode, the rollout budget; TRL's model saved
+by one piece of code for both (`gptlab.eval.gold.gold_accuracy`, chat mode, the rollout budget; TRL's model saved
 and read back with `gptlab.interop.load_hf`). Needs `pip install trl` (not a gptlab dependency).
 """
 
@@ -48,10 +48,11 @@ sys.path.insert(0, str(REPO))
 
 from trl_step_clock import step_clock  # bench/, beside this script
 
-from gptlab import rl
+from gptlab.train import rl
+from gptlab.train.rl_rollouts import PromptSource
 from gptlab.chat import completion_text
 from gptlab.checkpoint import load_model_dir
-from gptlab.eval.report import chat_messages, gold_accuracy
+from gptlab.eval.gold import chat_messages, gold_accuracy
 from gptlab.interop import export_hf, load_hf
 from gptlab.train.metrics import read_metrics
 from gptlab.tasks import get_task
@@ -121,7 +122,7 @@ def run_trl(a: argparse.Namespace, work: Path, out: Path) -> dict:
 
     _, tokenizer = load_model_dir(a.model)
     window = json.loads((work / "meta.json").read_text())["window"]
-    source = rl.PromptSource(rl_config(a, out), tokenizer, window)
+    source = PromptSource(rl_config(a, out), tokenizer, window)
     rl_prompts = [p for step in range(a.steps) for p in source.at(step)]  # gptlab's prompts, step after step
     tool_start = tokenizer.special_id("<|tool_call_start|>")
     tool_turns = 0

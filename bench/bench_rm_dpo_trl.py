@@ -53,7 +53,10 @@ from gptlab.train.dpo import DPOConfig, reference_logprobs, train_dpo
 from gptlab.interop import export_hf, load_hf
 from gptlab.train.metrics import read_metrics
 from gptlab.train.preferences import EncodedSet, default_preferences, encode_set, row_offsets
-from gptlab.train.reward import RewardConfig, RewardModel, batch_indices, pairwise_accuracy, train_reward_model
+from gptlab.reward_model import RewardModel
+from gptlab.train.loop import batch_indices
+from gptlab.train.preference_fit import pairwise_accuracy
+from gptlab.train.reward import RewardConfig, train_reward_model
 from trl_step_clock import step_clock  # bench/, beside this script
 
 WARMUP, SEED, TASKS = 3, 0, "all"

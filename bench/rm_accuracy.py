@@ -12,7 +12,8 @@ from collections import defaultdict
 import torch
 
 from gptlab.train.preferences import default_preferences, task_names
-from gptlab.train.reward import RewardModel, pairwise_accuracy
+from gptlab.reward_model import RewardModel
+from gptlab.train.preference_fit import pairwise_accuracy
 from gptlab.tasks import sample_examples
 
 

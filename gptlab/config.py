@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .common import GptlabError
@@ -82,3 +83,13 @@ def build_config(cls: type[C], args: argparse.Namespace, presets: dict[str, C] |
         return dataclasses.replace(base, **overrides)
     except (TypeError, ValueError) as e:
         raise GptlabError(f"invalid {cls.__name__}: {e}") from None
+
+
+def register_config_command(sub, name: str, help: str, description: str, cls: type[C], presets: dict[str, C],
+                            run: Callable[[C], Any]) -> argparse.ArgumentParser:
+    """A subcommand whose flags are the fields of `cls` (with `--preset`): it builds the config and prints
+    what `run(config)` returns (a stage's output path). The one shape every training stage's CLI has."""
+    parser = sub.add_parser(name, help=help, description=description)
+    add_config_args(parser, cls, presets)
+    parser.set_defaults(func=lambda args: print(run(build_config(cls, args, presets))))
+    return parser

@@ -308,8 +308,9 @@ def _pretrain_and_sample(pretrain: Callable, pre_cfg, device: str) -> Path:
 def evaluate_all(models: dict[str, Path], rm_dir: Path, data_dir: Path, out: Path, cfg: SpeedrunConfig) -> Path:
     """One `eval/<model>.json` per model (same seeded test questions for all), plus the reward model's
     held-out pairwise accuracy in `eval/rm.json`."""
-    from .eval.report import evaluate_model, pairwise_accuracy
-    from .train.reward import RewardModel
+    from .eval.gold import pairwise_accuracy
+    from .eval.report import evaluate_model
+    from .reward_model import RewardModel
 
     out.mkdir(parents=True, exist_ok=True)
     # on the run's device (fp32: the report's figures should not depend on the precision of the machine)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from .common import GptlabError
-from .tasks import SPLITS, TASKS, task_names
+from .tasks import SPLITS, TASKS, task_conversations, task_names
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
@@ -30,7 +30,6 @@ def _cmd_export(args: argparse.Namespace) -> None:
         raise GptlabError(f"--n must be positive, got {args.n}")
     if args.kind == "sft":
         from .chat import write_messages_jsonl
-        from .train.sft import task_conversations
 
         count = write_messages_jsonl(args.out, task_conversations(task_names(args.tasks), args.n, args.split,
                                                                   args.seed))

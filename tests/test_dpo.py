@@ -17,7 +17,8 @@ from gptlab.train.dpo import DPOConfig, implicit_reward, reference_logprobs, seq
 from gptlab.infer.engine import Engine
 from gptlab.train.metrics import read_metrics
 from gptlab.train.preferences import by_length, collate, default_preferences, encode_sets, parse_preference, row_offsets
-from gptlab.train.reward import RewardModel, bradley_terry_loss
+from gptlab.reward_model import RewardModel
+from gptlab.train.preference_fit import bradley_terry_loss
 
 QUICK = dict(tasks="sentiment,arithmetic", train_prompts=48, val_prompts=16, batch_size=4, num_steps=20, lr=2e-3,
              warmup_steps=2, eval_every=10, checkpoint_every=10, gold_prompts=6, max_new_tokens=8,

@@ -20,25 +20,20 @@ from gptlab.cli import main as cli_main
 from gptlab.common import GptlabError
 from gptlab.data.loader import PackedLoader
 from gptlab.infer.engine import Engine
-from gptlab.eval.report import (
+from gptlab.eval.choice import choice_credit, load_choice_items, multiple_choice_accuracy, parse_choice_item, score_choices
+from gptlab.eval.gold import (
     ASSISTANT_HEADER,
     STYLES,
     chat_messages,
-    choice_credit,
     draw_shots,
     eval_examples,
-    evaluate_model,
     gold_accuracy,
-    load_choice_items,
-    multiple_choice_accuracy,
     pairwise_accuracy,
-    parse_choice_item,
     preference_pairs,
-    score_choices,
     shot_answer,
-    val_bits_per_byte,
-    write_report,
 )
+from gptlab.eval.loss import val_bits_per_byte
+from gptlab.eval.report import evaluate_model, write_report
 from gptlab.model import GPT, GPTConfig
 from gptlab.tasks import get_task
 from gptlab.tokenizer import Tokenizer, train_tokenizer
@@ -423,7 +418,7 @@ def test_cli_missing_model_dir(tmp_path, capsys):
 def test_cli_reports_reward_model_pairwise_accuracy(dataset, tmp_path):
     """`--reward-model` loads a `gptlab.train.reward.RewardModel` directory. Its head starts at zero, so every
     conversation gets the same reward and every pair is a tie: exactly 50% by the tie rule."""
-    from gptlab.train.reward import RewardModel
+    from gptlab.reward_model import RewardModel
 
     _, tok = dataset
     model_dir = save_model_dir(tmp_path / "policy", tiny_gpt(tok, max_seq_len=64), tok)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from gptlab import preferences
+from gptlab.train import preferences
 from gptlab.chat import render_for_completion, response_text
 from gptlab.common import GptlabError
 from gptlab.model import GPT, GPTConfig

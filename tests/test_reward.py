@@ -10,14 +10,17 @@ import pytest
 import torch
 
 from _preference_models import tiny_model_dir
-from gptlab import reward
+from gptlab.train import preference_fit
 from gptlab.chat import render
 from gptlab.checkpoint import load_model_dir
 from gptlab.cli import main as cli_main
 from gptlab.common import GptlabError
 from gptlab.train.metrics import read_metrics
 from gptlab.train.preferences import PreferenceSet, default_preferences
-from gptlab.train.reward import RewardConfig, RewardModel, batch_indices, bradley_terry_loss, train_reward_model
+from gptlab.reward_model import RewardModel
+from gptlab.train.loop import batch_indices
+from gptlab.train.preference_fit import bradley_terry_loss
+from gptlab.train.reward import RewardConfig, train_reward_model
 from gptlab.tokenizer import train_tokenizer
 
 QUICK = dict(tasks="sentiment,arithmetic", train_prompts=64, val_prompts=24, batch_size=4, num_steps=24, lr=2e-3,
@@ -166,9 +169,9 @@ def test_policy_samples_join_the_training_data(base_dir, monkeypatch):
         return [PreferenceSet(examples[0].messages, [[[{"role": "assistant", "content": examples[0].answer_text}]],
                                                      [[{"role": "assistant", "content": "no"}]]])]
 
-    monkeypatch.setattr(reward, "sampled_preferences", fake_sampled)
+    monkeypatch.setattr(preference_fit, "sampled_preferences", fake_sampled)
     cfg = RewardConfig(tasks="arithmetic", train_prompts=5, val_prompts=3, policy_samples=4, sample_prompts=7,
                        sample_temperature=0.8, max_new_tokens=12)
-    train, val = reward.load_preference_data(cfg, gpt, tok)
+    train, val = preference_fit.load_preference_data(cfg, gpt, tok)
     assert calls == [(gpt, 7, 4, 0.8, 12)]
     assert len(train) == 6 and len(val) == 3 and train[-1].tiers[1] == [[{"role": "assistant", "content": "no"}]]

@@ -14,33 +14,20 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from gptlab import rl
+from gptlab.train import rl
 from gptlab.chat import render, render_for_completion
 from gptlab.checkpoint import load_model_dir, save_model_dir
 from gptlab.cli import main as cli_main
 from gptlab.common import GptlabError
 from gptlab.infer.engine import Engine
-from gptlab.eval.report import eval_examples
+from gptlab.eval.gold import eval_examples
 from gptlab.train.metrics import read_metrics
 from gptlab.model import GPT, GPTConfig
-from gptlab.train.reward import RewardModel
-from gptlab.train.rl import (
-    RLConfig,
-    RLPrompt,
-    Sample,
-    action_forward,
-    action_targets,
-    clipped_policy_loss,
-    clipped_value_loss,
-    gae,
-    group_advantages,
-    k3_kl,
-    pad_samples,
-    ppo_token_rewards,
-    select_groups,
-    train_rl,
-    whiten,
-)
+from gptlab.reward_model import RewardModel
+from gptlab.train.rl import RLConfig, train_rl
+from gptlab.train.rl_objectives import (clipped_policy_loss, clipped_value_loss, gae, group_advantages, k3_kl,
+                                        ppo_token_rewards, whiten)
+from gptlab.train.rl_rollouts import RLPrompt, Sample, action_forward, action_targets, pad_samples, select_groups
 from gptlab.infer.rollout import Turn, generate_chat
 from gptlab.tasks import get_task, split_of
 from gptlab.tokenizer import train_tokenizer

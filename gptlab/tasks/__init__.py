@@ -69,10 +69,6 @@ def as_response(response: str | Response) -> Response:
     return assistant(response) if isinstance(response, str) else list(response)
 
 
-def user_prompt(text: str, system: str | None = None) -> list[Message]:
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-
-
 @dataclass
 class Example:
     task: str
@@ -188,9 +184,17 @@ def sample_examples(tasks: Sequence[str | Task] | Mapping[str, float] | None, n:
     return [rng.choices(chosen, weights)[0].generate(rng, split) for _ in range(n)]
 
 
+def task_conversations(names: list[str] | None, n: int, split: str, seed: int) -> list[list[dict]]:
+    """`n` conversations of `split` from the task suite, each with a random one of its reference answers."""
+    rng = random.Random(f"sft-reference-{seed}-{split}")
+    examples = sample_examples(names, n, split, seed=f"sft-{seed}-{split}")
+    return [ex.conversation(rng.randrange(len(ex.reference))) for ex in examples]
+
+
 def _discover(names: Iterable[str]) -> None:
     for name in sorted(names):
         importlib.import_module(f"{__name__}.{name}")
 
 
 _discover(m.name for m in pkgutil.iter_modules(__path__))
+

@@ -8,7 +8,7 @@ Design decisions
   tokens: the prompt, `<|assistant_start|>` and tool outputs are not the policy's choices and are left out
   (`gptlab.train.preferences` builds that mask). This is the reward model's Bradley-Terry loss with the implicit
   reward beta * (log pi - log ref) in place of a learned head, so DPO runs through the same loop
-  (`gptlab.train.reward.fit_preferences`): all pairs of a ranked set in one batch, held-out pairwise accuracy
+  (`gptlab.train.preference_fit.fit_preferences`): all pairs of a ranked set in one batch, held-out pairwise accuracy
   and margins of the implicit reward, checkpoints, resume.
 - Reference: the starting model, frozen. Its log-probabilities are computed once, before training, for
   every training and held-out completion and kept as one number per completion; no second model sits in
@@ -23,7 +23,6 @@ Design decisions
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,14 +30,14 @@ import torch
 
 from ..checkpoint import load_model_dir, save_model_dir
 from ..common import atomic_write_json, get_logger
-from ..config import add_config_args, build_config, option
+from ..config import option, register_config_command
+from ..eval.gold import gold_accuracy
 from ..model import GPT
-from ..eval.report import gold_accuracy
-from .preferences import EncodedSet, PreferenceBatch, by_length, collate, encode_sets, row_offsets
-from .optim import build_optimizers
-from .reward import (PreferenceTrainConfig, fit_preferences, load_preference_data,
-                     resolve_device, resume_checkpoint)
 from ..tasks import task_names
+from .loop import device_and_autocast
+from .optim import build_optimizers
+from .preference_fit import PreferenceTrainConfig, fit_preferences, load_preference_data, resume_checkpoint
+from .preferences import EncodedSet, PreferenceBatch, by_length, collate, encode_sets, row_offsets
 
 log = get_logger("dpo")
 
@@ -103,7 +102,7 @@ PRESETS = {
 
 def train_dpo(cfg: DPOConfig) -> Path:
     """Train per `cfg`; return the final policy model directory (`out/model`)."""
-    device, autocast = resolve_device(cfg)
+    device, autocast = device_and_autocast(cfg)
     policy, tokenizer = load_model_dir(cfg.model, device)
     pad_id = tokenizer.special_tokens.get("<|pad|>", tokenizer.eot_id)
     train_sets, val_sets = load_preference_data(cfg, policy, tokenizer)
@@ -118,7 +117,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
     gold_per_task = -(-cfg.gold_prompts // len(gold_tasks)) if cfg.gold_prompts else 0
 
     def measure_gold() -> float | None:
-        """Macro-averaged gold accuracy on task test prompts, chat mode, greedy, tools run (gptlab.eval.report)."""
+        """Macro-averaged gold accuracy on task test prompts, chat mode, greedy, tools run (gptlab.eval.gold)."""
         if not gold_per_task:
             return None
         return gold_accuracy(policy, tokenizer, gold_tasks, gold_per_task, mode="chat",
@@ -154,12 +153,6 @@ def train_dpo(cfg: DPOConfig) -> Path:
     return final
 
 
-def _cmd_dpo(args: argparse.Namespace) -> None:
-    print(train_dpo(build_config(DPOConfig, args, PRESETS)))
-
-
 def register(sub) -> None:
-    parser = sub.add_parser("dpo", help="fine-tune a policy on preferences with DPO",
-                            description=__doc__.splitlines()[0])
-    add_config_args(parser, DPOConfig, PRESETS)
-    parser.set_defaults(func=_cmd_dpo)
+    register_config_command(sub, "dpo", "fine-tune a policy on preferences with DPO",
+                            __doc__.splitlines()[0], DPOConfig, PRESETS, train_dpo)

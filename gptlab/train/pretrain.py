@@ -39,10 +39,7 @@ Design decisions
 from __future__ import annotations
 
 import argparse
-import logging
-import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -51,20 +48,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..checkpoint import (checkpoint_dirs, latest_valid_checkpoint, load_training_checkpoint, model_from_state,
-                         rng_state, save_model_dir, save_training_checkpoint, set_rng_state)
+from ..checkpoint import (load_training_checkpoint, model_from_state, rng_state, save_model_dir, save_training_checkpoint, set_rng_state)
 from ..common import GptlabError, get_logger, read_json, torch_device
-from ..config import add_config_args, build_config, option
+from ..config import option, register_config_command
 from ..data.loader import PackedLoader
+from ..eval.loss import evaluate
 from ..infer.engine import Engine, SamplingParams
+from .loop import (checkpoint_to_resume, clipped_step, due, existing_checkpoints, set_lr_scale, stop_if_requested,
+                   training_loop)
 from .metrics import MetricsLogger, plot_loss_curve
 from ..model import GPT, GPTConfig
-from .optim import TrainConfig, bf16_autocast, build_optimizers, lr_multiplier, raise_if_diverged
-from .sharding import full_state, grad_norm_value, load_optimizer_states, shard_model
+from .optim import TrainConfig, bf16_autocast, build_optimizers, lr_multiplier
+from .sharding import full_state, load_optimizer_states, shard_model
 from ..tokenizer import Tokenizer
 
 log = get_logger("pretrain")
@@ -119,33 +115,6 @@ PRESETS = {
 # Pieces of the loop
 
 
-@torch.no_grad()
-def evaluate(model: GPT, loader: PackedLoader, num_batches: int, token_bytes: torch.Tensor,
-             autocast, device: torch.device) -> dict[str, float]:
-    """Mean val loss (nats/token) and bits per byte over `num_batches` batches from the start of the split;
-    sums are all-reduced, so every rank returns the figure over all ranks' rows.
-
-    Bits per byte counts only targets that are text: a special token (the `<|endoftext|>` opening the next
-    document) has no bytes, and guessing where a document ends is not modelling its text (nanochat's
-    evaluation makes the same exclusion). The loss in nats/token is over every target, as trained."""
-    model.eval()
-    loader.rows_consumed = 0
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, tokens, nats on text targets, bytes
-    for _ in range(num_batches):
-        x, y = (t.to(device) for t in loader.next_batch())
-        with autocast:
-            logits = model(x)
-        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").double()
-        nbytes = token_bytes[y.flatten()]
-        sums += torch.stack([nats.sum(), torch.tensor(y.numel(), device=device, dtype=torch.float64),
-                             nats[nbytes > 0].sum(), nbytes.sum().double()])
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    model.train()
-    nats, tokens, text_nats, nbytes = sums.tolist()
-    return {"val/loss": nats / tokens, "val/bpb": text_nats / math.log(2) / max(1.0, nbytes)}
-
-
 def find_tokenizer(cfg: PretrainConfig) -> Path:
     if cfg.tokenizer:
         return Path(cfg.tokenizer)
@@ -154,34 +123,6 @@ def find_tokenizer(cfg: PretrainConfig) -> Path:
         if candidate.is_file():
             return candidate
     raise GptlabError(f"no tokenizer.json in or beside {data_dir}; pass --tokenizer")
-
-
-class StopRequest:
-    """SIGINT/SIGTERM set a flag the loop checks after each step (then it saves and exits); a second
-    Ctrl-C interrupts at once. Handlers are restored on exit. `logger`: the stage's own, so the notice
-    greps under the stage that received the signal."""
-
-    def __init__(self, logger: logging.Logger = log):
-        self.requested = False
-        self.previous = {}
-        self.log = logger
-
-    def __enter__(self):
-        import threading
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.log.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def setup_distributed(cfg: PretrainConfig) -> tuple[int, int, torch.device]:
@@ -252,18 +193,10 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device) -> 
     token_bytes = torch.from_numpy(tokenizer.token_bytes()).to(device)
 
     step, last_good, resumed = 0, None, False
-    existing = checkpoint_dirs(ckpt_root)
-    if existing and not cfg.resume:  # a fresh run would prune them (keep_checkpoints) and mix two runs
-        raise GptlabError(f"{ckpt_root} holds checkpoints of an earlier run ({existing[-1].name}): pass "
-                          f"--resume true to continue it, or choose another --out-dir")
+    existing = existing_checkpoints(ckpt_root, cfg.resume, "--out-dir")
     if cfg.resume:
-        ckpt = latest_valid_checkpoint(ckpt_root)
-        if ckpt is None and existing:
-            raise GptlabError(f"no checkpoint in {ckpt_root} passes its checksums (see the warnings above); "
-                              f"move them away to start from scratch")
-        if ckpt is None:
-            log.info("no checkpoint in %s: starting from scratch", ckpt_root)
-        else:
+        ckpt = checkpoint_to_resume(ckpt_root, existing, log)
+        if ckpt is not None:
             meta = load_training_checkpoint(ckpt, model, tokenizer, optimizers)
             if meta["world_size"] != world or meta["grad_accum"] != grad_accum:
                 log.warning("resuming with world_size=%d grad_accum=%d (checkpoint: %d, %d): the data order "
@@ -306,7 +239,7 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device) -> 
                                             state=state)
         if world > 1:
             dist.barrier()
-        return path or ckpt_root / f"step_{at_step:08d}"
+        return path  # None on the other ranks
 
     def run_eval(at_step: int) -> None:
         result = evaluate(model, val_loader, max(1, cfg.eval_batches // world), token_bytes, autocast, device)
@@ -336,79 +269,62 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device) -> 
         log.info("model: depth %d, %.2fM params; %d tokens/step = %d ranks x %d micro-batches x %dx%d; "
                  "device %s%s", cfg.depth, model.num_params() / 1e6, total, world, grad_accum, cfg.batch_size,
                  cfg.seq_len, device, " (bf16 autocast)" if bf16 else "")
-    bar = tqdm(total=cfg.num_steps, initial=step, disable=not (master and cfg.progress), unit="step",
-               dynamic_ncols=True)
     loss_value = last_good
-    try:
-        with StopRequest() as stop, logging_redirect_tqdm([logging.getLogger("gptlab")]):
-            if step == 0 and cfg.eval_every:
-                run_eval(0)
-            while step < cfg.num_steps:
-                t0 = time.perf_counter()
-                scale = lr_multiplier(step, cfg)
-                for opt in optimizers:
-                    for group in opt.param_groups:
-                        group["lr"] = group["base_lr"] * scale
-                loss_sum = torch.zeros((), device=device)
-                for micro in range(grad_accum):
-                    x, y = (t.to(device, non_blocking=True) for t in train_loader.next_batch())
-                    # DDP all-reduces (FSDP reduce-scatters) gradients only on the last micro-batch of the step
-                    sync = world == 1 or micro == grad_accum - 1
-                    if sharded:
-                        model.set_requires_gradient_sync(sync)
-                    with (nullcontext() if sync or sharded else train_model.no_sync()):
-                        with autocast:
-                            _, loss = train_model(x, y)
-                        (loss / grad_accum).backward()
-                    loss_sum += loss.detach() / grad_accum
-                if world > 1:
-                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-                loss_value = loss_sum.item()
-                # the norm is computed even without clipping (max_norm=inf): it is logged and checked
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-                grad_norm = grad_norm_value(norm)
-                raise_if_diverged({"training loss": loss_value, "gradient norm": grad_norm}, step=step,
-                                  checkpoints=ckpt_root, context=f" (lr scale {scale:.4g}, peak lr {cfg.lr:g}); "
-                                  f"last good loss {last_good}",
-                                  hint="Try a lower --lr, --grad-clip, or more --warmup-steps")
-                for opt in optimizers:
-                    opt.step()
-                model.zero_grad(set_to_none=True)
-                step += 1
-                last_good = loss_value
-                dt = time.perf_counter() - t0
-                tok_per_s = total / dt
-                record = {"train/loss": loss_value, "train/lr_scale": scale, "train/grad_norm": grad_norm,
-                          "train/tokens_per_s": tok_per_s}
-                postfix = {"loss": f"{loss_value:.3f}", "tok/s": f"{tok_per_s:,.0f}"}
-                if peak:
-                    record["train/mfu"] = flops_per_step / dt / (peak * world)
-                    postfix["mfu"] = f"{100 * record['train/mfu']:.1f}%"
-                metrics.log(step, **record)
-                bar.set_postfix(postfix, refresh=False)
-                bar.update(1)
+    with training_loop(cfg.num_steps, step, progress=master and cfg.progress, metrics=metrics,
+                       logger=log) as (bar, stop):
+        if step == 0 and cfg.eval_every:
+            run_eval(0)
+        while step < cfg.num_steps:
+            t0 = time.perf_counter()
+            scale = lr_multiplier(step, cfg)
+            set_lr_scale(optimizers, scale)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(grad_accum):
+                x, y = (t.to(device, non_blocking=True) for t in train_loader.next_batch())
+                # DDP all-reduces (FSDP reduce-scatters) gradients only on the last micro-batch of the step
+                sync = world == 1 or micro == grad_accum - 1
+                if sharded:
+                    model.set_requires_gradient_sync(sync)
+                with (nullcontext() if sync or sharded else train_model.no_sync()):
+                    with autocast:
+                        _, loss = train_model(x, y)
+                    (loss / grad_accum).backward()
+                loss_sum += loss.detach() / grad_accum
+            if world > 1:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            loss_value = loss_sum.item()
+            grad_norm = clipped_step(optimizers, model.parameters(), cfg.grad_clip,
+                                     {"training loss": loss_value}, step=step, checkpoints=ckpt_root,
+                                     context=f" (lr scale {scale:.4g}, peak lr {cfg.lr:g}); last good loss "
+                                     f"{last_good}", hint="Try a lower --lr, --grad-clip, or more --warmup-steps")
+            step += 1
+            last_good = loss_value
+            dt = time.perf_counter() - t0
+            tok_per_s = total / dt
+            record = {"train/loss": loss_value, "train/lr_scale": scale, "train/grad_norm": grad_norm,
+                      "train/tokens_per_s": tok_per_s}
+            postfix = {"loss": f"{loss_value:.3f}", "tok/s": f"{tok_per_s:,.0f}"}
+            if peak:
+                record["train/mfu"] = flops_per_step / dt / (peak * world)
+                postfix["mfu"] = f"{100 * record['train/mfu']:.1f}%"
+            metrics.log(step, **record)
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
 
-                stopping = stop.requested
-                if world > 1:  # every rank must agree to stop at the same step
-                    flag = torch.tensor(float(stopping), device=device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    stopping = bool(flag.item())
-                if stopping:
-                    path = save(step, loss_value)
-                    if master:
-                        log.warning("stopped at step %d; checkpoint %s; continue with --resume", step, path)
-                    raise KeyboardInterrupt
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
-                    run_eval(step)
-                if cfg.sample_every and step % cfg.sample_every == 0:
-                    show_samples(step)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.num_steps:
-                    save(step, loss_value)
-            run_eval(step)
-            save(step, loss_value)
-    finally:
-        bar.close()
-        metrics.close()
+            stopping = stop.requested
+            if world > 1:  # every rank must agree to stop at the same step
+                flag = torch.tensor(float(stopping), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = bool(flag.item())
+            stop_if_requested(stopping, lambda at: save(at, loss_value), step, log)
+            if due(step, cfg.eval_every, cfg.num_steps):
+                run_eval(step)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                show_samples(step)
+            if due(step, cfg.checkpoint_every, cfg.num_steps):
+                save(step, loss_value)
+        run_eval(step)
+        save(step, loss_value)
 
     final = out_dir / "model"
     state = full_state(model, [])[0] if sharded else None
@@ -425,16 +341,9 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device) -> 
 # Command line
 
 
-def _cmd_pretrain(args: argparse.Namespace) -> None:
-    cfg = build_config(PretrainConfig, args, PRESETS)
-    print(pretrain(cfg))
-
-
 def register(sub) -> None:
-    parser = sub.add_parser("pretrain", help="pretrain a GPT on a prepared dataset",
-                            description=__doc__.splitlines()[0])
-    add_config_args(parser, PretrainConfig, PRESETS)
-    parser.set_defaults(func=_cmd_pretrain)
+    register_config_command(sub, "pretrain", "pretrain a GPT on a prepared dataset",
+                            __doc__.splitlines()[0], PretrainConfig, PRESETS, pretrain)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,13 +86,9 @@ Design decisions
 
 from __future__ import annotations
 
-import argparse
 import copy
-import hashlib
-import logging
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -101,38 +97,32 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..chat import completion_text, read_messages_jsonl, render, render_for_completion
-from ..checkpoint import (
-    checkpoint_dirs,
-    latest_valid_checkpoint,
-    load_model_dir,
-    load_training_checkpoint,
-    rng_state,
-    save_model_dir,
-    save_training_checkpoint,
-)
+from ..chat import render, render_for_completion
+from ..checkpoint import load_model_dir, load_training_checkpoint, rng_state, save_model_dir, save_training_checkpoint
 from ..common import GptlabError, atomic_write_json, get_logger
-from ..config import add_config_args, build_config, option
+from ..config import option, register_config_command
+from ..eval.gold import chat_messages, gold_accuracy
 from ..infer.engine import Engine
-from ..eval.report import chat_messages, gold_accuracy
-from ..lora import add_lora, fold_lora, lora_layers, merge_lora, unmerge_lora
-from .metrics import MetricsLogger, plot_panels, read_metrics
-from ..model import GPT
-from .optim import TrainConfig, build_optimizers, lr_multiplier, raise_if_diverged
-from .pretrain import StopRequest
-from .reward import RewardModel, batch_indices, check_same_tokenizer, resolve_device
 from ..infer.rollout import Turn, generate_chat
-from ..tasks import Example, get_task, sample_examples, task_names
+from ..lora import add_lora, fold_lora, lora_layers, merge_lora, unmerge_lora
+from ..model import GPT
+from ..reward_model import RewardModel, check_same_tokenizer
+from ..tasks import sample_examples
 from ..tokenizer import Tokenizer
+from .loop import (checkpoint_to_resume, clipped_step, device_and_autocast, due, existing_checkpoints,
+                   set_lr_scale, stop_if_requested, training_loop)
+from .metrics import MetricsLogger, plot_panels, read_metrics
+from .optim import TrainConfig, build_optimizers, lr_multiplier, raise_if_diverged
+from .rl_objectives import (clipped_policy_loss, clipped_value_loss, gae, group_advantages, k3_kl, ppo_token_rewards,
+                            whiten)
+from .rl_rollouts import (PromptSource, RLPrompt, Sample, action_forward, action_targets, groups_with_signal,
+                          pad_samples, sample_seed, scatter_rows, select_groups, verdicts)
 
 log = get_logger("rl")
 
 ALGORITHMS = ("grpo", "ppo")
 VALUE_HEAD_FILE = "value_head.safetensors"
-GRPO_STD_EPS = 1e-4
 # options that may change on --resume: they do not alter the trajectory of the run
 _RESUMABLE_CHANGES = {"num_steps", "resume", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints",
                       "eval_every", "gold_per_task", "device"}
@@ -243,157 +233,6 @@ PRESETS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The computations (pure functions of tensors; tests/test_rl.py checks each against a float64 hand
-# computation)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp_min(1)
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
-                     eps: float = GRPO_STD_EPS) -> torch.Tensor:
-    """GRPO: (r - group mean) / (group std + eps) for rewards (P * G,) laid out group after group; the
-    std is the population std (ddof 0). `scale_by_std=False` (Dr. GRPO) returns r - group mean."""
-    groups = rewards.view(-1, group_size)
-    centred = groups - groups.mean(dim=1, keepdim=True)
-    if scale_by_std:
-        centred = centred / (groups.std(dim=1, correction=0, keepdim=True) + eps)
-    return centred.reshape(-1)
-
-
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimate exp(ref - logp) - (ref - logp) - 1 (Schulman 2020's k3)."""
-    log_ratio = ref_logp - logp
-    return log_ratio.exp() - log_ratio - 1
-
-
-def ppo_token_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
-                      kl_coef: float) -> torch.Tensor:
-    """Per-token rewards (B, T): -kl_coef * (logp - ref_logp) at action positions (mask), plus the scalar
-    score (B,) at each row's last action position; 0 elsewhere."""
-    rewards = torch.where(mask, -kl_coef * (logp - ref_logp), torch.zeros_like(logp))
-    last = mask.shape[1] - 1 - mask.flip(1).long().argmax(dim=1)
-    rows = torch.arange(len(scores), device=scores.device)
-    rewards[rows, last] += torch.where(mask.any(dim=1), scores, torch.zeros_like(scores)).to(rewards.dtype)
-    return rewards
-
-
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimation (Schulman et al. 2016) over the action positions of each row
-    (mask (B, T)), skipping the others: delta_t = r_t + gamma V_next - V_t, A_t = delta_t + gamma lam A_next,
-    where "next" is the row's next action (V = A = 0 after the last). Returns (advantages, returns =
-    advantages + values), 0 off the mask."""
-    advantages = torch.zeros_like(values)
-    next_value = torch.zeros_like(values[:, 0])
-    next_adv = torch.zeros_like(values[:, 0])
-    for t in range(values.shape[1] - 1, -1, -1):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        adv = delta + gamma * lam * next_adv
-        here = mask[:, t]
-        advantages[:, t] = torch.where(here, adv, torch.zeros_like(adv))
-        next_value = torch.where(here, values[:, t], next_value)
-        next_adv = torch.where(here, adv, next_adv)
-    return advantages, torch.where(mask, advantages + values, torch.zeros_like(values))
-
-
-def whiten(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over all elements (ddof 0): PPO's advantage normalisation."""
-    return (x - x.mean()) / (x.std(correction=0) + eps)
-
-
-def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                        clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token PPO-clip loss -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A) for flat tensors of action
-    tokens, and where the clip binds (the clipped term is the smaller one, so the token gets no gradient:
-    ratio above 1 + eps with A > 0, or below 1 - eps with A < 0)."""
-    ratio = (logp - old_logp).exp()
-    loss = -torch.min(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
-    return loss, ((ratio > 1 + clip_eps) & (advantages > 0)) | ((ratio < 1 - clip_eps) & (advantages < 0))
-
-
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                       clip: float) -> torch.Tensor:
-    """Per-token 0.5 * max((V - R)^2, (V_clipped - R)^2), V_clipped = old + clamp(V - old, -clip, clip)."""
-    clipped = old_values + (values - old_values).clamp(-clip, clip)
-    return 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Rollouts: prompts, samples, rewards
-
-
-@dataclass
-class RLPrompt:
-    ids: list[int]
-    example: Example | None  # task prompts: the checker's example
-
-
-@dataclass
-class Sample:
-    prompt: RLPrompt
-    turn: Turn
-    reward: float
-    correct: bool | None  # the gold checker's verdict (task prompts only)
-
-    @property
-    def ids(self) -> list[int]:
-        return self.prompt.ids + self.turn.ids
-
-    def action_positions(self) -> list[int]:
-        """Positions whose logits predict a sampled token (the token's position - 1)."""
-        start = len(self.prompt.ids) - 1
-        return [start + j for j, g in enumerate(self.turn.generated) if g]
-
-
-def check_prompt_lengths(prompts: Sequence[RLPrompt], window: int, max_new_tokens: int, source: str) -> None:
-    limit = window - max_new_tokens
-    long = [i for i, p in enumerate(prompts) if len(p.ids) > limit]
-    if long:
-        first = long[0]
-        raise GptlabError(f"RL prompts longer than the context: {len(long)} of {len(prompts)} prompts from {source} "
-                          f"have more than {limit} tokens (context {window} - max_new_tokens {max_new_tokens}); "
-                          f"the first is prompt {first + 1} ({len(prompts[first].ids)} tokens). Shorten them or "
-                          "lower --max-new-tokens")
-
-
-class PromptSource:
-    """The prompts of each step: a pure function of (seed, step)."""
-
-    def __init__(self, cfg: RLConfig, tokenizer: Tokenizer, window: int):
-        self.cfg, self.tokenizer, self.window = cfg, tokenizer, window
-        self.names = task_names(cfg.tasks)
-        self.train_names = self.names  # the tasks RL draws prompts from (`probe_tasks` may narrow them)
-        self.replay_names = self.names  # the tasks `ptx_coef` replays (with a probe: the solved ones)
-        self.file_prompts: list[RLPrompt] | None = None
-        if cfg.prompts != "tasks":
-            if not (Path(cfg.prompts).exists() or cfg.prompts.startswith("hf:")):
-                raise GptlabError(f"prompts file not found: {cfg.prompts}")
-            self.file_prompts = [RLPrompt(render_for_completion(tokenizer, m), None)
-                                 for m in read_messages_jsonl(cfg.prompts, complete=False)]
-            if not self.file_prompts:
-                raise GptlabError(f"{cfg.prompts}: no prompts")
-            check_prompt_lengths(self.file_prompts, window, cfg.max_new_tokens, cfg.prompts)
-
-    def at(self, step: int, count: int) -> list[RLPrompt]:
-        cfg = self.cfg
-        if self.file_prompts is not None:
-            return [self.file_prompts[i] for i in batch_indices(step, count, len(self.file_prompts), cfg.seed)]
-        examples = sample_examples(self.train_names, count, "train", seed=f"rl-{cfg.seed}-{step}")
-        prompts = [RLPrompt(render_for_completion(self.tokenizer, chat_messages(e)), e) for e in examples]
-        check_prompt_lengths(prompts, self.window, cfg.max_new_tokens, f"tasks {cfg.tasks!r}")
-        return prompts
-
-
-def sample_seed(seed: int, step: int, index: int) -> int:
-    """The sampling seed of answer `index` at `step`: a hash, so no two answers share a random stream."""
-    digest = hashlib.sha256(f"rl-sample:{seed}:{step}:{index}".encode()).digest()
-    return int.from_bytes(digest[:7], "big")
-
-
 def probe_tasks(cfg: RLConfig, policy: GPT, tokenizer: Tokenizer, names: list[str], autocast) -> dict[str, dict]:
     """Which tasks RL can raise: per task, on `probe_per_task` train-split prompts (seeded apart from the
     steps' prompts), the policy's greedy accuracy and the fraction of `group_size` sampled answers (the
@@ -445,71 +284,6 @@ def build_reward(cfg: RLConfig, tokenizer: Tokenizer, device: torch.device) -> R
     return score
 
 
-def groups_with_signal(rewards: Sequence[float], group_size: int) -> list[bool]:
-    """For each group of `group_size` consecutive rewards: do they differ? A group of equal rewards has zero
-    GRPO advantage everywhere and adds nothing to the policy gradient but its KL term."""
-    return [len(set(rewards[i:i + group_size])) > 1 for i in range(0, len(rewards), group_size)]
-
-
-def select_groups(samples: list[Sample], group_size: int, keep: int) -> list[Sample]:
-    """DAPO's dynamic sampling (Yu et al. 2025): of the drawn groups, keep `keep`, first those with signal
-    (`groups_with_signal`), then the others, each in draw order so the choice is a pure function of the
-    rewards."""
-    groups = [samples[i:i + group_size] for i in range(0, len(samples), group_size)]
-    signal = groups_with_signal([s.reward for s in samples], group_size)
-    ranked = [g for g, s in zip(groups, signal) if s] + [g for g, s in zip(groups, signal) if not s]
-    return [s for g in ranked[:keep] for s in g]
-
-
-def verdicts(prompts: Sequence[RLPrompt], turns: Sequence[Turn], tokenizer: Tokenizer) -> list[bool | None]:
-    return [None if p.example is None else get_task(p.example.task).check(p.example, completion_text(tokenizer, t.ids))
-            for p, t in zip(prompts, turns)]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Forward passes over rollouts
-
-
-def pad_samples(samples: Sequence[Sample], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded inputs (B, L - 1) (every token but the last, which predicts nothing) and the action
-    mask (B, L - 1): True where the logits predict a sampled token."""
-    width = max(len(s.ids) for s in samples) - 1
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    act = torch.zeros(len(samples), width, dtype=torch.bool)
-    for r, s in enumerate(samples):
-        seq = s.ids[:-1]
-        ids[r, :len(seq)] = torch.tensor(seq)
-        act[r, s.action_positions()] = True
-    return ids.to(device), act.to(device)
-
-
-def action_targets(samples: Sequence[Sample], device) -> torch.Tensor:
-    """The sampled tokens of `samples`, flat, in the row-major order of `pad_samples`' action mask."""
-    return torch.tensor([t for s in samples for t, g in zip(s.turn.ids, s.turn.generated) if g], device=device)
-
-
-def action_forward(model: GPT, value_head: nn.Module | None, ids: torch.Tensor, act: torch.Tensor,
-                   targets: torch.Tensor, temperature: float, autocast) -> dict[str, torch.Tensor]:
-    """Flat per-action-token log-probs of `targets` under softmax(logits / temperature), entropies, and
-    values (PPO). Right padding needs no attention mask (causal attention never looks ahead); only the
-    action positions' hidden states go through the head."""
-    with autocast:
-        hidden = model(ids, return_hidden=True)[act]
-        logits = model.lm_head(hidden)
-    logprobs = (logits.float() / temperature).log_softmax(dim=-1)
-    out = {"logp": logprobs.gather(1, targets[:, None])[:, 0],
-           "entropy": -(logprobs.exp() * logprobs).sum(dim=-1)}
-    if value_head is not None:
-        out["values"] = value_head(hidden.float())[:, 0]
-    return out
-
-
-def scatter_rows(flat: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-    """Flat action values -> (B, T) with zeros off the action mask."""
-    dense = torch.zeros(act.shape, dtype=flat.dtype, device=flat.device)
-    dense[act] = flat
-    return dense
-
 
 # ---------------------------------------------------------------------------------------------------------
 # The loop
@@ -553,14 +327,11 @@ def train_rl(cfg: RLConfig) -> Path:
     started = time.perf_counter()
     out_dir = Path(cfg.out)
     ckpt_root = out_dir / "checkpoints"
-    existing = checkpoint_dirs(ckpt_root)
-    if existing and not cfg.resume:
-        raise GptlabError(f"{ckpt_root} holds checkpoints of an earlier run ({existing[-1].name}): pass --resume "
-                          "true to continue it, or choose another --out")
+    existing = existing_checkpoints(ckpt_root, cfg.resume)
     for what, path in (("policy", cfg.policy), ("reference", cfg.reference)):
         if path is not None and not Path(path).is_dir():
             raise GptlabError(f"{what} model directory not found: {path}")
-    device, autocast = resolve_device(cfg)
+    device, autocast = device_and_autocast(cfg)
     policy, tokenizer = load_model_dir(cfg.policy, device)
     reference, ref_tokenizer = load_model_dir(cfg.reference or cfg.policy, device)
     check_same_tokenizer(ref_tokenizer.sha256, tokenizer, f"the reference model {cfg.reference}")
@@ -587,9 +358,7 @@ def train_rl(cfg: RLConfig) -> Path:
 
     step, meta = 0, {}
     if resuming:
-        ckpt = latest_valid_checkpoint(ckpt_root)
-        if ckpt is None:
-            raise GptlabError(f"no checkpoint in {ckpt_root} passes its checksums; move them away to start over")
+        ckpt = checkpoint_to_resume(ckpt_root, existing, log)  # `resuming`: there are checkpoints, so never None
         meta = load_training_checkpoint(ckpt, policy, tokenizer, optimizers)
         changed = sorted(k for k, v in asdict(cfg).items()
                          if k not in _RESUMABLE_CHANGES and meta["config"].get(k) != v)
@@ -652,30 +421,22 @@ def train_rl(cfg: RLConfig) -> Path:
 
     log.info("%s on %s: %d steps of %d prompts x %d answers; reward %s; device %s", cfg.algorithm.upper(),
              cfg.policy, cfg.num_steps, cfg.prompts_per_step, cfg.group_size, cfg.reward, device)
-    bar = tqdm(total=cfg.num_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
-    try:
-        with StopRequest(log) as stop, logging_redirect_tqdm([logging.getLogger("gptlab")]):
-            while step < cfg.num_steps:
-                record = rl_step(cfg, step, policy, reference, value_head, tokenizer, source, reward_fn, optimizers,
-                                 params, pad_id, device, autocast, ckpt_root)
-                step += 1
-                metrics.log(step, **record)
-                bar.set_postfix({"reward": f"{record['rollout/reward']:.3f}",
-                                 "kl": f"{record['rollout/kl_seq']:.3f}"}, refresh=False)
-                bar.update(1)
-                if stop.requested:
-                    path = save(step)
-                    log.warning("stopped at step %d; checkpoint %s; continue with --resume true", step, path)
-                    raise KeyboardInterrupt
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
-                    measure_gold(step)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.num_steps:
-                    save(step)
-            gold_after = measure_gold(step)
-            save(step)
-    finally:
-        bar.close()
-        metrics.close()
+    with training_loop(cfg.num_steps, step, progress=cfg.progress, metrics=metrics, logger=log) as (bar, stop):
+        while step < cfg.num_steps:
+            record = rl_step(cfg, step, policy, reference, value_head, tokenizer, source, reward_fn, optimizers,
+                             params, pad_id, device, autocast, ckpt_root)
+            step += 1
+            metrics.log(step, **record)
+            bar.set_postfix({"reward": f"{record['rollout/reward']:.3f}",
+                             "kl": f"{record['rollout/kl_seq']:.3f}"}, refresh=False)
+            bar.update(1)
+            stop_if_requested(stop.requested, save, step, log)
+            if due(step, cfg.eval_every, cfg.num_steps):
+                measure_gold(step)
+            if due(step, cfg.checkpoint_every, cfg.num_steps):
+                save(step)
+        gold_after = measure_gold(step)
+        save(step)
 
     records = read_metrics(metrics.path)
     if best["step"] is not None and best["step"] != step:
@@ -740,9 +501,7 @@ def rl_step(cfg: RLConfig, step: int, policy: GPT, reference: GPT, value_head: n
     """One RL step at `step` (0-based): sample, score, update. Returns the step's metrics."""
     t0 = time.perf_counter()
     scale = lr_multiplier(step, cfg)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * scale
+    set_lr_scale(optimizers, scale)
 
     # 1. sample: every prompt group_size times, one seed per answer
     prompts = [p for p in source.at(step, cfg.prompts_per_step * cfg.oversample) for _ in range(cfg.group_size)]
@@ -842,14 +601,10 @@ def rl_step(cfg: RLConfig, step: int, policy: GPT, reference: GPT, value_head: n
                                                 cfg.value_clip).mean()
                 loss = loss + cfg.vf_coef * value_loss
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf).item()
-            raise_if_diverged({"RL loss": loss.item(), "gradient norm": grad_norm}, step=step, checkpoints=ckpt_root,
-                              context=f" (epoch {epoch}, lr scale {scale:.4g}, peak lr {cfg.lr:g})",
-                              hint="Try a lower --lr, --grad-clip or a higher --kl-coef")
-            for opt in optimizers:
-                opt.step()
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
+            grad_norm = clipped_step(optimizers, params, cfg.grad_clip, {"RL loss": loss.item()}, step=step,
+                                     checkpoints=ckpt_root,
+                                     context=f" (epoch {epoch}, lr scale {scale:.4g}, peak lr {cfg.lr:g})",
+                                     hint="Try a lower --lr, --grad-clip or a higher --kl-coef")
             updates += 1
             for key, value in (("policy", pg.mean().item()), ("value", value_loss.item()), ("kl", kl.item()),
                                ("clip", clipped.float().mean().item()), ("grad_norm", grad_norm)):
@@ -886,12 +641,6 @@ def rl_step(cfg: RLConfig, step: int, policy: GPT, reference: GPT, value_head: n
 # Command line
 
 
-def _cmd_rl(args: argparse.Namespace) -> None:
-    print(train_rl(build_config(RLConfig, args, PRESETS)))
-
-
 def register(sub) -> None:
-    parser = sub.add_parser("rl", help="reinforcement learning (GRPO or PPO) on chat rollouts",
-                            description=__doc__.splitlines()[0])
-    add_config_args(parser, RLConfig, PRESETS)
-    parser.set_defaults(func=_cmd_rl)
+    register_config_command(sub, "rl", "reinforcement learning (GRPO or PPO) on chat rollouts",
+                            __doc__.splitlines()[0], RLConfig, PRESETS, train_rl)

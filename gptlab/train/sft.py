@@ -31,7 +31,7 @@ Design decisions
 - Output: `out/model`, an ordinary model dir (with LoRA, the adapters folded into the weights, so every
   later stage loads it like any model), `out/adapter` (LoRA only, PEFT format), `out/sft.json` (data
   counts, final held-out loss, gold accuracy), metrics and a loss curve. Gold accuracy is measured at the
-  end with `gptlab.eval.report.gold_accuracy` in chat mode (task suite test split, greedy, tool calls run).
+  end with `gptlab.eval.gold.gold_accuracy` in chat mode (task suite test split, greedy, tool calls run).
 - Imported models (HF/GGUF) are model dirs like any other, but their tokenizers lack gptlab's chat tokens:
   those are added to the tokenizer at new ids, growing the embedding (and an untied head) when the model
   has no spare rows. New rows are drawn from a normal with the existing rows' per-dimension mean and spread
@@ -48,11 +48,9 @@ Design decisions
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import hashlib
 import json
-import logging
 import math
 import random
 import time
@@ -61,22 +59,21 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import lora as lora_mod
 from ..chat import Rendered, read_messages_jsonl, render
-from ..checkpoint import (checkpoint_dirs, latest_valid_checkpoint, load_model_dir,
-                         load_training_checkpoint, rng_state, save_model_dir, save_training_checkpoint, set_rng_state)
+from ..checkpoint import (load_model_dir, load_training_checkpoint, rng_state, save_model_dir, save_training_checkpoint,
+                          set_rng_state)
 from ..common import GptlabError, atomic_write_json, get_logger, torch_device
-from ..config import add_config_args, build_config, option
-from ..eval.report import gold_accuracy
-from .metrics import MetricsLogger, plot_loss_curve
+from ..config import option, register_config_command
+from ..eval.gold import gold_accuracy
 from ..model import GPT
-from .optim import TrainConfig, bf16_autocast, build_optimizers, lr_multiplier, raise_if_diverged
-from .pretrain import StopRequest
-from ..tasks import sample_examples, task_names
+from ..tasks import task_conversations, task_names
 from ..tokenizer import SPECIAL_TOKENS, Tokenizer
+from .loop import (checkpoint_to_resume, clipped_step, due, existing_checkpoints, set_lr_scale, stop_if_requested,
+                   training_loop)
+from .metrics import MetricsLogger, plot_loss_curve
+from .optim import TrainConfig, bf16_autocast, build_optimizers, lr_multiplier
 
 log = get_logger("sft")
 
@@ -142,13 +139,6 @@ PRESETS = {
 
 # ---------------------------------------------------------------------------------------------------------
 # Data: conversations -> rendered ids/masks -> packed rows
-
-
-def task_conversations(names: list[str] | None, n: int, split: str, seed: int) -> list[list[dict]]:
-    """`n` conversations of `split` from the task suite, each with a random one of its reference answers."""
-    rng = random.Random(f"sft-reference-{seed}-{split}")
-    examples = sample_examples(names, n, split, seed=f"sft-{seed}-{split}")
-    return [ex.conversation(rng.randrange(len(ex.reference))) for ex in examples]
 
 
 def load_conversations(cfg: SFTConfig) -> tuple[list[list[dict]], list[list[dict]]]:
@@ -336,10 +326,7 @@ def sft(cfg: SFTConfig) -> Path:
     out_dir = Path(cfg.out)
     ckpt_root = out_dir / "checkpoints"
     device = torch_device(cfg.device)
-    existing = checkpoint_dirs(ckpt_root)
-    if existing and not cfg.resume:
-        raise GptlabError(f"{ckpt_root} holds checkpoints of an earlier run ({existing[-1].name}): pass "
-                          f"--resume true to continue it, or choose another --out")
+    existing = existing_checkpoints(ckpt_root, cfg.resume)
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model_dir(cfg.model, device)
@@ -375,9 +362,7 @@ def sft(cfg: SFTConfig) -> Path:
 
     step, resumed, last_good = 0, False, None
     if cfg.resume:
-        ckpt = latest_valid_checkpoint(ckpt_root)
-        if ckpt is None and existing:
-            raise GptlabError(f"no checkpoint in {ckpt_root} passes its checksums; move them away to start over")
+        ckpt = checkpoint_to_resume(ckpt_root, existing, log)
         if ckpt is not None:
             meta = load_training_checkpoint(ckpt, model, tokenizer, optimizers)
             if meta.get("data_sha256") != fingerprint:
@@ -410,59 +395,45 @@ def sft(cfg: SFTConfig) -> Path:
              f"LoRA r={cfg.lora_rank}" if cfg.lora_rank else "full fine-tuning", n_trainable / 1e6,
              sum(p.numel() for p in model.parameters()) / 1e6, num_steps, rows_per_step, seq_len, device,
              " (bf16 autocast)" if bf16 else "")
-    bar = tqdm(total=num_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
     loss_value = last_good
-    try:
-        with StopRequest(log) as stop, logging_redirect_tqdm([logging.getLogger("gptlab")]):
-            if step == 0:
-                run_eval(0)
-            while step < num_steps:
-                t0 = time.perf_counter()
-                scale = lr_multiplier(step, opt_cfg)
-                for opt in optimizers:
-                    for group in opt.param_groups:
-                        group["lr"] = group["base_lr"] * scale
-                micro = [batches.next_batch() for _ in range(cfg.grad_accum)]
-                trained_tokens = sum(int((y != -1).sum()) for _, y in micro)
-                loss_sum = torch.zeros((), device=device)
-                for x, y in micro:
-                    x, y = x.to(device), y.to(device)
-                    with autocast:
-                        loss = model.masked_loss(x, y)
-                    # weight each micro-batch's mean by its share of the step's trained tokens
-                    weighted = loss * (int((y != -1).sum()) / trained_tokens)
-                    weighted.backward()
-                    loss_sum += weighted.detach()
-                loss_value = loss_sum.item()
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or math.inf).item()
-                raise_if_diverged({"SFT loss": loss_value, "gradient norm": grad_norm}, step=step,
-                                  checkpoints=ckpt_root,
-                                  context=f" (lr scale {scale:.4g}); last good loss {last_good}",
-                                  hint="Try a lower --lr/--lora-lr or more --warmup-steps")
-                for opt in optimizers:
-                    opt.step()
-                model.zero_grad(set_to_none=True)
-                step += 1
-                last_good = loss_value
-                dt = time.perf_counter() - t0
-                metrics.log(step, **{"train/loss": loss_value, "train/lr_scale": scale, "train/grad_norm": grad_norm,
-                                     "train/trained_tokens": trained_tokens,
-                                     "train/tokens_per_s": rows_per_step * seq_len / dt})
-                bar.set_postfix({"loss": f"{loss_value:.3f}"}, refresh=False)
-                bar.update(1)
-                if stop.requested:
-                    path = save(step, loss_value)
-                    log.warning("stopped at step %d; checkpoint %s; continue with --resume true", step, path)
-                    raise KeyboardInterrupt
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < num_steps:
-                    run_eval(step)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < num_steps:
-                    save(step, loss_value)
-            val_loss = run_eval(step)
-            save(step, loss_value)
-    finally:
-        bar.close()
-        metrics.close()
+    with training_loop(num_steps, step, progress=cfg.progress, metrics=metrics, logger=log) as (bar, stop):
+        if step == 0:
+            run_eval(0)
+        while step < num_steps:
+            t0 = time.perf_counter()
+            scale = lr_multiplier(step, opt_cfg)
+            set_lr_scale(optimizers, scale)
+            micro = [batches.next_batch() for _ in range(cfg.grad_accum)]
+            trained_tokens = sum(int((y != -1).sum()) for _, y in micro)
+            loss_sum = torch.zeros((), device=device)
+            for x, y in micro:
+                x, y = x.to(device), y.to(device)
+                with autocast:
+                    loss = model.masked_loss(x, y)
+                # weight each micro-batch's mean by its share of the step's trained tokens
+                weighted = loss * (int((y != -1).sum()) / trained_tokens)
+                weighted.backward()
+                loss_sum += weighted.detach()
+            loss_value = loss_sum.item()
+            grad_norm = clipped_step(optimizers, trainable, cfg.grad_clip, {"SFT loss": loss_value}, step=step,
+                                     checkpoints=ckpt_root,
+                                     context=f" (lr scale {scale:.4g}); last good loss {last_good}",
+                                     hint="Try a lower --lr/--lora-lr or more --warmup-steps")
+            step += 1
+            last_good = loss_value
+            dt = time.perf_counter() - t0
+            metrics.log(step, **{"train/loss": loss_value, "train/lr_scale": scale, "train/grad_norm": grad_norm,
+                                 "train/trained_tokens": trained_tokens,
+                                 "train/tokens_per_s": rows_per_step * seq_len / dt})
+            bar.set_postfix({"loss": f"{loss_value:.3f}"}, refresh=False)
+            bar.update(1)
+            stop_if_requested(stop.requested, lambda at: save(at, loss_value), step, log)
+            if due(step, cfg.eval_every, num_steps):
+                run_eval(step)
+            if due(step, cfg.checkpoint_every, num_steps):
+                save(step, loss_value)
+        val_loss = run_eval(step)
+        save(step, loss_value)
 
     final = out_dir / "model"
     summary = {"base_model": str(cfg.model), "data": cfg.data, "steps": num_steps, "seq_len": seq_len,
@@ -492,12 +463,6 @@ def sft(cfg: SFTConfig) -> Path:
 # Command line
 
 
-def _cmd_sft(args: argparse.Namespace) -> None:
-    print(sft(build_config(SFTConfig, args, PRESETS)))
-
-
 def register(sub) -> None:
-    parser = sub.add_parser("sft", help="supervised fine-tuning on conversations (full or LoRA)",
-                            description=__doc__.splitlines()[0])
-    add_config_args(parser, SFTConfig, PRESETS)
-    parser.set_defaults(func=_cmd_sft)
+    register_config_command(sub, "sft", "supervised fine-tuning on conversations (full or LoRA)",
+                            __doc__.splitlines()[0], SFTConfig, PRESETS, sft)
