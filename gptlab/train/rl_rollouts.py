@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -21,8 +21,14 @@ from ..tasks import Example, get_task, sample_examples, task_names
 from ..tokenizer import Tokenizer
 from .loop import batch_indices
 
-if TYPE_CHECKING:
-    from .rl import RLConfig
+
+
+class PromptOptions(Protocol):
+    """The fields of RLConfig that decide the prompts (a protocol, so this module needs no import of rl.py)."""
+    tasks: str
+    prompts: str
+    max_new_tokens: int
+    seed: int
 
 @dataclass
 class RLPrompt:
@@ -61,7 +67,7 @@ def check_prompt_lengths(prompts: Sequence[RLPrompt], window: int, max_new_token
 class PromptSource:
     """The prompts of each step: a pure function of (seed, step)."""
 
-    def __init__(self, cfg: RLConfig, tokenizer: Tokenizer, window: int):
+    def __init__(self, cfg: PromptOptions, tokenizer: Tokenizer, window: int):
         self.cfg, self.tokenizer, self.window = cfg, tokenizer, window
         self.names = task_names(cfg.tasks)
         self.train_names = self.names  # the tasks RL draws prompts from (`probe_tasks` may narrow them)
