@@ -17,7 +17,8 @@ Design decisions
   best-ranked validation completions average 0 (InstructGPT normalises its RM the same way before RL), which
   makes a reward's sign meaningful for the RL stage.
 - Saved as a model directory (the trunk, reusable by anything that loads models) plus
-  `reward_head.safetensors` and `reward.json` (format, tokenizer checksum, validation figures).
+  `reward_head.safetensors` and `reward.json` (format, tokenizer checksum, validation figures), both
+  covered by the directory's SHA256SUMS, which loading verifies (`checkpoint.save_model_dir`).
   A reward model scores token ids, so pairing it with a policy of another tokenizer is an error:
   `check_same_tokenizer` / `RewardModel.check_policy` compare tokenizer checksums.
 - The training loop (`fit_preferences`) is shared with DPO: DPO is this loop with the policy's implicit
@@ -50,7 +51,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..chat import render
 from ..checkpoint import (checkpoint_dirs, latest_valid_checkpoint, load_model_dir, load_training_checkpoint,
                          rng_state, save_model_dir, save_training_checkpoint)
-from ..common import GptlabError, atomic_write_bytes, atomic_write_json, get_logger, read_json, torch_device
+from ..common import GptlabError, get_logger, json_bytes, read_json, torch_device
 from ..config import add_config_args, build_config, option
 from .metrics import MetricsLogger, plot_loss_curve
 from ..model import GPT
@@ -162,13 +163,11 @@ class RewardModel(nn.Module):
             raise GptlabError(f"cannot load reward head {path}: {e}") from None
 
     def save(self, path: str | Path, info: dict[str, Any] | None = None) -> Path:
-        path = Path(path)
-        save_model_dir(path, self.gpt, self.tokenizer)
-        atomic_write_bytes(path / HEAD_FILE, self.head_bytes())
-        atomic_write_json(path / REWARD_META, {"format": REWARD_FORMAT, "head": HEAD_FILE,
-                                               "readout": "final hidden state of the last token (<|assistant_end|>)",
-                                               "tokenizer_sha256": self.tokenizer.sha256, **(info or {})})
-        return path
+        meta = {"format": REWARD_FORMAT, "head": HEAD_FILE,
+                "readout": "final hidden state of the last token (<|assistant_end|>)",
+                "tokenizer_sha256": self.tokenizer.sha256, **(info or {})}
+        return save_model_dir(path, self.gpt, self.tokenizer,
+                              extra_files={HEAD_FILE: self.head_bytes(), REWARD_META: json_bytes(meta)})
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu",
