@@ -143,7 +143,7 @@ def verify_checksums(path: str | Path, what: str, required: Iterable[str] = ()) 
             verified[name] = stamp
     if verified != stamps:
         try:
-            atomic_write_json(path / VERIFIED_STAMP, {"format": 1, "files": verified})
+            atomic_write_json(path / VERIFIED_STAMP, verified)
         except OSError as e:  # a read-only directory: every load rehashes
             log.debug("cannot record the verification of %s: %s", path, e)
     return True
@@ -155,10 +155,10 @@ def _stamp(st: os.stat_result, digest: str) -> list:
 
 
 def _read_stamps(path: Path) -> dict[str, list]:
-    """The stamp file's entries; an unreadable or malformed stamp counts as none (everything is rehashed)."""
+    """{file name: stamp} from the stamp file; a missing or malformed one counts as empty (all is rehashed)."""
     try:
-        stamps = read_json(path / VERIFIED_STAMP, "verification stamp").get("files")
-    except (GptlabError, OSError, AttributeError):
+        stamps = read_json(path / VERIFIED_STAMP, "verification stamp")
+    except (GptlabError, OSError):
         return {}
     return stamps if isinstance(stamps, dict) else {}
 

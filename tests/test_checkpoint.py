@@ -207,7 +207,7 @@ def flip_tensor_bytes(path: Path, n: int, seed: int = 0) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_flipped_weights_are_named_by_every_loader(model_dir, tmp_path):
+def test_flipped_weights_are_named_by_load_model_dir_and_the_cli(model_dir, tmp_path):
     assert set(read_checksums(model_dir)) == {"model.safetensors", "tokenizer.json", "gptlab.json"}
     # cloned: on the CPU the loaded tensors share the file's memory map, so rewriting the file would change them
     original = {k: v.clone() for k, v in load_model_dir(model_dir)[0].state_dict().items()}
@@ -312,6 +312,11 @@ def test_verification_stamp_skips_rehashing_until_a_file_changes(model_dir, monk
     load_model_dir(model_dir)
     load_model_dir(model_dir)
     assert hashed == ["model.safetensors"]
+
+    (model_dir / VERIFIED_STAMP).write_text("{not json")  # a damaged stamp only costs a rehash
+    hashed.clear()
+    load_model_dir(model_dir)
+    assert sorted(hashed) == ["gptlab.json", "model.safetensors", "tokenizer.json"]
 
 
 def test_reward_model_dir_lists_its_head(data_dir, tmp_path):
