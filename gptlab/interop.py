@@ -37,8 +37,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .chat import CHAT_TEMPLATE
-from .checkpoint import IMPORTED_FILE, load_model_dir, model_from_state, save_model_dir
-from .common import GptlabError, atomic_write_bytes, atomic_write_json, get_logger, read_json
+from .checkpoint import (IMPORTED_FILE, load_model_dir, model_from_state, save_model_dir, verify_checksums,
+                         write_checksums)
+from .common import GptlabError, atomic_write_bytes, atomic_write_json, get_logger, json_bytes, read_json
 from .model import GPT, GPTConfig
 from .tokenizer import EOT, Tokenizer
 
@@ -89,9 +90,8 @@ def _token_text(value) -> str | None:
 
 def _save_imported(out: Path, model: GPT, tokenizer: Tokenizer, source: Path, fmt: str,
                    specials: dict, chat_template: str | None) -> Path:
-    save_model_dir(out, model, tokenizer)
-    atomic_write_json(out / IMPORTED_FILE, {"source": str(source), "format": fmt, **specials,
-                                            "chat_template": chat_template})
+    imported = {"source": str(source), "format": fmt, **specials, "chat_template": chat_template}
+    save_model_dir(out, model, tokenizer, extra_files={IMPORTED_FILE: json_bytes(imported)})
     c = model.config
     log.info("imported %s (%s, %d layers, width %d, vocab %d, %.1fM parameters) -> %s", source, fmt, c.n_layer,
              c.n_embd, c.vocab_size, model.num_params() / 1e6, out)
@@ -167,6 +167,8 @@ def export_hf(model_dir: str | Path, out: str | Path, chat_template: str | None 
     if chat_template is not None:
         tok_config["chat_template"] = chat_template
     atomic_write_json(out / "tokenizer_config.json", tok_config)
+    write_checksums(out, ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                          "tokenizer_config.json"])  # last, as in a model dir (checkpoint.py)
     log.info("exported %s as %s -> %s", model_dir, HF_CLASSES[hf_model_type(model.config)], out)
     return out
 
@@ -225,6 +227,7 @@ def hf_to_gpt_config(cfg: dict, source: str) -> GPTConfig:
 def load_hf(src: str | Path) -> tuple[GPT, Tokenizer, dict]:
     """(model, tokenizer, special tokens + chat template) from a local HF Llama/Qwen2/Qwen3 folder."""
     src = Path(src)
+    verify_checksums(src, "Hugging Face model")  # our exports carry SHA256SUMS; other folders load unverified
     config = hf_to_gpt_config(read_json(src / "config.json", "HF config"), str(src))
     state = {k: v for k, v in _hf_weights(src).items() if not k.endswith("rotary_emb.inv_freq")}
     _drop_zero_o_proj_bias(state, str(src))

@@ -29,7 +29,9 @@ Design decisions
   and `adapter_model.safetensors` (PEFT key names), so `peft.PeftModel.from_pretrained` loads our adapters
   onto our HF export (`gptlab export`) and gives the same logits (tests/test_lora.py). The safetensors
   metadata also records the base model's config; loading an adapter onto a model with another config, or
-  with tensors of other shapes, is a `GptlabError` rather than a silent mis-load.
+  with tensors of other shapes, is a `GptlabError` rather than a silent mis-load. A saved adapter also gets a
+  SHA256SUMS that loading verifies (`checkpoint.verify_checksums`); a PEFT adapter from elsewhere, without one,
+  loads unverified.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from .checkpoint import verify_checksums, write_checksums
 from .common import GptlabError, atomic_write_bytes, atomic_write_json, read_json
 from .model import GPT
 
@@ -230,6 +233,7 @@ def save_adapter(model: GPT, path: str | Path, base_model: str) -> Path:
     metadata = {"format": "pt", BASE_CONFIG_KEY: json.dumps(model.config.to_dict(), sort_keys=True)}
     atomic_write_bytes(path / ADAPTER_WEIGHTS, save(state, metadata=metadata))
     atomic_write_json(path / ADAPTER_CONFIG, config)
+    write_checksums(path, [ADAPTER_WEIGHTS, ADAPTER_CONFIG])
     return path
 
 
@@ -237,6 +241,7 @@ def load_adapter(model: GPT, path: str | Path, base_dtype: torch.dtype | str | N
     """Add the LoRA adapter saved in `path` (ours or any PEFT LoRA adapter for this architecture) to `model`.
     An adapter made for another base (different config, missing layers, other shapes) is a GptlabError."""
     path = Path(path)
+    verify_checksums(path, "LoRA adapter")
     config = read_json(path / ADAPTER_CONFIG, "LoRA adapter config")
     if config.get("peft_type") != "LORA":
         raise GptlabError(f"{path}/{ADAPTER_CONFIG}: peft_type is {config.get('peft_type')!r}, only LORA is supported")

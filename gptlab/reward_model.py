@@ -10,7 +10,8 @@ Design decisions
   prompt and the whole answer. Rows may be padded on either side; the readout takes the last real token
   of each row (`RewardModel.forward` takes a key mask), so padding never changes a score.
 - Saved as a model directory (the trunk, reusable by anything that loads models) plus
-  `reward_head.safetensors` and `reward.json` (format, tokenizer checksum, validation figures).
+  `reward_head.safetensors` and `reward.json` (format, tokenizer checksum, validation figures), both
+  covered by the directory's SHA256SUMS, which loading verifies (`checkpoint.save_model_dir`).
   A reward model scores token ids, so pairing it with a policy of another tokenizer is an error:
   `check_same_tokenizer` / `RewardModel.check_policy` compare tokenizer checksums.
 """
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save
 
 from .chat import render
 from .checkpoint import load_model_dir, save_model_dir
-from .common import GptlabError, atomic_write_bytes, atomic_write_json, read_json
+from .common import GptlabError, json_bytes, read_json
 from .model import GPT
 from .tokenizer import Tokenizer
 
@@ -112,13 +113,11 @@ class RewardModel(nn.Module):
             raise GptlabError(f"cannot load reward head {path}: {e}") from None
 
     def save(self, path: str | Path, info: dict[str, Any] | None = None) -> Path:
-        path = Path(path)
-        save_model_dir(path, self.gpt, self.tokenizer)
-        atomic_write_bytes(path / HEAD_FILE, self.head_bytes())
-        atomic_write_json(path / REWARD_META, {"format": REWARD_FORMAT, "head": HEAD_FILE,
-                                               "readout": "final hidden state of the last token (<|assistant_end|>)",
-                                               "tokenizer_sha256": self.tokenizer.sha256, **(info or {})})
-        return path
+        meta = {"format": REWARD_FORMAT, "head": HEAD_FILE,
+                "readout": "final hidden state of the last token (<|assistant_end|>)",
+                "tokenizer_sha256": self.tokenizer.sha256, **(info or {})}
+        return save_model_dir(path, self.gpt, self.tokenizer,
+                              extra_files={HEAD_FILE: self.head_bytes(), REWARD_META: json_bytes(meta)})
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu",

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gptlab.checkpoint import save_model_dir
+from gptlab.checkpoint import CHECKSUMS, save_model_dir
 from gptlab.common import GptlabError
 from gptlab.interop import export_hf
 from gptlab.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_TARGETS, LoRALinear, add_lora, fold_lora,
@@ -209,5 +209,8 @@ def test_adapter_for_another_base_is_a_clear_error(small_tokenizer, tmp_path):
 
     cfg = json.loads((tmp_path / "ours" / ADAPTER_CONFIG).read_text())
     (tmp_path / "ours" / ADAPTER_CONFIG).write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+    with pytest.raises(GptlabError, match=r"LoRA adapter file .*adapter_config\.json is corrupt"):
+        load_adapter(base_model(v), tmp_path / "ours")  # our adapters carry SHA256SUMS
+    (tmp_path / "ours" / CHECKSUMS).unlink()  # as a PEFT adapter from elsewhere: the config check still guards it
     with pytest.raises(GptlabError, match="only LORA"):
         load_adapter(base_model(v), tmp_path / "ours")

@@ -12,7 +12,7 @@ import torch
 from _preference_models import tiny_model_dir
 from gptlab.train import preference_fit
 from gptlab.chat import render
-from gptlab.checkpoint import load_model_dir
+from gptlab.checkpoint import CHECKSUMS, load_model_dir
 from gptlab.cli import main as cli_main
 from gptlab.common import GptlabError
 from gptlab.train.metrics import read_metrics
@@ -114,6 +114,9 @@ def test_save_load_round_trip_and_tokenizer_checks(trained, base_dir, small_toke
         rm.check_policy(other)
     meta = json.loads((copy / "reward.json").read_text())
     (copy / "reward.json").write_text(json.dumps({**meta, "tokenizer_sha256": other.sha256}))
+    with pytest.raises(GptlabError, match=r"reward\.json is corrupt"):  # the directory's SHA256SUMS covers it
+        RewardModel.load(copy)
+    (copy / CHECKSUMS).unlink()  # a directory without checksums: the tokenizer check still guards it
     with pytest.raises(GptlabError, match="different tokenizer"):
         RewardModel.load(copy)
     with pytest.raises(GptlabError, match="reward model metadata"):
