@@ -17,15 +17,9 @@ import torch
 from gptlab.checkpoint import save_model_dir
 from gptlab.cli import main as cli_main
 from gptlab.common import GptlabError
-from gptlab.infer.engine import (
-    Engine,
-    SamplingParams,
-    TextStream,
-    apply_repetition_penalty,
-    default_batch_size,
-    filter_top_k,
-    filter_top_p,
-)
+from gptlab.infer.batch import TextStream
+from gptlab.infer.engine import Engine, default_batch_size
+from gptlab.infer.sampling import SamplingParams, apply_repetition_penalty, filter_top_k, filter_top_p
 from gptlab.lora import add_lora
 from gptlab.model import GPT, GPTConfig
 from gptlab.tokenizer import train_tokenizer

@@ -79,7 +79,8 @@ from ..chat import Message, completion_text, render_for_completion, response_tex
 from ..common import GptlabError, atomic_write_json, atomic_write_text, get_logger, read_json, torch_device
 from ..config import add_config_args, build_config, option
 from ..data.loader import PackedLoader
-from ..infer.engine import Engine, SamplingParams, default_batch_size
+from ..infer.engine import Engine, default_batch_size
+from ..infer.sampling import SamplingParams
 from ..model import GPT
 from ..train.pretrain import evaluate
 from ..infer.rollout import generate_chat

@@ -22,7 +22,8 @@ import sys
 
 from ..chat import render_for_completion, write_messages_jsonl
 from ..common import GptlabError, get_logger, torch_device
-from .engine import Engine, SamplingParams
+from .engine import Engine
+from .sampling import SamplingParams
 
 log = get_logger("chat")
 

@@ -17,7 +17,8 @@ import sys
 import torch
 
 from ..common import get_logger, torch_device
-from .engine import Engine, SamplingParams
+from .engine import Engine
+from .sampling import SamplingParams
 
 log = get_logger("sample")
 

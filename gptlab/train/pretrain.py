@@ -60,7 +60,8 @@ from ..checkpoint import (checkpoint_dirs, latest_valid_checkpoint, load_trainin
 from ..common import GptlabError, get_logger, read_json, torch_device
 from ..config import add_config_args, build_config, option
 from ..data.loader import PackedLoader
-from ..infer.engine import Engine, SamplingParams
+from ..infer.engine import Engine
+from ..infer.sampling import SamplingParams
 from .metrics import MetricsLogger, plot_loss_curve
 from ..model import GPT, GPTConfig
 from .optim import TrainConfig, bf16_autocast, build_optimizers, lr_multiplier, raise_if_diverged
