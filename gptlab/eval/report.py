@@ -76,7 +76,7 @@ from typing import Any
 import torch
 
 from ..chat import Message, completion_text, render_for_completion, response_text
-from ..common import GptlabError, atomic_write_json, atomic_write_text, get_logger, read_json, torch_device
+from ..common import GptlabError, atomic_write_json, atomic_write_text, get_logger, read_json, torch_device, torch_dtype
 from ..config import add_config_args, build_config, option
 from ..data.loader import PackedLoader
 from ..infer.engine import Engine, default_batch_size
@@ -586,10 +586,7 @@ def run_eval(cfg: EvalConfig) -> tuple[Path, Path]:
     else:
         tasks = None if cfg.tasks.strip() == "all" else _csv(cfg.tasks)
     device = torch_device(cfg.device)
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if cfg.dtype != "auto" and cfg.dtype not in dtypes:
-        raise GptlabError(f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
-    dtype = dtypes.get(cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = torch_dtype(cfg.dtype, device, allowed=("auto", "float32", "bfloat16"))
     model, tokenizer = load_model_dir(model_dir, device=device, dtype=dtype)
     reward_scorer: ConversationScorer | None = None
     if cfg.reward_model:
