@@ -201,6 +201,26 @@ def test_rows_join_and_leave_between_steps(engine):
         assert row.completion() == engine.generate([prompt], p)[0]
 
 
+def test_rows_with_and_without_repetition_penalty_join(engine):
+    """Only batches with a penalised row track seen tokens; a join mixes the two, either way round."""
+    plain = greedy(max_new_tokens=20, stop_token_ids=())
+    penalised = greedy(max_new_tokens=20, stop_token_ids=(), repetition_penalty=3.0)
+    # the penalty changes this prompt's greedy output, so a row given the wrong seen tokens would show
+    assert engine.generate([PROMPTS[3]], penalised)[0] != engine.generate([PROMPTS[3]], plain)[0]
+    for running, joining in (([PROMPTS[0]], [PROMPTS[3]]), ([PROMPTS[3]], [PROMPTS[0]])):
+        params = {PROMPTS[0]: plain, PROMPTS[3]: penalised}
+        batch = engine.prefill(running, params[running[0]])
+        rows = list(batch.rows)
+        engine.step(batch)
+        newcomer = engine.prefill(joining, params[joining[0]], first_index=1)
+        rows += newcomer.rows
+        batch.join(newcomer)
+        while batch.rows:
+            engine.step(batch)
+        for row, prompt in zip(rows, running + joining):
+            assert row.completion() == engine.generate([prompt], params[prompt])[0]
+
+
 # ---- fused and compiled decode steps ------------------------------------------------------------------
 def tiny_model(tok, seed: int, **overrides) -> GPT:
     """Like the `model` fixture (a fresh one, so a test may change its weights); norm weights and biases

@@ -165,14 +165,15 @@ class DecodeBatch:
                 mask[rows, shift:length] = old_mask[:, :cache.length]
         a.k, a.v, a.length = k, v, length
         self.key_mask = mask
-        self.next_pos = torch.cat([self.next_pos, other.next_pos])
-        self.logits = torch.cat([self.logits, other.logits])
         if self.seen is not None or other.seen is not None:
             def seen_of(batch):
                 if batch.seen is not None:
                     return batch.seen
                 return torch.zeros_like(batch.logits, dtype=torch.bool)
+            # before the logits are joined: a batch without seen tokens gets one zero row per own row
             self.seen = torch.cat([seen_of(self), seen_of(other)])
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.logits = torch.cat([self.logits, other.logits])
         self.rows = self.rows + other.rows
         self.sampling = SamplingTensors.from_params([r.params for r in self.rows], self.next_pos.device)
 
