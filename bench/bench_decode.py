@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gptlab.infer.engine import Engine, SamplingParams
+from gptlab.infer.engine import Engine
+from gptlab.infer.sampling import SamplingParams
 from gptlab.model import GPT, GPTConfig
 from gptlab.tokenizer import train_tokenizer
 

@@ -18,7 +18,8 @@ import json.decoder
 import torch
 from bench_decode import hf_twin  # bench/, beside this script
 
-from gptlab.infer.engine import Engine, SamplingParams
+from gptlab.infer.engine import Engine
+from gptlab.infer.sampling import SamplingParams
 from gptlab.model import GPT, GPTConfig
 from gptlab.tokenizer import train_tokenizer
 

@@ -38,6 +38,23 @@ def torch_device(name: str):
     return device
 
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the weight dtypes a `--dtype` option may name
+
+
+def torch_dtype(name: str, device=None, allowed: tuple[str, ...] = ("auto", *DTYPE_NAMES)):
+    """The torch dtype a `--dtype` option names. "auto" is bfloat16 on a CUDA `device` and float32 anywhere
+    else (most CPUs multiply bfloat16 slowly; None counts as the CPU). A name outside `allowed` (each
+    caller's own set of choices) is a GptlabError."""
+    import torch
+
+    if name not in allowed:
+        raise GptlabError(f"dtype must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {name!r}")
+    if name == "auto":
+        on_cuda = device is not None and torch.device(device).type == "cuda"
+        return torch.bfloat16 if on_cuda else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that readers see either the old file or the whole new one, never a part:
     write a temp file in the same directory, fsync it, rename over the target, fsync the directory."""

@@ -39,7 +39,8 @@ from safetensors.torch import load_file, save
 from .chat import CHAT_TEMPLATE
 from .checkpoint import (IMPORTED_FILE, load_model_dir, model_from_state, save_model_dir, verify_checksums,
                          write_checksums)
-from .common import GptlabError, atomic_write_bytes, atomic_write_json, get_logger, json_bytes, read_json
+from .common import (DTYPE_NAMES, GptlabError, atomic_write_bytes, atomic_write_json, get_logger, json_bytes, read_json,
+                     torch_dtype)
 from .model import GPT, GPTConfig
 from .tokenizer import EOT, Tokenizer
 
@@ -384,12 +385,9 @@ def import_model(source: str | Path, out: str | Path) -> Path:
     return _save_imported(out, model, tokenizer, source, fmt, extra, chat_template)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def _cmd_export(args: argparse.Namespace) -> None:
     template = Path(args.chat_template).read_text(encoding="utf-8") if args.chat_template else None
-    export_hf(args.model, args.out, chat_template=template, dtype=DTYPES[args.dtype])
+    export_hf(args.model, args.out, chat_template=template, dtype=torch_dtype(args.dtype))
 
 
 def _cmd_import(args: argparse.Namespace) -> None:
@@ -401,7 +399,8 @@ def register(sub) -> None:
     e.add_argument("--model", required=True, help="gptlab model directory")
     e.add_argument("--format", choices=["hf"], default="hf", help="output format (default: %(default)s)")
     e.add_argument("--out", required=True, help="output folder")
-    e.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default: %(default)s)")
+    e.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="float32",
+                   help="weight dtype (default: %(default)s)")
     e.add_argument("--chat-template", default=None, help="Jinja chat template file for tokenizer_config.json")
     e.set_defaults(func=_cmd_export)
 

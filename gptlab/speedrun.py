@@ -50,7 +50,8 @@ from .common import (GptlabError, atomic_write_bytes, atomic_write_json, atomic_
 from .config import add_config_args, build_config, option
 from .data.mixture import load_mixture, mixture_digest
 from .data.prepare import PrepareConfig, prepare
-from .infer.engine import Engine, SamplingParams, default_batch_size
+from .infer.engine import Engine, default_batch_size
+from .infer.sampling import SamplingParams
 from .tokenizer import Tokenizer, train_tokenizer
 
 log = get_logger("speedrun")

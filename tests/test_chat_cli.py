@@ -18,7 +18,7 @@ from _serve_helpers import load_engine, make_model_dir
 from gptlab.chat import read_messages_jsonl, render_for_completion
 from gptlab.infer.chat_cli import ChatSession, run_interactive
 from gptlab.cli import main as cli_main
-from gptlab.infer.engine import SamplingParams
+from gptlab.infer.sampling import SamplingParams
 from gptlab.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=12)

@@ -69,3 +69,19 @@ def test_auto_device_is_the_cpu_without_cuda():
 
     assert torch_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert torch_device("cpu") == torch.device("cpu")
+
+
+def test_dtype_names_and_the_auto_rule(tmp_path, capsys):
+    import torch
+
+    from gptlab.common import GptlabError, torch_dtype
+
+    assert torch_dtype("auto", torch.device("cuda")) == torch.bfloat16  # naming a CUDA device needs no GPU
+    assert torch_dtype("auto", "cpu") == torch_dtype("auto") == torch.float32
+    assert [torch_dtype(n) for n in ("float32", "bfloat16", "float16")] == [torch.float32, torch.bfloat16,
+                                                                            torch.float16]
+    with pytest.raises(GptlabError, match=r"^dtype must be auto, float32 or bfloat16, got 'float16'$"):
+        torch_dtype("float16", allowed=("auto", "float32", "bfloat16"))
+    # eval keeps its narrower choice (no float16), checked before the (here empty) model directory is read
+    assert main(["eval", "--model", str(tmp_path), "--device", "cpu", "--dtype", "float16"]) == 2
+    assert "dtype must be auto, float32 or bfloat16, got 'float16'" in capsys.readouterr().err

@@ -17,15 +17,9 @@ import torch
 from gptlab.checkpoint import save_model_dir
 from gptlab.cli import main as cli_main
 from gptlab.common import GptlabError
-from gptlab.infer.engine import (
-    Engine,
-    SamplingParams,
-    TextStream,
-    apply_repetition_penalty,
-    default_batch_size,
-    filter_top_k,
-    filter_top_p,
-)
+from gptlab.infer.batch import TextStream
+from gptlab.infer.engine import Engine, default_batch_size
+from gptlab.infer.sampling import SamplingParams, apply_repetition_penalty, filter_top_k, filter_top_p
 from gptlab.lora import add_lora
 from gptlab.model import GPT, GPTConfig
 from gptlab.tokenizer import train_tokenizer
@@ -205,6 +199,26 @@ def test_rows_join_and_leave_between_steps(engine):
     assert seen_rows == {0, 1, 2}
     for row, prompt, p in zip(rows, [PROMPTS[3], PROMPTS[2], PROMPTS[0]], [p_long, p_short, p_long]):
         assert row.completion() == engine.generate([prompt], p)[0]
+
+
+def test_rows_with_and_without_repetition_penalty_join(engine):
+    """Only batches with a penalised row track seen tokens; a join mixes the two, either way round."""
+    plain = greedy(max_new_tokens=20, stop_token_ids=())
+    penalised = greedy(max_new_tokens=20, stop_token_ids=(), repetition_penalty=3.0)
+    # the penalty changes this prompt's greedy output, so a row given the wrong seen tokens would show
+    assert engine.generate([PROMPTS[3]], penalised)[0] != engine.generate([PROMPTS[3]], plain)[0]
+    for running, joining in (([PROMPTS[0]], [PROMPTS[3]]), ([PROMPTS[3]], [PROMPTS[0]])):
+        params = {PROMPTS[0]: plain, PROMPTS[3]: penalised}
+        batch = engine.prefill(running, params[running[0]])
+        rows = list(batch.rows)
+        engine.step(batch)
+        newcomer = engine.prefill(joining, params[joining[0]], first_index=1)
+        rows += newcomer.rows
+        batch.join(newcomer)
+        while batch.rows:
+            engine.step(batch)
+        for row, prompt in zip(rows, running + joining):
+            assert row.completion() == engine.generate([prompt], params[prompt])[0]
 
 
 # ---- fused and compiled decode steps ------------------------------------------------------------------

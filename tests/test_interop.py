@@ -23,7 +23,8 @@ from gptlab.chat import render_for_completion
 from gptlab.checkpoint import load_model_dir, save_model_dir
 from gptlab.cli import main as cli_main
 from gptlab.common import GptlabError
-from gptlab.infer.engine import Engine, SamplingParams
+from gptlab.infer.engine import Engine
+from gptlab.infer.sampling import SamplingParams
 from gptlab.interop import export_hf, import_model, load_gguf
 from gptlab.model import GPT, GPTConfig
 from gptlab.tokenizer import Tokenizer, train_tokenizer

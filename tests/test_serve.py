@@ -22,7 +22,8 @@ import torch
 from _serve_helpers import LiveServer, free_port, load_engine, make_model_dir
 from gptlab.chat import render_for_completion, tool_call_json
 from gptlab.checkpoint import load_model_dir
-from gptlab.infer.engine import Engine, SamplingParams
+from gptlab.infer.engine import Engine
+from gptlab.infer.sampling import SamplingParams
 from gptlab.model import GPT, GPTConfig
 from gptlab.serve.app import ServeConfig, create_app
 from gptlab.serve.tools import (CALL_END, CALL_START, TOOLS_HEADER, ToolCallParser, parse_tools,

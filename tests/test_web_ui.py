@@ -15,7 +15,7 @@ from playwright.sync_api import sync_playwright
 
 from _serve_helpers import LiveServer, load_engine, make_model_dir
 from gptlab.chat import render_for_completion
-from gptlab.infer.engine import SamplingParams
+from gptlab.infer.sampling import SamplingParams
 from gptlab.serve.app import ServeConfig, create_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

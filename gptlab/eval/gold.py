@@ -11,7 +11,8 @@ from typing import Any
 
 from ..chat import Message, completion_text, render_for_completion, response_text
 from ..common import GptlabError
-from ..infer.engine import Engine, SamplingParams, default_batch_size
+from ..infer.engine import Engine, default_batch_size
+from ..infer.sampling import SamplingParams
 from ..infer.rollout import generate_chat
 from ..model import GPT
 from ..tasks import Example, get_task, task_names

@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ..chat import Message
-from ..common import GptlabError, atomic_write_json, atomic_write_text, get_logger, torch_device
+from ..common import GptlabError, atomic_write_json, atomic_write_text, get_logger, torch_device, torch_dtype
 from ..config import option, register_config_command
 from ..model import GPT
 from ..tasks import task_names
@@ -181,10 +180,7 @@ def run_eval(cfg: EvalConfig) -> tuple[Path, Path]:
     else:
         tasks = None if cfg.tasks.strip() == "all" else _csv(cfg.tasks)
     device = torch_device(cfg.device)
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if cfg.dtype != "auto" and cfg.dtype not in dtypes:
-        raise GptlabError(f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
-    dtype = dtypes.get(cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = torch_dtype(cfg.dtype, device, allowed=("auto", "float32", "bfloat16"))
     model, tokenizer = load_model_dir(model_dir, device=device, dtype=dtype)
     reward_scorer: ConversationScorer | None = None
     if cfg.reward_model:

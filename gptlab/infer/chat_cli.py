@@ -21,8 +21,9 @@ import signal
 import sys
 
 from ..chat import render_for_completion, write_messages_jsonl
-from ..common import GptlabError, get_logger, torch_device
-from .engine import Engine, SamplingParams
+from ..common import DTYPE_NAMES, GptlabError, get_logger, torch_device, torch_dtype
+from .engine import Engine
+from .sampling import SamplingParams
 
 log = get_logger("chat")
 
@@ -137,15 +138,12 @@ def run_interactive(session: ChatSession, read=input, out=None) -> None:
 
 
 def _cmd_chat(args: argparse.Namespace) -> None:
-    import torch
-
     from ..checkpoint import load_model_dir
     from .sample import sampling_params_from_args
 
     if args.num_beams > 1:
         raise GptlabError("chat streams its answers; beam search (--num-beams > 1) cannot stream")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    model, tokenizer = load_model_dir(args.model, device=torch_device(args.device), dtype=dtypes[args.dtype])
+    model, tokenizer = load_model_dir(args.model, device=torch_device(args.device), dtype=torch_dtype(args.dtype))
     engine = Engine(model.eval(), tokenizer, strict_context=args.strict_context)
     session = ChatSession(engine, sampling_params_from_args(args, tokenizer), args.system)
     if args.prompt is not None:
@@ -176,6 +174,6 @@ def register(sub) -> None:
     p.add_argument("-p", "--prompt", default=None,
                    help="answer this one question and exit ('-' reads it from stdin); only the answer is printed")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     add_sampling_args(p)
     p.set_defaults(func=_cmd_chat)

@@ -24,7 +24,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .engine import Engine, SamplingParams
+from .engine import Engine
+from .sampling import SamplingParams
 from ..tasks.tools import execute_tool_call
 
 MAX_TOOL_CALLS = 3

@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from ..common import get_logger, torch_device
-from .engine import Engine, SamplingParams
+from ..common import DTYPE_NAMES, get_logger, torch_device, torch_dtype
+from .engine import Engine
+from .sampling import SamplingParams
 
 log = get_logger("sample")
 
@@ -54,8 +53,7 @@ def sampling_params_from_args(args: argparse.Namespace, tokenizer) -> SamplingPa
 def _cmd_sample(args: argparse.Namespace) -> None:
     from ..checkpoint import load_model_dir
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    model, tokenizer = load_model_dir(args.model, device=torch_device(args.device), dtype=dtypes[args.dtype])
+    model, tokenizer = load_model_dir(args.model, device=torch_device(args.device), dtype=torch_dtype(args.dtype))
     engine = Engine(model, tokenizer, strict_context=args.strict_context, compile=args.compile)
     params = sampling_params_from_args(args, tokenizer)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
@@ -78,7 +76,7 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="model directory (gptlab.json + model.safetensors + tokenizer.json)")
     p.add_argument("--prompt", default=None, help="prompt text (default: read stdin)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (compiles first, then faster per token; for long outputs)")
     add_sampling_args(p)

@@ -11,7 +11,7 @@ import argparse
 import os
 from pathlib import Path
 
-from gptlab.common import GptlabError, get_logger
+from gptlab.common import DTYPE_NAMES, GptlabError, get_logger
 from gptlab.infer.engine import Engine
 
 log = get_logger("serve")
@@ -22,11 +22,10 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     import torch
 
     from gptlab.checkpoint import load_model_dir
-    from gptlab.common import torch_device
+    from gptlab.common import torch_device, torch_dtype
     from gptlab.serve.app import ServeConfig, create_app, run_server
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    model, tokenizer = load_model_dir(args.model, device=torch_device(args.device), dtype=dtypes[args.dtype])
+    model, tokenizer = load_model_dir(args.model, device=torch_device(args.device), dtype=torch_dtype(args.dtype))
     model.eval()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,7 +50,7 @@ def register(sub) -> None:
     s.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $GPTLAB_API_KEY)")
     s.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default: %(default)s)")
     s.add_argument("--max-queue", type=int, default=256,

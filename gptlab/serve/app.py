@@ -52,7 +52,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import render_for_completion
 from ..common import GptlabError, get_logger
-from ..infer.engine import Engine, SamplingParams
+from ..infer.engine import Engine
+from ..infer.sampling import SamplingParams
 from . import protocol as p
 from . import tools
 from .scheduler import QueueFull, Request, Scheduler, SchedulerStopped, TokenLogprob, prompt_logprobs

@@ -40,7 +40,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..common import get_logger
-from ..infer.engine import DecodeBatch, Engine, SamplingParams
+from ..infer.batch import DecodeBatch
+from ..infer.engine import Engine
+from ..infer.sampling import SamplingParams
 
 log = get_logger("serve")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import latest_valid_checkpoint
-from ..common import GptlabError
+from ..common import GptlabError, torch_dtype
 from ..config import option
 
 
@@ -82,7 +82,7 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
 def bf16_autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast | None:
     """The bf16 autocast context `cfg.dtype` asks for on `device` ("auto": on CUDA only, since most CPUs
     multiply bf16 slowly), or None for plain fp32."""
-    if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
+    if torch_dtype(cfg.dtype, device) == torch.bfloat16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return None
 

@@ -48,7 +48,8 @@ import torch
 
 from ..chat import Message, completion_text, render, render_for_completion, validate_messages
 from ..common import GptlabError, atomic_write_text, get_logger, iter_records
-from ..infer.engine import Engine, SamplingParams, default_batch_size
+from ..infer.engine import Engine, default_batch_size
+from ..infer.sampling import SamplingParams
 from ..model import GPT
 from ..tasks import Example, get_task, sample_examples, task_names
 from ..tokenizer import Tokenizer

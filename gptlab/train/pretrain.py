@@ -54,7 +54,8 @@ from ..common import GptlabError, get_logger, read_json, torch_device
 from ..config import option, register_config_command
 from ..data.loader import PackedLoader
 from ..eval.loss import evaluate
-from ..infer.engine import Engine, SamplingParams
+from ..infer.engine import Engine
+from ..infer.sampling import SamplingParams
 from .loop import (checkpoint_to_resume, clipped_step, due, existing_checkpoints, set_lr_scale, stop_if_requested,
                    training_loop)
 from .metrics import MetricsLogger, plot_loss_curve

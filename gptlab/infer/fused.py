@@ -1,0 +1,207 @@
+"""The decode step re-laid out for one new token per row: `FusedDecoder`.
+
+Design decisions
+- Prefill and scoring run `GPT.forward`; decode steps (one token per row) run `FusedDecoder`, the same
+  math with fused, transposed weight copies and fewer, larger ops, because at small batch a decode step
+  is bound by per-op overhead and weight reads, not arithmetic. `compile=True` also runs it through
+  torch.compile (on CUDA as one CUDA graph per step). Both are checked token for token against
+  `GPT.forward` decoding (on CUDA by bench/check_gpu.py). Measured vs HF `generate`: 3.4x at batch 1 on
+  a 2-core CPU (depth 4), 8.1x at batch 1 and 7.1x at batch 32 on an H100 (depth 12, bf16).
+- How the step is laid out, and why, is in the `FusedDecoder` docstring. The copy of the weights it
+  holds goes stale when the model is trained: `weights_key` lets the engine notice and rebuild it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import GPT, KVCache, apply_rotary, rotary_cos_sin
+
+
+# ---- the decode step, re-laid out for one new token per row ----------------------------------------------
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`model.RMSNorm` over the last dim in one call where that is exact (float32 and a (dim,) weight:
+    F.rms_norm gives the same bits); otherwise as the module does it: normalise in float32, round to the
+    input's dtype, then scale (`weight` may then be (heads, dim), one row per head)."""
+    if x.dtype == torch.float32 and weight.dim() == 1:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return weight * F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype)
+
+
+@dataclass
+class _LayerWeights:
+    attn_norm: torch.Tensor
+    qkv: torch.Tensor  # (n_embd, (n_head + 2 n_kv_head) head_dim): q, k, v projections side by side
+    qkv_bias: torch.Tensor | None
+    qk_norm: torch.Tensor | None  # (n_head + n_kv_head, head_dim): the q_norm weight per q head, then k_norm
+    o: torch.Tensor
+    mlp_norm: torch.Tensor
+    gate_up: torch.Tensor  # (n_embd, 2 intermediate): gate then up
+    down: torch.Tensor
+
+
+class FusedDecoder:
+    """`GPT.forward` for a decode step (one new token per row, KV cache, optional key mask), written for
+    speed at small batch, where a step is ~30 tiny matmuls plus ~150 tiny elementwise ops and eager
+    PyTorch's per-op cost, not arithmetic, sets the pace (bench/results/decode.md).
+
+    - An inference-only copy of the weights, made once: q/k/v and gate/up projections concatenated (4
+      matmuls per layer instead of 7), each stored transposed (in, out) and contiguous, a layout whose
+      (B, in) x (in, out) product measured 1.4-2.5x faster at batch 1 than `F.linear`'s (out, in) one
+      (MKL, 1 thread; at batch 32 within +-15%: bench/results/decode.md). The model's parameters, state dict and HF names are untouched; the
+      copy costs one more model's worth of memory (`Engine(fused_decode=False)` decodes through
+      `model.forward` instead).
+    - Rotary cos/sin are computed once for every position of the window and indexed per step (same
+      float32 values as `rotary_cos_sin`), q and k are normed/rotated together, RMSNorm is one call.
+    - The new keys/values are written into the preallocated `KVCache` slot in place; attention is one
+      SDPA call over the filled slots (mask only when some row has padding, as in `GPT.forward`).
+    - compile=True: the same step with static shapes (attention over the whole cache capacity, later
+      slots masked) through torch.compile, which fuses the elementwise ops between the matmuls into a few
+      generated kernels; on CUDA the step is also captured as a CUDA graph (4.4 -> 1.3 ms a step at batch
+      1 on an H100, bench/results/gpu_h100.md). Eager stays the default: compiling costs seconds to a
+      minute per model (two graphs: one for a single row, one for any larger batch; the cache capacity is
+      symbolic).
+    Mathematically the same as `model.forward`; float32 results agree to rounding (the transposed
+    layout sums in a different order), and greedy tokens are tested equal to the eager path.
+    The copy goes stale if the weights change: `weights_key` fingerprints them (storage and in-place
+    version of every parameter), and the engine rebuilds the decoder when it changed.
+    """
+
+    def __init__(self, model: GPT, compile: bool = False):
+        c = self.config = model.config
+        self.weights_key = weights_key(model)
+        self.n_qk = (c.n_head + c.n_kv_head) * c.head_dim
+
+        def t(linear: nn.Linear) -> torch.Tensor:
+            return linear.weight.t()
+
+        with torch.no_grad():
+            self.layers = []
+            for block in model.model.layers:
+                attn, mlp = block.self_attn, block.mlp
+                projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+                bias = torch.cat([p.bias for p in projections]) if c.attn_bias else None
+                qk_norm = None
+                if c.qk_norm:
+                    qk_norm = torch.cat([attn.q_norm.weight.expand(c.n_head, -1),
+                                         attn.k_norm.weight.expand(c.n_kv_head, -1)])
+                self.layers.append(_LayerWeights(
+                    attn_norm=block.input_layernorm.weight.detach(),
+                    qkv=torch.cat([t(p) for p in projections], dim=1).contiguous(), qkv_bias=bias,
+                    qk_norm=qk_norm, o=t(attn.o_proj).contiguous(),
+                    mlp_norm=block.post_attention_layernorm.weight.detach(),
+                    gate_up=torch.cat([t(mlp.gate_proj), t(mlp.up_proj)], dim=1).contiguous(),
+                    down=t(mlp.down_proj).contiguous()))
+            self.embed = model.model.embed_tokens.weight.detach()  # a lookup: no copy needed
+            self.final_norm = model.model.norm.weight.detach()
+            self.head = t(model.lm_head).contiguous()
+            device = self.embed.device
+            cos, sin = rotary_cos_sin(torch.arange(c.max_seq_len, device=device)[None], c.head_dim, c.rope_theta)
+            self.rotary = torch.stack([cos[0, 0], sin[0, 0]], dim=1)  # (window, 2, head_dim), float32
+            self._layer_index = torch.arange(c.n_layer, device=device)[:, None]
+        # dynamic=False: nothing becomes symbolic unless marked (batch and capacity, in `step`); dynamo's
+        # automatic dynamic shapes would otherwise turn the config's sizes symbolic once a second model
+        # compiles the same method. CPU, cpp_wrapper: the generated code calls its ~30 kernels a step from
+        # C++ rather than Python (5-10% more tokens/s at batch 1, for a few more seconds of compilation).
+        # CUDA, mode reduce-overhead: the step is replayed as one CUDA graph, since at small batch a GPU
+        # step is as long as its ~30 kernel launches, not its arithmetic or weight reads
+        self._compiled = None
+        self._cuda_graphs = compile and device.type == "cuda"
+        if compile:
+            mode = {"mode": "reduce-overhead"} if self._cuda_graphs else {"options": {"cpp_wrapper": True}}
+            self._compiled = torch.compile(self._static_step, fullgraph=True, dynamic=False, **mode)
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """Plain `GPT` with plain `nn.Linear` projections (LoRA wrappers etc. decode through forward)."""
+        if type(model) is not GPT:
+            return False
+        linears = [model.lm_head]
+        for block in model.model.layers:
+            linears += [block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj,
+                        block.self_attn.o_proj, block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj]
+        return all(type(linear) is nn.Linear for linear in linears)
+
+    def step(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
+             key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Logits (B, vocab) for one new token per row: tokens (B,), rotary positions (B,); the token goes
+        into cache slot `cache.length` (key_mask (B, capacity) as in `GPT.forward(attn_mask=...)`)."""
+        slot = cache.length
+        if slot >= cache.capacity:
+            raise ValueError(f"KV cache full: {slot + 1} positions > capacity {cache.capacity}")
+        if self._compiled is not None:
+            # batch size and capacity change between calls (rows finish, prompts differ): symbolic, so
+            # they do not each cost a compilation (size 1 is still specialised by dynamo); an all-True
+            # mask rather than None, which would be one more graph
+            if key_mask is None:
+                key_mask = torch.ones(len(tokens), cache.capacity, dtype=torch.bool, device=tokens.device)
+            for tensor, dims in ((tokens, [0]), (positions, [0]), (cache.k, [1, 3]), (cache.v, [1, 3]),
+                                 (key_mask, [0, 1])):
+                torch._dynamo.maybe_mark_dynamic(tensor, dims)
+            slot_index = torch.tensor([slot], device=tokens.device)
+            if self._cuda_graphs:
+                # the graph writes into the cache in place, which CUDA graphs allow only for inputs whose
+                # address is fixed; and a replay reuses its output buffer, so the logits are copied out.
+                # Each generate call's new cache is a new address, so the graph is recorded again once per
+                # call; past torch's limit (128 recordings) the compiled step runs without graphs: still
+                # right, slower. Long-lived callers (a server) would want one reused cache allocation.
+                torch._dynamo.mark_static_address(cache.k)
+                torch._dynamo.mark_static_address(cache.v)
+                torch.compiler.cudagraph_mark_step_begin()
+                logits = self._compiled(tokens, cache.k, cache.v, slot_index, positions, key_mask).clone()
+            else:
+                logits = self._compiled(tokens, cache.k, cache.v, slot_index, positions, key_mask)
+        else:
+            # a decode query sits in the newest slot, so it may see every slot the key mask allows
+            mask = key_mask[:, None, None, :slot + 1] if key_mask is not None else None
+            logits = self._forward(tokens, cache.k, cache.v, slot, positions, mask, slot + 1)
+        cache.length = slot + 1
+        return logits
+
+    def _static_step(self, tokens, cache_k, cache_v, slot_index, positions, key_mask):
+        """The step with shapes that do not change from step to step (for torch.compile): attend over the
+        cache's whole capacity, with slots after the new one masked, instead of slicing the filled part."""
+        capacity = cache_k.shape[3]
+        mask = (torch.arange(capacity, device=tokens.device) <= slot_index) & key_mask
+        return self._forward(tokens, cache_k, cache_v, slot_index, positions, mask[:, None, None], capacity)
+
+    def _forward(self, tokens, cache_k, cache_v, slot: int | torch.Tensor, positions, mask,
+                 n_keys: int) -> torch.Tensor:
+        """slot: the cache slot of the new token, an int (eager) or a (1,) tensor (compiled: a Python int
+        would be baked into the graph, one compilation per step)."""
+        c = self.config
+        B, H, KV, D = tokens.shape[0], c.n_head, c.n_kv_head, c.head_dim
+        cos, sin = self.rotary[positions][:, :, None].unbind(1)  # (B, 1, D) each, broadcast over heads
+        x = F.embedding(tokens, self.embed)
+        for i, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.attn_norm, c.norm_eps)
+            qkv = h @ layer.qkv if layer.qkv_bias is None else torch.addmm(layer.qkv_bias, h, layer.qkv)
+            qk = qkv[:, :self.n_qk].view(B, H + KV, D)
+            if layer.qk_norm is not None:
+                qk = _rms_norm(qk, layer.qk_norm, c.norm_eps)
+            qk = apply_rotary(qk, cos, sin)
+            k, v = qk[:, H:], qkv[:, self.n_qk:].view(B, KV, D)
+            if isinstance(slot, int):  # a plain slice copy; indexing with tensors costs 5-20x more in eager
+                cache_k[i, :, :, slot], cache_v[i, :, :, slot] = k, v
+            else:
+                # written through the whole cache tensor, not the view `cache_k[i]`: inductor then stores
+                # into the slot in place, where a mutated view made it copy the layer's cache every step
+                layer_index = self._layer_index[i]
+                cache_k[layer_index, :, :, slot], cache_v[layer_index, :, :, slot] = k[None], v[None]
+            y = F.scaled_dot_product_attention(qk[:, :H, None], cache_k[i, :, :, :n_keys],
+                                               cache_v[i, :, :, :n_keys], attn_mask=mask, enable_gqa=KV != H)
+            x = x + y.view(B, H * D) @ layer.o
+            gate, up = (_rms_norm(x, layer.mlp_norm, c.norm_eps) @ layer.gate_up).chunk(2, dim=-1)
+            x = x + (F.silu(gate) * up) @ layer.down
+        return _rms_norm(x, self.final_norm, c.norm_eps) @ self.head
+
+
+def weights_key(model: nn.Module) -> tuple:
+    """Changes whenever a parameter is replaced, moved or updated in place (optimizer steps bump the
+    tensor version counter), so a copy of the weights can tell it is stale."""
+    return tuple((p.data_ptr(), p.dtype, -1 if p.is_inference() else p._version) for p in model.parameters())
+
