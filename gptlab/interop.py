@@ -18,7 +18,8 @@ Design decisions
   (pretraining) length: there the original length goes into the scaling and the window becomes
   factor x original, the length the scaling was made for (export writes the original back). From GGUF, the
   `linear` and `yarn` scalings llama.cpp records in its `rope.scaling.*` metadata are read; llama.cpp keeps
-  Llama 3.1's scaling as a `rope_freqs` tensor of per-pair factors instead, which is refused, named.
+  Llama 3.x's scaling as a `rope_freqs` tensor of per-pair divisors instead, from which the llama3 parameters
+  are recovered and checked (`_llama3_from_rope_freqs`); other divisors are refused.
 - Export and HF import need only safetensors and JSON; `transformers` is used for nothing here except
   building a tokenizer from GGUF metadata (its converter knows each vocabulary's pre-tokenizer regex, and it
   is the reference our tokenization is tested against).
@@ -37,6 +38,7 @@ Design decisions
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +49,7 @@ from safetensors.torch import load_file, save
 from .chat import CHAT_TEMPLATE
 from .checkpoint import IMPORTED_FILE, load_model_dir, model_from_state, save_model_dir
 from .common import GptlabError, atomic_write_bytes, atomic_write_json, get_logger, read_json
-from .model import GPT, ROPE_SCALING_FIELDS, GPTConfig, RopeScaling
+from .model import GPT, ROPE_SCALING_FIELDS, GPTConfig, RopeScaling, scaled_inv_freq
 from .tokenizer import EOT, Tokenizer
 
 log = get_logger("interop")
@@ -359,10 +361,48 @@ def _gguf_rope_scaling(meta: dict, arch: str, source: str) -> RopeScaling | None
             raise GptlabError(f"{source}: GGUF {arch}.rope.scaling.{name} = {key(name)} is not supported")
     # llama.cpp's default original length is the training context
     original = key("original_context_length") or meta.get(f"{arch}.context_length")
+    if original is None:
+        raise GptlabError(f"{source}: GGUF metadata lacks {arch}.rope.scaling.original_context_length")
     beta_fast, beta_slow = key("yarn_beta_fast"), key("yarn_beta_slow")
-    return RopeScaling(type="yarn", factor=float(key("factor")), original_max_seq_len=int(original),
-                       beta_fast=None if beta_fast is None else float(beta_fast),
-                       beta_slow=None if beta_slow is None else float(beta_slow))
+    try:
+        return RopeScaling(type="yarn", factor=float(key("factor")), original_max_seq_len=int(original),
+                           beta_fast=None if beta_fast is None else float(beta_fast),
+                           beta_slow=None if beta_slow is None else float(beta_slow))
+    except ValueError as e:
+        raise GptlabError(f"{source}: {e}") from None
+
+
+LLAMA3_BAND_FACTORS = (1.0, 4.0)  # Meta's low_freq_factor and high_freq_factor, the same in every Llama 3.x
+
+
+def _llama3_from_rope_freqs(divisors: torch.Tensor, head_dim: int, theta: float, source: str) -> RopeScaling | None:
+    """Llama 3.x rope scaling from llama.cpp's `rope_freqs.weight`: its converter stores the llama3 formula as one
+    divisor per rotary pair (pair i turns at theta^(-2i/d) / divisor_i). The factor is the largest divisor (the
+    interpolated pairs); a pair of the blended band has divisor D = 1 / ((1 - s) / factor + s), so
+    s = (1/D - 1/factor) / (1 - 1/factor), and s = (L / wavelength - low) / (high - low) gives the original
+    length L, taking Meta's low/high factors. Accepted only if these parameters give back every divisor."""
+    found = [float(x) for x in divisors.double().flatten()]
+    if len(found) != head_dim // 2:
+        raise GptlabError(f"{source}: rope_freqs.weight has {len(found)} values, expected {head_dim // 2}")
+    if all(x == 1.0 for x in found):
+        return None
+    factor, (low, high) = max(found), LLAMA3_BAND_FACTORS
+    blended = [i for i, x in enumerate(found) if 1.0 < x < factor]
+    unknown = GptlabError(f"{source}: rope_freqs.weight is not Llama 3 rope scaling (low_freq_factor {low}, "
+                          f"high_freq_factor {high}); per-pair rope frequency factors are not supported")
+    if not blended:
+        raise unknown
+    i = blended[0]
+    s = (1 / found[i] - 1 / factor) / (1 - 1 / factor)
+    wavelength = 2 * math.pi * theta ** (2 * i / head_dim)
+    original = round(wavelength * (s * (high - low) + low))
+    scaling = RopeScaling(type="llama3", factor=factor, original_max_seq_len=original, low_freq_factor=low,
+                          high_freq_factor=high)
+    scaled, _ = scaled_inv_freq(head_dim, theta, scaling)
+    expected = [theta ** (-2 * j / head_dim) / f for j, f in enumerate(scaled)]
+    if any(abs(e - x) > 1e-5 * e for e, x in zip(expected, found)):
+        raise unknown
+    return scaling
 
 
 def load_gguf(path: str | Path) -> tuple[GPT, Tokenizer, dict]:
@@ -402,11 +442,9 @@ def load_gguf(path: str | Path) -> tuple[GPT, Tokenizer, dict]:
         names.update({g.format(i=i): h.format(i=i) for g, h in GGUF_TENSOR_NAMES.items() if "{i}" in g})
     names.update({g: h for g, h in GGUF_TENSOR_NAMES.items() if "{i}" not in g})
     state = {}
+    rope_freqs = None
     for tensor in reader.tensors:
-        if tensor.name == "rope_freqs.weight":
-            raise GptlabError(f"{path}: per-pair rope frequency factors (tensor rope_freqs.weight, llama.cpp's form "
-                              "of Llama 3.1 rope scaling) are not supported; import the Hugging Face folder")
-        if tensor.name not in names:
+        if tensor.name not in names and tensor.name != "rope_freqs.weight":
             raise GptlabError(f"{path}: tensor {tensor.name} is not supported for architecture {arch}")
         try:
             values = dequantize(tensor.data, tensor.tensor_type)
@@ -417,17 +455,24 @@ def load_gguf(path: str | Path) -> tuple[GPT, Tokenizer, dict]:
         values = np.asarray(values, dtype=np.float32).reshape(shape)
         # F32 tensors come back as read-only views of the memory-mapped file: copy those
         weight = torch.from_numpy(values if values.flags.writeable else values.copy())
+        if tensor.name == "rope_freqs.weight":
+            rope_freqs = weight
+            continue
         if arch == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
             weight = _unpermute_rotary(weight, n_head if ".attn_q." in tensor.name else n_kv_head)
         elif arch == "llama" and tensor.name.endswith(("attn_q.bias", "attn_k.bias")):
             raise GptlabError(f"{path}: q/k biases in a llama-architecture GGUF are not supported")
         state[names[tensor.name]] = weight
+    theta = float(get("rope.freq_base", 10000.0))
+    if rope_freqs is not None:
+        if scaling is not None:
+            raise GptlabError(f"{path}: both rope_freqs.weight and {arch}.rope.scaling.type {scaling.type!r}")
+        scaling = _llama3_from_rope_freqs(rope_freqs, head_dim, theta, str(path))
     try:
         config = GPTConfig(
             vocab_size=state["model.embed_tokens.weight"].shape[0], n_layer=get("block_count"), n_embd=n_embd,
             n_head=n_head, n_kv_head=n_kv_head, head_dim=head_dim, intermediate_size=get("feed_forward_length"),
-            max_seq_len=get("context_length", 2048), rope_theta=float(get("rope.freq_base", 10000.0)),
-            rope_scaling=scaling,
+            max_seq_len=get("context_length", 2048), rope_theta=theta, rope_scaling=scaling,
             norm_eps=float(get("attention.layer_norm_rms_epsilon")), qk_norm=arch == "qwen3",
             attn_bias=any(k.endswith("q_proj.bias") for k in state), tie_embeddings="lm_head.weight" not in state)
     except (KeyError, ValueError) as e:

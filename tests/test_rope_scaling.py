@@ -28,7 +28,7 @@ CASES = {
     "linear": ("llama", {"rope_type": "linear", "factor": 4.0}, 4 * ORIGINAL),
     # transformers' dynamic NTK reads max_position_embeddings as the original length
     "dynamic": ("llama", {"rope_type": "dynamic", "factor": 3.0}, 3 * ORIGINAL),
-    # original 32 with theta 500 and 16-dim heads: one pair kept, one blended, six interpolated
+    # original 32, theta 500, 16-dim heads: wavelengths 6.3, 14, 30, 64, ...: one pair kept, two blended, five divided
     "llama3": ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 32}, 4 * ORIGINAL),
     # Qwen2.5's long-context recipe: transformers 4.x's "type" key, only factor and original length
