@@ -183,7 +183,7 @@ class RMSNorm(nn.Module):
 
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's attention temperature as a cos/sin multiplier: sqrt(1/t) = 0.1 ln(s) + 1 (Peng et al. 2023,
-    eq. 22); DeepSeek-V2 weights the log term by `mscale`."""
+    sec. 3.4); DeepSeek-V2 weights the log term by `mscale`."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 

@@ -106,9 +106,12 @@ def test_imported_scaling_matches_transformers_and_exports_back(case, tokenizer_
         plain = GPT(GPTConfig(**{**model.config.to_dict(), "rope_scaling": None}))
         plain.load_state_dict(model.state_dict())
         assert max_diff(plain(tokens), reference) > 1e-2
-        # and up to the original length, only types that stretch every length differ from plain rope
+        # up to the original length dynamic NTK is plain rope; the other types stretch every length
         short = tokens[:, :ORIGINAL]
-        assert (max_diff(model(short), plain(short)) == 0.0) == (case == "dynamic")
+        if case == "dynamic":
+            assert max_diff(model(short), plain(short)) <= 1e-5
+        else:
+            assert max_diff(model(short), plain(short)) > 1e-3
 
     export_hf(tmp_path / "ours", tmp_path / "again")
     exported = json.loads((tmp_path / "again" / "config.json").read_text())
