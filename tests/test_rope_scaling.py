@@ -22,8 +22,9 @@ from gptlab.model import GPT, GPTConfig, RopeScaling
 VOCAB = 300
 ORIGINAL = 16  # the "pretraining" context of every test model; inputs run to 3x that
 SEQ_LEN = 48
+HF_NAMES = {"type": "rope_type"}  # transformers 4.x's old key -> the one export writes
 
-# name -> (HF config class, rope_scaling as the checkpoint's config.json has it, window after import)
+# name -> (HF model type, rope scaling as the checkpoint's config.json has it, window after import)
 CASES = {
     "linear": ("llama", {"rope_type": "linear", "factor": 4.0}, 4 * ORIGINAL),
     # transformers' dynamic NTK reads max_position_embeddings as the original length
@@ -31,7 +32,7 @@ CASES = {
     # original 32, theta 500, 16-dim heads: wavelengths 6.3, 14, 30, 64, ...: one pair kept, two blended, five divided
     "llama3": ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 32}, 4 * ORIGINAL),
-    # Qwen2.5's long-context recipe: transformers 4.x's "type" key, only factor and original length
+    # Qwen2.5's long-context recipe, in its config.json's transformers 4.x layout (see hf_checkpoint)
     "yarn_qwen2": ("qwen2", {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL},
                    4 * ORIGINAL),
     "yarn_tuned": ("llama", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL,
@@ -71,6 +72,11 @@ def hf_checkpoint(case: str, tokenizer_json: str, folder) -> AutoModelForCausalL
             if p.dim() == 2:
                 p.normal_(0.0, 0.15)
     model.save_pretrained(folder)
+    if case == "yarn_qwen2":  # as Qwen2.5's config.json has it: 4.x's rope_scaling (with "type"), rope_theta apart
+        path = folder / "config.json"
+        saved = json.loads(path.read_text())
+        saved.pop("rope_parameters")
+        path.write_text(json.dumps({**saved, "rope_scaling": rope_scaling, "rope_theta": 500.0}))
     PreTrainedTokenizerFast(tokenizer_object=HFTokenizer.from_str(tokenizer_json)).save_pretrained(folder)
     return model
 
@@ -116,8 +122,8 @@ def test_imported_scaling_matches_transformers_and_exports_back(case, tokenizer_
     export_hf(tmp_path / "ours", tmp_path / "again")
     exported = json.loads((tmp_path / "again" / "config.json").read_text())
     source = json.loads((tmp_path / "hf" / "config.json").read_text())
-    # transformers 5 wrote the parameters in full (keeping 4.x's "type" key beside "rope_type")
-    assert exported["rope_parameters"] == {k: v for k, v in source["rope_parameters"].items() if k != "type"}
+    source_rope = source.get("rope_parameters") or {**source["rope_scaling"], "rope_theta": source["rope_theta"]}
+    assert exported["rope_parameters"] == {HF_NAMES.get(k, k): v for k, v in source_rope.items()}
     assert exported["max_position_embeddings"] == source["max_position_embeddings"]
     with torch.no_grad():
         assert max_diff(fresh_hf(tmp_path / "again")(tokens).logits, ours) <= 1e-4
