@@ -8,9 +8,18 @@ Design decisions
 - One mismatch is bridged with zeros: HF Llama's and Qwen3's `attention_bias` also biases `o_proj`, ours
   never does. Export writes a zero `o_proj.bias` where the HF class expects one; import accepts such a bias
   only if it is all zeros and otherwise refuses, rather than silently dropping weights.
-- Anything our model cannot compute exactly (rope scaling such as llama3/yarn, sliding windows, biased MLPs,
-  partial rotary, other activations, other architectures, SentencePiece vocabularies) is refused with a
-  `GptlabError` that names it: an import that "mostly works" is worse than none.
+- Anything our model cannot compute exactly (rope scaling types other than linear/dynamic/llama3/yarn, such
+  as longrope; sliding windows, biased MLPs, partial rotary, other activations, other architectures,
+  SentencePiece vocabularies) is refused with a `GptlabError` that names it: an import that "mostly works"
+  is worse than none.
+- Rope scaling (`GPTConfig.rope_scaling`) is read from config.json's `rope_parameters` (transformers 5.x) or
+  `rope_scaling` (4.x) and written back as both. The context window (`max_seq_len`) is HF's
+  `max_position_embeddings`, except for `dynamic`, where transformers reads that field as the original
+  (pretraining) length: there the original length goes into the scaling and the window becomes
+  factor x original, the length the scaling was made for (export writes the original back). From GGUF, the
+  `linear` and `yarn` scalings llama.cpp records in its `rope.scaling.*` metadata are read; llama.cpp keeps
+  Llama 3.x's scaling as a `rope_freqs` tensor of per-pair divisors instead, from which the llama3 parameters
+  are recovered and checked (`_llama3_from_rope_freqs`); other divisors are refused.
 - Export and HF import need only safetensors and JSON; `transformers` is used for nothing here except
   building a tokenizer from GGUF metadata (its converter knows each vocabulary's pre-tokenizer regex, and it
   is the reference our tokenization is tested against).
@@ -29,6 +38,7 @@ Design decisions
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +51,13 @@ from .checkpoint import (IMPORTED_FILE, load_model_dir, model_from_state, save_m
                          write_checksums)
 from .common import (DTYPE_NAMES, GptlabError, atomic_write_bytes, atomic_write_json, get_logger, json_bytes, read_json,
                      torch_dtype)
-from .model import GPT, GPTConfig
+from .model import GPT, ROPE_SCALING_FIELDS, GPTConfig, RopeScaling, scaled_inv_freq
 from .tokenizer import EOT, Tokenizer
 
 log = get_logger("interop")
 
 HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+HF_ROPE_NAMES = {"type": "rope_type", "original_max_seq_len": "original_max_position_embeddings"}  # ours -> HF
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # llama.cpp tensor names -> ours (= HF's); "{i}" is the layer index
 GGUF_TENSOR_NAMES = {
@@ -103,20 +114,29 @@ def _save_imported(out: Path, model: GPT, tokenizer: Tokenizer, source: Path, fm
 def hf_config(config: GPTConfig, bos_id: int | None, eos_id: int | None, pad_id: int | None,
               dtype: torch.dtype) -> dict:
     """config.json for the HF class that matches `config` (readable by transformers 4.x and 5.x: rope is
-    written both as 4.x's `rope_theta` and as 5.x's `rope_parameters`)."""
+    written both as 4.x's `rope_theta` (+ `rope_scaling`) and as 5.x's `rope_parameters`)."""
     model_type = hf_model_type(config)
+    rope = {"rope_type": "default"}
+    max_positions = config.max_seq_len
+    scaling = config.rope_scaling
+    if scaling is not None:
+        rope = {HF_ROPE_NAMES.get(name, name): value for name, value in scaling.to_dict().items()}
+        if scaling.type == "dynamic":  # HF's dynamic NTK reads max_position_embeddings as the original length
+            max_positions = rope.pop("original_max_position_embeddings")
     out = {
         "architectures": [HF_CLASSES[model_type]], "model_type": model_type,
         "vocab_size": config.vocab_size, "hidden_size": config.n_embd,
         "intermediate_size": config.intermediate_size, "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head,
-        "head_dim": config.head_dim, "hidden_act": "silu", "max_position_embeddings": config.max_seq_len,
+        "head_dim": config.head_dim, "hidden_act": "silu", "max_position_embeddings": max_positions,
         "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_parameters": {**rope, "rope_theta": config.rope_theta},
         "tie_word_embeddings": config.tie_embeddings, "attention_dropout": 0.0,
         "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
         "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True,
     }
+    if scaling is not None:
+        out["rope_scaling"] = rope
     if model_type == "llama":
         out.update(attention_bias=False, mlp_bias=False)
     else:
@@ -191,6 +211,42 @@ def _hf_weights(src: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _hf_rope_scaling(cfg: dict, rope: dict, max_positions: int, source: str) -> RopeScaling | None:
+    """Our rope scaling for an HF `rope_parameters` / `rope_scaling` dict, read the way transformers reads it."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return None
+    if rope_type not in ROPE_SCALING_FIELDS:
+        raise GptlabError(f"{source}: rope scaling type {rope_type!r} is not supported "
+                          f"(supported: default, {', '.join(ROPE_SCALING_FIELDS)})")
+    required, optional = ROPE_SCALING_FIELDS[rope_type]
+    fields = {name: rope.get(HF_ROPE_NAMES.get(name, name)) for name in (*required, *optional)}
+    if "original_max_seq_len" in fields:
+        if rope_type == "dynamic":
+            fields["original_max_seq_len"] = max_positions
+        else:  # transformers prefers a top-level value (Phi-3's layout), then falls back to the window
+            fields["original_max_seq_len"] = (cfg.get("original_max_position_embeddings")
+                                              or fields["original_max_seq_len"] or max_positions)
+    factor = rope.get("factor")
+    if factor is None and rope_type == "yarn":  # transformers: the window over the original length
+        factor = max_positions / fields["original_max_seq_len"]
+    read = {"rope_type", "type", "rope_theta", "factor", "partial_rotary_factor",
+            *(HF_ROPE_NAMES.get(name, name) for name in fields)}
+    if rope_type == "dynamic":
+        read.discard("original_max_position_embeddings")
+    ignored = set(rope) - read
+    if ignored:
+        log.warning("%s: rope scaling fields %s are not read by type %r (transformers ignores them too)",
+                    source, sorted(ignored), rope_type)
+    if factor is None:
+        raise GptlabError(f"{source}: rope scaling type {rope_type!r} lacks its factor")
+    try:
+        return RopeScaling(type=rope_type, factor=float(factor),
+                           **{name: value for name, value in fields.items() if value is not None})
+    except (TypeError, ValueError) as e:
+        raise GptlabError(f"{source}: {e}") from None
+
+
 def hf_to_gpt_config(cfg: dict, source: str) -> GPTConfig:
     """Our config for an HF config.json, refusing every setting our model would compute differently."""
     model_type = cfg.get("model_type")
@@ -203,19 +259,20 @@ def hf_to_gpt_config(cfg: dict, source: str) -> GPTConfig:
     if cfg.get("use_sliding_window"):
         raise GptlabError(f"{source}: sliding-window attention is not supported")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise GptlabError(f"{source}: rope scaling type {rope_type!r} is not supported (only default rope)")
     if rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
         raise GptlabError(f"{source}: partial rotary embeddings are not supported")
+    max_positions = cfg.get("max_position_embeddings", 2048)
+    scaling = _hf_rope_scaling(cfg, rope, max_positions, source)
+    if scaling is not None and scaling.type == "dynamic":  # see the module docstring
+        max_positions = round(scaling.factor * scaling.original_max_seq_len)
     n_head = cfg["num_attention_heads"]
     try:
         return GPTConfig(
             vocab_size=cfg["vocab_size"], n_layer=cfg["num_hidden_layers"], n_embd=cfg["hidden_size"],
             n_head=n_head, n_kv_head=cfg.get("num_key_value_heads") or n_head,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_head,
-            intermediate_size=cfg["intermediate_size"], max_seq_len=cfg.get("max_position_embeddings", 2048),
-            rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            intermediate_size=cfg["intermediate_size"], max_seq_len=max_positions,
+            rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0), rope_scaling=scaling,
             norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), qk_norm=model_type == "qwen3",
             attn_bias=model_type == "qwen2" or bool(cfg.get("attention_bias")),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
@@ -285,6 +342,73 @@ def _gguf_tokenizer(meta: dict, architecture: str, source: str) -> Tokenizer:
     return Tokenizer(backend.to_str(), source=source)
 
 
+# llama.cpp's rope.scaling keys that change what yarn computes, with the value that changes nothing
+GGUF_YARN_NEUTRAL = {"attn_factor": 1.0, "yarn_attn_factor": 1.0, "yarn_ext_factor": 1.0, "yarn_log_multiplier": 0.0}
+
+
+def _gguf_rope_scaling(meta: dict, arch: str, source: str) -> RopeScaling | None:
+    """Our rope scaling for llama.cpp's `{arch}.rope.scaling.*` metadata (types none, linear, yarn)."""
+    def key(name: str):
+        return meta.get(f"{arch}.rope.scaling.{name}")
+
+    kind = key("type") or "none"
+    if kind == "none":
+        return None
+    if kind not in ("linear", "yarn"):
+        raise GptlabError(f"{source}: GGUF rope scaling type {kind!r} is not supported (supported: none, linear, yarn)")
+    if key("factor") is None:
+        raise GptlabError(f"{source}: GGUF metadata lacks {arch}.rope.scaling.factor")
+    if kind == "linear":
+        return RopeScaling(type="linear", factor=float(key("factor")))
+    for name, neutral in GGUF_YARN_NEUTRAL.items():
+        if key(name) not in (None, neutral):
+            raise GptlabError(f"{source}: GGUF {arch}.rope.scaling.{name} = {key(name)} is not supported")
+    # llama.cpp's default original length is the training context
+    original = key("original_context_length") or meta.get(f"{arch}.context_length")
+    if original is None:
+        raise GptlabError(f"{source}: GGUF metadata lacks {arch}.rope.scaling.original_context_length")
+    beta_fast, beta_slow = key("yarn_beta_fast"), key("yarn_beta_slow")
+    try:
+        return RopeScaling(type="yarn", factor=float(key("factor")), original_max_seq_len=int(original),
+                           beta_fast=None if beta_fast is None else float(beta_fast),
+                           beta_slow=None if beta_slow is None else float(beta_slow))
+    except ValueError as e:
+        raise GptlabError(f"{source}: {e}") from None
+
+
+LLAMA3_BAND_FACTORS = (1.0, 4.0)  # Meta's low_freq_factor and high_freq_factor, the same in every Llama 3.x
+
+
+def _llama3_from_rope_freqs(divisors: torch.Tensor, head_dim: int, theta: float, source: str) -> RopeScaling | None:
+    """Llama 3.x rope scaling from llama.cpp's `rope_freqs.weight`: its converter stores the llama3 formula as one
+    divisor per rotary pair (pair i turns at theta^(-2i/d) / divisor_i). The factor is the largest divisor (the
+    interpolated pairs); a pair of the blended band has divisor D = 1 / ((1 - s) / factor + s), so
+    s = (1/D - 1/factor) / (1 - 1/factor), and s = (L / wavelength - low) / (high - low) gives the original
+    length L, taking Meta's low/high factors. Accepted only if these parameters give back every divisor."""
+    found = [float(x) for x in divisors.double().flatten()]
+    if len(found) != head_dim // 2:
+        raise GptlabError(f"{source}: rope_freqs.weight has {len(found)} values, expected {head_dim // 2}")
+    if all(x == 1.0 for x in found):
+        return None
+    factor, (low, high) = max(found), LLAMA3_BAND_FACTORS
+    blended = [i for i, x in enumerate(found) if 1.0 < x < factor]
+    unknown = GptlabError(f"{source}: rope_freqs.weight is not Llama 3 rope scaling (low_freq_factor {low}, "
+                          f"high_freq_factor {high}); per-pair rope frequency factors are not supported")
+    if not blended:
+        raise unknown
+    i = blended[0]
+    s = (1 / found[i] - 1 / factor) / (1 - 1 / factor)
+    wavelength = 2 * math.pi * theta ** (2 * i / head_dim)
+    original = round(wavelength * (s * (high - low) + low))
+    scaling = RopeScaling(type="llama3", factor=factor, original_max_seq_len=original, low_freq_factor=low,
+                          high_freq_factor=high)
+    scaled, _ = scaled_inv_freq(head_dim, theta, scaling)
+    expected = [theta ** (-2 * j / head_dim) / f for j, f in enumerate(scaled)]
+    if any(abs(e - x) > 1e-5 * e for e, x in zip(expected, found)):
+        raise unknown
+    return scaling
+
+
 def load_gguf(path: str | Path) -> tuple[GPT, Tokenizer, dict]:
     """(model, tokenizer, special tokens + chat template) from a GGUF file, weights dequantized to float32."""
     import gguf
@@ -310,9 +434,7 @@ def load_gguf(path: str | Path) -> tuple[GPT, Tokenizer, dict]:
             raise GptlabError(f"{path}: per-layer {arch}.{key} is not supported")
         return value
 
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none":
-        raise GptlabError(f"{path}: rope scaling type {scaling!r} is not supported (only default rope)")
+    scaling = _gguf_rope_scaling(meta, arch, str(path))
     n_embd, n_head = get("embedding_length"), get("attention.head_count")
     n_kv_head = get("attention.head_count_kv", n_head)
     head_dim = get("attention.key_length", n_embd // n_head)
@@ -324,8 +446,9 @@ def load_gguf(path: str | Path) -> tuple[GPT, Tokenizer, dict]:
         names.update({g.format(i=i): h.format(i=i) for g, h in GGUF_TENSOR_NAMES.items() if "{i}" in g})
     names.update({g: h for g, h in GGUF_TENSOR_NAMES.items() if "{i}" not in g})
     state = {}
+    rope_freqs = None
     for tensor in reader.tensors:
-        if tensor.name not in names:
+        if tensor.name not in names and tensor.name != "rope_freqs.weight":
             raise GptlabError(f"{path}: tensor {tensor.name} is not supported for architecture {arch}")
         try:
             values = dequantize(tensor.data, tensor.tensor_type)
@@ -336,16 +459,24 @@ def load_gguf(path: str | Path) -> tuple[GPT, Tokenizer, dict]:
         values = np.asarray(values, dtype=np.float32).reshape(shape)
         # F32 tensors come back as read-only views of the memory-mapped file: copy those
         weight = torch.from_numpy(values if values.flags.writeable else values.copy())
+        if tensor.name == "rope_freqs.weight":
+            rope_freqs = weight
+            continue
         if arch == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
             weight = _unpermute_rotary(weight, n_head if ".attn_q." in tensor.name else n_kv_head)
         elif arch == "llama" and tensor.name.endswith(("attn_q.bias", "attn_k.bias")):
             raise GptlabError(f"{path}: q/k biases in a llama-architecture GGUF are not supported")
         state[names[tensor.name]] = weight
+    theta = float(get("rope.freq_base", 10000.0))
+    if rope_freqs is not None:
+        if scaling is not None:
+            raise GptlabError(f"{path}: both rope_freqs.weight and {arch}.rope.scaling.type {scaling.type!r}")
+        scaling = _llama3_from_rope_freqs(rope_freqs, head_dim, theta, str(path))
     try:
         config = GPTConfig(
             vocab_size=state["model.embed_tokens.weight"].shape[0], n_layer=get("block_count"), n_embd=n_embd,
             n_head=n_head, n_kv_head=n_kv_head, head_dim=head_dim, intermediate_size=get("feed_forward_length"),
-            max_seq_len=get("context_length", 2048), rope_theta=float(get("rope.freq_base", 10000.0)),
+            max_seq_len=get("context_length", 2048), rope_theta=theta, rope_scaling=scaling,
             norm_eps=float(get("attention.layer_norm_rms_epsilon")), qk_norm=arch == "qwen3",
             attn_bias=any(k.endswith("q_proj.bias") for k in state), tie_embeddings="lm_head.weight" not in state)
     except (KeyError, ValueError) as e:

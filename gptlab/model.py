@@ -9,6 +9,15 @@ Design decisions
   import are a copy of the state dict, not a renaming table that can drift.
 - Rotary embedding uses HF's "rotate half" layout (first half of each head pairs with the second half),
   computed in float32 (Su et al. 2021, RoFormer).
+- Rope scaling (`GPTConfig.rope_scaling`, None = plain rope): the frequency stretches long-context checkpoints
+  ship with, as transformers computes them: `linear`, `dynamic` (NTK), `llama3`, `yarn` (see `RopeScaling`).
+  `GPT.rope` holds the frequencies of the model's config, computed once; `rotary_cos_sin` turns positions into
+  cos/sin tables with it. Plain rope keeps its original float32 expression, so unscaled models compute
+  bit-identical outputs. Dynamic NTK depends on the length seen: each row of a batch is scaled for its own
+  length so far (its largest position + 1), which is transformers' rule for a single sequence (its
+  `dynamic_rope_update` takes the largest position of the call). With a KV cache, keys keep the rotation they
+  were written with and each new token is rotated for the length at its step, as in transformers' cached
+  decode; so a cached decode and one full forward over the same tokens differ once past the original length.
 - Attention goes through `F.scaled_dot_product_attention` (flash / cuDNN kernels on GPU).
 - One dial: `GPTConfig.from_depth(depth)` derives width = 64 * depth, heads of 64 dims, MLP = 8/3 width
   rounded to 64 (the SwiGLU size that keeps parameters equal to a 4x GELU MLP). Same as nanochat's dial.
@@ -19,11 +28,61 @@ Design decisions
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+# the fields of `RopeScaling` each type reads besides type and factor: (required, optional)
+ROPE_SCALING_FIELDS = {
+    "linear": ((), ()),
+    "dynamic": (("original_max_seq_len",), ()),
+    "llama3": (("original_max_seq_len", "low_freq_factor", "high_freq_factor"), ()),
+    "yarn": (("original_max_seq_len",),
+             ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")),
+}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How a checkpoint stretches its rotary frequencies beyond its pretraining context (HF's `rope_scaling`).
+
+    Fields a type does not read stay None; optional ones left None take the published default when used, so a
+    config exports back exactly as it came. `original_max_seq_len` is the pretraining context length (HF's
+    `original_max_position_embeddings`; for `dynamic`, HF's `max_position_embeddings`)."""
+    type: str  # linear | dynamic | llama3 | yarn
+    factor: float
+    original_max_seq_len: int | None = None
+    low_freq_factor: float | None = None  # llama3: wavelengths above original / low_freq_factor are interpolated
+    high_freq_factor: float | None = None  # llama3: wavelengths below original / high_freq_factor are kept
+    beta_fast: float | None = None  # yarn: dims turning more than this often over the context are kept (32)
+    beta_slow: float | None = None  # yarn: dims turning less than this often are interpolated (1)
+    attention_factor: float | None = None  # yarn: cos/sin multiplier (default 0.1 ln(factor) + 1)
+    mscale: float | None = None  # yarn, DeepSeek's form of the attention factor (with mscale_all_dim)
+    mscale_all_dim: float | None = None
+    truncate: bool | None = None  # yarn: round the ramp's ends to whole dims (default True)
+
+    def __post_init__(self):
+        if self.type not in ROPE_SCALING_FIELDS:
+            raise ValueError(f"rope scaling type {self.type!r} is not supported "
+                             f"(supported: {', '.join(ROPE_SCALING_FIELDS)})")
+        if not self.factor > 0:
+            raise ValueError(f"rope scaling factor must be positive, got {self.factor}")
+        required, optional = ROPE_SCALING_FIELDS[self.type]
+        for field in fields(self)[2:]:
+            value = getattr(self, field.name)
+            if value is not None and field.name not in required + optional:
+                raise ValueError(f"rope scaling field {field.name} is not used by type {self.type!r}")
+        missing = [name for name in required if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"rope scaling type {self.type!r} needs {', '.join(missing)}")
+        if self.type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
+
+    def to_dict(self) -> dict:
+        return {name: value for name, value in asdict(self).items() if value is not None}
 
 
 @dataclass
@@ -41,12 +100,17 @@ class GPTConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm on each query/key head before rotary
     attn_bias: bool = False  # Qwen2: bias on q/k/v projections
     tie_embeddings: bool = True
+    rope_scaling: RopeScaling | None = None  # None: plain rope (a dict is read as RopeScaling's fields)
 
     def __post_init__(self):
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if self.rope_scaling is not None and self.rope_scaling.type == "dynamic" and self.head_dim < 4:
+            raise ValueError("dynamic rope scaling needs head_dim >= 4")
 
     @classmethod
     def from_depth(cls, depth: int, vocab_size: int, max_seq_len: int = 512, head_dim: int = 64,
@@ -63,7 +127,12 @@ class GPTConfig:
         return cls(**fields)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as JSON; `rope_scaling` only when set, so unscaled configs serialise as they always did."""
+        out = asdict(self)
+        out.pop("rope_scaling")
+        if self.rope_scaling is not None:
+            out["rope_scaling"] = self.rope_scaling.to_dict()
+        return out
 
 
 class KVCache:
@@ -112,11 +181,101 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature as a cos/sin multiplier: sqrt(1/t) = 0.1 ln(s) + 1 (Peng et al. 2023,
+    sec. 3.4); DeepSeek-V2 weights the log term by `mscale`."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def scaled_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> tuple[list[float], float]:
+    """(inverse frequency of each rotary pair, cos/sin multiplier) for a static scaling type, in float64.
+
+    Pair i of plain rope turns at theta_i = theta^(-2i/d) radians per position, wavelength 2 pi / theta_i."""
+    inv_freq = [theta ** (-2 * i / head_dim) for i in range(head_dim // 2)]
+    s = scaling
+    if s.type == "linear":
+        # position interpolation (Chen et al. 2023, arXiv 2306.15595): position m becomes m / factor
+        return [f / s.factor for f in inv_freq], 1.0
+    if s.type == "llama3":
+        # Llama 3.1 (Meta's reference `apply_scaling`, llama-models): wavelengths shorter than
+        # original / high_freq_factor are kept, longer than original / low_freq_factor are divided by factor,
+        # and in between the two are blended by how many times the wave fits into the original context
+        out = []
+        for f in inv_freq:
+            wavelength = 2 * math.pi / f
+            if wavelength < s.original_max_seq_len / s.high_freq_factor:
+                out.append(f)
+            elif wavelength > s.original_max_seq_len / s.low_freq_factor:
+                out.append(f / s.factor)
+            else:
+                fits = s.original_max_seq_len / wavelength  # times the wave fits into the original context
+                smooth = (fits - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+                out.append((1 - smooth) * f / s.factor + smooth * f)
+        return out, 1.0
+    # yarn (Peng et al. 2023, "YaRN", arXiv 2309.00071, sec. 3.2 "NTK-by-parts" + 3.4): pairs that turn more
+    # than beta_fast times over the original context keep their frequency, pairs turning fewer than beta_slow
+    # times are interpolated (f / factor), with a linear ramp between. As in the authors' code (and HF), the
+    # ramp runs over the pair index: the pair that turns r times is i(r) = d ln(L / (2 pi r)) / (2 ln theta),
+    # from L theta^(-2i/d) / (2 pi) = r; its ends are rounded outwards unless `truncate` is False
+    def pair_index(rotations: float) -> float:
+        return head_dim * math.log(s.original_max_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_index(s.beta_fast or 32.0), pair_index(s.beta_slow or 1.0)
+    if s.truncate is None or s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if high == low:
+        high += 0.001  # a one-dim ramp would divide by zero
+    out = []
+    for i, f in enumerate(inv_freq):
+        interpolated = min(max((i - low) / (high - low), 0.0), 1.0)
+        out.append(interpolated * f / s.factor + (1 - interpolated) * f)
+    if s.attention_factor is not None:
+        attention = s.attention_factor
+    elif s.mscale and s.mscale_all_dim:
+        attention = _yarn_mscale(s.factor, s.mscale) / _yarn_mscale(s.factor, s.mscale_all_dim)
+    else:
+        attention = _yarn_mscale(s.factor)
+    return out, attention
+
+
+class Rope:
+    """The rotary frequencies of one config, computed once (`GPT.rope`); `rotary_cos_sin` applies them."""
+
+    def __init__(self, config: GPTConfig):
+        self.head_dim, self.theta, self.scaling = config.head_dim, config.rope_theta, config.rope_scaling
+        self.inv_freq: tuple[float, ...] | None = None  # None: computed per call (plain rope, dynamic)
+        self.attention_factor = 1.0
+        if self.scaling is not None and self.scaling.type != "dynamic":
+            inv_freq, self.attention_factor = scaled_inv_freq(self.head_dim, self.theta, self.scaling)
+            self.inv_freq = tuple(inv_freq)
+
+    def inverse_frequencies(self, positions: torch.Tensor) -> torch.Tensor:
+        """float32 inverse frequencies, (head_dim/2,) or for dynamic NTK one row per batch row (B, head_dim/2)."""
+        d, device = self.head_dim, positions.device
+        if self.inv_freq is not None:
+            return torch.tensor(self.inv_freq, dtype=torch.float32, device=device)
+        exponents = torch.arange(0, d, 2, device=device, dtype=torch.float32) / d
+        if self.scaling is None:
+            return 1.0 / (self.theta ** exponents)
+        # dynamic NTK (bloc97 and emozilla, r/LocalLLaMA 2023; YaRN paper sec. 3.3): at length L beyond the
+        # original L0 the base grows to theta * (s L / L0 - (s - 1))^(d / (d - 2)); L is each row's largest
+        # position + 1 (see the module docstring), float32 like transformers
+        s = self.scaling
+        length = positions.amax(dim=-1, keepdim=True).clamp(min=s.original_max_seq_len - 1) + 1  # (B, 1)
+        base = self.theta * (s.factor * length / s.original_max_seq_len - (s.factor - 1)) ** (d / (d - 2))
+        return 1.0 / (base ** exponents)
+
+
+def rotary_cos_sin(positions: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (B, 1, T, head_dim) for integer positions (B, T), HF "rotate half" layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    inv_freq = rope.inverse_frequencies(positions)
+    if inv_freq.dim() == 2:  # one set per row (dynamic NTK)
+        inv_freq = inv_freq[:, None]
     freqs = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    if rope.attention_factor != 1.0:  # YaRN's temperature, applied to q and k alike through cos/sin
+        return emb.cos() * rope.attention_factor, emb.sin() * rope.attention_factor
     return emb.cos(), emb.sin()
 
 
@@ -198,6 +357,7 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        self.rope = Rope(config)
         self.model = Trunk(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -250,7 +410,7 @@ class GPT(nn.Module):
         offset = kv_cache.length if kv_cache is not None else 0
         if positions is None:
             positions = torch.arange(offset, offset + T, device=idx.device).expand(B, T)
-        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rotary_cos_sin(positions, self.rope)
         mask = None
         if attn_mask is not None or (offset > 0 and T > 1):
             # key j (absolute slot in the cache) is visible to query i (slot offset + i) iff j <= offset + i;

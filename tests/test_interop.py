@@ -26,7 +26,7 @@ from gptlab.common import GptlabError
 from gptlab.infer.engine import Engine
 from gptlab.infer.sampling import SamplingParams
 from gptlab.interop import export_hf, import_model, load_gguf
-from gptlab.model import GPT, GPTConfig
+from gptlab.model import GPT, GPTConfig, RopeScaling
 from gptlab.tokenizer import Tokenizer, train_tokenizer
 
 FOREIGN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -194,7 +194,8 @@ def test_import_hf_refuses_what_it_cannot_compute(foreign_tokenizer_json, tmp_pa
     config_path = tmp_path / "hf" / "config.json"
     original = json.loads(config_path.read_text())
     bad_configs = {
-        "rope scaling type 'llama3'": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+        "rope scaling type 'longrope' is not supported": {"rope_parameters": {
+            "rope_type": "longrope", "rope_theta": 5e5, "short_factor": [1.0] * 8, "long_factor": [4.0] * 8}},
         "model_type 'gpt2'": {"model_type": "gpt2"},
         "activation 'gelu'": {"hidden_act": "gelu"},
     }
@@ -214,10 +215,28 @@ def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+def llama3_rope_divisors(c: GPTConfig) -> np.ndarray:
+    """llama.cpp's converter (LlamaModel.generate_extra_tensors) for llama3 rope scaling: per rotary pair, the
+    number its frequency is divided by: 1 for short wavelengths, factor for long ones, blended in between."""
+    s, divisors = c.rope_scaling, []
+    for i in range(c.head_dim // 2):
+        wavelength = 2 * np.pi * c.rope_theta ** (2 * i / c.head_dim)
+        if wavelength < s.original_max_seq_len / s.high_freq_factor:
+            divisors.append(1.0)
+        elif wavelength > s.original_max_seq_len / s.low_freq_factor:
+            divisors.append(s.factor)
+        else:
+            fits = s.original_max_seq_len / wavelength
+            smooth = (fits - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+            divisors.append(1 / ((1 - smooth) / s.factor + smooth))
+    return np.array(divisors, np.float32)
+
+
 def write_gguf(path: Path, arch: str, model: GPT, tokenizer_json: str, qtype=gguf.GGMLQuantizationType.F32,
-               raw: dict | None = None) -> None:
+               raw: dict | None = None, extra_kv: dict[str, float] | None = None) -> None:
     """A GGUF file of `model` as llama.cpp lays it out; 2-D weights in `qtype`, norms and biases in F32;
-    `raw` replaces tensors by name with (bytes array, quantisation type)."""
+    `raw` replaces tensors by name with (bytes array, quantisation type), or adds them when the model has no
+    such tensor; `extra_kv` adds float32 metadata under `{arch}.`."""
     c = model.config
     w = gguf.GGUFWriter(path, arch)
     w.add_block_count(c.n_layer)
@@ -231,6 +250,15 @@ def write_gguf(path: Path, arch: str, model: GPT, tokenizer_json: str, qtype=ggu
     w.add_rope_dimension_count(c.head_dim)
     w.add_rope_freq_base(c.rope_theta)
     w.add_layer_norm_rms_eps(c.norm_eps)
+    if c.rope_scaling is not None and c.rope_scaling.type == "llama3":
+        raw = {**(raw or {}), "rope_freqs.weight": (llama3_rope_divisors(c), gguf.GGMLQuantizationType.F32)}
+    elif c.rope_scaling is not None:  # as llama.cpp's converter records linear and yarn scaling
+        w.add_rope_scaling_type(gguf.RopeScalingType(c.rope_scaling.type))
+        w.add_rope_scaling_factor(c.rope_scaling.factor)
+        if c.rope_scaling.original_max_seq_len is not None:
+            w.add_rope_scaling_orig_ctx_len(c.rope_scaling.original_max_seq_len)
+    for key, value in (extra_kv or {}).items():
+        w.add_float32(f"{arch}.{key}", value)
     spec = json.loads(tokenizer_json)
     tokens = [t for t, _ in sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])]
     w.add_tokenizer_model("gpt2")
@@ -267,6 +295,9 @@ def write_gguf(path: Path, arch: str, model: GPT, tokenizer_json: str, qtype=ggu
             w.add_tensor(names[name], gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(names[name], data)
+    for name, (data, dtype) in (raw or {}).items():
+        if name not in {names[ours] for ours in state}:
+            w.add_tensor(name, data, raw_dtype=dtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -310,6 +341,30 @@ def test_import_gguf_matches_transformers(case, foreign_tokenizer_json, corpus_t
     assert (imported["bos_token"], imported["eos_token"]) == ("<|im_start|>", "<|im_end|>")
 
 
+GGUF_SCALINGS = {  # name -> (architecture, scaling)
+    "linear": ("qwen2", RopeScaling(type="linear", factor=4.0)),
+    "yarn": ("qwen2", RopeScaling(type="yarn", factor=4.0, original_max_seq_len=16)),
+    # theta 5000, 16-dim heads: wavelengths 6.3, 18, 53, ...: one pair kept, one blended, six divided
+    "llama3": ("llama", RopeScaling(type="llama3", factor=8.0, original_max_seq_len=32, low_freq_factor=1.0,
+                                    high_freq_factor=4.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(GGUF_SCALINGS))
+def test_import_gguf_rope_scaling(case, foreign_tokenizer_json, tmp_path):
+    """transformers' GGUF loader drops rope scaling, so the reference is the source model (F32: lossless)."""
+    arch, scaling = GGUF_SCALINGS[case]
+    vocab = Tokenizer(foreign_tokenizer_json).vocab_size
+    source = GPT(small_config(vocab, n_kv_head=2, attn_bias=arch == "qwen2", rope_scaling=scaling))
+    randomize(source, seed=5)
+    write_gguf(tmp_path / "model.gguf", arch, source, foreign_tokenizer_json)
+    model = load_gguf(tmp_path / "model.gguf")[0]
+    assert model.config.rope_scaling == scaling
+    ids = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(4))  # 3x the original 16
+    with torch.no_grad():
+        assert max_diff(model(ids), source(ids)) <= 1e-5
+
+
 def test_import_gguf_refuses_unsupported_files(foreign_tokenizer_json, tmp_path):
     vocab = Tokenizer(foreign_tokenizer_json).vocab_size
     model = GPT(small_config(vocab))
@@ -325,6 +380,18 @@ def test_import_gguf_refuses_unsupported_files(foreign_tokenizer_json, tmp_path)
     with pytest.raises(GptlabError, match="blk.0.ffn_up.weight has quantisation type Q8_1"):
         load_gguf(tmp_path / "q8_1.gguf")
     assert cli_main(["import", "--from", str(tmp_path / "q8_1.gguf"), "--out", str(tmp_path / "out")]) == 2
+
+    # per-pair frequency divisors that no llama3 scaling gives
+    divisors = np.array([1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.0], np.float32)
+    write_gguf(tmp_path / "freqs.gguf", "llama", model, foreign_tokenizer_json,
+               raw={"rope_freqs.weight": (divisors, gguf.GGMLQuantizationType.F32)})
+    with pytest.raises(GptlabError, match="rope_freqs.weight is not Llama 3 rope scaling"):
+        load_gguf(tmp_path / "freqs.gguf")
+    scaled = GPT(small_config(vocab, rope_scaling=RopeScaling(type="yarn", factor=4.0, original_max_seq_len=16)))
+    write_gguf(tmp_path / "yarn.gguf", "llama", scaled, foreign_tokenizer_json,
+               extra_kv={"rope.scaling.attn_factor": 0.5})
+    with pytest.raises(GptlabError, match="llama.rope.scaling.attn_factor = 0.5 is not supported"):
+        load_gguf(tmp_path / "yarn.gguf")
 
 
 # ---- the real thing: SmolLM2-135M-Instruct (Q4_1) ---------------------------------------------------------

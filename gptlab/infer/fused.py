@@ -100,8 +100,8 @@ class FusedDecoder:
             self.final_norm = model.model.norm.weight.detach()
             self.head = t(model.lm_head).contiguous()
             device = self.embed.device
-            cos, sin = rotary_cos_sin(torch.arange(c.max_seq_len, device=device)[None], c.head_dim, c.rope_theta)
-            self.rotary = torch.stack([cos[0, 0], sin[0, 0]], dim=1)  # (window, 2, head_dim), float32
+            cos, sin = rotary_cos_sin(torch.arange(c.max_seq_len, device=device)[:, None], model.rope)
+            self.rotary = torch.stack([cos[:, 0, 0], sin[:, 0, 0]], dim=1)  # (window, 2, head_dim), a row per step
             self._layer_index = torch.arange(c.n_layer, device=device)[:, None]
         # dynamic=False: nothing becomes symbolic unless marked (batch and capacity, in `step`); dynamo's
         # automatic dynamic shapes would otherwise turn the config's sizes symbolic once a second model
