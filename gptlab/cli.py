@@ -28,6 +28,7 @@ STAGES = [
     "gptlab.train.reward",
     "gptlab.train.dpo",
     "gptlab.train.rl",
+    "gptlab.apps.models",
 ]
 
 
