@@ -192,7 +192,7 @@ class LocalLLM(LLM):
         return [Generation(c.text, c.finish_reason, c.prompt_tokens, len(c.token_ids)) for c in completions]
 
     def _stream(self, ids: list[int], options: SamplingOptions) -> Iterator[str]:
-        yield from self.engine.stream(ids, self._params(options, len(ids)))
+        return self.engine.stream(ids, self._params(options, len(ids)))  # checked now, not at the first next()
 
     def chat(self, messages: Messages, **sampling) -> list[Generation]:
         return self._generate(self._chat_ids(messages), SamplingOptions.of(**sampling))
@@ -201,12 +201,10 @@ class LocalLLM(LLM):
         return self._generate(self.engine.encode(prompt), SamplingOptions.of(**sampling))
 
     def stream_chat(self, messages: Messages, **sampling) -> Iterator[str]:
-        options = _streaming_options(sampling)  # checked now, not at the first next()
-        return self._stream(self._chat_ids(messages), options)
+        return self._stream(self._chat_ids(messages), _streaming_options(sampling))
 
     def stream_complete(self, prompt: str, **sampling) -> Iterator[str]:
-        options = _streaming_options(sampling)
-        return self._stream(self.engine.encode(prompt), options)
+        return self._stream(self.engine.encode(prompt), _streaming_options(sampling))
 
     def _score(self, prompt_ids: list[int], continuations: list[str]) -> list[float]:
         continuations = _check_continuations(continuations)
