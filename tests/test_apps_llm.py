@@ -260,3 +260,14 @@ def test_endpoint_that_cannot_score_text():
             llm.chat(HELLO)
     finally:
         server.close()
+
+
+def test_endpoint_without_a_model_list(model_dir):
+    server = ScriptedServer({})  # every path answers 404
+    try:
+        with pytest.raises(GptlabError, match="serves 0 models \\(none listed\\); choose one with --model-name"):
+            open_llm(base_url=server.url, max_retries=0)
+        llm = open_llm(str(model_dir), base_url=server.url, model_name="tiny", max_retries=0)
+        assert llm.context_window == WINDOW  # from the model directory, as the server does not say
+    finally:
+        server.close()

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..common import GptlabError, get_logger
+from ..common import GptlabError, get_logger, read_json
 
 log = get_logger("llm")
 
@@ -244,7 +244,7 @@ class HttpLLM(LLM):
         # local servers ignore the key but the client insists on one
         self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "none",
                                     timeout=timeout, max_retries=max_retries)
-        self.tokenizer = None
+        self.tokenizer, self.tokenizer_dir = None, tokenizer_dir
         if tokenizer_dir is not None:
             from ..checkpoint import load_model_tokenizer
 
@@ -292,7 +292,13 @@ class HttpLLM(LLM):
             raise self._error(e) from None
 
     def _served_models(self) -> list[dict]:
-        page = self._call(self.client.models.list)
+        """The server's model list; empty for a server without GET /v1/models (then --model-name is needed)."""
+        try:
+            page = self.client.models.list()
+        except self._openai.NotFoundError:
+            return []
+        except self._openai.OpenAIError as e:
+            raise self._error(e) from None
         return [m.model_dump() for m in page.data]
 
     def _served_window(self) -> int:
@@ -302,6 +308,8 @@ class HttpLLM(LLM):
         window = entry.get("max_model_len") or (entry.get("meta") or {}).get("n_ctx_train")
         if window:
             return int(window)
+        if self.tokenizer_dir is not None:
+            return int(read_json(Path(self.tokenizer_dir) / "gptlab.json", "model config")["model"]["max_seq_len"])
         log.warning("%s does not report the context window of %s; context checks are left to the server",
                     self.base_url, self.name)
         return 0
