@@ -140,6 +140,9 @@ def test_context_window_overflow_and_clamping(local, http, http_tok):
             llm.chat(long_chat)
     with pytest.raises(GptlabError, match=rf"\(400\): prompt of \d+ tokens does not fit the context window of {WINDOW}"):
         http.chat(long_chat)  # no tokenizer: the server's check
+    with pytest.raises(GptlabError, match=rf"\(400\): prompt of \d+ tokens does not fit"):
+        http.logprobs("text " * 400, [" end"])
+    assert http.supports_logprobs  # a text too long is not a server that cannot score
     # a prompt that fits gets max_tokens clamped to the room left, identically
     fits = [{"role": "user", "content": "text " * 90}]
     here = local.chat(fits, max_tokens=200)[0]

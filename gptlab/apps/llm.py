@@ -404,6 +404,8 @@ class HttpLLM(LLM):
                 response = ask(1)
         except (self._openai.BadRequestError, self._openai.NotFoundError,
                 self._openai.UnprocessableEntityError) as e:
+            if getattr(e, "code", None) == "context_length_exceeded":  # the text is too long, not the server unable
+                raise self._error(e) from None
             self._supports_logprobs = False
             raise GptlabError(f"{self.base_url} cannot score given text (/v1/completions with echo and logprobs "
                               f"was refused: {_one_line(self._error(e))})") from None
