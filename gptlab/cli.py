@@ -29,6 +29,8 @@ STAGES = [
     "gptlab.train.dpo",
     "gptlab.train.rl",
     "gptlab.apps.models",
+    "gptlab.apps.prompting_eval",
+    "gptlab.apps.pipelines",
 ]
 
 
