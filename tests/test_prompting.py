@@ -275,6 +275,22 @@ def test_multiple_choice_by_log_likelihood_and_length_normalisation():
         choice_scores(ScriptedLLM(lambda *a: ""), "The", [" cat"])
 
 
+def test_label_tasks_by_log_likelihood_in_the_table(tmp_path):
+    def scores(prompt, continuation):  # a model that reads the review right: "loved" -> positive
+        review = last_user(prompt) if not isinstance(prompt, str) else prompt.rsplit("Q:", 1)[1]
+        positive = re.search(r"\b(?:wonderful|excellent|delightful|fantastic|superb|lovely|great|impressive|charming|"
+                             r"reliable)\b", review) is not None
+        return -1.0 if (continuation.strip() == "positive") == positive else -3.0
+
+    llm = ScriptedLLM(lambda *a: "never called", scores)
+    for fmt in ("chat", "qa"):
+        result = prompt_eval(llm, PromptEvalConfig(tasks="sentiment,arithmetic", techniques="loglik", n=6, shots=1,
+                                                   format=fmt, out=str(tmp_path / fmt), progress=False))
+        (row,) = result["rows"]
+        assert (row["technique"], row["task"], row["accuracy"], row["tokens_per_question"]) == ("loglik", "sentiment", 1.0, 0)
+        assert result["skipped"] == [("loglik", "arithmetic")] and not llm.calls
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The technique table
 
@@ -302,6 +318,10 @@ def test_prompt_eval_table_resumes_and_recomputes_only_what_changed(tmp_path):
     assert prompt_eval(llm, cfg)["rows"] == result["rows"] and len(llm.calls) == calls  # all cached
     prompt_eval(llm, replace(cfg, shots=2))
     assert len(llm.calls) == calls + 2 * 3  # only fewshot, one call per question
+    with open(tmp_path / "answers.jsonl", "a") as f:
+        f.write('{"technique": "direct", "task": "arith')  # killed while writing: that line is redone
+    assert prompt_eval(llm, cfg)["rows"] == result["rows"] and len(llm.calls) == calls + 2 * 3
+    assert (tmp_path / "answers.jsonl").read_text().endswith("}\n")
     with open(tmp_path / "answers.jsonl", "a") as f:
         f.write('{"technique": "direct"}\n')
     with pytest.raises(GptlabError, match=r"answers.jsonl:25: not an answer record"):

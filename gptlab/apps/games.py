@@ -16,10 +16,12 @@ Design decisions
 from __future__ import annotations
 
 import ast
+import functools
 import itertools
 import random
 import re
 from collections import Counter
+from collections.abc import Sequence
 from fractions import Fraction
 
 from ..tasks import Example, Task
@@ -92,13 +94,23 @@ def extract_expression(text: str, numbers: list[int]) -> str | None:
     return None
 
 
-def solve(numbers: list[int]) -> str | None:
+def solve(numbers: Sequence[int | Fraction]) -> str | None:
     """One solution expression for the puzzle, or None: exhaustive search over choosing two numbers,
-    combining them with an operator, and recursing on the shorter list (exact fractions throughout)."""
+    combining them with an operator, and recursing on the shorter list (exact fractions throughout).
+    Multisets of values already found dead are not searched again, and results are cached per puzzle."""
+    return _solve_sorted(tuple(sorted(Fraction(n) for n in numbers)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _solve_sorted(values: tuple[Fraction, ...]) -> str | None:
+    dead: set[tuple[Fraction, ...]] = set()
 
     def search(items: list[tuple[Fraction, str]]) -> str | None:
         if len(items) == 1:
             return items[0][1] if items[0][0] == TARGET else None
+        key = tuple(sorted(v for v, _ in items))
+        if key in dead:
+            return None
         for i, j in itertools.permutations(range(len(items)), 2):
             rest = [items[k] for k in range(len(items)) if k not in (i, j)]
             (a, ea), (b, eb) = items[i], items[j]
@@ -110,9 +122,10 @@ def solve(numbers: list[int]) -> str | None:
                     found = search(rest + [(value, f"({ea} {symbol} {eb})")])
                     if found:
                         return found
+        dead.add(key)
         return None
 
-    found = search([(Fraction(n), str(n)) for n in numbers])
+    found = search([(v, str(v)) for v in values])
     return found[1:-1] if found and found.startswith("(") and found.endswith(")") else found
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import random
 from collections import Counter
 from collections.abc import Callable

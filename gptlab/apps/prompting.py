@@ -128,7 +128,9 @@ def answer_key(text: str, kind: str = "text", labels: Sequence[str] = (),
     span = final_answer_span(text)
     source = span if span is not None else text
     if kind == "number":
-        value = final_number(source) if span is not None and final_number(span) is not None else final_number(text)
+        value = final_number(span) if span is not None else None
+        if value is None:  # no number in the stated answer: the reply's last number
+            value = final_number(text)
         return None if value is None else format(value.normalize(), "f")
     if kind == "label":
         return named_label(source, labels) or (named_label(text, labels) if span is not None else None)
@@ -422,3 +424,16 @@ def choose(llm: Any, item: str, normalise: str = "none") -> tuple[int, list[floa
     parsed = parse_choice_item(item, "prompt")
     scores = choice_scores(llm, parsed.prompt, parsed.continuations, normalise)
     return max(range(len(scores)), key=scores.__getitem__), scores
+
+
+def choose_label(prompter: Prompter, task: PromptTask, example: Example, shots: Sequence[tuple[str, str]] = (),
+                 normalise: str = "none") -> Sample:
+    """A label task answered without generating: each label scored as the start of the answer (a space
+    before it in a document, where the answer label "A:" ends without one), the likeliest one graded."""
+    if not task.labels:
+        raise GptlabError(f"task {task.name!r} has no label set to score")
+    prompt = prompter.render(example.question, shots, system=_system_text(example))
+    continuations = list(task.labels) if prompter.chat else [f" {label}" for label in task.labels]
+    scores = choice_scores(prompter.llm, prompt, continuations, normalise)
+    label = task.labels[max(range(len(scores)), key=scores.__getitem__)]
+    return Sample(label, label, task.grade(example, label), 0, 0)

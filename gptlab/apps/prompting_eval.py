@@ -11,11 +11,12 @@ self-consistency; accuracy vs completion tokens per technique).
 
 Design decisions
 - Techniques (`gptlab.apps.prompting`, `prompting_tot`): direct (zero-shot), fewshot (`--shots` train
-  examples), cot (zero-shot chain of thought), fewshot-cot, self-consistency (one draw of max(k) sampled
-  chains; the row for each k votes over the first k of them), verify (check your work, `--retries`),
-  tot (tree of thoughts; Game of 24 and numeric tasks only, other tasks are listed as skipped), and
-  `prompt` (a program from `gptlab prompt search`, on its own task). Every reply is graded by the task's
-  own checker.
+  examples), loglik (label tasks only: the `--shots`-shot prompt's likeliest label by log-probability, no
+  generation; `--normalise` per byte or token), cot (zero-shot chain of thought), fewshot-cot,
+  self-consistency (one draw of max(k) sampled chains; the row for each k votes over the first k of
+  them), verify (check your work, `--retries`), tot (tree of thoughts; Game of 24 and numeric tasks
+  only), and `prompt` (a program from `gptlab prompt search`, on its own task). Every reply is graded by
+  the task's own checker. A technique that does not apply to a task is listed as skipped.
 - Questions are the test questions `gptlab eval` draws (same seed, same questions), so figures compare.
 - Resumable: each finished question is appended to answers.jsonl at once, keyed by (technique, task,
   question index, question) and a fingerprint of everything that changes the answer (model name, format,
@@ -36,14 +37,14 @@ from typing import Any
 
 from ..common import GptlabError, atomic_write_json, atomic_write_text, get_logger, iter_jsonl
 from ..config import add_config_args, build_config, option
-from .prompting import (Program, Prompter, PromptTask, Sample, answer, check_your_work, majority, prompt_task,
-                        self_consistency, shot_pairs, wilson_interval)
+from .prompting import (Program, Prompter, PromptTask, Sample, answer, check_your_work, choose_label, majority,
+                        prompt_task, self_consistency, shot_pairs, wilson_interval)
 from .prompt_search import program_task
 from .prompting_tot import TotConfig, supports_tot, tree_of_thoughts
 
 log = get_logger("prompt")
 
-TECHNIQUES = ("direct", "fewshot", "cot", "fewshot-cot", "self-consistency", "verify", "tot")
+TECHNIQUES = ("direct", "fewshot", "loglik", "cot", "fewshot-cot", "self-consistency", "verify", "tot")
 
 
 @dataclass
@@ -52,7 +53,8 @@ class PromptEvalConfig:
     techniques: str = option("direct,fewshot,cot,self-consistency", f"comma-separated: {', '.join(TECHNIQUES)}")
     n: int = option(20, "test questions per task")
     k: str = option("1,5,10", "self-consistency sample counts (one draw of the largest)")
-    shots: int = option(3, "train examples shown by fewshot and fewshot-cot")
+    shots: int = option(3, "train examples shown by fewshot, fewshot-cot and loglik")
+    normalise: str = option("none", "loglik: label scores as summed log-probs (none), per byte or per token")
     format: str = option("chat", "chat (tuned models), qa or assistant (base-model documents)")
     max_tokens: int = option(256, "tokens per reply")
     retries: int = option(2, "verify: answers again at most this many times when the model says wrong")
@@ -93,18 +95,26 @@ def load_program(path: str | Path) -> Program:
 class AnswerCache:
     """answers.jsonl: finished questions, appended one line at a time (see the module docstring)."""
 
+    KEY = ("technique", "task", "index", "question", "fingerprint")
+
     def __init__(self, path: Path):
         self.path = path
         self.done: dict[tuple, dict] = {}
-        if path.exists():
-            for where, record in iter_jsonl(path, "answer cache"):
-                if not isinstance(record, dict) or not {"technique", "task", "index", "question", "fingerprint"} <= set(record):
-                    raise GptlabError(f"{where}: not an answer record (delete the file to start over)")
-                self.done[self.key(record)] = record
+        if not path.exists():
+            return
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):  # a run killed mid-line: drop the partial line, redo that question
+            keep = data[:data.rfind(b"\n") + 1]
+            log.warning("%s: dropping an unfinished last line (%d bytes)", path, len(data) - len(keep))
+            path.write_bytes(keep)
+        for where, record in iter_jsonl(path, "answer cache"):
+            if not isinstance(record, dict) or not set(self.KEY) <= set(record):
+                raise GptlabError(f"{where}: not an answer record (delete the file to start over)")
+            self.done[self.key(record)] = record
 
-    @staticmethod
-    def key(record: dict) -> tuple:
-        return record["technique"], record["task"], record["index"], record["question"], record["fingerprint"]
+    @classmethod
+    def key(cls, record: dict) -> tuple:
+        return tuple(record[k] for k in cls.KEY)
 
     def add(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,6 +138,9 @@ def run_technique(technique: str, prompter: Prompter, task: PromptTask, example,
         cot = technique == "fewshot-cot"
         shots = shot_pairs(task, example, cfg.shots, cfg.seed, index, cot=cot)
         return _sample_record(answer(prompter, task, example, shots=shots, cot=cot)[0])
+    if technique == "loglik":
+        shots = shot_pairs(task, example, cfg.shots, cfg.seed, index)
+        return _sample_record(choose_label(prompter, task, example, shots, cfg.normalise))
     if technique == "cot":
         return _sample_record(answer(prompter, task, example, cot=True)[0])
     if technique == "self-consistency":
@@ -158,8 +171,9 @@ def run_technique(technique: str, prompter: Prompter, task: PromptTask, example,
 
 def _fingerprint(technique: str, llm_name: str, cfg: PromptEvalConfig, ks: list[int], program: Program | None) -> str:
     settings = {"model": llm_name, "format": cfg.format, "max_tokens": cfg.max_tokens, "seed": cfg.seed}
-    own = {"fewshot": {"shots": cfg.shots}, "fewshot-cot": {"shots": cfg.shots}, "self-consistency": {"k": max(ks)},
-           "verify": {"retries": cfg.retries},
+    own = {"fewshot": {"shots": cfg.shots}, "fewshot-cot": {"shots": cfg.shots},
+           "loglik": {"shots": cfg.shots, "normalise": cfg.normalise},
+           "self-consistency": {"k": max(ks)}, "verify": {"retries": cfg.retries},
            "tot": {"breadth": cfg.breadth, "depth": cfg.depth, "evaluations": cfg.evaluations},
            "prompt": {"program": program.to_json() if program else None}}
     settings.update(own.get(technique, {}))
@@ -218,12 +232,13 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Left: self-consistency accuracy vs k per task (Wilson bars); right: pooled accuracy vs completion
-    tokens per question, one point per technique (self-consistency as a line over k)."""
+    """Left: self-consistency accuracy vs k per task (Wilson bars); right: accuracy vs completion tokens
+    per question, one point per technique pooled over its tasks (self-consistency as a line over k)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     sc = [r for r in rows if r["technique"].startswith("self-consistency@")]
@@ -232,12 +247,18 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ks = [int(r["technique"].split("@")[1]) for r in rs]
         acc = [r["accuracy"] for r in rs]
         err = [[a - r["wilson_low"] for a, r in zip(acc, rs)], [r["wilson_high"] - a for a, r in zip(acc, rs)]]
-        left.errorbar(ks, acc, yerr=err, marker="o", capsize=3, label=task)
+        pooled = task == "all (pooled)"
+        left.errorbar(ks, acc, yerr=err, marker="o", capsize=3, label=task, color="black" if pooled else None,
+                      linewidth=2.5 if pooled else 1.2)
     left.set(title="Self-consistency: accuracy vs k", xlabel="samples k", ylabel="accuracy", ylim=(-0.02, 1.02))
+    left.set_xticks(sorted({int(r["technique"].split("@")[1]) for r in sc}))
     if sc:
         left.legend(fontsize=8)
-    tasks = {r["task"] for r in rows}
-    overall = [r for r in rows if r["task"] == "all (pooled)" or len(tasks) == 1]
+    by_technique: dict[str, list[dict]] = {}
+    for r in rows:
+        by_technique.setdefault(r["technique"], []).append(r)
+    # one point per technique: its pooled row, or its only row when it ran on one task
+    overall = [next((r for r in rs if r["task"] == "all (pooled)"), rs[0]) for rs in by_technique.values()]
     for r in overall:
         if not r["technique"].startswith("self-consistency@"):
             right.scatter(r["tokens_per_question"], r["accuracy"], label=r["technique"])
@@ -246,10 +267,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     if curve:
         right.plot([r["tokens_per_question"] for r in curve], [r["accuracy"] for r in curve], marker="s",
                    label="self-consistency (k)")
-    right.set(title="Accuracy vs tokens spent (all tasks pooled)", xlabel="completion tokens per question",
+    right.set(title="Accuracy vs tokens spent (pooled over tasks)", xlabel="completion tokens per question",
               ylabel="accuracy", ylim=(-0.02, 1.02))
-    if overall:
+    if overall and min(r["tokens_per_question"] for r in overall) > 0:  # loglik spends none: then a linear axis
         right.set_xscale("log")
+        right.xaxis.set_major_formatter(ScalarFormatter())
+        right.xaxis.set_minor_formatter(NullFormatter())
+    if overall:
         right.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -273,7 +297,7 @@ def prompt_eval(llm: Any, cfg: PromptEvalConfig, command: str = "") -> dict[str,
     jobs, skipped = [], []
     for technique in techniques:
         for name, task in tasks.items():
-            if technique == "tot" and not supports_tot(task):
+            if (technique == "tot" and not supports_tot(task)) or (technique == "loglik" and not task.labels):
                 skipped.append((technique, name))
             else:
                 jobs.append((technique, task, cfg.format))
