@@ -236,11 +236,25 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
     except (SafetensorError, OSError, ValueError) as e:
         raise GptlabError(f"cannot read weights {weights}: {e}") from None
     model = model_from_state(config, state, str(weights))
+    _apply_imported_chat_format(path, tokenizer)
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def _apply_imported_chat_format(path: Path, tokenizer: Tokenizer) -> None:
+    """An imported model's chat template and bos/eos tokens (imported.json) go onto its tokenizer."""
     if (path / IMPORTED_FILE).is_file():
         imported = read_json(path / IMPORTED_FILE, "import metadata")
         tokenizer.chat_template = imported.get("chat_template")
         tokenizer.bos_token, tokenizer.eos_token = imported.get("bos_token"), imported.get("eos_token")
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def load_model_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a model directory with its chat format, without loading the weights (for a client
+    that talks to a server of this model and needs exact token counts or the chat template)."""
+    path = Path(path)
+    tokenizer = Tokenizer.load(path / "tokenizer.json")
+    _apply_imported_chat_format(path, tokenizer)
+    return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------

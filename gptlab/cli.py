@@ -28,6 +28,9 @@ STAGES = [
     "gptlab.train.reward",
     "gptlab.train.dpo",
     "gptlab.train.rl",
+    "gptlab.apps.models",
+    "gptlab.apps.prompting_eval",
+    "gptlab.apps.pipelines",
 ]
 
 
