@@ -23,7 +23,7 @@ from gptlab.apps.prompting_eval import PromptEvalConfig, prompt_eval
 from gptlab.apps.prompting_tot import TotConfig, tree_of_thoughts
 from gptlab.cli import main
 from gptlab.common import GptlabError
-from gptlab.eval.report import ASSISTANT_HEADER, STYLES, draw_shots
+from gptlab.eval.gold import ASSISTANT_HEADER, STYLES, draw_shots
 
 # ---------------------------------------------------------------------------------------------------------
 # Game of 24

@@ -176,7 +176,7 @@ class LocalLLM(LLM):
         self.context_window = self.engine.window
 
     def _params(self, options: SamplingOptions, prompt_tokens: int):
-        from ..infer.engine import SamplingParams
+        from ..infer.sampling import SamplingParams
 
         max_new = _fits(self.name, self.context_window, prompt_tokens, options.max_tokens)
         return SamplingParams(max_new_tokens=max_new, temperature=options.temperature, top_p=options.top_p,

@@ -53,7 +53,8 @@ from typing import Any
 
 from ..chat import response_text
 from ..common import GptlabError
-from ..eval.report import STYLES, draw_shots, eval_examples, parse_choice_item, shot_answer
+from ..eval.choice import parse_choice_item
+from ..eval.gold import STYLES, draw_shots, eval_examples, shot_answer
 from ..tasks import Example, Task, get_task
 from ..tasks.checks import final_number, find_json_object, fold
 from .games import GAME24, extract_expression
