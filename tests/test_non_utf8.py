@@ -138,3 +138,19 @@ def test_parquet_string_column_with_bad_bytes(tmp_path):
     assert (mix.stats["p"].non_utf8, mix.stats["p"].replaced) == (1, 2)
     with pytest.raises(GptlabError, match=r"d\.parquet row 2: invalid UTF-8 byte 0xff at byte offset 4 "):
         load_mixture(path, strict_utf8=True).load()
+
+
+def test_lone_surrogates_from_json_escapes_are_counted_or_refused(tmp_path, capsys):
+    """`\\udc80` is valid JSON but no character: without this check tiktoken would encode it as U+FFFD
+    silently and rustbpe would fail on it."""
+    records = [{"text": f"record {i}: {GOOD}"} for i in range(3)] + [{"text": "lone \udc80 and \ud800 here"}]
+    (tmp_path / "records.jsonl").write_text("\n".join(json.dumps(r) for r in records), encoding="ascii")
+    path = tmp_path / "mix.toml"
+    path.write_text('val_fraction = 0.0\n[[sources]]\nname = "j"\nkind = "jsonl"\npaths = ["records.jsonl"]\n')
+    mix = load_mixture(path)
+    assert [d.text for d in mix.documents(None)][-1] == "lone \ufffd and \ufffd here"
+    assert (mix.stats["j"].non_utf8, mix.stats["j"].replaced) == (1, 2)
+    with pytest.raises(GptlabError, match=r"records\.jsonl:4: lone surrogate U\+DC80 at character 5 "):
+        load_mixture(path, strict_utf8=True).load()
+    tok = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", "--mixture", str(path), "--vocab-size", "300", "--out", str(tok)]) == 0

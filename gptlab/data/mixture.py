@@ -38,7 +38,7 @@ from pathlib import Path
 
 from ..common import GptlabError, get_logger
 from ..config import option
-from .sources import ReadCounters, SourceSpec, read_source
+from .sources import ReadCounters, SourceSpec, read_source, replace_surrogates
 
 log = get_logger("data")
 
@@ -118,7 +118,7 @@ class Mixture:
             size = 0
             for raw in read_source(spec, self.base_dir, counters):
                 st.raw_docs += 1
-                text = clean_text(raw.text)
+                text = clean_text(replace_surrogates(raw.text, raw.origin, spec.strict_utf8, counters))
                 if not text.strip():
                     st.empty += 1
                     continue

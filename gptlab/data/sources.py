@@ -12,7 +12,8 @@ Bytes that are not UTF-8 are replaced by U+FFFD exactly as `bytes.decode(errors=
 counted (files or records, and bytes) so the mixture can warn and show them; with `strict_utf8` the first
 one is an error naming the file (and line or row) and its byte offset. Valid UTF-8 decodes as it always
 did: the counting runs only after a strict decode has failed. Parquet and Hugging Face columns are read as
-bytes for the same reason (Arrow's own conversion raises on a bad string instead).
+bytes for the same reason (Arrow's own conversion raises on a bad string instead). Lone surrogates in
+already decoded text (JSON escapes, Python strings) are replaced, counted and refused the same way.
 """
 
 from __future__ import annotations
@@ -133,6 +134,27 @@ def decode_text(data: bytes, origin: str, strict: bool, counters: ReadCounters, 
         counters.replaced += len(_ESCAPED_BYTE.findall(data.decode("utf-8", errors="surrogateescape")))
         counters.first_bad = counters.first_bad or where
         return data.decode("utf-8", errors="replace")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_surrogates(text: str, origin: str, strict: bool, counters: ReadCounters) -> str:
+    """Lone surrogates (from a JSON "\\udc80" escape or a Python string) are not characters and have no
+    UTF-8 form: tiktoken would encode each as U+FFFD without a word, rustbpe would fail. They are replaced
+    and counted here like undecodable bytes (or, strict, an error)."""
+    if text.isascii():
+        return text
+    found = _SURROGATE.search(text)
+    if found is None:
+        return text
+    where = f"{origin}: lone surrogate U+{ord(found.group()):04X} at character {found.start()} (not UTF-8 encodable)"
+    if strict:
+        raise GptlabError(f"{where}; without --strict-utf8 such characters are replaced by U+FFFD and counted")
+    counters.non_utf8 += 1
+    counters.replaced += len(_SURROGATE.findall(text))
+    counters.first_bad = counters.first_bad or where
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def _units(text: str, unit: str) -> list[str]:
