@@ -94,15 +94,18 @@ def test_every_command_that_reads_a_mixture_takes_strict_utf8(bad_mixture, tmp_p
     assert main(["tokenizer", "train", "--mixture", str(bad_mixture), "--vocab-size", "300", "--out", str(tok)]) == 0
     assert main(["data", "stats", "--mixture", str(bad_mixture)]) == 0
     assert "warning: 6 byte(s) that are not UTF-8" in capsys.readouterr().out
-    commands = [["tokenizer", "train", "--mixture", str(bad_mixture), "--vocab-size", "300", "--out", str(tok)],
-                ["tokenizer", "stats", "--tokenizer", str(tok), "--mixture", str(bad_mixture)],
-                ["data", "stats", "--mixture", str(bad_mixture)],
-                ["data", "prepare", "--mixture", str(bad_mixture), "--tokenizer", str(tok), "--out", str(tmp_path / "d")]]
+    mix = ["--mixture", str(bad_mixture)]
+    commands = [["tokenizer", "train", *mix, "--vocab-size", "300", "--out", str(tok)],
+                ["tokenizer", "stats", "--tokenizer", str(tok), *mix],
+                ["data", "stats", *mix],
+                ["data", "prepare", *mix, "--tokenizer", str(tok), "--out", str(tmp_path / "d")],
+                ["speedrun", *mix, "--run-dir", str(tmp_path / "run"), "--stages", "tokenizer"]]
     for command in commands:
         assert main(command + ["--strict-utf8", "true"]) == 2, command
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: ") and "b_bad.txt: invalid UTF-8 byte 0xe9 at byte offset 3" in err[0]
-    assert not (tmp_path / "d" / "meta.json").exists()
+        assert len(err) == 1 and err[0].startswith("error: ")
+        assert "b_bad.txt: invalid UTF-8 byte 0xe9 at byte offset 3" in err[0]
+    assert not (tmp_path / "d" / "meta.json").exists() and not (tmp_path / "run" / "tokenizer.json").exists()
 
 
 def test_valid_utf8_reads_exactly_and_quietly(tmp_path, caplog):
@@ -111,8 +114,8 @@ def test_valid_utf8_reads_exactly_and_quietly(tmp_path, caplog):
     for i, sample in enumerate(samples):
         (tmp_path / "books" / f"{i}.txt").write_bytes(sample.encode("utf-8"))
     records = [f"record: {s}" for s in samples]  # unlike the files' texts, so deduplication keeps them
-    (tmp_path / "records.jsonl").write_bytes(b"\n".join(json.dumps({"text": r}, ensure_ascii=i % 2 == 0).encode()
-                                                         for i, r in enumerate(records)))
+    lines = [json.dumps({"text": r}, ensure_ascii=i % 2 == 0) for i, r in enumerate(records)]  # \u escapes or raw
+    (tmp_path / "records.jsonl").write_text("\n".join(lines), encoding="utf-8")
     path = tmp_path / "mix.toml"
     path.write_text(textwrap.dedent(MIXTURE), encoding="utf-8")
     with caplog.at_level(logging.WARNING, logger="gptlab"):
