@@ -128,11 +128,8 @@ def decode_text(data: bytes, origin: str, strict: bool, counters: ReadCounters, 
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         where = f"{origin}: invalid UTF-8 byte 0x{data[e.start]:02x} at byte offset {offset + e.start} ({e.reason})"
-        if strict:
-            raise GptlabError(f"{where}; without --strict-utf8 such bytes are replaced by U+FFFD and counted") from None
-        counters.non_utf8 += 1
-        counters.replaced += len(_ESCAPED_BYTE.findall(data.decode("utf-8", errors="surrogateescape")))
-        counters.first_bad = counters.first_bad or where
+        _count_invalid(where, lambda: len(_ESCAPED_BYTE.findall(data.decode("utf-8", "surrogateescape"))), strict,
+                       counters)
         return data.decode("utf-8", errors="replace")
 
 
@@ -149,12 +146,18 @@ def replace_surrogates(text: str, origin: str, strict: bool, counters: ReadCount
     if found is None:
         return text
     where = f"{origin}: lone surrogate U+{ord(found.group()):04X} at character {found.start()} (not UTF-8 encodable)"
-    if strict:
-        raise GptlabError(f"{where}; without --strict-utf8 such characters are replaced by U+FFFD and counted")
-    counters.non_utf8 += 1
-    counters.replaced += len(_SURROGATE.findall(text))
-    counters.first_bad = counters.first_bad or where
+    _count_invalid(where, lambda: len(_SURROGATE.findall(text)), strict, counters)
     return _SURROGATE.sub("\ufffd", text)
+
+
+def _count_invalid(where: str, count, strict: bool, counters: ReadCounters) -> None:
+    """One file or record with `count()` bytes (or characters) to replace, first at `where`: counted, or an
+    error when strict."""
+    if strict:
+        raise GptlabError(f"{where}; without --strict-utf8 these are replaced by U+FFFD and counted") from None
+    counters.non_utf8 += 1
+    counters.replaced += count()
+    counters.first_bad = counters.first_bad or where
 
 
 def _units(text: str, unit: str) -> list[str]:
