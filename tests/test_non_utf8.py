@@ -157,3 +157,16 @@ def test_lone_surrogates_from_json_escapes_are_counted_or_refused(tmp_path, caps
         load_mixture(path, strict_utf8=True).load()
     tok = tmp_path / "tok.json"
     assert main(["tokenizer", "train", "--mixture", str(path), "--vocab-size", "300", "--out", str(tok)]) == 0
+
+
+def test_wiki_dump_with_a_bad_byte_is_a_one_line_error(tmp_path):
+    """XML must be well-formed, so a dump cannot be read around a bad byte: the parser's position is reported
+    (it was an uncaught ParseError traceback)."""
+    page = b"<page><title>T</title><ns>0</ns><id>1</id><revision><text>caf\xe9</text></revision></page>"
+    (tmp_path / "dump.xml").write_bytes(b'<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">'
+                                        b"<siteinfo></siteinfo>\n" + page + b"</mediawiki>")
+    path = tmp_path / "mix.toml"
+    path.write_text('[[sources]]\nname = "w"\nkind = "wikidump"\npaths = ["dump.xml"]\n')
+    with pytest.raises(GptlabError, match=r"dump\.xml: not well-formed XML \(not well-formed \(invalid token\): "
+                                          r"line 2, column 61\)"):
+        load_mixture(path).load()
