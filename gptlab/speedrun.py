@@ -48,7 +48,7 @@ from .checkpoint import load_model_dir
 from .common import (GptlabError, atomic_write_bytes, atomic_write_json, atomic_write_text, get_logger, read_json,
                      torch_device)
 from .config import add_config_args, build_config, option
-from .data.mixture import load_mixture, mixture_digest
+from .data.mixture import STRICT_UTF8_HELP, load_mixture, mixture_digest
 from .data.prepare import PrepareConfig, prepare
 from .infer.engine import Engine, default_batch_size
 from .infer.sampling import SamplingParams
@@ -67,6 +67,7 @@ class SpeedrunConfig:
     run_dir: str = option("runs/default", "where every stage writes")
     mixture: str = option("default", "mixture name or .toml path")
     max_bytes: int | None = option(None, "cap on text read from the mixture")
+    strict_utf8: bool = option(False, STRICT_UTF8_HELP)
     vocab_size: int = option(8192, "tokenizer vocabulary, specials included")
     stage_preset: str = option("cpu", "preset of every stage command (cpu or gpu), pretrain aside")
     pretrain_preset: str = option("tiny", "preset of `gptlab pretrain`")
@@ -241,7 +242,7 @@ def _recipe(cfg: SpeedrunConfig) -> Path:
                "vocab_size": cfg.vocab_size}
 
     def train_tok() -> Path:
-        mixture = load_mixture(cfg.mixture, max_bytes=cfg.max_bytes)
+        mixture = load_mixture(cfg.mixture, max_bytes=cfg.max_bytes, strict_utf8=cfg.strict_utf8)
         log.info("training a %d-token vocabulary on mixture %r", cfg.vocab_size, mixture.name)
         train_tokenizer((d.text for d in mixture.documents("train")), cfg.vocab_size).save(tok_path)
         return tok_path
@@ -249,9 +250,9 @@ def _recipe(cfg: SpeedrunConfig) -> Path:
     run_stage(state, "tokenizer", tok_cfg, train_tok, wanted)
 
     data_cfg = PrepareConfig(mixture=cfg.mixture, tokenizer=str(tok_path), out=str(run / "data"),
-                             max_bytes=cfg.max_bytes, force=True)
+                             max_bytes=cfg.max_bytes, strict_utf8=cfg.strict_utf8, force=True)
     data_dir = run_stage(state, "data", {**dataclasses.asdict(data_cfg), "tokenizer_sha256": Tokenizer.load(tok_path).sha256},
-                         lambda: prepare(data_cfg, load_mixture(cfg.mixture, max_bytes=cfg.max_bytes)), wanted,
+                         lambda: prepare(data_cfg), wanted,
                          after=("tokenizer",))
 
     pre_cfg = dataclasses.replace(PRETRAIN_PRESETS[cfg.pretrain_preset], data_dir=str(data_dir),

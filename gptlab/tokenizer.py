@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from .common import GptlabError, atomic_write_text, get_logger
+from .config import add_config_args, build_config
+from .data.mixture import MixtureOptions
 
 log = get_logger("tokenizer")
 
@@ -283,9 +285,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int,
 def _cmd_train(args: argparse.Namespace) -> None:
     import time
 
-    from .data.mixture import load_mixture
-
-    mixture = load_mixture(args.mixture, max_bytes=args.max_bytes)
+    mixture = build_config(MixtureOptions, args).load()
     start = time.perf_counter()
     tok = train_tokenizer((d.text for d in mixture.documents(split="train")), args.vocab_size)
     seconds = time.perf_counter() - start
@@ -322,10 +322,8 @@ def _read_stdin_text() -> str:
 
 
 def _cmd_stats(args: argparse.Namespace) -> None:
-    from .data.mixture import load_mixture
-
     tok = Tokenizer.load(args.tokenizer)
-    mixture = load_mixture(args.mixture, max_bytes=args.max_bytes)
+    mixture = build_config(MixtureOptions, args).load()
     print(tokenizer_stats(tok, mixture, top=args.top))
 
 
@@ -363,9 +361,8 @@ def register(sub) -> None:
     tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
 
     t = tsub.add_parser("train", help="train a tokenizer on a data mixture")
-    t.add_argument("--mixture", default="default", help="mixture name or path to a .toml file (default: %(default)s)")
+    add_config_args(t, MixtureOptions)
     t.add_argument("--vocab-size", type=int, default=32768, help="total ids incl. specials (default: %(default)s)")
-    t.add_argument("--max-bytes", type=int, default=None, help="cap on the text read from the mixture")
     t.add_argument("--out", default="runs/default/tokenizer.json", help="output tokenizer.json (default: %(default)s)")
     t.set_defaults(func=_cmd_train)
 
@@ -383,7 +380,6 @@ def register(sub) -> None:
 
     s = tsub.add_parser("stats", help="bytes per token per source, vocabulary usage, longest tokens")
     s.add_argument("--tokenizer", required=True)
-    s.add_argument("--mixture", default="default")
-    s.add_argument("--max-bytes", type=int, default=None)
+    add_config_args(s, MixtureOptions)
     s.add_argument("--top", type=int, default=10, help="how many longest tokens to list")
     s.set_defaults(func=_cmd_stats)

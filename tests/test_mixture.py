@@ -100,22 +100,6 @@ def test_dedup_across_sources(tmp_path):
     assert mix.stats["y"].duplicates == 1
 
 
-def test_non_utf8_is_replaced_and_counted_or_strict(tmp_path):
-    (tmp_path / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
-    path = write_mixture(tmp_path, """
-        val_fraction = 0.0
-        [[sources]]
-        name = "s"
-        kind = "text"
-        paths = ["latin1.txt"]
-    """)
-    mix = load_mixture(path)
-    assert [d.text for d in mix.documents("train")] == ["caf\ufffd au lait"]
-    assert mix.stats["s"].non_utf8 == 1
-    with pytest.raises(GptlabError, match=r"latin1.txt is not valid UTF-8"):
-        load_mixture(path, strict_utf8=True).load()
-
-
 def test_jsonl_source_and_malformed_line(tmp_path):
     rows = [{"text": p, "id": i} for i, p in enumerate(PARAGRAPHS[:20])]
     good = tmp_path / "good.jsonl"

@@ -104,6 +104,36 @@ def test_special_tokens_are_not_injectable(small_tokenizer):
     assert mixed[0] == small_tokenizer.eot_id and small_tokenizer.special_id("<|user_start|>") not in mixed
 
 
+@pytest.fixture(scope="module")
+def plain_tiktoken(small_tokenizer):
+    """A tiktoken Encoding built here, independently of `Tokenizer`, from the tokenizer's vocabulary: what
+    gptlab's encoding must equal token for token (gptlab only wraps tiktoken, so at best it matches its speed)."""
+    import tiktoken
+
+    specials = small_tokenizer.special_tokens
+    ranks = {small_tokenizer.id_to_bytes(i): i for i in range(small_tokenizer.vocab_size) if i not in specials.values()}
+    return tiktoken.Encoding("reference", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+
+
+@given(st.lists(st.one_of(unicode_text, st.sampled_from(HARD_STRINGS + SPECIAL_TOKENS)), max_size=8))
+@settings(max_examples=200, deadline=None)
+def test_encode_equals_tiktoken(small_tokenizer, plain_tiktoken, pieces):
+    text = "".join(pieces)
+    assert small_tokenizer.encode(text) == plain_tiktoken.encode_ordinary(text)
+    assert small_tokenizer.encode(text, allowed_special="all") == plain_tiktoken.encode(text, allowed_special="all")
+    some = {EOT, "<|user_start|>"}
+    assert (small_tokenizer.encode(text, allowed_special=some)
+            == plain_tiktoken.encode(text, allowed_special=some, disallowed_special=()))
+
+
+def test_encode_batch_equals_tiktoken(small_tokenizer, plain_tiktoken, corpus_texts):
+    texts = corpus_texts + HARD_STRINGS + [EOT.join(HARD_STRINGS)]
+    expected = [plain_tiktoken.encode_ordinary(t) for t in texts]
+    assert small_tokenizer.encode_batch(texts, num_threads=1) == expected
+    assert small_tokenizer.encode_batch(texts, num_threads=2) == expected
+    assert [small_tokenizer.encode(t) for t in texts] == expected
+
+
 def test_special_tokens_reserved_at_end(small_tokenizer):
     n = len(SPECIAL_TOKENS)
     assert small_tokenizer.vocab_size == 1024

@@ -14,6 +14,9 @@ Design decisions
 - `weight` is epochs: how many times a source's training documents enter the training split (0.5 keeps a
   stable half, 2.0 repeats it twice). That is how GPT-3 (Brown et al. 2020, table 2.2) and The Pile describe
   their mixtures, and it is exact and reproducible, unlike sampling probabilities.
+- Bytes that are not UTF-8 are replaced by U+FFFD (sources.py), counted per source, logged as a warning
+  and shown in the statistics table (`!utf8`: files or records, `!utf8 B`: bytes replaced);
+  `strict_utf8` (a field of the source, or `--strict-utf8 true` for every source) makes them an error.
 - Cleaning: newlines normalised to "\n", a leading byte-order mark dropped, whitespace-only documents
   dropped, exact duplicates (after cleaning, across all sources) removed, first occurrence kept.
 - The train/val split is decided by a hash of each document's text, so it is stable when sources are
@@ -33,8 +36,11 @@ from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
-from ..common import GptlabError
-from .sources import ReadCounters, SourceSpec, read_source
+from ..common import GptlabError, get_logger
+from ..config import option
+from .sources import ReadCounters, SourceSpec, read_source, replace_surrogates
+
+log = get_logger("data")
 
 
 @dataclass
@@ -51,7 +57,8 @@ class SourceStats:
     raw_docs: int = 0
     empty: int = 0
     duplicates: int = 0
-    non_utf8: int = 0
+    non_utf8: int = 0  # files or records with bytes that are not UTF-8
+    replaced: int = 0  # bytes replaced by U+FFFD
     train_docs: int = 0
     val_docs: int = 0
     train_bytes: int = 0  # after weighting
@@ -111,7 +118,7 @@ class Mixture:
             size = 0
             for raw in read_source(spec, self.base_dir, counters):
                 st.raw_docs += 1
-                text = clean_text(raw.text)
+                text = clean_text(replace_surrogates(raw.text, raw.origin, spec.strict_utf8, counters))
                 if not text.strip():
                     st.empty += 1
                     continue
@@ -124,7 +131,11 @@ class Mixture:
                 size += len(text)
                 if caps[spec.name] is not None and size >= caps[spec.name]:
                     break
-            st.files, st.non_utf8 = counters.files, counters.non_utf8
+            st.files, st.non_utf8, st.replaced = counters.files, counters.non_utf8, counters.replaced
+            if counters.non_utf8:
+                log.warning("source %r: %d file(s) or record(s) not valid UTF-8, %d byte(s) replaced by U+FFFD "
+                            "(first: %s); --strict-utf8 true makes this an error", spec.name, counters.non_utf8,
+                            counters.replaced, counters.first_bad)
             if not kept:
                 raise GptlabError(f"source {spec.name!r} yielded no text ({st.raw_docs} documents read, "
                                   f"{st.empty} empty, {st.duplicates} duplicates)")
@@ -170,7 +181,7 @@ class Mixture:
         """Per-source statistics; `tokens` ({source: {"train": n, "val": n}}) adds token columns."""
         self.load()
         total_train = sum(s.train_bytes for s in self.stats.values()) or 1
-        head = (f"{'source':<14}{'weight':>7}{'files':>7}{'docs':>8}{'dups':>6}{'empty':>6}{'!utf8':>6}"
+        head = (f"{'source':<14}{'weight':>7}{'files':>7}{'docs':>8}{'dups':>6}{'empty':>6}{'!utf8':>6}{'!utf8 B':>8}"
                 f"{'train docs':>11}{'train MB':>10}{'share':>7}{'val docs':>9}{'val MB':>8}")
         if tokens:
             head += f"{'train tok':>12}{'val tok':>10}{'B/tok':>6}"
@@ -178,13 +189,17 @@ class Mixture:
         for spec in self.sources:
             s = self.stats[spec.name]
             line = (f"{spec.name:<14}{spec.weight:>7.2f}{s.files:>7}{s.raw_docs:>8}{s.duplicates:>6}{s.empty:>6}"
-                    f"{s.non_utf8:>6}{s.train_docs:>11}{s.train_bytes / 1e6:>10.2f}{s.train_bytes / total_train:>7.1%}"
-                    f"{s.val_docs:>9}{s.val_bytes / 1e6:>8.2f}")
+                    f"{s.non_utf8:>6}{s.replaced:>8}{s.train_docs:>11}{s.train_bytes / 1e6:>10.2f}"
+                    f"{s.train_bytes / total_train:>7.1%}{s.val_docs:>9}{s.val_bytes / 1e6:>8.2f}")
             if tokens:
                 t = tokens.get(spec.name, {})
                 line += (f"{t.get('train', 0):>12,}{t.get('val', 0):>10,}"
                          f"{s.train_bytes / max(t.get('train', 0), 1):>6.2f}")
             lines.append(line)
+        bad = [name for name, s in self.stats.items() if s.non_utf8]
+        if bad:
+            lines.append(f"warning: {sum(self.stats[n].replaced for n in bad)} byte(s) that are not UTF-8 were "
+                         f"replaced by U+FFFD in {', '.join(bad)} (columns !utf8, !utf8 B; --strict-utf8 true fails)")
         return "\n".join(lines)
 
 
@@ -211,9 +226,9 @@ def mixture_digest(name_or_path: str | Path) -> str:
     return hashlib.sha256(json.dumps(_read_spec(name_or_path)[1], sort_keys=True).encode()).hexdigest()
 
 
-def load_mixture(name_or_path: str | Path, *, max_bytes: int | None = None,
-                 strict_utf8: bool | None = None) -> Mixture:
-    """A built-in mixture by name (`default`, ...) or a mixture TOML file by path."""
+def load_mixture(name_or_path: str | Path, *, max_bytes: int | None = None, strict_utf8: bool = False) -> Mixture:
+    """A built-in mixture by name (`default`, ...) or a mixture TOML file by path. `strict_utf8` makes
+    every source strict; False leaves each source's own setting."""
     path, spec = _read_spec(name_or_path)
     raw_sources = spec.get("sources", [])
     if not raw_sources:
@@ -226,8 +241,8 @@ def load_mixture(name_or_path: str | Path, *, max_bytes: int | None = None,
             raise GptlabError(f"mixture {path}, source #{i + 1}: unknown keys {sorted(unknown)}")
         if "name" not in raw or "kind" not in raw:
             raise GptlabError(f"mixture {path}, source #{i + 1}: needs `name` and `kind`")
-        if strict_utf8 is not None:
-            raw = {**raw, "strict_utf8": strict_utf8}
+        if strict_utf8:
+            raw = {**raw, "strict_utf8": True}
         sources.append(SourceSpec(**raw))
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
@@ -240,3 +255,19 @@ def load_mixture(name_or_path: str | Path, *, max_bytes: int | None = None,
     if max_bytes is not None and max_bytes <= 0:
         raise GptlabError(f"max_bytes must be positive, got {max_bytes}")
     return Mixture(spec.get("name", path.stem), sources, path.parent, val_fraction, max_bytes)
+
+
+STRICT_UTF8_HELP = ("fail on the first byte that is not UTF-8, naming file, line and byte offset (default: "
+                    "replace it by U+FFFD, count it and warn)")
+
+
+@dataclass
+class MixtureOptions:
+    """How a command that only reads a mixture (tokenizer train / stats, data stats) reads it; the same
+    fields are in `PrepareConfig` and `SpeedrunConfig`."""
+    mixture: str = option("default", "mixture name or .toml path")
+    max_bytes: int | None = option(None, "cap on text read from the mixture")
+    strict_utf8: bool = option(False, STRICT_UTF8_HELP)
+
+    def load(self) -> Mixture:
+        return load_mixture(self.mixture, max_bytes=self.max_bytes, strict_utf8=self.strict_utf8)

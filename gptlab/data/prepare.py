@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ..common import GptlabError, get_logger
 from ..config import add_config_args, build_config
 from ..tokenizer import Tokenizer
-from .mixture import Document, Mixture, load_mixture
+from .mixture import STRICT_UTF8_HELP, Document, Mixture, MixtureOptions, load_mixture
 from .shards import FORMAT_VERSION, SPLITS, shard_name, token_dtype, write_meta, write_shard
 
 log = get_logger("data")
@@ -41,7 +41,7 @@ class PrepareConfig:
     shard_tokens: int = field(default=1 << 24, metadata={"help": "tokens per shard (cut at a document boundary)"})
     batch_docs: int = field(default=256, metadata={"help": "documents per encode batch"})
     threads: int = field(default=0, metadata={"help": "encoding threads (0 = all cores)"})
-    strict_utf8: bool = field(default=False, metadata={"help": "fail on non-UTF-8 input instead of replacing"})
+    strict_utf8: bool = field(default=False, metadata={"help": STRICT_UTF8_HELP})
     force: bool = field(default=False, metadata={"help": "overwrite a folder prepared from other inputs"})
 
 
@@ -83,7 +83,7 @@ def prepare(cfg: PrepareConfig, mixture: Mixture | None = None) -> Path:
     if tokenizer.eot_id is None:
         raise GptlabError(f"tokenizer {cfg.tokenizer} has no <|endoftext|> token to open documents with")
     if mixture is None:
-        mixture = load_mixture(cfg.mixture, max_bytes=cfg.max_bytes, strict_utf8=cfg.strict_utf8 or None)
+        mixture = load_mixture(cfg.mixture, max_bytes=cfg.max_bytes, strict_utf8=cfg.strict_utf8)
     docs = {split: list(mixture.documents(split)) for split in SPLITS}
     if not docs["train"]:
         raise GptlabError(f"mixture {mixture.name!r} has no training documents")
@@ -174,8 +174,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _cmd_stats(args: argparse.Namespace) -> None:
-    mixture = load_mixture(args.mixture, max_bytes=args.max_bytes)
-    print(mixture.stats_table())
+    print(build_config(MixtureOptions, args).load().stats_table())
 
 
 def register(sub) -> None:
@@ -185,6 +184,5 @@ def register(sub) -> None:
     add_config_args(prep, PrepareConfig)
     prep.set_defaults(func=_cmd_prepare)
     st = dsub.add_parser("stats", help="per-source statistics of a mixture (documents, bytes, duplicates...)")
-    st.add_argument("--mixture", default="default")
-    st.add_argument("--max-bytes", type=int, default=None)
+    add_config_args(st, MixtureOptions)
     st.set_defaults(func=_cmd_stats)

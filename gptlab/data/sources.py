@@ -8,7 +8,12 @@ Paths are resolved against `package` (the install directory of a Python package,
 standard library) when given, else against the mixture file's directory.
 
 Every reader yields `RawDoc(text, origin)`; `origin` names the file (and line) so errors can point at it.
-Undecodable bytes are replaced (U+FFFD) and counted, or raise when the source asks for `strict_utf8`.
+Bytes that are not UTF-8 are replaced by U+FFFD exactly as `bytes.decode(errors="replace")` does, and
+counted (files or records, and bytes) so the mixture can warn and show them; with `strict_utf8` the first
+one is an error naming the file (and line or row) and its byte offset. Valid UTF-8 decodes as it always
+did: the counting runs only after a strict decode has failed. Parquet and Hugging Face columns are read as
+bytes for the same reason (Arrow's own conversion raises on a bad string instead). Lone surrogates in
+already decoded text (JSON escapes, Python strings) are replaced, counted and refused the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from xml.etree.ElementTree import ParseError
 
 from ..common import GptlabError
 
@@ -70,6 +76,8 @@ class SourceSpec:
 class ReadCounters:
     files: int = 0
     non_utf8: int = 0  # files or records with bytes that were not valid UTF-8
+    replaced: int = 0  # bytes (or lone surrogates) replaced by U+FFFD
+    first_bad: str = ""  # where the first one was: origin and byte offset, for the warning
 
 
 def _root(spec: SourceSpec, base_dir: Path) -> Path:
@@ -110,14 +118,46 @@ def _excluded(path: Path, root: Path, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(rel, pattern) for pattern in patterns)
 
 
-def decode_text(data: bytes, origin: str, strict: bool, counters: ReadCounters) -> str:
+# one lone surrogate per undecodable byte (errors="surrogateescape"): a count that is exact and fast
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def decode_text(data: bytes, origin: str, strict: bool, counters: ReadCounters, offset: int = 0) -> str:
+    """`data` as text; `offset` is where `data` starts in its file, so errors give a file byte offset."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        if strict:
-            raise GptlabError(f"{origin} is not valid UTF-8 ({e}); set strict_utf8 = false to replace bad bytes") from None
-        counters.non_utf8 += 1
+        where = f"{origin}: invalid UTF-8 byte 0x{data[e.start]:02x} at byte offset {offset + e.start} ({e.reason})"
+        _count_invalid(where, lambda: len(_ESCAPED_BYTE.findall(data.decode("utf-8", "surrogateescape"))), strict,
+                       counters)
         return data.decode("utf-8", errors="replace")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_surrogates(text: str, origin: str, strict: bool, counters: ReadCounters) -> str:
+    """Lone surrogates (from a JSON "\\udc80" escape or a Python string) are not characters and have no
+    UTF-8 form: tiktoken would encode each as U+FFFD without a word, rustbpe would fail. They are replaced
+    and counted here like undecodable bytes (or, strict, an error)."""
+    if text.isascii():
+        return text
+    found = _SURROGATE.search(text)
+    if found is None:
+        return text
+    where = f"{origin}: lone surrogate U+{ord(found.group()):04X} at character {found.start()} (not UTF-8 encodable)"
+    _count_invalid(where, lambda: len(_SURROGATE.findall(text)), strict, counters)
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _count_invalid(where: str, count, strict: bool, counters: ReadCounters) -> None:
+    """One file or record with `count()` bytes (or characters) to replace, first at `where`: counted, or an
+    error when strict."""
+    if strict:
+        raise GptlabError(f"{where}; without --strict-utf8 these are replaced by U+FFFD and counted") from None
+    counters.non_utf8 += 1
+    counters.replaced += count()
+    counters.first_bad = counters.first_bad or where
 
 
 def _units(text: str, unit: str) -> list[str]:
@@ -152,7 +192,8 @@ def _read_text(spec: SourceSpec, base_dir: Path, counters: ReadCounters) -> Iter
         raw = path.read_bytes()
         if path.suffix == ".bz2":
             raw = bz2.decompress(raw)
-        text = decode_text(raw, str(path), spec.strict_utf8, counters)
+        origin = f"{path} (decompressed)" if path.suffix == ".bz2" else str(path)
+        text = decode_text(raw, origin, spec.strict_utf8, counters)
         for i, doc in enumerate(_group(_units(text, spec.doc_unit), spec.doc_unit, spec.max_doc_chars)):
             yield RawDoc(doc, f"{path}#{i}")
 
@@ -160,10 +201,12 @@ def _read_text(spec: SourceSpec, base_dir: Path, counters: ReadCounters) -> Iter
 def _read_jsonl(spec: SourceSpec, base_dir: Path, counters: ReadCounters) -> Iterator[RawDoc]:
     for path in _expand(spec, base_dir):
         counters.files += 1
+        offset = 0
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 origin = f"{path}:{lineno}"
-                line = decode_text(raw, origin, spec.strict_utf8, counters).strip()
+                line = decode_text(raw, origin, spec.strict_utf8, counters, offset).strip()
+                offset += len(raw)
                 if not line:
                     continue
                 try:
@@ -192,7 +235,7 @@ def _read_parquet(spec: SourceSpec, base_dir: Path, counters: ReadCounters) -> I
             raise GptlabError(f"{path} has no column {spec.text_field!r} (columns: {', '.join(columns)})")
         row = 0
         for batch in pf.iter_batches(columns=[spec.text_field], batch_size=4096):
-            for value in batch.column(0).to_pylist():
+            for value in _as_bytes(batch.column(0)).to_pylist():
                 row += 1
                 if value is None:
                     continue
@@ -231,9 +274,30 @@ def _read_hf(spec: SourceSpec, base_dir: Path, counters: ReadCounters) -> Iterat
     counters.files += 1
     if spec.text_field not in ds.column_names:
         raise GptlabError(f"{origin} has no field {spec.text_field!r} (fields: {', '.join(ds.column_names)})")
-    for i, value in enumerate(ds[spec.text_field]):
-        if isinstance(value, str):
-            yield RawDoc(value, f"{origin}[{i}]")
+    i = 0
+    for batch in ds.with_format("arrow").iter(batch_size=4096):
+        column = batch[spec.text_field]
+        if _is_text(column):  # other types hold no text and are skipped
+            for value in _as_bytes(column).to_pylist():
+                if value is not None:
+                    yield RawDoc(decode_text(value, f"{origin}[{i}]", spec.strict_utf8, counters), f"{origin}[{i}]")
+                i += 1
+
+
+def _is_text(column) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+
+
+def _as_bytes(column):
+    """An Arrow text column as binary (a zero-copy cast that skips validation), so each value is decoded by
+    `decode_text`, which counts bad bytes, instead of by Arrow, which raises on them."""
+    import pyarrow as pa
+
+    if not _is_text(column):
+        return column
+    return column.cast(pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary())
 
 
 def _expand_dir(spec: SourceSpec, base_dir: Path) -> Path:
@@ -286,6 +350,8 @@ def _read_wikidump(spec: SourceSpec, base_dir: Path, counters: ReadCounters) -> 
                     yield RawDoc(f"{title}\n\n{text}", f"{path}#page{page_id}")
         except (OSError, EOFError) as e:
             raise GptlabError(f"{path} is not a readable MediaWiki dump: {e}") from None
+        except ParseError as e:  # XML must be well-formed: an invalid UTF-8 byte stops the parser here too
+            raise GptlabError(f"{path}: not well-formed XML ({e})") from None
 
 
 READERS = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet, "hf": _read_hf,
