@@ -14,7 +14,7 @@ import sys
 from .common import GptlabError
 
 STAGES = [
-    "gptlab.tokenizer",
+    "gptlab.tokenizer_cli",
     "gptlab.data.prepare",
     "gptlab.tasks_cli",
     "gptlab.train.pretrain",
