@@ -166,7 +166,9 @@ def test_uniform_model_scores_exactly_the_token_count_baselines(tok):
 def test_trained_model_picks_the_sentence_it_saw(tok):
     model = tiny_gpt(tok)
     sentences = ["The keys to the cabinet are on the table.", "The French word for cat is chat."]
-    loss = memorize(model, [[tok.eot_id, *tok.encode(s)] for s in sentences], steps=50)
+    # 150 steps, like the other memorizing tests: 50 left the loss at 0.037 against this 0.05 bar on one CPU
+    # (and at 0.051 with another tokenizer), a margin float rounding in 50 AdamW steps could eat
+    loss = memorize(model, [[tok.eot_id, *tok.encode(s)] for s in sentences], steps=150)
     assert loss < 0.05
     items = [parse_choice_item("The keys to the cabinet {are|is} on the table.", "grammar"),
              parse_choice_item("The keys to the cabinet {is|are} on the table.", "grammar"),  # wrong answer first
