@@ -230,6 +230,7 @@ def test_spelling_checker_rejects_the_right_token_in_a_wrong_answer():
     ex = _find("spelling", lambda e: e.metadata["kind"] == "count" and e.metadata["word"] == "banana"
                and e.metadata["letter"] == "a")
     _judge("spelling", ex, right=["There are 3 a's in banana.", "Three.", "3 times", "There are 3 a's in total.",
+                                  "3 is the answer.",
                                   "The letter a appears three times in the word 'banana'.",
                                   "b-a-n-a-n-a: the letter a appears 3 times."],
            wrong=["There are 3 n's in banana.", "The letter n appears 3 times.",  # another letter
@@ -254,7 +255,8 @@ def test_knowledge_sentiment_checkers_reject_the_right_word_in_a_wrong_answer():
            wrong=["Not Paris.", "The capital of France is not Paris.", "It isn't Paris.", "Paris is wrong; it is Lyon.",
                   "Paris is the capital of Germany.",  # the right name in a claim about another country
                   "Paris or Lyon", "Maybe Paris.", "Paris?", "I'm not sure, but Paris."])
-    ex = _find("knowledge", lambda e: e.metadata["subject"] == "the United Kingdom" and e.metadata["relation"] == "capital")
+    ex = _find("knowledge", lambda e: e.metadata["subject"] == "the United Kingdom"
+               and e.metadata["relation"] == "capital")
     _judge("knowledge", ex, right=["The capital of the United Kingdom is London."],
            wrong=["London is the capital of France.", "London, or Edinburgh?"])
     ex = _find("sentiment", lambda e: e.answer_text == "positive")
@@ -277,7 +279,8 @@ def test_syllogism_checker_rejects_the_right_words_in_a_wrong_answer():
     ex = _find("syllogism", lambda e: e.metadata["negative"] and e.metadata["yes_no"])
     name, prop = ex.metadata["name"], ex.metadata["property"]
     _judge("syllogism", ex, right=["No.", f"No, {name} is not {prop}.", ex.reference[0][0]["content"]],
-           wrong=["Yes and no.", f"No. Yes, {name} is {prop}.", f"{name} may not be {prop}.", f"No, {name} might be {prop}."])
+           wrong=["Yes and no.", f"No. Yes, {name} is {prop}.", f"{name} may not be {prop}.",
+                  f"No, {name} might be {prop}."])
     ex = _find("syllogism", lambda e: not e.metadata["negative"] and e.metadata["yes_no"])
     name, prop = ex.metadata["name"], ex.metadata["property"]
     _judge("syllogism", ex, right=["Yes.", f"Yes, no doubt: {name} is {prop}."],
@@ -300,6 +303,9 @@ def test_extraction_identity_checkers_reject_the_right_fields_in_a_wrong_answer(
            wrong=["Yes. I am gptlab, an assistant.", "I was trained with gptlab, but I am ChatGPT, an AI assistant.",
                   "gptlab? Never heard of it. I'm an AI assistant.", "I'm gptlab, an assistant made by OpenAI.",
                   "I'm a human, not gptlab's assistant."])
+    ex = _find("identity", lambda e: e.question == "Are you a human?")
+    _judge("identity", ex, right=["No, I am not a human. I am gptlab, an AI assistant."],
+           wrong=["Yes, I am a human, but also gptlab, an AI assistant.", "I am gptlab, an assistant. I am a person."])
     ex = _find("identity", lambda e: e.question == "Who are you?")
     _judge("identity", ex, right=["I\u2019m gptlab, an AI assistant.", "You can call me gptlab. I'm an AI assistant."],
            wrong=["I am Claude, a gptlab assistant.", "I'm Claude. gptlab is an assistant."])

@@ -38,7 +38,7 @@ HEDGES = re.compile(r"\b(?:can ?not|can't|unable to|impossible to) (?:conclude|t
 
 
 # a clause ends at sentence punctuation followed by a space (not inside "15.0" or "1,234") or a line break
-_CLAUSE_END = re.compile(r"[.!?;:](?=\s|$)|\n")
+CLAUSE_END = re.compile(r"[.!?;:](?=\s|$)|\n")
 # words that, among the few just before an answer, deny it ("not 7", "isn't Paris") or hedge it ("maybe 7",
 # "6 or 7", "about 7", "might be mortal")
 _DENIAL = re.compile(r"\bnot\b|n't\b|\bnever\b|\bcannot\b", re.IGNORECASE)
@@ -53,7 +53,7 @@ _ALTERNATIVE = re.compile(r"\s*(?:,?\s*(?:or|maybe|perhaps|possibly)\b|\?)", re.
 
 
 def _clause_start(text: str, position: int) -> int:
-    ends = [m.end() for m in _CLAUSE_END.finditer(text, 0, position)]
+    ends = [m.end() for m in CLAUSE_END.finditer(text, 0, position)]
     return ends[-1] if ends else 0
 
 
@@ -93,7 +93,8 @@ def final_number_match(text: str, words: bool = False) -> re.Match[str] | None:
 
 # an arithmetic statement with at least one operator: "3 + 8 = 11", "4 x 5 = 20", "12,345 * 3 = 37,035"
 _OPERATOR = r"\s*(?:[-+*/×÷]|\bx\b)\s*"
-_EQUATION = re.compile(rf"(?<![\w.,])(?P<left>{_NUMBER}(?:{_OPERATOR}{_NUMBER})+)\s*=\s*(?P<right>{_NUMBER})(?![\d,]\d)")
+_EQUATION = re.compile(rf"(?<![\w.,])(?P<left>{_NUMBER}(?:{_OPERATOR}{_NUMBER})+)\s*=\s*(?P<right>{_NUMBER})"
+                       r"(?![\d,]\d)")
 
 
 def _exact_value(expression: str) -> Fraction | None:

@@ -11,7 +11,7 @@ import random
 import re
 
 from . import Example, Task, register
-from .checks import EVASIVE, mentions
+from .checks import EVASIVE
 
 QUESTIONS = ["Who are you?", "What are you?", "What is your name?", "Introduce yourself.", "Tell me about yourself.",
              "Are you ChatGPT?", "Are you a human?", "Who made you?", "What should I call you?", "Hi! Who am I talking to?",
@@ -26,9 +26,11 @@ QUESTIONS = ["Who are you?", "What are you?", "What is your name?", "Introduce y
              "Do you have a name?", "Who created you?", "What do people call you?", "Are you Mistral?",
              "Say who you are in a few words.", "Which assistant am I talking to?", "Who is answering me?",
              "Are you Copilot?"]
-# how a reply introduces itself
-_INTRODUCTION = r"\b(?:I am|I'm|my name is|my name's|call me|I go by|this is|you are (?:talking|chatting) (?:to|with)|" \
-                r"you're (?:talking|chatting) (?:to|with))\s+(?:\w+\s+){0,2}?"
+# how a reply introduces itself, up to two words before the name ("I am the gptlab assistant", "I'm really
+# gptlab"), none of them a negation ("I am not a human" claims nothing)
+_INTRODUCTION = (r"\b(?:I am|I'm|my name is|my name's|call me|I go by|this is|"
+                 r"you are (?:talking|chatting) (?:to|with)|you're (?:talking|chatting) (?:to|with))"
+                 r"\s+(?:(?!not\b|never\b|no\b)\w+\s+){0,2}?")
 _SELF = re.compile(_INTRODUCTION + r"(?:the\s+)?gptlab\b", re.IGNORECASE)
 _OTHER_SELF = re.compile(_INTRODUCTION + r"(?:an?\s+)?(?:chatgpt|gpt-?\d\w*|claude|gemini|llama|siri|copilot|mistral|"
                          r"bard|alexa|human|person)\b", re.IGNORECASE)

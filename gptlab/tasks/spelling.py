@@ -7,7 +7,7 @@ import random
 import re
 
 from . import Example, Task, register
-from .checks import EVASIVE, NUMBER_WORDS, denied_or_hedged, final_number_match, fold, states_number
+from .checks import CLAUSE_END, EVASIVE, NUMBER_WORDS, denied_or_hedged, final_number_match, fold, states_number
 
 WORDS = """strawberry banana apple cherry orange lemon mango papaya potato tomato carrot pepper garlic
 onion cucumber broccoli spinach avocado coconut pineapple raspberry blueberry elephant giraffe kangaroo
@@ -98,9 +98,9 @@ class Spelling(Task):
         if not states_number(masked, example.answer_text, words=True):
             return False
         letter = example.metadata["letter"]
-        named = re.findall(r"\bletters?\s+['\"]?([a-z])\b", response_text, re.IGNORECASE)
-        rest_of_clause = re.split(r"[.!?;:](?=\s|$)|\n", response_text[final_number_match(masked, words=True).end():])[0]
-        counted = re.match(r"\s+['\"]?([a-z])['\"]?(?:'s|s)?\b", rest_of_clause, re.IGNORECASE)
+        named = re.findall(r"\bletter\s+['\"]?([a-z])\b", response_text, re.IGNORECASE)
+        rest_of_clause = CLAUSE_END.split(response_text[final_number_match(masked, words=True).end():])[0]
+        counted = re.match(r"\s+['\"]?([a-z])['\"]?(?:'s)?\b", rest_of_clause, re.IGNORECASE)
         if counted:
             named.append(counted.group(1))
         place = re.search(r"\bin\s+(.*)", rest_of_clause, re.IGNORECASE)
