@@ -161,8 +161,12 @@ def test_uniform_model_scores_exactly_the_token_count_baselines(tok):
 def test_trained_model_picks_the_sentence_it_saw(tok):
     model = tiny_gpt(tok)
     sentences = ["The keys to the cabinet are on the table.", "The French word for cat is chat."]
-    loss = memorize(model, [[tok.eot_id, *tok.encode(s)] for s in sentences], steps=50)
-    assert loss < 0.05
+    sequences = [[tok.eot_id, *tok.encode(s)] for s in sentences]
+    # both open with "The ": the token after it is a 50/50 guess even for a perfect memorizer, so the mean loss
+    # cannot go below 2 ln 2 over all targets (0.033 here). 50 steps got within 0.004 of that floor (a former
+    # `< 0.05` bar left 0.013 of margin, 0.051 was seen with another tokenizer); 150 get within 0.001
+    floor = 2 * math.log(2) / sum(len(s) - 1 for s in sequences)
+    assert floor < memorize(model, sequences, steps=150) < floor + 0.01
     items = [parse_choice_item("The keys to the cabinet {are|is} on the table.", "grammar"),
              parse_choice_item("The keys to the cabinet {is|are} on the table.", "grammar"),  # wrong answer first
              parse_choice_item("The French word for cat is {chat|chien}.", "translation")]

@@ -161,20 +161,44 @@ def test_clipped_policy_and_value_losses_by_hand():
 # Rollouts and action log-probs
 
 
+class ScriptedGPT(GPT):
+    """A policy fixed by construction, the same on every CPU: at rotary position p (a token's index in its
+    own sequence) it predicts `script[p + 1]` by a margin of 60 nats, whatever the tokens before it are.
+    The real forward still runs, so the engine's KV cache advances as with any model."""
+
+    def __init__(self, config: GPTConfig, script: list[int]):
+        super().__init__(config)
+        self.script = script
+
+    def forward(self, idx, targets=None, *, kv_cache=None, positions=None, attn_mask=None, logits_to_keep=0,
+                return_hidden=False):
+        assert targets is None and not return_hidden
+        if positions is None:
+            offset = kv_cache.length if kv_cache is not None else 0
+            positions = torch.arange(offset, offset + idx.shape[1]).expand(idx.shape)
+        super().forward(idx, kv_cache=kv_cache, positions=positions, attn_mask=attn_mask, logits_to_keep=1)
+        kept = positions[:, -logits_to_keep:] if logits_to_keep else positions
+        following = [[self.script[min(p + 1, len(self.script) - 1)] for p in row] for row in kept.tolist()]
+        return torch.nn.functional.one_hot(torch.tensor(following), self.config.vocab_size).float() * 60.0
+
+
 def test_rollout_marks_tool_outputs_as_not_generated(small_tokenizer):
-    """A model that memorized a calculator conversation (with a FAKE tool output) runs the real tool: the
-    turn reproduces the real conversation token for token, and `generated` equals chat.render's loss mask."""
+    """A policy that writes a calculator conversation token by token, except that where the tool output goes
+    it would write filler (a scripted policy, not a trained one: its output cannot depend on the CPU's
+    floating point). The rollout stops at the call, runs the real tool and inserts its output, so the turn
+    is the real conversation token for token, and `generated` equals chat.render's loss mask: 0 on exactly
+    the inserted block, 1 on every token the policy wrote, including the call and the closing end token."""
     tok = small_tokenizer
     example = eval_examples(["calculator"], 1)["calculator"][0]
-    real = example.conversation(0)
-    fake = [dict(m) for m in real]
-    tool_index = next(i for i, m in enumerate(fake) if m["role"] == "tool")
-    fake[tool_index]["content"] = "98765"
-    model = tiny_gpt(tok)
-    memorize(model, [render(tok, fake)], steps=80)
+    rendered = render(tok, example.conversation(0))
+    start = rendered.ids.index(tok.special_id("<|tool_output_start|>"))
+    end = rendered.ids.index(tok.special_id("<|tool_output_end|>"))
+    filler = tok.encode("98765")[0]
+    script = rendered.ids[:start] + [filler] * (end + 1 - start) + rendered.ids[end + 1:]
+    model = ScriptedGPT(tiny_gpt(tok).config, script)
     prompt = render_for_completion(tok, example.messages)
+    assert rendered.ids[:len(prompt)] == prompt and script != rendered.ids
     turn = generate_chat(Engine(model.eval(), tok), [prompt], max_new_tokens=60)[0]
-    rendered = render(tok, real)
     assert turn.finished and prompt + turn.ids == rendered.ids
     assert turn.generated == rendered.mask[len(prompt):]
     assert 0 in turn.generated and turn.body == turn.ids[:-1]

@@ -70,6 +70,24 @@ def test_references_pass_and_bad_responses_fail(name, small_tokenizer):
             render(small_tokenizer, example.messages + response)
 
 
+@pytest.mark.parametrize("name", sorted(TASKS))  # a newly added task is checked too
+def test_every_reference_passes_its_checker(name):
+    """The checkers are strict about wrong answers that contain the right token; they must still accept every
+    reference answer (the SFT data and the reward model's chosen side) over many examples of both splits."""
+    task = get_task(name)
+    for split, seed in (("train", 21), ("test", 22)):
+        for example in _draw(task, split, seed, 1000):
+            for reference in example.reference:
+                assert task.check(example, response_text(reference)), (example.question, reference)
+
+
+def _judge(task_name, example, right, wrong):
+    """Assert that every reply in `right` passes and every reply in `wrong` fails the task's checker."""
+    task = get_task(task_name)
+    assert [r for r in right if not task.check(example, r)] == []
+    assert [w for w in wrong if task.check(example, w)] == []
+
+
 def _find(name, predicate):
     """The first generated example satisfying `predicate`, from either split."""
     rng = random.Random(0)
@@ -182,6 +200,115 @@ def test_sentiment_extraction_identity_edge_cases():
     assert identity.check(ex, "Hi! I'm GPTLab, your friendly assistant.")
     assert not identity.check(ex, "I am an assistant built on gptlab? No, I am not gptlab.")
     assert not identity.check(ex, "gptlab")
+
+
+def test_number_checkers_reject_the_right_number_in_a_wrong_answer():
+    ex = _find("arithmetic", lambda e: int(e.answer_text) > 3 and len(e.metadata["numbers"]) == 2)
+    a, expr = int(ex.answer_text), ex.metadata["expression"]
+    _judge("arithmetic", ex, right=[f"{expr} = {a}", f"**{a}**", f"It is {a}, I am sure.", f"{expr} = {a}.0\n"],
+           wrong=[f"It is not {a}.", f"The answer isn't {a}.", f"{a} is wrong.", f"{a} is not right.",  # denied
+                  f"{a - 1} or {a}", f"Either {a - 1} or {a}.", f"{a - 1}, {a}", f"{a - 1} and {a}",  # candidates
+                  f"Maybe {a}.", f"About {a}.", f"It could be {a}.", f"{a}?", f"I'm not sure, perhaps {a}",  # hedged
+                  f"{expr} = {a + 1}. So the answer is {a}.", f"1 + 1 = 3, so {a}"])  # false working
+    ex = _find("calculator", lambda e: int(e.answer_text) >= 1000 and e.metadata["expression"].count(" ") == 2)
+    a, expr = int(ex.answer_text), ex.metadata["expression"]
+    _judge("calculator", ex, right=[f"{expr} = {a:,}.", f"The result is {a}."],
+           wrong=[f"{expr} = {a + 1}, i.e. {a}", f"Not {a:,}.", f"{a - 1} or {a}", f"{a}? Let me check.",
+                  f"{expr.replace(' ', '')} = {a + 10}, so {a}"])
+    # a word problem's number must count what was asked: "3 friends" is not 3 cookies each
+    ex = _find("word_problems", lambda e: e.metadata["kind"] == "share" and
+               e.question.split(" among ")[1].startswith(f"{e.answer_text} friends"))
+    a, item = int(ex.answer_text), ex.metadata["item"]
+    _judge("word_problems", ex, right=[f"Each friend gets {a} {item}.", f"{a}", ex.reference[0][0]["content"]],
+           wrong=[ex.question, f"There are {a} friends.", f"The answer is {a - 1}, or {a}", f"Not {a}."])
+    ex = _find("word_problems", lambda e: e.metadata["kind"] == "boxes")
+    _judge("word_problems", ex, right=[f"{ex.answer_text} {ex.metadata['item']} in total."],
+           wrong=[f"There are {ex.answer_text} boxes.", f"{ex.answer_text} loose ones"])
+
+
+def test_spelling_checker_rejects_the_right_token_in_a_wrong_answer():
+    ex = _find("spelling", lambda e: e.metadata["kind"] == "count" and e.metadata["word"] == "banana"
+               and e.metadata["letter"] == "a")
+    _judge("spelling", ex, right=["There are 3 a's in banana.", "Three.", "3 times", "There are 3 a's in total.",
+                                  "3 is the answer.",
+                                  "The letter a appears three times in the word 'banana'.",
+                                  "b-a-n-a-n-a: the letter a appears 3 times."],
+           wrong=["There are 3 n's in banana.", "The letter n appears 3 times.",  # another letter
+                  "There are 3 a's in bandana.", "There is 3 a in to p.",  # another word
+                  "There are 3 a's in b-a-n-a-n-a-s.", "b-a-n-a-n: 3",  # counted from a wrong spelling
+                  "Not 3.", "2 or 3", "3?", "Maybe three."])
+    ex = _find("spelling", lambda e: e.metadata["kind"] == "count" and e.answer_text == "1")
+    word, letter = ex.metadata["word"], ex.metadata["letter"]
+    other = "q" if letter != "q" else "z"
+    _judge("spelling", ex, right=[f"There is 1 {letter} in {word}."],
+           wrong=[f"There is 1 {letter} in to p.", f"There is 1 {other} in {word}.", f"1 {letter} in straw"])
+    ex = _find("spelling", lambda e: e.metadata["kind"] == "spell" and e.metadata["word"] == "banana")
+    _judge("spelling", ex, right=["Banana is spelled b-a-n-a-n-a."],
+           wrong=["It is not spelled b-a-n-a-n-a.", "b-a-n-n-a or b-a-n-a-n-a", "b-a-n-a-n-a or b-a-n-n-a",
+                  "b-a-n-a-n-a?", "Maybe b-a-n-a-n-a."])
+
+
+def test_knowledge_sentiment_checkers_reject_the_right_word_in_a_wrong_answer():
+    ex = _find("knowledge", lambda e: e.metadata["subject"] == "France" and e.metadata["relation"] == "capital")
+    _judge("knowledge", ex, right=["Paris, of course.", "It's Paris, France's largest city.",
+                                   "The capital of France is Paris, not Lyon."],
+           wrong=["Not Paris.", "The capital of France is not Paris.", "It isn't Paris.", "Paris is wrong; it is Lyon.",
+                  "Paris is the capital of Germany.",  # the right name in a claim about another country
+                  "Paris or Lyon", "Maybe Paris.", "Paris?", "I'm not sure, but Paris."])
+    ex = _find("knowledge", lambda e: e.metadata["subject"] == "the United Kingdom"
+               and e.metadata["relation"] == "capital")
+    _judge("knowledge", ex, right=["The capital of the United Kingdom is London."],
+           wrong=["London is the capital of France.", "London, or Edinburgh?"])
+    ex = _find("sentiment", lambda e: e.answer_text == "positive")
+    _judge("sentiment", ex, right=["The review is positive.", "Positive: the reviewer loved it."],
+           wrong=["The review isn't positive.", "It is not really positive.", "I wouldn't call it positive.",
+                  "Maybe positive.", "Positive?", "Mixed, leaning positive.", "Neutral, or positive",
+                  "It's neither positive nor negative."])
+
+
+def test_syllogism_checker_rejects_the_right_words_in_a_wrong_answer():
+    from gptlab.tasks.syllogism import CATEGORIES
+
+    ex = _find("syllogism", lambda e: not e.metadata["negative"] and not e.metadata["yes_no"])
+    name, prop, category = ex.metadata["name"], ex.metadata["property"], ex.metadata["category"]
+    plural = dict(CATEGORIES)[category]
+    _judge("syllogism", ex, right=[f"{name} is {prop}.", f"{prop.capitalize()}.", ex.reference[0][0]["content"]],
+           wrong=[f"All {plural} are {prop}.",  # the premise repeated: nothing concluded about the name
+                  f"{name} may be {prop}.", f"{name} is probably {prop}.", f"{name} is {prop} or not.",
+                  f"{name} is {prop}?", f"{name} is not {prop}."])
+    ex = _find("syllogism", lambda e: e.metadata["negative"] and e.metadata["yes_no"])
+    name, prop = ex.metadata["name"], ex.metadata["property"]
+    _judge("syllogism", ex, right=["No.", f"No, {name} is not {prop}.", ex.reference[0][0]["content"]],
+           wrong=["Yes and no.", f"No. Yes, {name} is {prop}.", f"{name} may not be {prop}.",
+                  f"No, {name} might be {prop}."])
+    ex = _find("syllogism", lambda e: not e.metadata["negative"] and e.metadata["yes_no"])
+    name, prop = ex.metadata["name"], ex.metadata["property"]
+    _judge("syllogism", ex, right=["Yes.", f"Yes, no doubt: {name} is {prop}."],
+           wrong=["Yes or no.", "Yes. No.", f"Yes, {name} might be {prop}."])
+
+
+def test_extraction_identity_checkers_reject_the_right_fields_in_a_wrong_answer():
+    import json
+
+    ex = _find("extraction", lambda e: e.metadata["kind"] == "person")
+    fields = ex.metadata["fields"]
+    right = json.dumps(fields)
+    _judge("extraction", ex, right=[f"```json\n{right}\n```", json.dumps({"person": {"x": 1}, **fields})],
+           wrong=[right + " Actually: " + json.dumps(dict(fields, age=fields["age"] + 1)),  # a second, other object
+                  right[:-1] + f', "age": {fields["age"] + 1}}}',  # a key given twice
+                  json.dumps(dict(fields, age=[fields["age"], fields["age"] + 1])),
+                  json.dumps(dict(fields, name=fields["name"] + " or Mei Chen"))])
+    ex = _find("identity", lambda e: e.question == "Are you ChatGPT?")
+    _judge("identity", ex, right=[response_text(r) for r in ex.reference],
+           wrong=["Yes. I am gptlab, an assistant.", "I was trained with gptlab, but I am ChatGPT, an AI assistant.",
+                  "gptlab? Never heard of it. I'm an AI assistant.", "I'm gptlab, an assistant made by OpenAI.",
+                  "I'm a human, not gptlab's assistant."])
+    ex = _find("identity", lambda e: e.question == "Are you a human?")
+    _judge("identity", ex, right=["No, I am not a human. I am gptlab, an AI assistant."],
+           wrong=["Yes, I am a human, but also gptlab, an AI assistant.", "I am gptlab, an assistant. I am a person."])
+    ex = _find("identity", lambda e: e.question == "Who are you?")
+    _judge("identity", ex, right=["I\u2019m gptlab, an AI assistant.", "You can call me gptlab. I'm an AI assistant."],
+           wrong=["I am Claude, a gptlab assistant.", "I'm Claude. gptlab is an assistant."])
 
 
 def test_calculator_tool_is_safe_and_exact():

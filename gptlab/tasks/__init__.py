@@ -16,7 +16,11 @@ Design decisions
   be memorized from training data however much is generated.
 - Generators take a `random.Random`: one seed reproduces a whole mixture (`sample_examples`).
 - Checkers read answers the way a person would (the final number in the text, a name in any case or
-  accents, JSON anywhere in the reply) and reject hedges that name several answers.
+  accents, JSON anywhere in the reply) and judge the whole reply, not one token of it: a reply carrying the
+  right answer but denying it, hedging it, listing it among candidates or pinning it to another claim (a
+  false equation, another word, another country) is wrong, because RL rewards and eval both use `check`.
+  Each task's `check` docstring states its rule; `checks.py` holds the shared tests, regular expressions and
+  exact arithmetic, cheap and deterministic.
 
 Adding a task: create `gptlab/tasks/<name>.py` with one `Task` subclass decorated with `@register`
 (`from . import Example, Task, register`; answer-reading helpers are in `.checks`):

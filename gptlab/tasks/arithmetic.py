@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from . import Example, Task, register
-from .checks import EVASIVE, final_number_is
+from .checks import EVASIVE, states_number
 
 PHRASINGS = ["{expr} = ?", "What is {expr}?", "Compute {expr}.", "Calculate {expr}.", "{expr} equals what?"]
 
@@ -33,7 +33,10 @@ class Arithmetic(Task):
         return example.metadata["expression"]
 
     def check(self, example: Example, response_text: str) -> bool:
-        return final_number_is(response_text, example.answer_text)
+        """Right when the reply commits to the total (`checks.states_number`): its last number is the total,
+        not denied, hedged or listed with another, and every step it writes is true arithmetic, because the
+        chain-of-thought reference shows its steps and a wrong step with a lucky total is not a solution."""
+        return states_number(response_text, example.answer_text)
 
     def _bad_responses(self, example: Example, rng: random.Random):
         total, expr = int(example.answer_text), example.metadata["expression"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from . import Example, Task, register
-from .checks import EVASIVE, final_number_is
+from .checks import EVASIVE, states_number
 from .tools import calculator
 
 SYSTEM = "You can use the calculator tool for arithmetic."
@@ -49,7 +49,10 @@ class Calculator(Task):
         return example.metadata["expression"]
 
     def check(self, example: Example, response_text: str) -> bool:
-        return final_number_is(response_text, example.answer_text)
+        """Right when the final text commits to the exact result (`checks.states_number`): last number equal
+        to it (thousands separators allowed), not denied, hedged or listed with another, and any equation
+        it writes ("12 * 34 = 408") true, so the result cannot be pinned to a different expression."""
+        return states_number(response_text, example.answer_text)
 
     def _bad_responses(self, example: Example, rng: random.Random):
         expr, answer = example.metadata["expression"], int(example.answer_text)

@@ -1,5 +1,7 @@
-"""Extracting fields from a sentence as JSON; the checker parses the first JSON object in the reply and
-compares every field (names case-insensitively, numbers by value)."""
+"""Extracting fields from a sentence as JSON. A reply is right when it contains a JSON object (anywhere,
+e.g. in a ```json fence) and every top-level JSON object in it has every asked field with the right value
+(text case- and accent-insensitively, numbers by value, "34" for 34; extra keys allowed): a second object
+with other values, a key given two values or a list of candidates is a hedge, not an extraction."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import json
 import random
 
 from . import Example, Task, register
-from .checks import EVASIVE, find_json_object, fold
+from .checks import EVASIVE, fold, json_objects
 
 FIRST = ["Maria", "Kenji", "Amara", "Lucas", "Sofia", "Arjun", "Elena", "Tomasz", "Aisha", "Liam", "Mei", "Pedro"]
 LAST = ["Lopez", "Tanaka", "Okafor", "Martin", "Rossi", "Patel", "Novak", "Kowalski", "Haddad", "Murphy", "Chen"]
@@ -73,9 +75,8 @@ class Extraction(Task):
         return example.question.rsplit("Text: ", 1)[1]
 
     def check(self, example: Example, response_text: str) -> bool:
-        got = find_json_object(response_text)
-        expected = example.metadata["fields"]
-        return got is not None and all(k in got and _same(v, got[k]) for k, v in expected.items())
+        objects, expected = json_objects(response_text), example.metadata["fields"]
+        return bool(objects) and all(k in got and _same(v, got[k]) for got in objects for k, v in expected.items())
 
     def _bad_responses(self, example: Example, rng: random.Random):
         fields = dict(example.metadata["fields"])

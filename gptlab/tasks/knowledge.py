@@ -8,18 +8,21 @@ measures whether the chat model answers from what pretraining taught it. The wro
 responses (the rejected side of preference data) are train facts' answers only, so a test answer appears in
 no fine-tuning data at all: drawn from every fact, a test answer such as Kyiv appeared there only as a
 rejected answer ("The capital of France is Kyiv."), and the reward model learned to score the word itself
-down (docs/LOG.md, session 7). A reply is right when it names the answer (any accepted alias, any case,
-with or without accents) and names no other answer of the same kind.
+down (docs/LOG.md, session 7). A reply is right when it states the answer (any accepted alias, any case,
+with or without accents; never denied, hedged or asked: "not Paris", "maybe Paris", "Paris?"), names no
+other answer of the same kind ("Paris or Berlin") and no other subject of the same kind ("Paris is the
+capital of Germany" asked about France: the right name inside a wrong sentence), and does not hedge.
 """
 
 from __future__ import annotations
 
 import functools
 import random
+import re
 from dataclasses import dataclass
 
 from . import Example, Task, register, split_of
-from .checks import EVASIVE, mentions
+from .checks import EVASIVE, fold, hedges, mention_pattern, states
 
 CAPITALS = """France: Paris; Germany: Berlin; Italy: Rome; Spain: Madrid; Portugal: Lisbon; Denmark: Copenhagen;
 Norway: Oslo; Sweden: Stockholm; Finland: Helsinki; Iceland: Reykjavík; Ireland: Dublin;
@@ -133,6 +136,17 @@ def _train_facts(task_name: str, test_fraction: float, relation: str) -> tuple[F
                  and split_of(task_name, _fact_key(f.relation, f.subject), test_fraction) == "train")
 
 
+@functools.cache
+def _rivals(relation: str, subject: str) -> re.Pattern[str]:
+    """Matches, in `fold`ed text, the answers (with aliases) of the other facts of `relation` that are not
+    also an answer of `subject`'s, and those facts' subjects (without a leading "the": "the United Kingdom"
+    is named as "United Kingdom" too). One compiled pattern per fact: every RL reward goes through it."""
+    own = {a for f in FACTS if f.relation == relation and f.subject == subject for a in f.answers}
+    others = [f for f in FACTS if f.relation == relation and f.subject != subject]
+    phrases = [a for f in others for a in f.answers if a not in own] + [f.subject.removeprefix("the ") for f in others]
+    return re.compile(mention_pattern(*phrases))
+
+
 @register
 class Knowledge(Task):
     name = "knowledge"
@@ -155,15 +169,12 @@ class Knowledge(Task):
         bad response asks, and a GPU-preset preference set is 20,000 of them)."""
         return _train_facts(self.name, self.test_fraction, relation)
 
-    @staticmethod
-    def _rivals(example: Example) -> list[str]:
-        """Answers (with aliases) of the other facts of the same relation."""
-        own = set(example.metadata["answers"])
-        return [a for f in FACTS if f.relation == example.metadata["relation"] for a in f.answers if a not in own]
-
     def check(self, example: Example, response_text: str) -> bool:
-        return (any(mentions(response_text, a) for a in example.metadata["answers"])
-                and not any(mentions(response_text, r) for r in self._rivals(example)))
+        """See the module docstring: an accepted answer stated, no rival answer or subject named, no hedge."""
+        meta = example.metadata
+        return (any(states(response_text, a) for a in meta["answers"])
+                and _rivals(meta["relation"], meta["subject"]).search(fold(response_text)) is None
+                and not hedges(response_text))
 
     def _bad_responses(self, example: Example, rng: random.Random):
         meta = example.metadata

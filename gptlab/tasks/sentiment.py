@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import random
-import re
 
 from . import Example, Task, register
-from .checks import EVASIVE
+from .checks import EVASIVE, mentions, states
 
 SUBJECTS = ["The pasta", "The service", "This phone", "The hotel room", "This movie", "The coffee", "This laptop",
             "The concert", "The staff", "This book", "The delivery", "This headset", "The pizza", "This game"]
@@ -25,14 +24,17 @@ PHRASINGS = ["Is the sentiment of this review positive or negative?\n\nReview: {
              "Review: {review}\n\nIs this review positive or negative?",
              "Classify the sentiment of the following review as positive or negative.\n\n{review}"]
 LABELS = ("positive", "negative")
+# verdicts between the two labels: a reply naming one of them has not picked a label
+UNDECIDED = ("neutral", "mixed")
 
 
 def stated_label(text: str) -> str | None:
-    """The one label a reply commits to: it names exactly one of them and does not negate it."""
-    named = {label for label in LABELS if re.search(rf"\b{label}\b", text, re.IGNORECASE)}
-    if len(named) != 1 or re.search(r"\bnot\s+(?:positive|negative)\b", text, re.IGNORECASE):
-        return None
-    return named.pop()
+    """The one label a reply commits to, or None. The rule: it names exactly one label and no undecided
+    verdict ("positive and negative", "mixed, leaning positive" name two), and never denies, hedges or asks
+    it where it names it ("not positive", "isn't really positive", "maybe positive", "positive?"): the
+    answer is one word, so a reply that carries the word without committing to it must not score."""
+    named = [label for label in LABELS + UNDECIDED if mentions(text, label)]
+    return named[0] if len(named) == 1 and named[0] in LABELS and states(text, named[0]) else None
 
 
 @register

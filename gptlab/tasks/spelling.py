@@ -7,7 +7,7 @@ import random
 import re
 
 from . import Example, Task, register
-from .checks import EVASIVE, NUMBER_WORDS, final_number_is
+from .checks import CLAUSE_END, EVASIVE, NUMBER_WORDS, denied_or_hedged, final_number_match, fold, states_number
 
 WORDS = """strawberry banana apple cherry orange lemon mango papaya potato tomato carrot pepper garlic
 onion cucumber broccoli spinach avocado coconut pineapple raspberry blueberry elephant giraffe kangaroo
@@ -32,8 +32,21 @@ _LETTER_RUN = re.compile(r"(?<![A-Za-z])[A-Za-z](?P<sep>\s*[,.\-]\s*|\s+)[A-Za-z
 
 def spelled_letters(text: str) -> str | None:
     """The letters of the last letter-by-letter spelling in `text`, lower case, or None."""
-    runs = [m.group(0) for m in _LETTER_RUN.finditer(text)]
-    return re.sub(r"[^A-Za-z]", "", runs[-1]).lower() if runs else None
+    runs = spellings(text)
+    return _letters(runs[-1].group()) if runs else None
+
+
+def spellings(text: str) -> list[re.Match[str]]:
+    """Every letter-by-letter spelling in `text`, in order."""
+    return list(_LETTER_RUN.finditer(text))
+
+
+def _letters(run: str) -> str:
+    return re.sub(r"[^A-Za-z]", "", run).lower()
+
+
+# what a count may be said to be "in" besides the word itself
+_IN_THE_WORD = {"it", "total", "all", "the word", "this word", "that word"}
 
 
 def _spelled(word: str) -> str:
@@ -67,11 +80,33 @@ class Spelling(Task):
         return f"spell {meta['word']}" if meta["kind"] == "spell" else f"count {meta['letter']} {meta['word']}"
 
     def check(self, example: Example, response_text: str) -> bool:
+        """Spelling: right when the reply spells the word letter by letter, every spelling it shows is the
+        word's (a second, different spelling is a hedge) and the last is not denied ("not b-a-n-a-n-a").
+        Counting: right when the reply commits to the count (`checks.states_number`, number words
+        allowed), the count is of the asked letter ("3 r's", "the letter r") in the asked word ("in
+        strawberry", "in it"; "There is 1 a in to p." counts another word), and any spelling it shows to
+        work the count out is the word's."""
+        word = example.metadata["word"]
+        runs = spellings(response_text)
+        if any(_letters(run.group()) != word for run in runs):
+            return False
         if example.metadata["kind"] == "spell":
-            return spelled_letters(response_text) == example.metadata["word"]
-        # the word itself may be a number word ("seventeen"): it is not the count
-        without_word = re.sub(rf"\b{example.metadata['word']}\b", " ", response_text, flags=re.IGNORECASE)
-        return final_number_is(without_word, example.answer_text, words=True)
+            return bool(runs) and not denied_or_hedged(response_text, *runs[-1].span())
+        # the word itself may be a number word ("seventeen"): it is not the count; masked, not removed, so
+        # positions in the masked text are positions in the reply
+        masked = re.sub(rf"\b{word}\b", lambda m: "#" * len(m.group()), response_text, flags=re.IGNORECASE)
+        if not states_number(masked, example.answer_text, words=True):
+            return False
+        letter = example.metadata["letter"]
+        named = re.findall(r"\bletter\s+['\"]?([a-z])\b", response_text, re.IGNORECASE)
+        rest_of_clause = CLAUSE_END.split(response_text[final_number_match(masked, words=True).end():])[0]
+        counted = re.match(r"\s+['\"]?([a-z])['\"]?(?:'s)?\b", rest_of_clause, re.IGNORECASE)
+        if counted:
+            named.append(counted.group(1))
+        place = re.search(r"\bin\s+(.*)", rest_of_clause, re.IGNORECASE)
+        place_named = place.group(1).strip(" '\"").lower() if place else word
+        return all(x.lower() == letter for x in named) and (
+            fold(place_named) in _IN_THE_WORD or re.search(rf"\b{word}\b", place_named) is not None)
 
     def _bad_responses(self, example: Example, rng: random.Random):
         word = example.metadata["word"]

@@ -7,7 +7,7 @@ import random
 import re
 
 from . import Example, Task, register
-from .checks import EVASIVE, hedges
+from .checks import EVASIVE, denied, hedged, hedges
 
 SYLLABLES = ["mar", "ton", "ze", "lia", "quo", "rin", "ba", "dor", "fi", "nel", "ka", "vu", "sen", "tro", "li", "pax"]
 CATEGORIES = [("man", "men"), ("wug", "wugs"), ("blicket", "blickets"), ("dax", "daxes"), ("glorp", "glorps"),
@@ -18,9 +18,10 @@ YES_NO = "{premises} Is {name} {prop}?"
 PHRASINGS = ["{premises} What can we conclude about {name}?", YES_NO, "Premises: {premises} Conclusion about {name}?"]
 
 
-def _negated(prop: str) -> str:
-    # "is not P", "isn't P", "cannot be P", "is never P"
-    return rf"(?:\bnot|\bcannot|n't|\bnever)\s+(?:be\s+)?{re.escape(prop)}\b"
+# a category said to have (or lack) a property, as the premises say it ("all wugs are mortal", "no dax is
+# mortal", "wugs are not mortal"): a repeated premise, whatever its category, concludes nothing about the name
+_CATEGORY = "|".join(rf"{plural}\s+are|{singular}\s+is" for singular, plural in CATEGORIES)
+_PREMISE = rf"\b(?:(?:all|no|every|each|any|some)\s+)?(?:{_CATEGORY})\s+(?:not\s+)?"
 
 
 @register
@@ -52,18 +53,25 @@ class Syllogism(Task):
         return f"{m['name']} {m['category']} {m['property']} {m['negative']}"
 
     def check(self, example: Example, response_text: str) -> bool:
+        """Right when the reply concludes the property of the name, with the right polarity, and commits to
+        it. The rule: no hedge ("we cannot conclude"); premises repeated back are set aside ("All wugs are
+        mortal." alone concludes nothing about Marton); every remaining mention of the property is affirmed
+        (affirmative form) or denied (negative form: "is not", "isn't", "cannot be", "is never") and none is
+        hedged ("may be mortal", "mortal or not", "mortal?"); the yes/no phrasing may instead open with the
+        right verdict ("No." / "Yes, ...") but then must not also give the other ("Yes and no.")."""
         prop, negative = example.metadata["property"], example.metadata["negative"]
         if hedges(response_text):
             return False
-        denied = re.search(_negated(prop), response_text, re.IGNORECASE) is not None
-        asserted = re.search(rf"\b(?:is|must be)\s+{re.escape(prop)}\b", response_text, re.IGNORECASE) is not None
-        contradicted = asserted if negative else denied
-        verdict = re.match(r"\s*(yes|no)\b", response_text, re.IGNORECASE)
-        if example.metadata["yes_no"] and verdict:  # "Yes." / "No, she is not." answer the yes/no phrasing
-            return (verdict.group(1).lower() == "no") == negative and not contradicted
-        if not re.search(rf"\b{re.escape(prop)}\b", response_text, re.IGNORECASE):
+        text = re.sub(_PREMISE + re.escape(prop) + r"\b", " ", response_text, flags=re.IGNORECASE)
+        mentions = [m.span() for m in re.finditer(rf"\b{re.escape(prop)}\b", text, re.IGNORECASE)]
+        if any(hedged(text, *span) or denied(text, *span) != negative for span in mentions):
             return False
-        return not contradicted and (denied or not negative)
+        verdict = re.match(r"\s*(yes|no)\b", text, re.IGNORECASE)
+        if example.metadata["yes_no"] and verdict:
+            right, wrong = ("no", "yes") if negative else ("yes", "no")
+            return verdict.group(1).lower() == right and not re.search(
+                rf"\b{wrong}\b(?=\s*(?:[.,;:!?]|$|and\b|or\b))", text, re.IGNORECASE)
+        return bool(mentions)
 
     def _bad_responses(self, example: Example, rng: random.Random):
         m = example.metadata

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import random
+import re
 
 from . import Example, Task, register
-from .checks import EVASIVE, final_number_is
+from .checks import EVASIVE, final_number_match, states_number
 
 NAMES = ["Anna", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kofi", "Lena",
          "Mateo", "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tara", "Umar", "Vera", "Wei", "Yara"]
@@ -56,10 +57,20 @@ class WordProblems(Task):
         who, item = rng.choice(NAMES), rng.choice(ITEMS)
         question, answer, chain = KINDS[kind](rng, who, item)
         return Example(self.name, [{"role": "user", "content": question}], str(answer),
-                       [chain, f"The answer is {answer}."], {"kind": kind})
+                       [chain, f"The answer is {answer}."], {"kind": kind, "item": item})
 
     def check(self, example: Example, response_text: str) -> bool:
-        return final_number_is(response_text, example.answer_text)
+        """Right when the reply commits to the answer (`checks.states_number`: last number, not denied,
+        hedged or listed, every equation true) and that number is not a count of something else the story
+        counts: "Nora shares 12 cookies equally among 3 friends." repeated back ends on "3 friends", the
+        right number for a share of 3 but a claim about friends, so a number followed by a word that
+        follows a number in the question other than the item ("friends", "boxes", "more", "loose") fails."""
+        if not states_number(response_text, example.answer_text):
+            return False
+        item = example.metadata["item"]
+        other_counts = {w.lower() for w in re.findall(r"\d+ ([A-Za-z]+)", example.question)} - {item, item[:-1]}
+        unit = re.match(r"\s+([A-Za-z]+)", response_text[final_number_match(response_text).end():])
+        return unit is None or unit.group(1).lower() not in other_counts
 
     def _bad_responses(self, example: Example, rng: random.Random):
         answer = int(example.answer_text)
