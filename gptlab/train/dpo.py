@@ -36,8 +36,8 @@ from ..model import GPT
 from ..tasks import task_names
 from .loop import device_and_autocast
 from .optim import build_optimizers
-from .preference_fit import PreferenceTrainConfig, fit_preferences, load_preference_data, resume_checkpoint
-from .preferences import EncodedSet, PreferenceBatch, by_length, collate, encode_sets, row_offsets
+from .preference_fit import PreferenceTrainConfig, encoded_preference_data, fit_preferences, resume_checkpoint
+from .preferences import EncodedSet, PreferenceBatch, by_length, collate, row_offsets
 
 log = get_logger("dpo")
 
@@ -105,12 +105,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
     device, autocast = device_and_autocast(cfg)
     policy, tokenizer = load_model_dir(cfg.model, device)
     pad_id = tokenizer.special_tokens.get("<|pad|>", tokenizer.eot_id)
-    train_sets, val_sets = load_preference_data(cfg, policy, tokenizer)
-    window = policy.config.max_seq_len
-    train = encode_sets(tokenizer, train_sets, window, "training preferences")
-    val = encode_sets(tokenizer, val_sets, window, "held-out preferences")
-    log.info("%d training sets (%d pairs), %d held-out sets (%d pairs)", len(train),
-             sum(len(s.pairs) for s in train), len(val), sum(len(s.pairs) for s in val))
+    train, val = encoded_preference_data(cfg, policy, tokenizer, log)
     reference = {"train": reference_logprobs(policy, train, cfg.batch_size, pad_id, device, autocast),
                  "val": reference_logprobs(policy, val, cfg.batch_size, pad_id, device, autocast)}
     gold_tasks = task_names(cfg.tasks)

@@ -34,7 +34,7 @@ from .loop import (batch_indices, checkpoint_to_resume, clipped_step, due, exist
                    stop_if_requested, training_loop)
 from .metrics import MetricsLogger, plot_loss_curve
 from .optim import TrainConfig, lr_multiplier
-from .preferences import (EncodedSet, PreferenceBatch, PreferenceSet, collate, default_preferences,
+from .preferences import (EncodedSet, PreferenceBatch, PreferenceSet, collate, default_preferences, encode_sets,
                           read_preferences_jsonl, row_offsets, sampled_preferences)
 
 log = get_logger("preferences")
@@ -116,6 +116,18 @@ def load_preference_data(cfg: PreferenceTrainConfig, policy: GPT, tokenizer: Tok
 
 # ---- the shared training loop ---------------------------------------------------------------------------------
 ScoreFn = Callable[[PreferenceBatch, str], torch.Tensor]  # (batch, "train" | "val") -> scores (N,)
+
+
+def encoded_preference_data(cfg: PreferenceTrainConfig, model: GPT, tokenizer: Tokenizer,
+                            logger: logging.Logger = log) -> tuple[list[EncodedSet], list[EncodedSet]]:
+    """`load_preference_data`, encoded for `model`'s context window (too-long sets are an error there)."""
+    train_sets, val_sets = load_preference_data(cfg, model, tokenizer)
+    window = model.config.max_seq_len
+    train = encode_sets(tokenizer, train_sets, window, "training preferences")
+    val = encode_sets(tokenizer, val_sets, window, "held-out preferences")
+    logger.info("%d training sets (%d pairs), %d held-out sets (%d pairs)", len(train),
+                sum(len(s.pairs) for s in train), len(val), sum(len(s.pairs) for s in val))
+    return train, val
 
 
 def resume_checkpoint(cfg: PreferenceTrainConfig, gpt: GPT, tokenizer: Tokenizer,

@@ -26,8 +26,8 @@ from ..config import register_config_command
 from ..reward_model import HEAD_FILE, RewardModel
 from .loop import device_and_autocast
 from .optim import build_optimizers
-from .preference_fit import PreferenceTrainConfig, fit_preferences, load_preference_data, resume_checkpoint
-from .preferences import PreferenceBatch, by_length, encode_sets
+from .preference_fit import PreferenceTrainConfig, encoded_preference_data, fit_preferences, resume_checkpoint
+from .preferences import PreferenceBatch, by_length
 
 log = get_logger("reward")
 
@@ -57,12 +57,7 @@ def train_reward_model(cfg: RewardConfig) -> Path:
     """Train per `cfg`; return the final reward model directory (`out/model`)."""
     device, autocast = device_and_autocast(cfg)
     gpt, tokenizer = load_model_dir(cfg.model, device)
-    train_sets, val_sets = load_preference_data(cfg, gpt, tokenizer)
-    window = gpt.config.max_seq_len
-    train = encode_sets(tokenizer, train_sets, window, "training preferences")
-    val = encode_sets(tokenizer, val_sets, window, "held-out preferences")
-    log.info("%d training sets (%d pairs), %d held-out sets (%d pairs)", len(train),
-             sum(len(s.pairs) for s in train), len(val), sum(len(s.pairs) for s in val))
+    train, val = encoded_preference_data(cfg, gpt, tokenizer, log)
 
     model = RewardModel(gpt, tokenizer).to(device)
     optimizers = build_optimizers(gpt, cfg)
