@@ -29,6 +29,7 @@ Design decisions
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ from safetensors.torch import load_file, save
 from .chat import CHAT_TEMPLATE
 from .checkpoint import IMPORTED_FILE, load_model_dir, model_from_state, save_model_dir
 from .common import GptlabError, atomic_write_bytes, atomic_write_json, get_logger, read_json
+from .infer.generation_config import GENERATION_CONFIG_FILE, read_generation_config
 from .model import GPT, GPTConfig
 from .tokenizer import EOT, Tokenizer
 
@@ -155,8 +157,10 @@ def export_hf(model_dir: str | Path, out: str | Path, chat_template: str | None 
             state[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(model.config.n_embd, dtype=dtype)
     atomic_write_bytes(out / "model.safetensors", save(state, metadata={"format": "pt"}))
     atomic_write_json(out / "config.json", hf_config(model.config, ids.get(bos), ids.get(eos), ids.get(pad), dtype))
-    atomic_write_json(out / "generation_config.json", {
-        "bos_token_id": ids.get(bos), "pad_token_id": ids.get(pad),
+    # sampling settings of the model dir's own generation_config.json (an HF import's) travel with it
+    generation = read_json(model_dir / GENERATION_CONFIG_FILE) if (model_dir / GENERATION_CONFIG_FILE).is_file() else {}
+    atomic_write_json(out / GENERATION_CONFIG_FILE, {
+        **generation, "bos_token_id": ids.get(bos), "pad_token_id": ids.get(pad),
         "eos_token_id": [ids[t] for t in eos_all if t in ids]})
     tokenizer.save(out / "tokenizer.json")
     tok_config = {
@@ -368,6 +372,7 @@ def import_model(source: str | Path, out: str | Path) -> Path:
         if not (source / "config.json").is_file():
             raise GptlabError(f"{source} is a directory without config.json: not a Hugging Face model folder")
         model, tokenizer, extra = load_hf(source)
+        read_generation_config(source)  # sampling settings we cannot use are refused before anything is written
         fmt = "hf"
     elif source.is_file():
         with open(source, "rb") as f:
@@ -378,7 +383,10 @@ def import_model(source: str | Path, out: str | Path) -> Path:
     else:
         raise GptlabError(f"model to import not found: {source}")
     chat_template = extra.pop("chat_template")
-    return _save_imported(out, model, tokenizer, source, fmt, extra, chat_template)
+    _save_imported(out, model, tokenizer, source, fmt, extra, chat_template)
+    if fmt == "hf" and (source / GENERATION_CONFIG_FILE).is_file():  # the author's sampling settings
+        shutil.copyfile(source / GENERATION_CONFIG_FILE, out / GENERATION_CONFIG_FILE)
+    return out
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
