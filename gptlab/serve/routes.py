@@ -57,6 +57,9 @@ async def wait_all(state: ServerState, requests: list[Request],
         for r in requests:
             r.cancel()
         task.cancel()
+        # a gather cancelled while its children wait ends with their CancelledError as its exception;
+        # retrieving it spares the "exception was never retrieved" log when the future is collected
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
