@@ -19,7 +19,7 @@ import openai
 import pytest
 import torch
 
-from _serve_helpers import LiveServer, free_port, load_engine, make_model_dir
+from _serve_helpers import LiveServer, free_port, load_engine, make_model_dir, serve_app
 from gptlab.chat import render_for_completion, tool_call_json
 from gptlab.checkpoint import load_model_dir
 from gptlab.infer.engine import Engine, SamplingParams
@@ -663,18 +663,6 @@ def test_cli_serve_graceful_shutdown_on_sigterm(tmp_path):
 
 
 # ---- served model names (--served-model-name) ----------------------------------------------------------
-def serve_app(argv: list[str], monkeypatch):
-    """The app `gptlab serve argv` would run (uvicorn is not started)."""
-    import gptlab.serve.app as app_module
-    from gptlab.cli import build_parser
-
-    captured = {}
-    monkeypatch.setattr(app_module, "run_server", lambda app, *args, **kwargs: captured.setdefault("app", app))
-    args = build_parser().parse_args(argv)
-    args.func(args)
-    return captured["app"]
-
-
 def test_unknown_model_404_lists_the_served_names(server):
     response = post(server, "/v1/chat/completions", chat_body(model="gptlab"))
     assert_openai_error(response, 404, "model", "model_not_found", "this server serves 'tiny'")
