@@ -778,7 +778,8 @@ def test_route_functions_raise_api_errors(engine):
         errors = []
         for update in ({"model": "gpt-9"}, {"max_tokens": 10 ** 6}):
             with pytest.raises(ApiError) as e:
-                await routes.chat_completions(ChatCompletionRequest(**{"model": MODEL, "messages": HELLO, **update}), state)
+                body = ChatCompletionRequest(**{"model": MODEL, "messages": HELLO, **update})
+                await routes.chat_completions(body, state)
             errors.append(e.value)
         with pytest.raises(ApiError) as e:
             state.check_api_key("Bearer wrong")

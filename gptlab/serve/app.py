@@ -13,8 +13,8 @@ Design decisions
   running request (see scheduler.py). Streams are async generators fed by that thread.
 - Errors use the OpenAI shape `{"error": {"message", "type", "param", "code"}}` so clients raise their
   usual exceptions: 400 for invalid input (FastAPI's default 422 is mapped to 400, with `param` naming the
-  field), 401 for a missing/wrong API key, 404 for an unknown model (naming the served ones), 413 for an oversized body, 429 when
-  the waiting queue is full, 503 while shutting down.
+  field), 401 for a missing/wrong API key, 404 for an unknown model (naming the served ones), 413 for an
+  oversized body, 429 when the waiting queue is full, 503 while shutting down.
 - Limits are explicit and checked before any model work: body size (bytes, checked while reading, so a
   huge body is refused without being buffered), `max_tokens` (a request above the limit is refused, not
   silently clamped) and the context window (prompt + max_tokens must fit, as in the OpenAI API).

@@ -21,7 +21,8 @@ from typing import Any
 
 from ..common import GptlabError
 from ..infer.engine import Engine, SamplingParams
-from ..infer.generation_config import BASE_DEFAULTS, CHAT_DEFAULTS, SAMPLING_KEYS, resolve_sampling
+from ..infer.generation_config import (BASE_DEFAULTS, CHAT_DEFAULTS, SAMPLING_KEYS, ResolvedSampling,
+                                        resolve_sampling)
 from . import protocol as p
 from .scheduler import QueueFull, Request, Scheduler, SchedulerStopped
 
@@ -81,8 +82,8 @@ class ServerState:
             raise ApiError(404, f"model {name!r} does not exist; this server serves "
                            f"{', '.join(map(repr, self.names))}", "invalid_request_error", "model", "model_not_found")
 
-    def sampling_defaults(self, chat: bool):
-        """The settings a request that gives none samples with (`ResolvedSampling`, for the start-up log)."""
+    def sampling_defaults(self, chat: bool) -> ResolvedSampling:
+        """The settings a request that gives none samples with (for the start-up log)."""
         return resolve_sampling({}, self.config.generation_config, CHAT_DEFAULTS if chat else BASE_DEFAULTS)
 
     def sampling(self, body: p._Sampling, prompt_len: int, max_tokens: int | None) -> SamplingParams:
