@@ -13,7 +13,8 @@ Design decisions
   first.
 - Sampling flags are the ones `gptlab sample` uses (`sample.add_sampling_args`). Settings not given
   come from the model's generation_config.json, else `CHAT_DEFAULTS` (temperature 0.8, top-p 0.95, as
-  the server's chat page): at `gptlab sample`'s temperature 1 a small model's first answer is noise.
+  the server answers chat requests): at `gptlab sample`'s temperature 1 a small model's first answer is
+  noise.
   The settings in effect are logged once at start (stderr).
 """
 

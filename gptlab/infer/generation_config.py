@@ -11,8 +11,9 @@ Design decisions
   (`min_p`, `typical_p`, ...) are named in a warning rather than dropped silently; other fields (token ids,
   lengths) are not sampling settings and are ignored here.
 - Two sets of defaults for models without the file. `CHAT_DEFAULTS` (temperature 0.8, top-p 0.95, the
-  values the web chat page starts with) for answering chat messages: at temperature 1 a small model's
-  long tail of unlikely tokens turns answers into noise, and top-p cuts that tail. `BASE_DEFAULTS` (the
+  values the web chat page used to send) for answering chat messages (`gptlab chat`, the server's chat
+  requests and its web page): at temperature 1 a small model's long tail of unlikely tokens turns
+  answers into noise, and top-p cuts that tail. `BASE_DEFAULTS` (the
   untouched distribution, temperature 1, as the OpenAI API documents) for plain completions
   (`gptlab sample`, `/v1/completions`), where a base model's own distribution is what one samples to see.
 """
