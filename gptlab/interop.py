@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,7 @@ from .checkpoint import (IMPORTED_FILE, load_model_dir, model_from_state, save_m
                          write_checksums)
 from .common import (DTYPE_NAMES, GptlabError, atomic_write_bytes, atomic_write_json, get_logger, json_bytes, read_json,
                      torch_dtype)
+from .infer.generation_config import GENERATION_CONFIG_FILE, read_generation_config
 from .model import GPT, ROPE_SCALING_FIELDS, GPTConfig, RopeScaling, scaled_inv_freq
 from .tokenizer import EOT, Tokenizer
 
@@ -176,8 +178,10 @@ def export_hf(model_dir: str | Path, out: str | Path, chat_template: str | None 
             state[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(model.config.n_embd, dtype=dtype)
     atomic_write_bytes(out / "model.safetensors", save(state, metadata={"format": "pt"}))
     atomic_write_json(out / "config.json", hf_config(model.config, ids.get(bos), ids.get(eos), ids.get(pad), dtype))
-    atomic_write_json(out / "generation_config.json", {
-        "bos_token_id": ids.get(bos), "pad_token_id": ids.get(pad),
+    # sampling settings of the model dir's own generation_config.json (an HF import's) travel with it
+    generation = read_json(model_dir / GENERATION_CONFIG_FILE) if (model_dir / GENERATION_CONFIG_FILE).is_file() else {}
+    atomic_write_json(out / GENERATION_CONFIG_FILE, {
+        **generation, "bos_token_id": ids.get(bos), "pad_token_id": ids.get(pad),
         "eos_token_id": [ids[t] for t in eos_all if t in ids]})
     tokenizer.save(out / "tokenizer.json")
     tok_config = {
@@ -503,6 +507,7 @@ def import_model(source: str | Path, out: str | Path) -> Path:
         if not (source / "config.json").is_file():
             raise GptlabError(f"{source} is a directory without config.json: not a Hugging Face model folder")
         model, tokenizer, extra = load_hf(source)
+        read_generation_config(source)  # sampling settings we cannot use are refused before anything is written
         fmt = "hf"
     elif source.is_file():
         with open(source, "rb") as f:
@@ -513,7 +518,10 @@ def import_model(source: str | Path, out: str | Path) -> Path:
     else:
         raise GptlabError(f"model to import not found: {source}")
     chat_template = extra.pop("chat_template")
-    return _save_imported(out, model, tokenizer, source, fmt, extra, chat_template)
+    _save_imported(out, model, tokenizer, source, fmt, extra, chat_template)
+    if fmt == "hf" and (source / GENERATION_CONFIG_FILE).is_file():  # the author's sampling settings
+        shutil.copyfile(source / GENERATION_CONFIG_FILE, out / GENERATION_CONFIG_FILE)
+    return out
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

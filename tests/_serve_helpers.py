@@ -1,5 +1,6 @@
-"""Shared by the serving, chat CLI and web page tests: a tiny random-init model directory and a live
-uvicorn server on a free localhost port, running in a background thread of the test process."""
+"""Shared by the serving, chat CLI and web page tests: a tiny random-init model directory, a live
+uvicorn server on a free localhost port, running in a background thread of the test process, and the app
+`gptlab serve` builds from its command line."""
 
 from __future__ import annotations
 
@@ -71,3 +72,15 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+def serve_app(argv: list[str], monkeypatch):
+    """The app `gptlab serve argv` would run (uvicorn is not started)."""
+    import gptlab.serve.app as app_module
+    from gptlab.cli import build_parser
+
+    captured = {}
+    monkeypatch.setattr(app_module, "run_server", lambda app, *args, **kwargs: captured.setdefault("app", app))
+    args = build_parser().parse_args(argv)
+    args.func(args)
+    return captured["app"]

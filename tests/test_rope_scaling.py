@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from gptlab.checkpoint import load_model_dir, save_model_dir
 from gptlab.common import GptlabError
-from gptlab.infer.engine import Engine, SamplingParams
+from gptlab.infer.engine import Engine
+from gptlab.infer.sampling import SamplingParams
 from gptlab.interop import export_hf, import_model
 from gptlab.model import GPT, GPTConfig, RopeScaling
 

@@ -19,7 +19,7 @@ import openai
 import pytest
 import torch
 
-from _serve_helpers import LiveServer, free_port, load_engine, make_model_dir
+from _serve_helpers import LiveServer, free_port, load_engine, make_model_dir, serve_app
 from gptlab.chat import render_for_completion, tool_call_json
 from gptlab.checkpoint import load_model_dir
 from gptlab.infer.engine import Engine
@@ -661,3 +661,148 @@ def test_cli_serve_graceful_shutdown_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- served model names (--served-model-name) ----------------------------------------------------------
+def test_unknown_model_404_lists_the_served_names(server):
+    response = post(server, "/v1/chat/completions", chat_body(model="gptlab"))
+    assert_openai_error(response, 404, "model", "model_not_found", "this server serves 'tiny'")
+
+
+def test_served_model_names_from_the_command_line(model_dir, monkeypatch):
+    from starlette.testclient import TestClient
+
+    app = serve_app(["serve", "--model", str(model_dir), "--served-model-name", "gptlab", "alias"], monkeypatch)
+    with TestClient(app) as http:
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["gptlab", "alias"]
+        for name in ("gptlab", "alias"):  # either name is accepted; responses carry the first
+            reply = http.post("/v1/chat/completions", json={"model": name, "messages": HELLO, "max_tokens": 2,
+                                                            "temperature": 0})
+            assert reply.status_code == 200 and reply.json()["model"] == "gptlab"
+        refused = http.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 2})
+        assert_openai_error(refused, 404, "model", "model_not_found", "serves 'gptlab', 'alias'")
+    app = serve_app(["serve", "--model", str(model_dir)], monkeypatch)  # default: the directory's name
+    with TestClient(app) as http:
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [model_dir.name]
+
+
+def test_readme_client_example_works_with_the_readme_serve_command(model_dir, tmp_path, monkeypatch):
+    """The README's `gptlab serve` line and its Python client example, as written (only the model files,
+    the port and a max_tokens limit, which keeps the random model's answer short, are this test's)."""
+    import re
+    import shlex
+    import shutil
+    from pathlib import Path
+
+    from starlette.testclient import TestClient
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    serve_line = next(line for line in readme.splitlines() if line.startswith("gptlab serve "))
+    argv = shlex.split(serve_line, comments=True)[1:]
+    model_path = Path(argv[argv.index("--model") + 1])
+    # the model directory under the README's own path, so a default name would be the same as there
+    shutil.copytree(model_dir, tmp_path / model_path)
+    monkeypatch.chdir(tmp_path)
+    app = serve_app([*argv, "--max-tokens-limit", "8"], monkeypatch)
+    example = re.search(r"Any OpenAI client works against `gptlab serve`.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert "http://localhost:8000/v1" in example
+    with TestClient(app) as http:
+        # the official client, sending its requests through the in-process app instead of a socket
+        import openai as openai_module
+
+        class Client(openai_module.OpenAI):
+            def __init__(self, **kwargs):
+                super().__init__(**{**kwargs, "base_url": "http://testserver/v1"}, http_client=http)
+
+        namespace: dict = {}
+        monkeypatch.setattr(openai_module, "OpenAI", Client)
+        exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["reply"].choices[0].message.content
+    assert namespace["reply"].choices[0].finish_reason == "length"
+
+
+# ---- route functions called directly, without HTTP -----------------------------------------------------
+def run_routes(engine, coroutine_fn, **config):
+    """`coroutine_fn(state)` on an event loop with the state's decode thread running."""
+    import asyncio
+
+    from gptlab.serve.state import ServerState
+
+    state = ServerState(engine, ServeConfig(model_name=MODEL, **config))
+
+    async def run():  # as the app's lifespan: the decode thread stops while the loop it reports to still runs
+        state.scheduler.start()
+        try:
+            return await coroutine_fn(state)
+        finally:
+            await asyncio.to_thread(state.scheduler.stop)
+
+    return asyncio.run(run())
+
+
+def test_route_functions_answer_without_http(engine):
+    from gptlab.serve import routes
+    from gptlab.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+    ids = render_for_completion(engine.tokenizer, HELLO)
+    expected = engine.generate([ids], SamplingParams(temperature=0, max_new_tokens=10))[0]
+    prompt_expected = engine.generate(["def f("], SamplingParams(temperature=0, max_new_tokens=6))[0]
+
+    async def calls(state):
+        chat = ChatCompletionRequest(model="alias", messages=HELLO, temperature=0, max_tokens=10)
+        reply = await routes.chat_completions(chat, state)
+        stream = await routes.chat_completions(chat.model_copy(update={"stream": True}), state)
+        events = [line async for line in stream.body_iterator]
+        text = await routes.completions(CompletionRequest(model=MODEL, prompt="def f(", max_tokens=6, temperature=0),
+                                        state)
+        return reply, events, text, routes.list_models(state), routes.health(state)
+
+    reply, events, text, models, health = run_routes(engine, calls, aliases=("alias",))
+    assert reply["model"] == MODEL and reply["choices"][0]["message"]["content"] == expected.text
+    assert reply["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 10, "total_tokens": len(ids) + 10}
+    assert events[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected.text
+    assert text["choices"][0]["text"] == prompt_expected.text
+    assert [m["id"] for m in models["data"]] == [MODEL, "alias"]
+    assert health["model"] == MODEL and health["generated_tokens"] >= 10 + 10 + 6  # counted before delivery
+
+
+def test_route_functions_raise_api_errors(engine):
+    import asyncio
+
+    from gptlab.serve import routes
+    from gptlab.serve.protocol import ChatCompletionRequest
+    from gptlab.serve.state import ApiError
+
+    async def calls(state):
+        errors = []
+        for update in ({"model": "gpt-9"}, {"max_tokens": 10 ** 6}):
+            with pytest.raises(ApiError) as e:
+                body = ChatCompletionRequest(**{"model": MODEL, "messages": HELLO, **update})
+                await routes.chat_completions(body, state)
+            errors.append(e.value)
+        with pytest.raises(ApiError) as e:
+            state.check_api_key("Bearer wrong")
+        errors.append(e.value)
+        state.check_api_key("Bearer s3cret")  # the right key passes
+
+        async def gone() -> bool:  # the client has disconnected: the request is cancelled, its row dropped
+            return True
+
+        with pytest.raises(ApiError) as e:
+            await routes.chat_completions(ChatCompletionRequest(model=MODEL, messages=HELLO, temperature=0,
+                                                                max_tokens=1500), state, gone)
+        errors.append(e.value)
+        for _ in range(200):
+            if state.scheduler.running_rows == 0:
+                break
+            await asyncio.sleep(0.05)
+        return errors, state.scheduler.running_rows, state.scheduler.generated_tokens
+
+    errors, running, generated = run_routes(engine, calls, api_key="s3cret", poll_disconnect_s=0.01)
+    assert [(e.status, e.param, e.code) for e in errors] == [(404, "model", "model_not_found"),
+                                                             (400, "max_tokens", "invalid_value"),
+                                                             (401, None, "invalid_api_key"), (499, None, None)]
+    assert "this server serves 'tiny'" in errors[0].message
+    assert running == 0 and generated < 1500

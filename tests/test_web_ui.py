@@ -137,3 +137,21 @@ def test_markdown_renderer_is_safe_and_renders_code(page):
     page.evaluate("""() => { const el = addMessage('assistant', '<script>window.pwned = 1</script><b>x</b>'); }""")
     assert page.evaluate("window.pwned") is None
     assert page.locator(".msg.assistant b").count() == 0
+
+
+def test_empty_sampling_settings_leave_them_to_the_server(page):
+    """Temperature and top-p start empty and are then not sent, so the server picks the model's own
+    settings (generation_config.json) or its chat defaults; a value typed in is sent."""
+    bodies = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+    page.click("summary")
+    assert page.input_value("#temperature") == "" and page.input_value("#top_p") == ""
+    page.fill("#max_tokens", "3")
+    for text in ("first", "second"):
+        page.fill("#input", text)
+        page.press("#input", "Enter")
+        page.wait_for_selector(f".msg.assistant:nth-of-type({2 * len(bodies)})[data-done='1']", timeout=30_000)
+        page.fill("#temperature", "0.5")
+    assert [("temperature" in b, "top_p" in b, b["max_tokens"]) for b in bodies] == [(False, False, 3),
+                                                                                  (True, False, 3)]
+    assert bodies[1]["temperature"] == 0.5

@@ -11,7 +11,11 @@ Design decisions
   user/assistant exchanges are dropped (the system prompt stays) instead of letting the engine cut the
   rendered tokens from the left, which would remove the system prompt and the conversation start token
   first.
-- Sampling flags are the ones `gptlab sample` uses (`sample.add_sampling_args`).
+- Sampling flags are the ones `gptlab sample` uses (`sample.add_sampling_args`). Settings not given
+  come from the model's generation_config.json, else `CHAT_DEFAULTS` (temperature 0.8, top-p 0.95, as
+  the server answers chat requests): at `gptlab sample`'s temperature 1 a small model's first answer is
+  noise.
+  The settings in effect are logged once at start (stderr).
 """
 
 from __future__ import annotations
@@ -139,18 +143,21 @@ def run_interactive(session: ChatSession, read=input, out=None) -> None:
 
 def _cmd_chat(args: argparse.Namespace) -> None:
     from ..checkpoint import load_model_dir
+    from .generation_config import CHAT_DEFAULTS
     from .sample import sampling_params_from_args
 
     if args.num_beams > 1:
         raise GptlabError("chat streams its answers; beam search (--num-beams > 1) cannot stream")
+    question = None
+    if args.prompt is not None:
+        question = sys.stdin.read() if args.prompt == "-" else args.prompt
+        if not question.strip():
+            raise GptlabError("empty prompt")
     model, tokenizer = load_model_dir(args.model, device=torch_device(args.device), dtype=torch_dtype(args.dtype))
     engine = Engine(model.eval(), tokenizer, strict_context=args.strict_context)
-    session = ChatSession(engine, sampling_params_from_args(args, tokenizer), args.system)
-    if args.prompt is not None:
-        text = sys.stdin.read() if args.prompt == "-" else args.prompt
-        if not text.strip():
-            raise GptlabError("empty prompt")
-        _, finish = session.ask(text)
+    session = ChatSession(engine, sampling_params_from_args(args, tokenizer, CHAT_DEFAULTS), args.system)
+    if question is not None:
+        _, finish = session.ask(question)
         sys.stdout.write("\n")
         log.debug("finish reason: %s", finish)
         return
@@ -166,6 +173,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
 
 
 def register(sub) -> None:
+    from .generation_config import CHAT_DEFAULTS
     from .sample import add_sampling_args
 
     p = sub.add_parser("chat", help="chat with a model in the terminal (or answer one question with -p)")
@@ -175,5 +183,5 @@ def register(sub) -> None:
                    help="answer this one question and exit ('-' reads it from stdin); only the answer is printed")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
-    add_sampling_args(p)
+    add_sampling_args(p, CHAT_DEFAULTS)
     p.set_defaults(func=_cmd_chat)

@@ -23,6 +23,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
     from gptlab.checkpoint import load_model_dir
     from gptlab.common import torch_device, torch_dtype
+    from gptlab.infer.generation_config import read_generation_config
     from gptlab.serve.app import ServeConfig, create_app, run_server
 
     model, tokenizer = load_model_dir(args.model, device=torch_device(args.device), dtype=torch_dtype(args.dtype))
@@ -32,12 +33,14 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     engine = Engine(model, tokenizer, strict_context=True)
     if args.max_batch < 1 or args.max_queue < 0 or args.prefill_chunk_tokens < 0:
         raise GptlabError("--max-batch must be >= 1, --max-queue and --prefill-chunk-tokens >= 0")
-    config = ServeConfig(model_name=args.model_name or Path(args.model).resolve().name,
+    names = args.served_model_name or [Path(args.model).resolve().name]
+    config = ServeConfig(model_name=names[0], aliases=tuple(names[1:]),
+                         generation_config=read_generation_config(args.model),
                          api_key=args.api_key or os.environ.get("GPTLAB_API_KEY") or None,
                          max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                          max_tokens_limit=args.max_tokens_limit, prefill_chunk_tokens=args.prefill_chunk_tokens or None)
     app = create_app(engine, config)
-    log.info("listening on http://%s:%d (model id %r%s)", args.host, args.port, config.model_name,
+    log.info("listening on http://%s:%d (model id %s%s)", args.host, args.port, ", ".join(map(repr, names)),
              ", API key required" if config.api_key else "")
     run_server(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
 
@@ -45,7 +48,9 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 def register(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a web chat page")
     s.add_argument("--model", required=True, help="model directory (gptlab.json + model.safetensors + tokenizer.json)")
-    s.add_argument("--model-name", default=None, help="model id clients send (default: the directory name)")
+    s.add_argument("--served-model-name", "--model-name", nargs="+", default=None, metavar="NAME",
+                   help="model id(s) clients may send, as in vLLM; responses carry the first "
+                        "(default: the model directory's name)")
     s.add_argument("--host", default="127.0.0.1", help="(default: %(default)s; 0.0.0.0 to listen on all interfaces)")
     s.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $GPTLAB_API_KEY)")

@@ -10,6 +10,9 @@ Design decisions
   ignoring them would return answers that look right and are not. Tools: see tools.py.
 - Two extensions, spelled as in vLLM so `extra_body={"top_k": 40}` works: `top_k` and
   `repetition_penalty`.
+- The sampling settings (temperature, top_p, top_k, repetition_penalty) default to None, "not given": the
+  server then takes the model's generation_config.json value, else its own default for the endpoint
+  (`infer.generation_config`: temperature 0.8 and top_p 0.95 for chat, 1 and 1 for completions).
 - Response models exist for the OpenAPI document (`/docs`); the handlers build the same shapes.
 """
 
@@ -41,8 +44,8 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2)  # None: the model's default (see the docstring)
+    top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stop: str | list[str] | None = None
@@ -52,8 +55,8 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     stream_options: dict[str, Any] | None = None
-    top_k: int = Field(0, ge=0)  # extension (vLLM spelling)
-    repetition_penalty: float = Field(1.0, gt=0)  # extension (vLLM spelling)
+    top_k: int | None = Field(None, ge=0)  # extension (vLLM spelling)
+    repetition_penalty: float | None = Field(None, gt=0)  # extension (vLLM spelling)
 
     @field_validator("stop")
     @classmethod
