@@ -20,6 +20,7 @@ from gptlab.cli import main as cli_main
 from gptlab.common import GptlabError
 from gptlab.interop import export_hf
 from gptlab.lora import ADAPTER_CONFIG, load_adapter
+from gptlab.infer.generation_config import read_generation_config
 from gptlab.train.metrics import read_metrics
 from gptlab.model import GPT, GPTConfig
 from gptlab.train.sft import (ConversationBatches, SFTConfig, add_chat_tokens, build_rows, load_conversations, pack,
@@ -168,6 +169,8 @@ def test_sft_on_tasks_lowers_the_held_out_loss(small_tokenizer, tmp_path):
     assert set(summary["gold_accuracy"]) == {"mean", "identity", "arithmetic"}
     model, tok = load_model_dir(final)
     assert tok.sha256 == small_tokenizer.sha256 and (tmp_path / "out" / "loss.png").is_file()
+    # the model answers greedily by default, as its gold accuracy was measured (gptlab chat, gptlab serve)
+    assert read_generation_config(final) == {"temperature": 0}
     base_state = load_file(base / "model.safetensors")
     assert not torch.equal(model.state_dict()["model.layers.0.mlp.up_proj.weight"],
                            base_state["model.layers.0.mlp.up_proj.weight"])

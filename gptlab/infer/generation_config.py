@@ -16,6 +16,11 @@ Design decisions
   answers into noise, and top-p cuts that tail. `BASE_DEFAULTS` (the
   untouched distribution, temperature 1, as the OpenAI API documents) for plain completions
   (`gptlab sample`, `/v1/completions`), where a base model's own distribution is what one samples to see.
+- The tuning stages (sft, rl, dpo) write `generation_config.json` with `do_sample: false` into the model
+  they output (`greedy_generation_config`): the gold accuracies those stages and the speedrun's report
+  give are measured greedily, so `gptlab chat` and `gptlab serve` answer, by default, the way the figures
+  were obtained. A 5M-parameter model sampled at temperature 0.8 answers "What is the capital of France?"
+  with noise its greedy answer does not have. A user still samples with `--temperature`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..common import GptlabError, get_logger, read_json
+from ..common import GptlabError, get_logger, json_bytes, read_json
 from .sampling import SamplingParams
 
 log = get_logger("sample")
@@ -36,6 +41,11 @@ BASE_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penal
 # transformers GenerationConfig fields that change sampling in ways SamplingParams cannot express
 UNSUPPORTED_KEYS = ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "no_repeat_ngram_size",
                     "encoder_repetition_penalty", "top_h")
+
+
+def greedy_generation_config() -> dict[str, bytes]:
+    """The `extra_files` entry of a tuned model's directory that makes greedy decoding its default."""
+    return {GENERATION_CONFIG_FILE: json_bytes({"do_sample": False})}
 
 
 def read_generation_config(model_dir: str | Path) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from ..checkpoint import load_model_dir, save_model_dir
 from ..common import atomic_write_json, get_logger
 from ..config import option, register_config_command
 from ..eval.gold import gold_accuracy
+from ..infer.generation_config import greedy_generation_config
 from ..model import GPT
 from ..tasks import task_names
 from .loop import device_and_autocast
@@ -136,7 +137,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
                               train=train, val=val, scores_of=scores_of, device=device, start_step=start,
                               checkpoint_meta={"gold_accuracy_before": gold_before}, logger=log)
     gold_after = measure_gold()
-    final = save_model_dir(Path(cfg.out) / "model", policy, tokenizer)
+    final = save_model_dir(Path(cfg.out) / "model", policy, tokenizer, extra_files=greedy_generation_config())
     summary = {"base_model": str(cfg.model), "gold_accuracy_before": gold_before, "gold_accuracy_after": gold_after,
                "gold_prompts_per_task": gold_per_task, "held_out_implicit_reward_accuracy": figures["val/accuracy"],
                "held_out_implicit_reward_margin": figures["val/margin"], "held_out_loss": figures["val/loss"],

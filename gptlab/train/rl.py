@@ -104,6 +104,7 @@ from ..common import GptlabError, atomic_write_json, get_logger
 from ..config import option, register_config_command
 from ..eval.gold import chat_messages, gold_accuracy
 from ..infer.engine import Engine
+from ..infer.generation_config import greedy_generation_config
 from ..infer.rollout import Turn, generate_chat
 from ..lora import add_lora, fold_lora, lora_layers, merge_lora, unmerge_lora
 from ..model import GPT
@@ -446,7 +447,7 @@ def train_rl(cfg: RLConfig) -> Path:
                       for k, v in r.items() if k.startswith("gold/")}
     else:
         chosen = plain_model(policy)
-    final = save_model_dir(out_dir / "model", chosen, tokenizer)
+    final = save_model_dir(out_dir / "model", chosen, tokenizer, extra_files=greedy_generation_config())
     summary: dict[str, Any] = {
         "algorithm": cfg.algorithm, "policy": cfg.policy, "reference": cfg.reference or cfg.policy,
         "reward": cfg.reward, "prompts": cfg.prompts, "tasks": source.names, "trained_tasks": source.train_names,

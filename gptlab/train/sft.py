@@ -67,6 +67,7 @@ from ..checkpoint import (load_model_dir, load_training_checkpoint, rng_state, s
 from ..common import GptlabError, atomic_write_json, get_logger, torch_device
 from ..config import option, register_config_command
 from ..eval.gold import gold_accuracy
+from ..infer.generation_config import greedy_generation_config
 from ..model import GPT
 from ..tasks import task_conversations, task_names
 from ..tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -443,7 +444,7 @@ def sft(cfg: SFTConfig) -> Path:
     if cfg.lora_rank:
         summary["adapter"] = str(lora_mod.save_adapter(model, out_dir / "adapter", base_model=str(cfg.model)))
         lora_mod.fold_lora(model)
-    save_model_dir(final, model, tokenizer)
+    save_model_dir(final, model, tokenizer, extra_files=greedy_generation_config())
     if cfg.gold_per_task:
         names = task_names(cfg.tasks if cfg.data == "tasks" else None)
         with autocast:
