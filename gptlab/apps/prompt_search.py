@@ -166,7 +166,7 @@ def data_task(path: str | Path, metric: str) -> PromptTask:
         random.Random(f"data:{seed}:{split}").shuffle(pool)
         return pool[:n]
 
-    return PromptTask(f"data:{Path(path).name}", check, "text", draw=draw)
+    return PromptTask(f"data:{Path(path).name}", check, draw, "text")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -53,8 +53,8 @@ from typing import Any
 
 from ..chat import response_text
 from ..common import GptlabError
-from ..eval.report import STYLES, draw_shots, eval_examples, parse_choice_item, shot_answer
-from ..tasks import Example, Task, get_task
+from ..eval.report import STYLES, _distinct_examples, draw_shots, eval_examples, parse_choice_item, shot_answer
+from ..tasks import Example, get_task
 from ..tasks.checks import final_number, find_json_object, fold
 from .games import GAME24, extract_expression
 
@@ -173,9 +173,9 @@ class PromptTask:
 
     name: str
     check: Checker
+    draw: Callable[[str, int, int | str], list[Example]]  # (split, n, seed) -> distinct examples
     kind: str = "text"
     labels: tuple[str, ...] = ()
-    draw: Callable[[str, int, int | str], list[Example]] | None = None  # (split, n, seed) -> examples
     suite: bool = False  # a task of gptlab.tasks: shots come from eval.report.draw_shots
 
     def examples(self, split: str, n: int, seed: int | str = 0) -> list[Example]:
@@ -199,25 +199,15 @@ class PromptTask:
         return float(self.check(example, text if span is None else span))
 
 
-def _distinct(task: Task, split: str, n: int, seed: int | str) -> list[Example]:
-    rng, seen, out = random.Random(f"prompting:{seed}:{task.name}:{split}"), set(), []
-    for _ in range(50 * n + 100):
-        if len(out) == n:
-            break
-        example = task.generate(rng, split)
-        if example.question not in seen:
-            seen.add(example.question)
-            out.append(example)
-    return out
-
-
 def prompt_task(name: str) -> PromptTask:
     """A suite task (gold checker, test questions as `gptlab eval` draws them) or "game24"."""
     if name == GAME24.name:
-        return PromptTask(name, GAME24.check, "expression", draw=lambda split, n, seed: _distinct(GAME24, split, n, seed))
+        # eval.report's distinct-question sampler; it takes a Task where it annotates a name (get_task accepts both)
+        return PromptTask(name, GAME24.check, lambda split, n, seed: _distinct_examples(
+            GAME24, split, n, random.Random(f"prompting:{seed}:{name}:{split}")), "expression")
     task = get_task(name)
-    return PromptTask(name, task.check, TASK_KINDS.get(name, "text"), TASK_LABELS.get(name, ()),
-                      draw=lambda split, n, seed: eval_examples([name], n, seed, split)[name], suite=True)
+    return PromptTask(name, task.check, lambda split, n, seed: eval_examples([name], n, seed, split)[name],
+                      TASK_KINDS.get(name, "text"), TASK_LABELS.get(name, ()), suite=True)
 
 
 def cot_answer(example: Example) -> str:
