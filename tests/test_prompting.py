@@ -88,6 +88,8 @@ def test_game24_generator_is_seeded_distinct_and_solvable():
     ("we get one hundred", "number", None),
     ("It is positive, or not? The answer is negative.", "label", "negative"),
     ("I think this review is Positive!", "label", "positive"),
+    ("This review is positive. However, it has a negative tone.", "label", None),
+    ('It is negative, and the answer is "The answer is 100."', "label", "negative"),
     ("no idea", "label", None),
     ('Here you go: {"b": 1, "a": "x"}', "json", '{"a": "x", "b": 1}'),
     ("Reasoning first.\nThe answer is The Eiffel Tower.", "text", "eiffel tower"),
