@@ -334,6 +334,8 @@ def test_prompt_eval_rejects_unknown_techniques_and_bad_k(tmp_path):
     llm = ScriptedLLM(oracle)
     with pytest.raises(GptlabError, match="unknown techniques"):
         prompt_eval(llm, PromptEvalConfig(techniques="direct,magic", out=str(tmp_path)))
+    with pytest.raises(GptlabError, match=r"unknown task 'chess' \(available: .*word_problems, game24\)"):
+        prompt_eval(llm, PromptEvalConfig(tasks="arithmetic,chess", out=str(tmp_path)))
     with pytest.raises(GptlabError, match="--k"):
         prompt_eval(llm, PromptEvalConfig(k="1,x", out=str(tmp_path)))
 

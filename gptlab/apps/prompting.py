@@ -55,7 +55,7 @@ from typing import Any
 from ..chat import response_text
 from ..common import GptlabError
 from ..eval.report import STYLES, _distinct_examples, draw_shots, eval_examples, parse_choice_item, shot_answer
-from ..tasks import Example, get_task
+from ..tasks import TASKS, Example
 from ..tasks.checks import final_number, find_json_object, fold
 from .games import GAME24, extract_expression
 
@@ -216,7 +216,9 @@ def prompt_task(name: str) -> PromptTask:
         # eval.report's distinct-question sampler; it takes a Task where it annotates a name (get_task accepts both)
         return PromptTask(name, GAME24.check, lambda split, n, seed: _distinct_examples(
             GAME24, split, n, random.Random(f"prompting:{seed}:{name}:{split}")), "expression")
-    task = get_task(name)
+    if name not in TASKS:
+        raise GptlabError(f"unknown task {name!r} (available: {', '.join(sorted(TASKS))}, {GAME24.name})")
+    task = TASKS[name]
     return PromptTask(name, task.check, lambda split, n, seed: eval_examples([name], n, seed, split)[name],
                       TASK_KINDS.get(name, "text"), TASK_LABELS.get(name, ()), suite=True)
 
