@@ -1,6 +1,6 @@
 """apps.pipelines: classification by label log-likelihood or by generation mapped to a label (and the
-record saying which), extraction, inputs and their errors, the command line on a tiny model, and the same
-classification through a live `gptlab serve` app."""
+record saying which), extraction, inputs and their errors, the command line on a tiny model; and the same
+classifications and few-shot answers through a live `gptlab serve` app as in process."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from _scripted_llm import ScriptedLLM, last_user
 from _serve_helpers import LiveServer, load_engine, make_model_dir
 from gptlab.apps.llm import open_llm
 from gptlab.apps.pipelines import nearest_label, pipeline, read_inputs
+from gptlab.apps.prompting import Prompter, answer, prompt_task, shot_pairs
 from gptlab.cli import main
 from gptlab.common import GptlabError
 from gptlab.serve.app import ServeConfig, create_app
@@ -92,9 +93,15 @@ def test_command_line_on_a_tiny_model(tiny_model, tmp_path, capsys):
     assert "error: translate needs a target language" in capsys.readouterr().err
 
 
-def test_classification_over_http_equals_in_process(tiny_model):
+def test_classification_and_prompting_over_http_equal_in_process(tiny_model):
     live = LiveServer(create_app(load_engine(tiny_model), ServeConfig(model_name="tiny")))
     try:
+        task = prompt_task("arithmetic")
+        example = task.examples("test", 1)[0]
+        shots = shot_pairs(task, example, 2, 0, 0)
+        replies = [[answer(Prompter(llm, fmt, max_tokens=6), task, example, shots=shots)[0] for fmt in ("chat", "qa")]
+                   for llm in (open_llm(str(tiny_model)), open_llm(str(tiny_model), base_url=live.url + "/v1"))]
+        assert replies[0] == replies[1]  # same texts, answers, scores and token counts
         local = pipeline("classify", open_llm(str(tiny_model)), labels=LABELS)(["The match ended 2-1."])[0]
         served = pipeline("classify", open_llm(str(tiny_model), base_url=live.url + "/v1"), labels=LABELS)(
             ["The match ended 2-1."])[0]

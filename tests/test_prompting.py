@@ -88,6 +88,8 @@ def test_game24_generator_is_seeded_distinct_and_solvable():
     ("we get one hundred", "number", None),
     ("It is positive, or not? The answer is negative.", "label", "negative"),
     ("I think this review is Positive!", "label", "positive"),
+    ("This review is positive. However, it has a negative tone.", "label", None),
+    ('It is negative, and the answer is "The answer is 100."', "label", "negative"),
     ("no idea", "label", None),
     ('Here you go: {"b": 1, "a": "x"}', "json", '{"a": "x", "b": 1}'),
     ("Reasoning first.\nThe answer is The Eiffel Tower.", "text", "eiffel tower"),
@@ -332,6 +334,8 @@ def test_prompt_eval_rejects_unknown_techniques_and_bad_k(tmp_path):
     llm = ScriptedLLM(oracle)
     with pytest.raises(GptlabError, match="unknown techniques"):
         prompt_eval(llm, PromptEvalConfig(techniques="direct,magic", out=str(tmp_path)))
+    with pytest.raises(GptlabError, match=r"unknown task 'chess' \(available: .*word_problems, game24\)"):
+        prompt_eval(llm, PromptEvalConfig(tasks="arithmetic,chess", out=str(tmp_path)))
     with pytest.raises(GptlabError, match="--k"):
         prompt_eval(llm, PromptEvalConfig(k="1,x", out=str(tmp_path)))
 

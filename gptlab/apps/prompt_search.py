@@ -166,7 +166,7 @@ def data_task(path: str | Path, metric: str) -> PromptTask:
         random.Random(f"data:{seed}:{split}").shuffle(pool)
         return pool[:n]
 
-    return PromptTask(f"data:{Path(path).name}", check, "text", draw=draw)
+    return PromptTask(f"data:{Path(path).name}", check, draw, "text")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -307,6 +307,7 @@ def plot_curve(dev_scores: list[float], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     best = [max(dev_scores[:i + 1]) for i in range(len(dev_scores))]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -314,6 +315,7 @@ def plot_curve(dev_scores: list[float], path: Path, title: str) -> None:
     ax.step(range(len(best)), best, where="post", color="C1", label="best so far")
     ax.set(title=f"Prompt search: {title}", xlabel="candidate (0 = zero-shot baseline)", ylabel="dev score",
            ylim=(-0.02, 1.02))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,8 @@ Design decisions
   few-shot (Wei et al. 2022: shots whose answers are the task's worked chains). When the reasoning states
   no final answer, a second call asks for it ("Therefore, the answer is", Kojima's answer-extraction step).
 - Answer extraction, in order: the last `\\boxed{..}`, the last "answer is X" / "Answer: X", then a
-  per-kind fallback: the last number (number tasks), the label the reply names (label tasks), the first
+  per-kind fallback: the last number (number tasks), the one label the reply names (label tasks; a reply
+  naming several labels gives none, as the suite's checker reads it), the first
   JSON object, or the last line. The extracted span is what the task's own checker grades (a reasoning
   chain's intermediate numbers must not be read as the answer); a reply with no span is graded whole.
   Answers are normalised per kind for voting: numbers by value (15.0 == 15), labels and text folded
@@ -54,8 +55,8 @@ from typing import Any
 from ..chat import response_text
 from ..common import GptlabError
 from ..eval.choice import parse_choice_item
-from ..eval.gold import STYLES, draw_shots, eval_examples, shot_answer
-from ..tasks import Example, Task, get_task
+from ..eval.gold import STYLES, distinct_examples, draw_shots, eval_examples, shot_answer
+from ..tasks import TASKS, Example
 from ..tasks.checks import final_number, find_json_object, fold
 from .games import GAME24, extract_expression
 
@@ -107,14 +108,20 @@ def final_answer_span(text: str) -> str | None:
     return stated[-1].strip().strip("*").strip() if stated else None
 
 
-def named_label(text: str, labels: Sequence[str]) -> str | None:
-    """The label a text names: the only one it mentions as a word, else the one mentioned last."""
-    positions = {}
+def labels_named(text: str, labels: Sequence[str]) -> list[str]:
+    """The labels a text mentions as words (any case or accents), the one mentioned last first."""
+    last = {}
     for label in labels:
         found = [m.start() for m in re.finditer(rf"(?<!\w){re.escape(fold(label))}(?!\w)", fold(text))]
         if found:
-            positions[label] = found[-1]
-    return max(positions, key=positions.get) if positions else None
+            last[label] = found[-1]
+    return sorted(last, key=last.get, reverse=True)
+
+
+def named_label(text: str, labels: Sequence[str]) -> str | None:
+    """The label a text names: the only one it mentions, else the one mentioned last ("not sure... likely")."""
+    named = labels_named(text, labels)
+    return named[0] if named else None
 
 
 def normalise_text(text: str) -> str:
@@ -133,8 +140,12 @@ def answer_key(text: str, kind: str = "text", labels: Sequence[str] = (),
         if value is None:  # no number in the stated answer: the reply's last number
             value = final_number(text)
         return None if value is None else format(value.normalize(), "f")
-    if kind == "label":
-        return named_label(source, labels) or (named_label(text, labels) if span is not None else None)
+    if kind == "label":  # as the suite's checkers read labels: a reply naming several commits to none
+        for candidate in ([span] if span is not None else []) + [text]:
+            named = labels_named(candidate, labels)
+            if named:
+                return named[0] if len(named) == 1 else None
+        return None
     if kind == "json":
         found = find_json_object(source) or find_json_object(text)
         return None if found is None else json.dumps(found, sort_keys=True, ensure_ascii=False)
@@ -174,9 +185,9 @@ class PromptTask:
 
     name: str
     check: Checker
+    draw: Callable[[str, int, int | str], list[Example]]  # (split, n, seed) -> distinct examples
     kind: str = "text"
     labels: tuple[str, ...] = ()
-    draw: Callable[[str, int, int | str], list[Example]] | None = None  # (split, n, seed) -> examples
     suite: bool = False  # a task of gptlab.tasks: shots come from eval.report.draw_shots
 
     def examples(self, split: str, n: int, seed: int | str = 0) -> list[Example]:
@@ -200,25 +211,17 @@ class PromptTask:
         return float(self.check(example, text if span is None else span))
 
 
-def _distinct(task: Task, split: str, n: int, seed: int | str) -> list[Example]:
-    rng, seen, out = random.Random(f"prompting:{seed}:{task.name}:{split}"), set(), []
-    for _ in range(50 * n + 100):
-        if len(out) == n:
-            break
-        example = task.generate(rng, split)
-        if example.question not in seen:
-            seen.add(example.question)
-            out.append(example)
-    return out
-
-
 def prompt_task(name: str) -> PromptTask:
     """A suite task (gold checker, test questions as `gptlab eval` draws them) or "game24"."""
     if name == GAME24.name:
-        return PromptTask(name, GAME24.check, "expression", draw=lambda split, n, seed: _distinct(GAME24, split, n, seed))
-    task = get_task(name)
-    return PromptTask(name, task.check, TASK_KINDS.get(name, "text"), TASK_LABELS.get(name, ()),
-                      draw=lambda split, n, seed: eval_examples([name], n, seed, split)[name], suite=True)
+        # the evaluation's distinct-question sampler, on a task outside the suite's registry
+        return PromptTask(name, GAME24.check, lambda split, n, seed: distinct_examples(
+            GAME24, split, n, random.Random(f"prompting:{seed}:{name}:{split}")), "expression")
+    if name not in TASKS:
+        raise GptlabError(f"unknown task {name!r} (available: {', '.join(sorted(TASKS))}, {GAME24.name})")
+    task = TASKS[name]
+    return PromptTask(name, task.check, lambda split, n, seed: eval_examples([name], n, seed, split)[name],
+                      TASK_KINDS.get(name, "text"), TASK_LABELS.get(name, ()), suite=True)
 
 
 def cot_answer(example: Example) -> str:

@@ -257,11 +257,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     by_technique: dict[str, list[dict]] = {}
     for r in rows:
         by_technique.setdefault(r["technique"], []).append(r)
+    tasks = {r["task"] for r in rows} - {"all (pooled)"}
     # one point per technique: its pooled row, or its only row when it ran on one task
     overall = [next((r for r in rs if r["task"] == "all (pooled)"), rs[0]) for rs in by_technique.values()]
     for r in overall:
         if not r["technique"].startswith("self-consistency@"):
-            right.scatter(r["tokens_per_question"], r["accuracy"], label=r["technique"])
+            where = "" if r["task"] == "all (pooled)" or len(tasks) == 1 else f" ({r['task']} only)"
+            right.scatter(r["tokens_per_question"], r["accuracy"], label=r["technique"] + where)
     curve = sorted((r for r in overall if r["technique"].startswith("self-consistency@")),
                    key=lambda r: r["tokens_per_question"])
     if curve:

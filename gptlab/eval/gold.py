@@ -15,7 +15,7 @@ from ..infer.engine import Engine, default_batch_size
 from ..infer.sampling import SamplingParams
 from ..infer.rollout import generate_chat
 from ..model import GPT
-from ..tasks import Example, get_task, task_names
+from ..tasks import Example, Task, get_task, task_names
 from ..tokenizer import Tokenizer
 from .stats import accuracy_stats
 
@@ -49,9 +49,10 @@ STYLES = {
 }
 
 
-def _distinct_examples(task_name: str, split: str, n: int, rng: random.Random) -> list[Example]:
-    """Up to n examples with distinct questions, within a bounded number of draws."""
-    task, seen, out = get_task(task_name), set(), []
+def distinct_examples(task: str | Task, split: str, n: int, rng: random.Random) -> list[Example]:
+    """Up to n examples with distinct questions, within a bounded number of draws; `task` is a registered
+    task's name or any Task (the application layer's Game of 24 is not registered)."""
+    task, seen, out = get_task(task), set(), []
     for _ in range(_DRAWS_PER_EXAMPLE * n + 100):
         if len(out) == n:
             break
@@ -70,7 +71,7 @@ def eval_examples(tasks: Sequence[str] | None, n_per_task: int, seed: int = 0,
     if n_per_task < 1:
         raise GptlabError(f"n_per_task must be >= 1, got {n_per_task}")
     prefix = "eval" if split == "test" else f"eval-{split}"
-    return {name: _distinct_examples(name, split, n_per_task, random.Random(f"{prefix}:{seed}:{name}"))
+    return {name: distinct_examples(name, split, n_per_task, random.Random(f"{prefix}:{seed}:{name}"))
             for name in task_names(tasks)}
 
 
@@ -80,7 +81,7 @@ def draw_shots(example: Example, k: int, seed: int, index: int) -> list[Example]
         raise GptlabError(f"shots must be >= 0, got {k}")
     if k == 0:
         return []
-    shots = _distinct_examples(example.task, "train", k, random.Random(f"shots:{seed}:{example.task}:{index}"))
+    shots = distinct_examples(example.task, "train", k, random.Random(f"shots:{seed}:{example.task}:{index}"))
     if len(shots) < k:
         raise GptlabError(f"task {example.task!r} has only {len(shots)} distinct train examples, fewer than "
                           f"shots={k}; use fewer shots")
