@@ -1,0 +1,199 @@
+"""Structured output: constrained decoding (llguidance masks in the engine) on a small random-init GPT and a
+tiny BPE tokenizer trained on real text, checked against jsonschema / re / the choice list over many seeds;
+defensive JSON parsing (gptlab.apps.structured) against json.loads and jsonschema."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import json.decoder
+import json.encoder
+import re
+
+import jsonschema
+import pytest
+import torch
+
+from gptlab.common import GptlabError
+from gptlab.infer.constraints import GRAMMARS, MAX_SOURCE_BYTES, Constraint
+from gptlab.infer.engine import Engine
+from gptlab.infer.sampling import SamplingParams
+from gptlab.model import GPT, GPTConfig
+from gptlab.tokenizer import train_tokenizer
+
+PROMPTS = ["def decode(self, s):", "class JSONDecoder", "x", "    return _w(s, end).end() == len(s) and ok"]
+SEEDS = range(6)
+
+# bounded fields, so a random model finishes the object well within max_new_tokens
+SCHEMA = {"type": "object",
+          "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": -5, "maximum": 99},
+                         "tag": {"enum": ["red", "green", "blue"]}, "name": {"type": "string", "maxLength": 6},
+                         "xs": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
+                                "maxItems": 3}},
+          "required": ["ok", "n", "tag", "name", "xs"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    text = inspect.getsource(json.decoder) + inspect.getsource(json.encoder)
+    return train_tokenizer([text], vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def engine(tok):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16,
+                       intermediate_size=128, max_seq_len=256)
+    model = GPT(config).eval()
+    with torch.no_grad():  # larger weights than the init: clear argmaxes, far from uniform sampling
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(20)
+    return Engine(model, tok)
+
+
+def sampled(constraint, n=120, **kw) -> list[SamplingParams]:
+    """One row per seed (row r of a call uses seed + r, so every row samples differently)."""
+    return [SamplingParams(max_new_tokens=n, temperature=1.0, seed=0, constraint=constraint, **kw) for _ in SEEDS]
+
+
+# ---- constrained decoding ------------------------------------------------------------------------------
+def test_json_schema_output_always_validates(engine):
+    completions = engine.generate([PROMPTS[0]] * len(SEEDS), sampled(Constraint.json_schema(SCHEMA)))
+    assert len({c.text for c in completions}) > 1  # really different samples, not one trajectory
+    for c in completions:
+        assert (c.finish_reason, c.stop) == ("stop", None), c
+        jsonschema.validate(json.loads(c.text), SCHEMA)
+
+
+def test_json_object_regex_lark_and_choices(engine):
+    options = ["alpha", "beta", "gamma delta", "é"]
+    lark = 'start: greeting " " NAME "!"\ngreeting: "hi" | "hello"\nNAME: /[a-z]{1,6}/'
+    # (constraint, valid, max_new_tokens, bounded: every output finishes well within max_new_tokens)
+    checks = [(Constraint.json_object(), lambda t: isinstance(json.loads(t), dict), 100, False),
+              (Constraint.regex(r"[0-9]{3}-[a-z]{2,4}"), lambda t: re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", t), 40, True),
+              (Constraint.lark(lark), lambda t: re.fullmatch(r"(hi|hello) [a-z]{1,6}!", t), 40, True),
+              (Constraint.choice(options), lambda t: t in options, 40, True)]
+    for constraint, valid, n, bounded in checks:
+        completions = engine.generate(PROMPTS[:2] * 3, sampled(constraint, n=n))
+        finished = [c for c in completions if c.finish_reason == "stop"]
+        # any JSON object has unbounded strings, which a random model may never close: those rows must be
+        # honest "length" rows with n tokens
+        assert len(finished) == len(completions) if bounded else finished, (constraint.kind, completions)
+        for c in finished:
+            # ended by the grammar (stop None) or, where it may end, by the stop token
+            assert valid(c.text) and c.stop in (None, *engine.default_stop_ids), (constraint.kind, c)
+        for c in completions:
+            if c.finish_reason == "length":
+                assert len(c.token_ids) == n
+
+
+def test_unconstrained_rows_unchanged_by_constrained_neighbours(engine):
+    constraint = Constraint.json_schema(SCHEMA)
+    for temperature in (0.0, 1.0):
+        free = SamplingParams(max_new_tokens=30, temperature=temperature, seed=100, stop_token_ids=())
+        # rows 0 and 2 constrained; row r samples with seed + r, as it does alone with seed 100 + r
+        params = [SamplingParams(max_new_tokens=150, temperature=temperature, seed=100, constraint=constraint),
+                  free, SamplingParams(max_new_tokens=150, temperature=temperature, seed=100,
+                                          constraint=Constraint.regex("[a-c]{5,40}")), free]
+        batched = engine.generate(PROMPTS, params)
+        for r in (1, 3):
+            alone = engine.generate([PROMPTS[r]], SamplingParams(max_new_tokens=30, temperature=temperature,
+                                                                 seed=100 + r, stop_token_ids=()))[0]
+            assert batched[r] == alone
+        assert batched[1].text and not batched[1].text.startswith("{")
+        jsonschema.validate(json.loads(batched[0].text), SCHEMA)
+        assert re.fullmatch("[a-c]{5,40}", batched[2].text)
+
+
+def test_streaming_and_stop_strings(engine, tok):
+    constraint = Constraint.json_schema(SCHEMA)
+    params = SamplingParams(max_new_tokens=120, temperature=1.0, seed=3, constraint=constraint)
+    assert "".join(engine.stream(PROMPTS[1], params)) == engine.generate([PROMPTS[1]], params)[0].text
+    # a stop string ends a constrained row like any other (named in `stop`); the text is cut before it
+    cut = engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=40, temperature=0,
+                                                       constraint=Constraint.regex("[0-9]{2},[a-z]{2}"),
+                                                       stop=(",",)))[0]
+    assert (cut.finish_reason, cut.stop) == ("stop", ",") and re.fullmatch("[0-9]{2}", cut.text)
+
+
+def test_length_inside_an_object_is_reported(engine, tok):
+    schema = {"type": "object", "properties": {"description": {"type": "string"}, "quantity": {"type": "integer"}},
+              "required": ["description", "quantity"], "additionalProperties": False}
+    shortest = '{"description": "", "quantity": 0}'
+    longest_token = max(len(tok.id_to_bytes(i)) for i in range(tok.vocab_size - len(tok.special_tokens)))
+    n = 2
+    assert n * longest_token < len(shortest)  # 2 tokens cannot hold a complete object
+    for c in engine.generate([PROMPTS[0]] * 3, sampled(Constraint.json_schema(schema), n=n)[:3]):
+        assert c.finish_reason == "length" and len(c.token_ids) == n
+        assert shortest.startswith(c.text[:2]) and c.text.startswith('{"')
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(c.text)
+
+
+def test_dead_end_grammars_raise_instead_of_hanging(engine):
+    # after "a" the grammar needs <|endoftext|>, which is this row's stop token: allowed only where the
+    # grammar may end, so no token is left
+    with pytest.raises(GptlabError, match="admits no token"):
+        engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=20, constraint=Constraint.lark(
+            'start: "a" <|endoftext|>')))
+    # a grammar with no finite string: llguidance's matcher fails, reported as an error
+    with pytest.raises(GptlabError, match="constraint lark"):
+        engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=50, constraint=Constraint.lark(
+            'start: "a" x\nx: "b" x')))
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: Constraint.json_schema({"type": "strin"}), "invalid JSON schema at $.type"),
+    (lambda: Constraint.json_schema("{not json"), "not valid JSON"),
+    (lambda: Constraint.json_schema([1]), "is an object"),
+    (lambda: Constraint.choice([]), "non-empty list"),
+    (lambda: Constraint.regex("x" * (MAX_SOURCE_BYTES + 1)), f"the limit is {MAX_SOURCE_BYTES}"),
+    (lambda: Constraint.from_response_format({"type": "xml"}), "response_format type"),
+])
+def test_bad_constraints_are_one_line_errors(make, expected):
+    with pytest.raises(GptlabError, match=re.escape(expected)) as info:
+        make()
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("constraint, expected", [
+    (Constraint.json_schema({"not": {"type": "string"}}), 'Unimplemented keys: ["not"]'),
+    (Constraint.json_schema({"type": "integer", "minimum": 5, "maximum": 2}), "Unsatisfiable schema"),
+    (Constraint.regex("a[b"), "unclosed character class"),
+    (Constraint.lark("start: foo"), 'unknown name: "foo"'),
+])
+def test_uncompilable_constraints_fail_at_prefill(engine, constraint, expected):
+    with pytest.raises(GptlabError, match=re.escape(expected)) as info:
+        engine.prefill([PROMPTS[0]], SamplingParams(constraint=constraint))
+    assert "\n" not in str(info.value) and "cannot compile" in str(info.value)
+
+
+def test_compile_cache_and_beam_search_refused(engine):
+    constraint = Constraint.regex("[0-9]{4}")  # a pattern no other test compiles
+    misses, hits = GRAMMARS.misses, GRAMMARS.hits
+    engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=8, constraint=constraint))
+    assert (GRAMMARS.misses, GRAMMARS.hits) == (misses + 1, hits + 1)  # compiled once, copied for row 2
+    assert Constraint.regex("[0-9]{4}") == constraint and hash(Constraint.regex("[0-9]{4}")) == hash(constraint)
+    with pytest.raises(GptlabError, match="beam search"):
+        SamplingParams(num_beams=2, constraint=constraint)
+
+
+def test_response_format_round_trip():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    assert Constraint.from_response_format(fmt) == Constraint.json_schema(schema)
+    assert Constraint.from_response_format({"type": "json_object"}) == Constraint.json_object()
+    assert Constraint.from_response_format({"type": "text"}) is None
+    assert Constraint.json_object().response_format() == {"type": "json_object"}
+    assert Constraint.json_schema(schema).response_format()["json_schema"]["schema"] == schema
+    with pytest.raises(GptlabError, match="no OpenAI response_format"):
+        Constraint.regex("a").response_format()
