@@ -197,3 +197,83 @@ def test_response_format_round_trip():
     assert Constraint.json_schema(schema).response_format()["json_schema"]["schema"] == schema
     with pytest.raises(GptlabError, match="no OpenAI response_format"):
         Constraint.regex("a").response_format()
+
+
+# ---- defensive parsing ---------------------------------------------------------------------------------
+MALFORMED = [  # (reply, the value meant); json.loads fails on every one
+    ('```json\n{"a": 1, "b": "x"}\n```', {"a": 1, "b": "x"}),
+    ('Here you go: {"a": [1, 2]} Let me know if you need {more}!', {"a": [1, 2]}),
+    ('{"a": 1, "b": [1, 2,],}', {"a": 1, "b": [1, 2]}),
+    ("{'a': 'x', 'b': 'it is'}", {"a": "x", "b": "it is"}),
+    ('{"a": 1, // one\n "b": 2 /* two */}', {"a": 1, "b": 2}),
+    ("{'a': True, 'b': None, 'c': False}", {"a": True, "b": None, "c": False}),
+    ('{"a": "hel', {"a": "hel"}),
+    ('Sure!\n```json\n{"a": [1, 2', {"a": [1, 2]}),
+]
+
+
+@pytest.mark.parametrize("reply, meant", MALFORMED)
+def test_parse_json_repairs_what_json_loads_rejects(reply, meant):
+    from gptlab.apps.structured import parse_json
+
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(reply)
+    parsed = parse_json(reply)
+    assert parsed.ok and parsed.value == meant and parsed.repairs
+    if "```" not in reply and "Here you go" not in reply:  # only fences / prose around: still well-formed
+        with pytest.raises(GptlabError, match="not well-formed JSON"):
+            parse_json(reply, strict=True)
+
+
+def test_parse_json_valid_input_matches_json_loads():
+    from gptlab.apps.structured import parse_json
+
+    for doc in PARTIAL_DOCS:
+        text = json.dumps(doc)
+        parsed = parse_json(text, strict=True)
+        assert parsed.value == json.loads(text) and not parsed.repairs and parsed.ok
+    assert parse_json("no json at all").found is False
+    with pytest.raises(GptlabError, match="no JSON value"):
+        parse_json("no json at all", strict=True)
+
+
+def test_parse_json_schema_report_and_coercion():
+    from gptlab.apps.structured import parse_json
+
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}, "ok": {"type": "boolean"}},
+              "required": ["age"]}
+    coerced = parse_json('{"age": "42", "ok": "true"}', schema)
+    assert coerced.value == {"age": 42, "ok": True} and len(coerced.coercions) == 2 and coerced.ok
+    jsonschema.validate(coerced.value, schema)
+    with pytest.raises(GptlabError, match=re.escape("$.age: '42' is not of type 'integer' (and 1 more)")):
+        parse_json('{"age": "42", "ok": "true"}', schema, strict=True)
+    missing = parse_json('{"ok": true}', schema)  # nothing to coerce: the report names the violation
+    assert not missing.ok and missing.errors == ["$: 'age' is a required property"]
+    with pytest.raises(GptlabError, match="invalid JSON schema"):
+        parse_json("{}", {"type": "strin"})
+
+
+PARTIAL_DOCS = [
+    {"name": "Ann", "age": 31, "tags": ["a", "bc"], "ok": True, "x": None, "f": -1.5e3,
+     "nested": {"k": [1, {"z": "é\"\\\n"}], "empty": {}, "list": []}},
+    [1, 2.5, "s", False, [], {}, [[0]], "日本語"],
+    {"": "", "t": True, "n": 0},
+]
+
+
+def test_iter_partial_json_on_every_prefix():
+    from gptlab.apps.structured import is_partial_of, iter_partial_json, parse_partial
+
+    for doc in PARTIAL_DOCS:
+        for text in (json.dumps(doc), json.dumps(doc, indent=2, ensure_ascii=False)):
+            for i in range(1, len(text) + 1):  # every prefix shows a state the document passes through
+                value = parse_partial(text[:i])
+                assert value is None or is_partial_of(value, doc), (text[:i], value)
+            for size in (1, 3, 7):
+                chunks = ["Sure:\n```json\n"] + [text[i:i + size] for i in range(0, len(text), size)] + ["\n```"]
+                values = list(iter_partial_json(chunks))
+                assert values[-1] == doc and all(is_partial_of(v, doc) for v in values)
+                assert all(a != b for a, b in zip(values, values[1:])) and len(values) >= 3
+    # the invariant is not vacuous: wrong states are told apart
+    assert not is_partial_of({"na": ""}, {"name": "x"}) and not is_partial_of("tr", True)
+    assert not is_partial_of({"f": 1}, {"f": 15}) and is_partial_of({"s": "ab"}, {"s": "abc"})
