@@ -277,3 +277,31 @@ def test_iter_partial_json_on_every_prefix():
     # the invariant is not vacuous: wrong states are told apart
     assert not is_partial_of({"na": ""}, {"name": "x"}) and not is_partial_of("tr", True)
     assert not is_partial_of({"f": 1}, {"f": 15}) and is_partial_of({"s": "ab"}, {"s": "abc"})
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------
+def test_sample_cli_constraints_and_stream_json(engine, tmp_path, capsys):
+    from gptlab.apps.structured import is_partial_of
+    from gptlab.checkpoint import save_model_dir
+    from gptlab.cli import main as cli_main
+
+    save_model_dir(tmp_path / "m", engine.model, engine.tokenizer)
+    (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
+    base = ["sample", "--model", str(tmp_path / "m"), "--prompt", PROMPTS[0], "--max-new-tokens", "150",
+            "--seed", "5"]
+    assert cli_main(base + ["--json-schema", str(tmp_path / "schema.json")]) == 0
+    text = capsys.readouterr().out
+    expected = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=150, seed=5,
+                                                            constraint=Constraint.json_schema(SCHEMA)))[0].text
+    assert text == expected + "\n"
+    assert cli_main(base + ["--json-schema", str(tmp_path / "schema.json"), "--stream-json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[-1] == json.loads(expected) and all(is_partial_of(v, lines[-1]) for v in lines)
+    assert cli_main(base + ["--choices", "yes,no"]) == 0
+    assert capsys.readouterr().out.strip() in ("yes", "no")
+    (tmp_path / "g.lark").write_text('start: "n=" /[0-9]{2}/')
+    assert cli_main(base + ["--grammar", str(tmp_path / "g.lark")]) == 0
+    assert re.fullmatch(r"n=[0-9]{2}\n", capsys.readouterr().out)
+    (tmp_path / "bad.json").write_text('{"type": "strin"}')
+    assert cli_main(base + ["--json-schema", str(tmp_path / "bad.json")]) == 2
+    assert "invalid JSON schema at $.type" in capsys.readouterr().err
