@@ -23,6 +23,7 @@ from gptlab.tokenizer import train_tokenizer
 
 PROMPTS = ["def decode(self, s):", "class JSONDecoder", "x", "    return _w(s, end).end() == len(s) and ok"]
 SEEDS = range(6)
+HELLO_MESSAGES = [{"role": "user", "content": "Hi"}]
 
 # bounded fields, so a random model finishes the object well within max_new_tokens
 SCHEMA = {"type": "object",
@@ -305,3 +306,56 @@ def test_sample_cli_constraints_and_stream_json(engine, tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"type": "strin"}')
     assert cli_main(base + ["--json-schema", str(tmp_path / "bad.json")]) == 2
     assert "invalid JSON schema at $.type" in capsys.readouterr().err
+
+
+# ---- LLM client -------------------------------------------------------------------------------------------
+def test_local_llm_enforces_response_format_and_constraints(tmp_path):
+    from _serve_helpers import make_model_dir
+    from gptlab.apps.llm import open_llm
+
+    llm = open_llm(str(make_model_dir(tmp_path / "tiny", max_seq_len=256)))
+    messages = [{"role": "user", "content": "Describe a colour."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}}
+    for reply in llm.chat(messages, max_tokens=150, temperature=1.0, seed=1, n=3, response_format=fmt):
+        assert reply.finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.text), SCHEMA)
+    streamed = "".join(llm.stream_chat(messages, max_tokens=20, constraint=Constraint.regex("[a-z]{3,8}")))
+    assert re.fullmatch("[a-z]{3,8}", streamed)
+    with pytest.raises(GptlabError, match="not both"):
+        llm.chat(messages, response_format={"type": "json_object"}, constraint=Constraint.json_object())
+
+
+def test_http_llm_sends_response_format(monkeypatch):
+    import httpx
+    import openai
+
+    from gptlab.apps.llm import open_llm
+
+    bodies = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "m", "object": "model", "created": 0,
+                                                                          "owned_by": "x"}]})
+        bodies.append(json.loads(request.content))
+        choice = {"index": 0, "finish_reason": "stop", "logprobs": None}
+        if request.url.path.endswith("/chat/completions"):
+            choice["message"] = {"role": "assistant", "content": '{"a": 1}'}
+        else:
+            choice["text"] = '{"a": 1}'
+        return httpx.Response(200, json={"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                                         "choices": [choice]})
+
+    real = openai.OpenAI
+    monkeypatch.setattr(openai, "OpenAI", lambda **kw: real(**kw, http_client=httpx.Client(
+        transport=httpx.MockTransport(answer))))
+    llm = open_llm(base_url="http://test.invalid/v1", max_retries=0)
+    assert llm.chat(HELLO_MESSAGES, response_format={"type": "json_object"})[0].text == '{"a": 1}'
+    assert bodies[-1]["response_format"] == {"type": "json_object"}
+    llm.complete("x", constraint=Constraint.json_schema(SCHEMA))
+    assert bodies[-1]["response_format"]["json_schema"]["schema"] == SCHEMA
+    llm.chat(HELLO_MESSAGES)
+    assert "response_format" not in bodies[-1]
+    with pytest.raises(GptlabError, match="regex constraint has no OpenAI response_format"):
+        llm.chat(HELLO_MESSAGES, constraint=Constraint.regex("[0-9]+"))
+

@@ -32,7 +32,8 @@ Design decisions
   in an LRU (`GrammarCache`, 64 entries, keyed by tokenizer hash + constraint) and each row gets a
   `deep_copy` of it. The llguidance tokenizer (a token trie, ~0.3 s for a 49k vocabulary) is cached per
   tokenizer the same way.
-- llguidance is imported on first use, so unconstrained decoding never pays for it.
+- llguidance is imported on first use, so unconstrained decoding never pays for it; torch only where masks
+  are applied, so an HTTP client can build and send constraints without it.
 """
 
 from __future__ import annotations
@@ -42,10 +43,14 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from ..common import GptlabError
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_SOURCE_BYTES = 100_000
 MAX_CHOICES = 10_000
@@ -298,6 +303,8 @@ def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int
             raise GptlabError(f"constraint {row.constraint.constraint.describe()} admits no token this row can "
                               f"produce after {text!r} (it may need a stop token or an id past the model's "
                               "vocabulary)")
+    import torch  # here, not at the top: the HTTP LLM client builds Constraints without torch
+
     index = torch.tensor(constrained, device=logits.device)
     allowed_t = torch.from_numpy(allowed).to(logits.device)
     logits[index] = logits[index].masked_fill(~allowed_t, -float("inf"))
