@@ -305,6 +305,10 @@ def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int
                               "vocabulary)")
     import torch  # here, not at the top: the HTTP LLM client builds Constraints without torch
 
-    index = torch.tensor(constrained, device=logits.device)
     allowed_t = torch.from_numpy(allowed).to(logits.device)
-    logits[index] = logits[index].masked_fill(~allowed_t, -float("inf"))
+    minus_inf = torch.tensor(-float("inf"), device=logits.device)
+    if len(constrained) == len(rows):  # torch.where: measured faster than masked_fill on CPU
+        logits.copy_(torch.where(allowed_t, logits, minus_inf))
+    else:
+        index = torch.tensor(constrained, device=logits.device)
+        logits[index] = torch.where(allowed_t, logits[index], minus_inf)
