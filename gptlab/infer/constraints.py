@@ -232,11 +232,8 @@ class GrammarCache:
 def _compile(lltokenizer, constraint: Constraint):
     import llguidance
 
-    grammar = constraint.grammar()
-    error = llguidance.LLMatcher.validate_grammar(grammar, lltokenizer)
-    if error:
-        raise GptlabError(f"cannot compile {constraint.describe()}: {_one_line(error)}")
-    matcher = llguidance.LLMatcher(lltokenizer, grammar, log_level=0)
+    # the constructor compiles; on a bad grammar it does not raise but starts in an error state
+    matcher = llguidance.LLMatcher(lltokenizer, constraint.grammar(), log_level=0)
     if matcher.is_error():
         raise GptlabError(f"cannot compile {constraint.describe()}: {_one_line(matcher.get_error())}")
     return matcher
