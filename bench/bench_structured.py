@@ -8,9 +8,10 @@ compile time, and how often replies match their JSON Schema with and without con
    number of tokens (stop tokens off), repetitions interleaved; decode steps only (prefill excluded).
 3. Grammar compile time: the first request for each schema (fresh cache) and a cached one (a copy of the
    compiled matcher); the llguidance tokenizer build (once per tokenizer) separately.
-4. Validity: SCHEMAS x PROMPTS chat requests (greedy, the schema in the system prompt for every arm), one
-   batch per arm: constrained (a different schema per row), unconstrained + json.loads of the whole reply,
-   unconstrained + apps.structured.parse_json (extraction, repair, coercion). Valid = jsonschema-valid.
+4. Validity: SCHEMAS x PROMPTS chat requests (greedy; the same system prompt for every arm: the JSON Schema
+   itself, or its keys in words), one batch per arm: constrained (a different schema per row),
+   unconstrained + json.loads of the whole reply, unconstrained + apps.structured.parse_json (extraction,
+   repair, coercion). Valid = jsonschema-valid.
 5. Partial JSON: every prefix of a few documents parsed by json-repair, partial-json-parser and
    `structured.parse_partial`; a value is wrong when the document never passes through it.
 
@@ -71,8 +72,25 @@ PARTIAL_DOCS = [SCHEMAS["todo"], {"tasks": [{"title": "buy milk", "done": True},
                                   "n": -12.5e2, "x": None}, [1, 22, "s", [], {}]]
 
 
-def chat_ids(llm, schema_name: str, prompt: str) -> list[int]:
-    system = "Reply with only a JSON object matching this JSON schema: " + json.dumps(SCHEMAS[schema_name])
+def describe_keys(schema: dict) -> str:
+    """The schema's top-level keys in words, e.g. 'name (string), age (integer)'."""
+    def kind(spec):
+        if "enum" in spec:
+            return "one of " + "/".join(spec["enum"])
+        if spec.get("type") == "array":
+            items = spec["items"]
+            return "array of " + ("objects with " + describe_keys(items) if "properties" in items else items["type"])
+        return spec["type"]
+    return ", ".join(f"{key} ({kind(spec)})" for key, spec in schema["properties"].items())
+
+
+def chat_ids(llm, schema_name: str, prompt: str, style: str = "schema") -> list[int]:
+    """The chat prompt: the JSON Schema itself in the system prompt, or (style "keys") its keys in words."""
+    schema = SCHEMAS[schema_name]
+    if style == "schema":
+        system = "Reply with only a JSON object matching this JSON schema: " + json.dumps(schema)
+    else:
+        system = "Reply with only a JSON object with the keys " + describe_keys(schema) + "."
     return render_for_completion(llm.tokenizer, [{"role": "system", "content": system},
                                                  {"role": "user", "content": prompt}])
 
@@ -155,10 +173,10 @@ def compile_times(llm) -> list[str]:
     return lines
 
 
-def validity(llm, args) -> list[str]:
+def validity(llm, args, style: str) -> list[str]:
     engine = llm.engine
     jobs = [(name, prompt) for name in SCHEMAS for prompt in PROMPTS[name]]
-    ids = [chat_ids(llm, name, prompt) for name, prompt in jobs]
+    ids = [chat_ids(llm, name, prompt, style) for name, prompt in jobs]
     start = time.perf_counter()
     constrained = engine.generate(ids, [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0,
                                                        constraint=Constraint.json_schema(SCHEMAS[name]))
@@ -176,7 +194,7 @@ def validity(llm, args) -> list[str]:
             return None, False
 
     counts = {"constrained": 0, "json.loads": 0, "parse_json": 0}
-    finish_length = sum(c.finish_reason == "length" for c in constrained)
+    cut = [f"{name} / {prompt!r}" for (name, prompt), c in zip(jobs, constrained) if c.finish_reason == "length"]
     examples = []
     for (name, prompt), c, f in zip(jobs, constrained, free):
         value, parsed_ok = loads(c.text)
@@ -185,9 +203,9 @@ def validity(llm, args) -> list[str]:
         counts["json.loads"] += parsed_ok and valid(value, name)
         repaired = parse_json(f.text, SCHEMAS[name])
         counts["parse_json"] += repaired.ok
-        if len(examples) < 3:
-            examples.append(f"- {name} / {prompt!r}: constrained `{c.text[:120]}`; unconstrained "
-                            f"`{' '.join(f.text.split())[:120]}` -> parse_json ok={repaired.ok}")
+        if prompt == PROMPTS[name][0]:
+            examples.append(f"- {name} / {prompt!r}: constrained `{c.text[:100]}`; unconstrained "
+                            f"`{' '.join(f.text.split())[:100]}` -> parse_json ok={repaired.ok}")
     n = len(jobs)
     return [f"{n} requests ({len(SCHEMAS)} schemas x {n // len(SCHEMAS)} prompts), greedy, max_new_tokens "
             f"{args.max_new_tokens}, two batches of {n}: {seconds:.0f} s", "",
@@ -195,8 +213,8 @@ def validity(llm, args) -> list[str]:
         f"| {arm} | {k}/{n} ({k / n:.0%}) |" for arm, k in (("constrained decoding", counts["constrained"]),
                                                          ("unconstrained + json.loads", counts["json.loads"]),
                                                          ("unconstrained + parse_json", counts["parse_json"]))] + [
-        "", f"constrained rows that hit max_new_tokens (finish_reason length, counted invalid): {finish_length}",
-        "", "First replies:", *examples]
+        "", f"constrained rows that hit max_new_tokens (finish_reason length, counted invalid): {len(cut)} "
+        f"{'(' + '; '.join(cut) + ')' if cut else ''}", "", "First prompt of each schema:", *examples]
 
 
 def partial_parsers() -> list[str]:
@@ -243,7 +261,8 @@ def main() -> None:
                 ("Grammar compile time", compile_times(llm)),
                 ("Mask time and decode speed (batch 1)", mask_and_speed(llm, args))]
     if not args.skip_validity:
-        sections.append(("Schema validity", validity(llm, args)))
+        sections.append(("Schema validity, the JSON Schema in the system prompt", validity(llm, args, "schema")))
+        sections.append(("Schema validity, the keys in words in the system prompt", validity(llm, args, "keys")))
     for title, lines in sections:
         print(f"## {title}\n\n" + "\n".join(lines) + "\n")
     print(f"total {time.perf_counter() - started:.0f} s, torch threads {args.threads}")
