@@ -6,6 +6,8 @@ compile time, and how often replies match their JSON Schema with and without con
    Schema; llguidance's `compute_bitmask` alone beside it. Mean and p99 in microseconds.
 2. Decode tokens/s at batch 1: each constrained generation, and an unconstrained one of exactly the same
    number of tokens (stop tokens off), repetitions interleaved; decode steps only (prefill excluded).
+   Each step is split into the model's forward pass and the rest, since on a shared machine the forward
+   pass's time swings more from run to run than the whole constraint cost.
 3. Grammar compile time: the first request for each schema (fresh cache) and a cached one (a copy of the
    compiled matcher); the llguidance tokenizer build (once per tokenizer) separately.
 4. Validity: SCHEMAS x PROMPTS chat requests (greedy; the same system prompt for every arm: the JSON Schema
@@ -113,47 +115,50 @@ def timed_steps(engine, ids, params) -> tuple[list[float], int]:
 
 def mask_and_speed(llm, args) -> list[str]:
     engine = llm.engine
-    mask_times, bitmask_times = [], []
-    real_mask = engine_module.mask_constrained_logits
+    mask_times, bitmask_times, forward_times = [], [], []
 
-    def timed_mask(logits, rows, n_real):
-        start = time.perf_counter()
-        real_mask(logits, rows, n_real)
-        mask_times.append(time.perf_counter() - start)
+    def timing(function, into):
+        def timed(*a):
+            start = time.perf_counter()
+            result = function(*a)
+            into.append(time.perf_counter() - start)
+            return result
+        return timed
 
-    real_fill = constraints_module.ConstraintState.fill_bitmask
-
-    def timed_fill(self, out):
-        start = time.perf_counter()
-        real_fill(self, out)
-        bitmask_times.append(time.perf_counter() - start)
-
-    engine_module.mask_constrained_logits = timed_mask
-    constraints_module.ConstraintState.fill_bitmask = timed_fill
-    speed = {"constrained": [], "unconstrained": []}
+    real_mask, real_fill = engine_module.mask_constrained_logits, constraints_module.ConstraintState.fill_bitmask
+    engine_module.mask_constrained_logits = timing(real_mask, mask_times)
+    constraints_module.ConstraintState.fill_bitmask = timing(real_fill, bitmask_times)
+    engine._decode = timing(engine._decode, forward_times)  # the model's forward pass of a decode step
+    runs = {"unconstrained": [], "constrained": []}  # (tokens, step seconds, forward seconds) per run
     try:
         for rep in range(args.reps):
             for name in ("person", "book"):
                 ids = chat_ids(llm, name, PROMPTS[name][0])
                 constrained = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0,
                                              constraint=Constraint.json_schema(SCHEMAS[name]))
-                times, n = timed_steps(engine, ids, constrained)
-                speed["constrained"].append(n / sum(times))
-                free = SamplingParams(max_new_tokens=n, temperature=0, stop_token_ids=())
-                times, n_free = timed_steps(engine, ids, free)
-                speed["unconstrained"].append(n_free / sum(times))
+                n = None
+                for arm, params in (("constrained", constrained), ("unconstrained", None)):
+                    params = params or SamplingParams(max_new_tokens=n, temperature=0, stop_token_ids=())
+                    forward_times.clear()
+                    times, n = timed_steps(engine, ids, params)
+                    runs[arm].append((n, sum(times), sum(forward_times)))
     finally:
         engine_module.mask_constrained_logits = real_mask
         constraints_module.ConstraintState.fill_bitmask = real_fill
+        del engine._decode
     us = [t * 1e6 for t in mask_times]
     bus = [t * 1e6 for t in bitmask_times]
-    c, u = statistics.median(speed["constrained"]), statistics.median(speed["unconstrained"])
-    return ["| measure | mean µs | p99 µs | steps |", "|---|---|---|---|",
-            f"| whole mask step (bitmask + unpack + apply) | {statistics.mean(us):.0f} | {percentile(us, 0.99):.0f} | {len(us)} |",
-            f"| llguidance compute_bitmask alone | {statistics.mean(bus):.0f} | {percentile(bus, 0.99):.0f} | {len(bus)} |",
-            "", "| decode at batch 1 | tokens/s (median of runs) | runs |", "|---|---|---|",
-            f"| unconstrained (same token counts) | {u:.1f} | {len(speed['unconstrained'])} |",
-            f"| JSON Schema constrained | {c:.1f} ({c / u:.2f}x) | {len(speed['constrained'])} |"]
+    lines = ["| measure | mean µs | p99 µs | steps |", "|---|---|---|---|",
+             f"| whole mask step (bitmask + unpack + apply) | {statistics.mean(us):.0f} | {percentile(us, 0.99):.0f} | {len(us)} |",
+             f"| llguidance compute_bitmask alone | {statistics.mean(bus):.0f} | {percentile(bus, 0.99):.0f} | {len(bus)} |",
+             "", "| decode at batch 1 | tokens/s (median of runs) | ms per step | of which model forward | rest of the step (sampling, mask, matcher) | runs |",
+             "|---|---|---|---|---|---|"]
+    for arm, results in runs.items():
+        per_step = [(step / n * 1e3, forward / n * 1e3) for n, step, forward in results]
+        lines.append(f"| {arm} | {statistics.median(n / step for n, step, _ in results):.1f} | "
+                     f"{statistics.median(s for s, _ in per_step):.1f} | {statistics.median(f for _, f in per_step):.1f} | "
+                     f"{statistics.median(s - f for s, f in per_step):.2f} | {len(results)} |")
+    return lines
 
 
 def compile_times(llm) -> list[str]:

@@ -25,7 +25,8 @@ PROMPTS = ["def decode(self, s):", "class JSONDecoder", "x", "    return _w(s, e
 SEEDS = range(6)
 HELLO_MESSAGES = [{"role": "user", "content": "Hi"}]
 
-# bounded fields, so a random model finishes the object well within max_new_tokens
+# bounded fields, so a random model finishes the object within max_new_tokens (200): at most ~150 bytes
+# even with every name character a \u escape, and every token is at least one byte
 SCHEMA = {"type": "object",
           "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": -5, "maximum": 99},
                          "tag": {"enum": ["red", "green", "blue"]}, "name": {"type": "string", "maxLength": 6},
@@ -61,7 +62,7 @@ def engine(tok):
     return Engine(model, tok)
 
 
-def sampled(constraint, n=120, **kw) -> list[SamplingParams]:
+def sampled(constraint, n=200, **kw) -> list[SamplingParams]:
     """One row per seed (row r of a call uses seed + r, so every row samples differently)."""
     return [SamplingParams(max_new_tokens=n, temperature=1.0, seed=0, constraint=constraint, **kw) for _ in SEEDS]
 
@@ -102,7 +103,7 @@ def test_unconstrained_rows_unchanged_by_constrained_neighbours(engine):
     for temperature in (0.0, 1.0):
         free = SamplingParams(max_new_tokens=30, temperature=temperature, seed=100, stop_token_ids=())
         # rows 0 and 2 constrained; row r samples with seed + r, as it does alone with seed 100 + r
-        params = [SamplingParams(max_new_tokens=150, temperature=temperature, seed=100, constraint=constraint),
+        params = [SamplingParams(max_new_tokens=200, temperature=temperature, seed=100, constraint=constraint),
                   free, SamplingParams(max_new_tokens=150, temperature=temperature, seed=100,
                                           constraint=Constraint.regex("[a-c]{5,40}")), free]
         batched = engine.generate(PROMPTS, params)
@@ -117,7 +118,7 @@ def test_unconstrained_rows_unchanged_by_constrained_neighbours(engine):
 
 def test_streaming_and_stop_strings(engine, tok):
     constraint = Constraint.json_schema(SCHEMA)
-    params = SamplingParams(max_new_tokens=120, temperature=1.0, seed=3, constraint=constraint)
+    params = SamplingParams(max_new_tokens=200, temperature=1.0, seed=3, constraint=constraint)
     assert "".join(engine.stream(PROMPTS[1], params)) == engine.generate([PROMPTS[1]], params)[0].text
     # a stop string ends a constrained row like any other (named in `stop`); the text is cut before it
     cut = engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=40, temperature=0,
@@ -288,11 +289,11 @@ def test_sample_cli_constraints_and_stream_json(engine, tmp_path, capsys):
 
     save_model_dir(tmp_path / "m", engine.model, engine.tokenizer)
     (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
-    base = ["sample", "--model", str(tmp_path / "m"), "--prompt", PROMPTS[0], "--max-new-tokens", "150",
+    base = ["sample", "--model", str(tmp_path / "m"), "--prompt", PROMPTS[0], "--max-new-tokens", "200",
             "--seed", "5"]
     assert cli_main(base + ["--json-schema", str(tmp_path / "schema.json")]) == 0
     text = capsys.readouterr().out
-    expected = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=150, seed=5,
+    expected = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=200, seed=5,
                                                             constraint=Constraint.json_schema(SCHEMA)))[0].text
     assert text == expected + "\n"
     assert cli_main(base + ["--json-schema", str(tmp_path / "schema.json"), "--stream-json"]) == 0
@@ -316,7 +317,7 @@ def test_local_llm_enforces_response_format_and_constraints(tmp_path):
     llm = open_llm(str(make_model_dir(tmp_path / "tiny", max_seq_len=256)))
     messages = [{"role": "user", "content": "Describe a colour."}]
     fmt = {"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}}
-    for reply in llm.chat(messages, max_tokens=150, temperature=1.0, seed=1, n=3, response_format=fmt):
+    for reply in llm.chat(messages, max_tokens=200, temperature=1.0, seed=1, n=3, response_format=fmt):
         assert reply.finish_reason == "stop"
         jsonschema.validate(json.loads(reply.text), SCHEMA)
     streamed = "".join(llm.stream_chat(messages, max_tokens=20, constraint=Constraint.regex("[a-z]{3,8}")))
