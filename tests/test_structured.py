@@ -116,6 +116,24 @@ def test_unconstrained_rows_unchanged_by_constrained_neighbours(engine):
         assert re.fullmatch("[a-c]{5,40}", batched[2].text)
 
 
+def test_constrained_rows_join_and_leave_a_running_batch(engine):
+    """The continuous-batching path: each row carries its own matcher through DecodeBatch.join / keep."""
+    regex, schema = SamplingParams(max_new_tokens=40, temperature=0, constraint=Constraint.regex("[a-z]{3}-[0-9]{3,9}")), \
+        SamplingParams(max_new_tokens=200, temperature=1.0, seed=7, constraint=Constraint.json_schema(SCHEMA))
+    batch = engine.prefill([PROMPTS[0]], schema)
+    rows = list(batch.rows)
+    for _ in range(3):
+        engine.step(batch)
+    newcomer = engine.prefill([PROMPTS[2]], regex, first_index=1)
+    rows += newcomer.rows
+    batch.join(newcomer)
+    while batch.rows:
+        engine.step(batch)
+    assert rows[0].completion() == engine.generate([PROMPTS[0]], schema)[0]
+    assert rows[1].completion() == engine.generate([PROMPTS[2]], regex)[0]
+    assert re.fullmatch("[a-z]{3}-[0-9]{3,9}", rows[1].completion().text)
+
+
 def test_streaming_and_stop_strings(engine, tok):
     constraint = Constraint.json_schema(SCHEMA)
     params = SamplingParams(max_new_tokens=200, temperature=1.0, seed=3, constraint=constraint)
@@ -182,7 +200,7 @@ def test_uncompilable_constraints_fail_at_prefill(engine, constraint, expected):
 def test_compile_cache_and_beam_search_refused(engine):
     constraint = Constraint.regex("[0-9]{4}")  # a pattern no other test compiles
     misses, hits = GRAMMARS.misses, GRAMMARS.hits
-    engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=8, constraint=constraint))
+    engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=8, temperature=0, constraint=constraint))
     assert (GRAMMARS.misses, GRAMMARS.hits) == (misses + 1, hits + 1)  # compiled once, copied for row 2
     assert Constraint.regex("[0-9]{4}") == constraint and hash(Constraint.regex("[0-9]{4}")) == hash(constraint)
     with pytest.raises(GptlabError, match="beam search"):
