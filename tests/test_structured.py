@@ -118,8 +118,8 @@ def test_unconstrained_rows_unchanged_by_constrained_neighbours(engine):
 
 def test_constrained_rows_join_and_leave_a_running_batch(engine):
     """The continuous-batching path: each row carries its own matcher through DecodeBatch.join / keep."""
-    regex, schema = SamplingParams(max_new_tokens=40, temperature=0, constraint=Constraint.regex("[a-z]{3}-[0-9]{3,9}")), \
-        SamplingParams(max_new_tokens=200, temperature=1.0, seed=7, constraint=Constraint.json_schema(SCHEMA))
+    regex = SamplingParams(max_new_tokens=40, temperature=0, constraint=Constraint.regex("[a-z]{3}-[0-9]{3,9}"))
+    schema = SamplingParams(max_new_tokens=200, temperature=1.0, seed=7, constraint=Constraint.json_schema(SCHEMA))
     batch = engine.prefill([PROMPTS[0]], schema)
     rows = list(batch.rows)
     for _ in range(3):

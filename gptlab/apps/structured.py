@@ -20,13 +20,13 @@ Design decisions
   nothing else: any repair, coercion or schema error is a GptlabError naming the first reason.
 - Streaming (`iter_partial_json`): each prefix is parsed with `partial-json-parser`, with partial numbers
   held back (a number is shown once a character after it proves it complete). Measured on all 1,124
-  prefixes of three documents, compact and indented (bench/bench_structured.py, bench/results/structured.md): every value it
-  shows is a state the final document passes through (strings are prefixes, keys complete, numbers and
-  literals exact; tests/test_structured.py checks this on every prefix). json-repair's parser showed a
-  wrong value on 242 of them: it repairs, it does not track a prefix, so a cut key `{"t` reads as the
-  list ["t"], a key whose value has not started gets the value "", and a cut literal `fal` the string
-  "fal". partial-json-parser with its defaults was wrong on 12, all partial numbers (-1, -12, -125 on
-  the way to -1250.0).
+  prefixes of three documents, compact and indented (bench/bench_structured.py,
+  bench/results/structured.md): every value it shows is a state the final document passes through
+  (strings are prefixes, keys complete, numbers and literals exact; tests/test_structured.py checks this
+  on every prefix). json-repair's parser showed a wrong value on 242 of them: it repairs, it does not
+  track a prefix, so a cut key `{"t` reads as the list ["t"], a key whose value has not started gets the
+  value "", and a cut literal `fal` the string "fal". partial-json-parser with its defaults was wrong on
+  12, all partial numbers (-1, -12, -125 on the way to -1250.0).
 """
 
 from __future__ import annotations

@@ -287,6 +287,7 @@ def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int
     bitmask = np.zeros((len(constrained), words), dtype=np.int32)
     for k, i in enumerate(constrained):
         rows[i].constraint.fill_bitmask(bitmask[k])
+    # bit j of 32-bit word w is token 32 w + j; on little-endian hosts (x86, ARM) that is bit j % 8 of byte 4 w + j // 8
     bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab].astype(bool)
     allowed = np.zeros((len(constrained), logits.shape[-1]), dtype=bool)
     known = min(vocab, n_real_tokens)
