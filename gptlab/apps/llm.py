@@ -30,6 +30,13 @@ Design decisions
 - Errors: an unreachable endpoint, a refused API key (401), an unknown model (404, listing the served
   names), a context overflow and any other 4xx are one-line GptlabErrors. 429 and 5xx are retried with
   exponential backoff by the openai client itself (`max_retries`, default 3).
+- Structured output: every generating call takes `response_format=` (OpenAI's: {"type": "json_object"} or
+  {"type": "json_schema", "json_schema": {"schema": ...}}) or `constraint=` (an infer.constraints
+  Constraint: also regex, Lark grammar, choices). In process the engine enforces it (constrained
+  decoding). Over HTTP a JSON constraint is sent as the request's `response_format` (through the openai
+  client's extra_body, so /v1/completions carries it too; vLLM and OpenAI honour it, `gptlab serve` will);
+  regex/grammar/choice constraints have no OpenAI form and are refused with a GptlabError. Either way,
+  `apps.structured.parse_json` reads the reply defensively.
 - Per-choice completion tokens over HTTP: `usage.completion_tokens` when n == 1; with n > 1 usage only
   has the total, so each choice is counted with `count_tokens` (exact with a known tokenizer).
 """
@@ -43,9 +50,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from ..common import GptlabError, get_logger, read_json
+
+if TYPE_CHECKING:  # imported where used: an HTTP client never loads torch
+    from ..infer.constraints import Constraint
 
 log = get_logger("llm")
 
@@ -70,9 +81,18 @@ class SamplingOptions:
     n: int = 1
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    constraint: Constraint | None = None  # structured output (module docstring)
 
     @classmethod
-    def of(cls, max_tokens=256, temperature=0.0, top_p=1.0, n=1, stop=None, seed=None) -> SamplingOptions:
+    def of(cls, max_tokens=256, temperature=0.0, top_p=1.0, n=1, stop=None, seed=None, response_format=None,
+           constraint=None) -> SamplingOptions:
+        from ..infer.constraints import Constraint
+
+        if response_format is not None and constraint is not None:
+            raise GptlabError("give response_format or constraint, not both")
+        if constraint is not None and not isinstance(constraint, Constraint):
+            raise GptlabError(f"constraint must be a gptlab.infer.constraints.Constraint, got {type(constraint).__name__}")
+        constraint = constraint or Constraint.from_response_format(response_format)
         stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
         checks = [(isinstance(max_tokens, int) and max_tokens >= 1, f"max_tokens must be an int >= 1, got {max_tokens!r}"),
                   (temperature >= 0, f"temperature must be >= 0, got {temperature}"),
@@ -82,12 +102,13 @@ class SamplingOptions:
         for ok, message in checks:
             if not ok:
                 raise GptlabError(message)
-        return cls(max_tokens, float(temperature), float(top_p), n, stop, seed)
+        return cls(max_tokens, float(temperature), float(top_p), n, stop, seed, constraint)
 
 
 class LLM(abc.ABC):
     """A chat/completion model. Generating calls take max_tokens=256, temperature=0.0 (greedy), top_p=1.0,
-    n=1, stop=None, seed=None and return n `Generation`s; streaming calls need n == 1."""
+    n=1, stop=None, seed=None, response_format=None, constraint=None and return n `Generation`s; streaming
+    calls need n == 1."""
 
     name: str  # model name (directory name or served name)
     context_window: int  # tokens (0: unknown, only possible over HTTP)
@@ -180,7 +201,7 @@ class LocalLLM(LLM):
 
         max_new = _fits(self.name, self.context_window, prompt_tokens, options.max_tokens)
         return SamplingParams(max_new_tokens=max_new, temperature=options.temperature, top_p=options.top_p,
-                              stop=options.stop, seed=options.seed)
+                              stop=options.stop, seed=options.seed, constraint=options.constraint)
 
     def _chat_ids(self, messages: Messages) -> list[int]:
         from ..chat import render_for_completion
@@ -340,6 +361,8 @@ class HttpLLM(LLM):
             request["stop"] = list(options.stop)
         if options.seed is not None:
             request["seed"] = options.seed
+        if options.constraint is not None:  # extra_body: /v1/completions has no response_format argument
+            request["extra_body"] = {"response_format": options.constraint.response_format()}
         return request
 
     def _generations(self, response, texts: list[str]) -> list[Generation]:

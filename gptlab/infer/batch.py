@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import KVCache
+from .constraints import ConstraintState
 from .sampling import SamplingParams, SamplingTensors
 
 
@@ -33,9 +34,10 @@ from .sampling import SamplingParams, SamplingTensors
 class Completion:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (stop token or stop string) or "length" (max_new_tokens or context window)
+    finish_reason: str  # "stop" (stop token, stop string, or the constraint complete) or "length" (max_new_tokens
+    #                     or context window; a constrained row's text is then unfinished)
     prompt_tokens: int  # prompt length actually used, after any left truncation
-    stop: str | int | None = None  # the stop string or stop token id that ended it
+    stop: str | int | None = None  # the stop string or stop token id that ended it (None: the constraint did)
 
 
 @dataclass
@@ -92,6 +94,7 @@ class Row:
     max_new: int  # max_new_tokens, capped by the context window
     stream: TextStream
     generator: torch.Generator | None
+    constraint: ConstraintState | None = None  # the row's grammar matcher (constraints.py)
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop: str | int | None = None

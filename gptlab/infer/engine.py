@@ -40,6 +40,7 @@ from ..common import GptlabError, get_logger
 from ..model import GPT, KVCache
 from ..tokenizer import Tokenizer
 from .batch import Completion, DecodeBatch, Row, StreamEvent, TextStream
+from .constraints import ConstraintState, mask_constrained_logits
 from .fused import FusedDecoder, weights_key
 from .sampling import SamplingParams, SamplingTensors, apply_repetition_penalty, sample_tokens
 
@@ -183,8 +184,10 @@ class Engine:
                 else:
                     generator.manual_seed(p.seed + r)
             stop_ids = self.default_stop_ids if p.stop_token_ids is None else frozenset(p.stop_token_ids)
+            # compiled (or taken from the grammar cache) before any model work, so a bad grammar fails fast
+            constraint = ConstraintState(p.constraint, self.tokenizer) if p.constraint is not None else None
             rows.append(Row(first_index + r, p, len(ids), stop_ids, min(p.max_new_tokens, self.window - len(ids)),
-                            TextStream(p.stop), generator))
+                            TextStream(p.stop), generator, constraint))
             seqs.append(ids)
         width = max(map(len, seqs))
         capacity = max(width + row.max_new for row in rows)
@@ -210,6 +213,8 @@ class Engine:
     def step(self, batch: DecodeBatch) -> list[StreamEvent]:
         """Sample one token per row, emit its text, drop rows that finished, and run the model on the
         new tokens of the rest (so `batch.logits` is ready for the next step)."""
+        if any(row.constraint is not None for row in batch.rows):  # grammar masks on those rows only
+            mask_constrained_logits(batch.logits, batch.rows, self.n_real_tokens)
         tokens = sample_tokens(batch.logits, batch.sampling, [r.generator for r in batch.rows], batch.seen)
         events, alive = [], []
         for i, (row, token) in enumerate(zip(batch.rows, tokens.tolist())):
@@ -234,8 +239,13 @@ class Engine:
             stream.push(b"", final=True)
         else:
             row.token_ids.append(token)
+            complete = row.constraint is not None and row.constraint.consume(token)
             if stream.push(self.tokenizer.id_to_bytes(token)):
                 row.finish_reason, row.stop = "stop", stream.matched
+            elif complete:  # the grammar admits nothing more: stop, with stop = None unless a stop string shows
+                row.finish_reason = "stop"
+                if stream.push(b"", final=True):
+                    row.stop = stream.matched
             elif len(row.token_ids) >= row.max_new:
                 row.finish_reason = "length"
                 if stream.push(b"", final=True):

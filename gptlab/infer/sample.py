@@ -12,15 +12,23 @@ Design decisions
   what a base model has learned is what it is for; `gptlab chat` answers with `CHAT_DEFAULTS`. The
   settings in effect are logged once, to stderr.
 - Only the completion goes to stdout (pipe-friendly); the finish reason goes to stderr via the logger.
+- Structured output: --json-schema FILE / --json-object / --regex R / --grammar FILE.lark / --choices a,b,c
+  constrain the output (infer/constraints.py). --stream-json prints, one JSON line each, the object as
+  it fills in (apps/structured.iter_partial_json) instead of the raw text. The constraint flags are their
+  own group (`add_constraint_args`), so commands that do not constrain keep the plain sampling flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+from pathlib import Path
 from typing import Any, Mapping
 
-from ..common import DTYPE_NAMES, get_logger, torch_device, torch_dtype
+from ..common import DTYPE_NAMES, GptlabError, get_logger, torch_device, torch_dtype
+from .constraints import Constraint
 from .engine import Engine
 from .generation_config import BASE_DEFAULTS, SAMPLING_KEYS, read_generation_config, resolve_sampling
 from .sampling import SamplingParams
@@ -67,16 +75,54 @@ def sampling_params_from_args(args: argparse.Namespace, tokenizer, defaults: Map
                           length_penalty=args.length_penalty)
 
 
+def add_constraint_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="FILE", help="the output is JSON matching this JSON Schema file")
+    g.add_argument("--json-object", action="store_true", help="the output is a JSON object (any)")
+    g.add_argument("--regex", metavar="R", help="the whole output matches this regular expression")
+    g.add_argument("--grammar", metavar="FILE", help="the output matches this Lark grammar (rule `start`)")
+    g.add_argument("--choices", metavar="A,B,C", help="the output is exactly one of these comma-separated strings")
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GptlabError(f"cannot read {what} {path}: {e}") from None
+
+
+def constraint_from_args(args: argparse.Namespace) -> Constraint | None:
+    if args.json_schema is not None:
+        text = _read_text(args.json_schema, "JSON schema")
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GptlabError(f"{args.json_schema}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        return Constraint.json_schema(schema)
+    if args.json_object:
+        return Constraint.json_object()
+    if args.regex is not None:
+        return Constraint.regex(args.regex)
+    if args.grammar is not None:
+        return Constraint.lark(_read_text(args.grammar, "grammar"))
+    if args.choices is not None:
+        return Constraint.choice([c for c in args.choices.split(",") if c])
+    return None
+
+
 def _cmd_sample(args: argparse.Namespace) -> None:
     from ..checkpoint import load_model_dir
 
+    constraint = constraint_from_args(args)  # a bad schema file fails before the model loads
     model, tokenizer = load_model_dir(args.model, device=torch_device(args.device), dtype=torch_dtype(args.dtype))
     engine = Engine(model, tokenizer, strict_context=args.strict_context, compile=args.compile)
-    params = sampling_params_from_args(args, tokenizer, BASE_DEFAULTS)
+    params = dataclasses.replace(sampling_params_from_args(args, tokenizer, BASE_DEFAULTS), constraint=constraint)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    if params.num_beams > 1:
+    if args.stream_json:
+        finish = _stream_json(engine, prompt, params)
+    elif params.num_beams > 1:
         completion = engine.generate([prompt], params)[0]
-        sys.stdout.write(completion.text)
+        sys.stdout.write(completion.text + "\n")
         finish = completion.finish_reason
     else:
         finish = None
@@ -84,8 +130,25 @@ def _cmd_sample(args: argparse.Namespace) -> None:
             sys.stdout.write(event.text)
             sys.stdout.flush()
             finish = event.finish_reason or finish
-    sys.stdout.write("\n")
+        sys.stdout.write("\n")
     log.info("finish reason: %s", finish)
+
+
+def _stream_json(engine: Engine, prompt: str, params: SamplingParams) -> str | None:
+    """Print each partial value as one JSON line while the completion streams."""
+    from ..apps.structured import iter_partial_json
+
+    finish = None
+
+    def deltas():
+        nonlocal finish
+        for event in engine.stream_batch([prompt], params):
+            finish = event.finish_reason or finish
+            yield event.text
+
+    for value in iter_partial_json(deltas()):
+        print(json.dumps(value, ensure_ascii=False), flush=True)
+    return finish
 
 
 def register(sub) -> None:
@@ -97,5 +160,8 @@ def register(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (compiles first, then faster per token; for long outputs)")
     add_sampling_args(p, BASE_DEFAULTS)
+    add_constraint_args(p)
+    p.add_argument("--stream-json", action="store_true",
+                   help="print the JSON value as it fills in, one JSON line per change (with --json-schema/--json-object)")
     p.set_defaults(func=_cmd_sample)
 

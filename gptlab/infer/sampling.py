@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..common import GptlabError
+from .constraints import Constraint
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class SamplingParams:
     num_beams: int = 1  # > 1: beam search (ignores temperature, top_k, top_p, seed)
     length_penalty: float = 1.0  # beam score = sum logprob / length ** length_penalty
     early_stopping: bool = True  # beam search ends once num_beams hypotheses have finished
+    constraint: Constraint | None = None  # grammar the output must match (constraints.py); None = free text
 
     def __post_init__(self):
         if isinstance(self.stop, str):  # a lone string would otherwise become a tuple of characters
@@ -47,6 +49,7 @@ class SamplingParams:
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
             (self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}"),
             (all(self.stop), "stop strings must not be empty"),
+            (self.constraint is None or self.num_beams == 1, "constrained decoding does not support beam search"),
         ]
         for ok, message in checks:
             if not ok:
