@@ -148,6 +148,8 @@ def test_damaged_files_fail_with_one_line(model, small_tokenizer):
         glz.decompress(blob[:3] + b"\x09" + blob[4:], model, small_tokenizer, MODEL_ID)
     with pytest.raises(GptlabError, match="compressed with model"):
         glz.decompress(blob, model, small_tokenizer, "cd" * 32)
+    with pytest.raises(GptlabError, match="context window must be 2..64"):
+        glz.compress(b"x", model, small_tokenizer, MODEL_ID, glz.CodecSettings(window=65))
 
 
 @pytest.fixture(scope="module")

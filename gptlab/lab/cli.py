@@ -1,8 +1,8 @@
 """`gptlab lab EXPERIMENT ...`: one subcommand whose sub-subcommands are the lab's experiments.
 
 Each module in `EXPERIMENTS` exposes `register_lab(commands)`, adding its experiment(s) to the `lab`
-subparsers with `set_defaults(func=...)`; adding an experiment is one line here. Modules are imported only
-when the parser is built, and they import torch/matplotlib inside their commands, so `gptlab --help` stays fast.
+subparsers with `set_defaults(func=...)`; adding an experiment is one line here. Experiments import
+matplotlib inside their commands, so building the parser stays cheap.
 """
 
 from __future__ import annotations

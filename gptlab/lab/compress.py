@@ -41,7 +41,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +61,7 @@ _INVALID_BYTE = re.compile("[\udc80-\udcff]")  # surrogateescape's stand-ins for
 
 @dataclass(frozen=True)
 class CodecSettings:
-    window: int = DEFAULT_WINDOW  # positions the model sees at most (the start token included)
+    window: int | None = None  # positions the model sees at most, start token included (None: min(1024, context))
     threads: int = 1  # torch CPU threads: part of what makes the float results reproducible
 
 
@@ -244,8 +244,13 @@ def compress(data: bytes, model: GPT, tokenizer: Tokenizer, model_id: str, setti
     """The .glz bytes of `data` under `model` (`model_id`: its `model_sha256`)."""
     import constriction
 
-    if settings.window < 2:
-        raise GptlabError(f"the context window must be at least 2 tokens, got {settings.window}")
+    if settings.window is None:
+        settings = replace(settings, window=min(DEFAULT_WINDOW, model.config.max_seq_len))
+    if not 2 <= settings.window <= model.config.max_seq_len:
+        raise GptlabError(f"the context window must be 2..{model.config.max_seq_len} tokens (the model's context), "
+                          f"got {settings.window}")
+    if not 1 <= settings.threads <= 255:
+        raise GptlabError(f"threads must be 1..255, got {settings.threads}")
     table = SymbolTable(tokenizer)
     symbols = table.encode(data)
     if b"".join(map(table.symbol_bytes, symbols)) != data:  # guaranteed by construction; cheap to check
@@ -356,10 +361,9 @@ def _read_input(path: str) -> bytes:
 def _cmd_compress(args: argparse.Namespace) -> None:
     data = _read_input(args.file)
     gpt, tokenizer, model_id = load_codec_model(args.model)
-    window = args.window or min(DEFAULT_WINDOW, gpt.config.max_seq_len)
     bar = _Progress(len(data), "compress", not args.quiet)
     start = time.perf_counter()
-    blob = compress(data, gpt, tokenizer, model_id, CodecSettings(window=window, threads=args.threads), bar)
+    blob = compress(data, gpt, tokenizer, model_id, CodecSettings(window=args.window, threads=args.threads), bar)
     bar.close()
     seconds = time.perf_counter() - start
     out = args.output or args.file + ".glz"
@@ -395,7 +399,7 @@ def register(sub) -> None:
                        help="output file (default: FILE.glz / FILE without .glz)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "compress":
-            p.add_argument("--window", type=int, default=0,
+            p.add_argument("--window", type=int, default=None,
                            help=f"tokens the model sees at most (default min({DEFAULT_WINDOW}, model context))")
             p.add_argument("--threads", type=int, default=1,
                            help="torch CPU threads (recorded: decompression uses the same number)")

@@ -92,14 +92,14 @@ class ModelRun:
     decode_kbps: dict[str, float] = field(default_factory=dict)
 
 
-def run_model(model_name: str, samples: dict[str, bytes], verify: int, window: int) -> ModelRun:
+def run_model(model_name: str, samples: dict[str, bytes], verify: int, window: int | None) -> ModelRun:
     from ..apps.models import resolve_model_dir
     from .compress import CodecSettings, compress, decompress, load_codec_model
 
     model, tokenizer, model_id = load_codec_model(model_name)
     weights = resolve_model_dir(model_name) / "model.safetensors"
     run = ModelRun(Path(model_name).name, weights.stat().st_size)
-    settings = CodecSettings(window=window or min(1024, model.config.max_seq_len))
+    settings = CodecSettings(window=window)
     for n, (kind, data) in enumerate(samples.items()):
         start = time.perf_counter()
         blob = compress(data, model, tokenizer, model_id, settings)
@@ -138,9 +138,9 @@ def render_table(samples: dict[str, bytes], classic: dict[str, dict[str, int]], 
 
 
 def plot(samples: dict[str, bytes], classic: dict[str, dict[str, int]], runs: list[ModelRun], out: Path) -> None:
-    from .views import _pyplot
+    from .views import pyplot_cjk
 
-    plt = _pyplot()
+    plt = pyplot_cjk()
     kinds = list(samples)
     series = [(name, [8 * classic[k][name] / len(samples[k]) for k in kinds]) for name in CLASSIC]
     series += [(f"gptlab {r.name}", [8 * r.compressed[k] / len(samples[k]) for k in kinds]) for r in runs]
@@ -195,5 +195,5 @@ def register_lab(commands) -> None:
     p.add_argument("--bytes", type=int, default=2048, help="bytes per sample, from the middle of its file")
     p.add_argument("--verify", type=int, default=1 << 30, metavar="N",
                    help="decompress and check the first N samples (default all)")
-    p.add_argument("--window", type=int, default=0, help="model context window in tokens (default min(1024, context))")
+    p.add_argument("--window", type=int, default=None, help="model context window in tokens (default min(1024, context))")
     p.set_defaults(func=_cmd_compression)

@@ -129,7 +129,7 @@ def token_label(tokenizer: Tokenizer, i: int) -> str:
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "WenQuanYi Zen Hei", "Droid Sans Fallback")
 
 
-def _pyplot():
+def pyplot_cjk():
     """matplotlib (Agg) with a CJK-capable font first in the list when one is installed (a font installed
     after matplotlib built its font cache is found through fontconfig and registered)."""
     import matplotlib
@@ -157,7 +157,7 @@ def _pyplot():
 
 def plot_attention(maps: torch.Tensor, labels: list[str], out_dir: Path) -> list[Path]:
     """One PNG per layer (a subplot per head, token labels on both axes) and grid.png (layers x heads)."""
-    plt = _pyplot()
+    plt = pyplot_cjk()
     out_dir.mkdir(parents=True, exist_ok=True)
     n_layer, n_head, T, _ = maps.shape
     written = []
@@ -201,7 +201,7 @@ def plot_attention(maps: torch.Tensor, labels: list[str], out_dir: Path) -> list
 
 def plot_neighbours(model: GPT, tokenizer: Tokenizer, queries: list[int],
                     neighbours: list[list[tuple[int, float]]], out: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot_cjk()
     ids = list(dict.fromkeys([*queries, *(i for row in neighbours for i, _ in row)]))
     coords = pca_2d(model.model.embed_tokens.weight[ids].detach().float().numpy())
     where = dict(zip(ids, coords))
@@ -226,7 +226,7 @@ def plot_neighbours(model: GPT, tokenizer: Tokenizer, queries: list[int],
 
 def plot_logit_lens(probs: np.ndarray, guesses: list[list[str]], labels: list[str], out: Path) -> None:
     """Heatmap of the top guess's probability (layers x positions), each cell labelled with the guess."""
-    plt = _pyplot()
+    plt = pyplot_cjk()
     n_rows, T = probs.shape
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * T + 2), max(3.0, 0.32 * n_rows + 1.5)))
     ax.imshow(probs, cmap="Blues", vmin=0, vmax=1, aspect="auto", origin="lower")
