@@ -23,6 +23,7 @@ SECTIONS = [
     ("speedrun.md", "The speedrun: wall time per stage and gold accuracy per model (issue: assistant recipe)"),
     ("speedrun_gpu.md", "The GPU speedrun preset on an H100 (issue: assistant recipe)"),
     ("serve.md", "Serving: continuous batching (issue: serving)"),
+    ("compression.md", "The LLM as a compressor: bits per byte vs gzip/bz2/xz/zstd/brotli (issue: Lab I)"),
 ]
 
 

@@ -91,6 +91,14 @@ def test_token_label(small_tokenizer):
     assert label(b"\xe5") == "\\xe5"  # the first byte of a Chinese character, escaped
     assert label(b" ") == "·" and label(b"\n") == "\\n"
     assert label(b"def") == "def"
+    # in a prompt, the pieces of a split character are labelled with the character itself
+    ids = small_tokenizer.encode("x 鬱 y")  # a character the tokenizer never saw: split into byte tokens
+    split = [i for i in ids if not small_tokenizer.id_to_bytes(i).decode("utf-8", "ignore")]
+    labels = views.sequence_labels(small_tokenizer, ids)
+    assert split and len(labels) == len(ids)
+    assert sorted(set(l for l in labels if l.endswith("*"))) in (["鬱*"], ["·鬱*", "鬱*"])
+    assert sum(l.endswith("*") for l in labels) >= len(split)
+    assert labels[0] == "x" and labels[-1] == "·y"
 
 
 @pytest.fixture(scope="module")

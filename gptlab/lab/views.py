@@ -12,7 +12,8 @@ Design decisions
 - Neighbours: cosine similarity of the input embedding rows (the head's rows too when they are tied);
   the 2-D picture is a PCA (SVD of the centred rows) of the query tokens and their neighbours.
 - Labels: a token's bytes as UTF-8 with invalid sequences (a cut Chinese character) as \\xNN escapes, spaces
-  shown as "·" and newlines as "\\n". A font with CJK glyphs (Noto CJK) is used when one is installed;
+  shown as "·" and newlines as "\\n"; in a prompt, such a piece is labelled with the whole character and a
+  "*" (`sequence_labels`). A font with CJK glyphs (Noto CJK) is used when one is installed;
   otherwise the figure is still written, with a one-line warning that CJK labels may show as boxes.
 """
 
@@ -121,9 +122,33 @@ def pca_2d(vectors: np.ndarray) -> np.ndarray:
 # ---- labels and figures ---------------------------------------------------------------------------------
 
 
+def _readable(text: str) -> str:
+    return text.replace(" ", "·").replace("\n", "\\n").replace("\t", "\\t")
+
+
 def token_label(tokenizer: Tokenizer, i: int) -> str:
     text = tokenizer.id_to_bytes(i).decode("utf-8", errors="backslashreplace")
-    return text.replace(" ", "·").replace("\n", "\\n").replace("\t", "\\t") or "∅"
+    return _readable(text) or "∅"
+
+
+def sequence_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    """Labels for the tokens of one text: a token holding part of a character (byte-level BPE splits many
+    Chinese characters into 2-3 tokens) is labelled with the whole character(s) it overlaps and a "*"."""
+    pieces = [tokenizer.id_to_bytes(i) for i in ids]
+    text = b"".join(pieces).decode("utf-8", errors="surrogateescape")
+    char_ends = np.cumsum([1 if "\udc80" <= c <= "\udcff" else len(c.encode()) for c in text])
+    labels, start = [], 0
+    for i, piece in zip(ids, pieces):
+        end = start + len(piece)
+        try:
+            piece.decode("utf-8")
+            labels.append(token_label(tokenizer, i))
+        except UnicodeDecodeError:
+            first, last = np.searchsorted(char_ends, start, side="right"), np.searchsorted(char_ends, end - 1, side="right")
+            chars = text[first:last + 1].encode("utf-8", errors="surrogateescape").decode("utf-8", "backslashreplace")
+            labels.append(_readable(chars) + "*")
+        start = end
+    return labels
 
 
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "WenQuanYi Zen Hei", "Droid Sans Fallback")
@@ -259,7 +284,7 @@ def _cmd_attention(args: argparse.Namespace) -> None:
     model, tokenizer = _load(args.model)
     ids = tokenizer.encode(args.prompt)
     maps = attention_maps(model, ids)
-    written = plot_attention(maps, [token_label(tokenizer, i) for i in ids], Path(args.out))
+    written = plot_attention(maps, sequence_labels(tokenizer, ids), Path(args.out))
     print(f"{len(ids)} tokens, {maps.shape[0]} layers x {maps.shape[1]} heads: wrote {len(written)} PNGs to {args.out}")
 
 
@@ -281,7 +306,7 @@ def _cmd_logit_lens(args: argparse.Namespace) -> None:
     probs = torch.softmax(logit_lens(model, ids), dim=-1)
     top_p, top_i = probs.max(dim=-1)
     guesses = [[token_label(tokenizer, i) for i in row] for row in top_i.tolist()]
-    labels = [token_label(tokenizer, i) for i in ids]
+    labels = sequence_labels(tokenizer, ids)
     width = max(8, *(len(g) for row in guesses for g in row), *(len(label) for label in labels))
     print("layer  " + " ".join(f"{label:>{width}}" for label in labels))
     for layer, row in enumerate(guesses):
