@@ -10,7 +10,7 @@ Design decisions
 - Samples are given as KIND=FILE (`--sample`, repeatable), or built from a data folder (`--data`, the layout
   of the project's shared data: gutenberg/, sotu/, chinese-poetry/poems.jsonl) plus a Python stdlib module.
   Each is cut to `--bytes` bytes from the middle of its file, at line (or word) boundaries: the model is slow on a CPU
-  (~5-20 tokens/s for a 135M model at batch 1), and the middle skips licence headers. "Held-out" is as
+  (SmolLM2-135M: ~5 tokens/s at batch 1 on a shared core), and the middle skips licence headers. "Held-out" is as
   good as one can do for a public model: whether these texts were in its training data is unknown.
 - Every gptlab file is decompressed and compared byte for byte (`--verify`, default all samples; decoding
   is as slow as encoding, so a benchmark under a CPU budget may verify only the first few).
