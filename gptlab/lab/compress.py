@@ -18,16 +18,17 @@ Design decisions
   batch-of-1 KV-cache steps, the same window restarts, fp32 on the CPU with a fixed thread count (recorded
   in the header). The distribution is then quantised deterministically: softmax in float64 of the float32
   logits, frequencies floor(p * (2^24 - n)) + 1 (every symbol codable), the remainder added to the most
-  likely symbol, total exactly 2^24. They reach constriction as exact dyadic float64s, which it maps to
-  its 24-bit fixed point without rounding. The same machine and library versions decode what they encoded;
-  another CPU or torch build may round differently, which the sha256 check after decoding reports.
+  likely symbol, total exactly 2^24. They reach constriction as exact dyadic float64s, which it quantises
+  to its own 24-bit fixed point deterministically (`perfect=False`: identical floats in, identical model
+  out). The same machine and library versions decode what they encoded; another CPU or torch build may
+  round the logits differently, which the length and CRC-32 check after decoding reports.
 - Context window W tokens (default min(1024, model context)): the model sees the document-start token and
   the symbols so far; when W positions are filled, the cache restarts from the start token plus the last
   W/2 symbols (one prefill, identical in both directions), so no prediction sees more than W positions.
 - File format: b"GLZ" + format version byte + a fixed binary header (model and tokenizer sha256 cut to 128
   bits, settings, original length and CRC-32, payload length and CRC-32, the header's own CRC-32; 78 bytes in
-  all) + the coder's u32 words (little-endian). A wrong model or tokenizer, a truncated file, a corrupted payload each fail with one line
-  before the (slow) model runs.
+  all) + the coder's u32 words (little-endian). A wrong model or tokenizer, a truncated file, a corrupted
+  payload each fail with one line before the (slow) model runs.
 """
 
 from __future__ import annotations
@@ -181,7 +182,8 @@ def _code_symbols(model: GPT, table: SymbolTable, n_symbols: int, settings: Code
     """Walk `n_symbols` positions: quantise the model's distribution, let `code_one` write or read the
     symbol there, feed it to the model. Encoder and decoder both run exactly this (module docstring)."""
     if model.config.vocab_size < table.vocab_size:
-        raise GptlabError(f"the model has {model.config.vocab_size} outputs but its tokenizer {table.vocab_size} tokens")
+        raise GptlabError(f"the model has {model.config.vocab_size} outputs but its tokenizer "
+                          f"{table.vocab_size} tokens")
     keep = settings.window // 2
     symbols: list[int] = []
     inputs: list[int] = []  # what the model read at each position
@@ -306,7 +308,8 @@ def decompress(blob: bytes, model: GPT, tokenizer: Tokenizer, model_id: str, sou
         raise GptlabError(f"{source} was compressed with tokenizer {header.tokenizer_sha256.hex()[:12]}, "
                           f"not this one ({tokenizer.sha256[:12]})")
     if header.precision_bits != PRECISION_BITS:
-        raise GptlabError(f"{source} uses {header.precision_bits}-bit probabilities; this gptlab codes {PRECISION_BITS}")
+        raise GptlabError(f"{source} uses {header.precision_bits}-bit probabilities; "
+                          f"this gptlab codes {PRECISION_BITS}")
     table = SymbolTable(tokenizer)
     decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
 

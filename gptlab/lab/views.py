@@ -144,7 +144,8 @@ def sequence_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
             piece.decode("utf-8")
             labels.append(token_label(tokenizer, i))
         except UnicodeDecodeError:
-            first, last = np.searchsorted(char_ends, start, side="right"), np.searchsorted(char_ends, end - 1, side="right")
+            first = np.searchsorted(char_ends, start, side="right")  # the character holding byte `start`
+            last = np.searchsorted(char_ends, end - 1, side="right")
             chars = text[first:last + 1].encode("utf-8", errors="surrogateescape").decode("utf-8", "backslashreplace")
             labels.append(_readable(chars) + "*")
         start = end
