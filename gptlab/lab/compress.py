@@ -295,12 +295,8 @@ def read_header(blob: bytes, source: str = "input") -> tuple[Header, bytes]:
     return header, payload
 
 
-def decompress(blob: bytes, model: GPT, tokenizer: Tokenizer, model_id: str, source: str = "input",
-               progress: Callable[[int], None] | None = None) -> bytes:
-    """The original bytes of a .glz file; the model must be the one it was compressed with."""
-    import constriction
-
-    header, payload = read_header(blob, source)
+def check_compatible(header: Header, tokenizer: Tokenizer, model_id: str, source: str = "input") -> None:
+    """A GptlabError unless the file was compressed with this model, tokenizer and precision."""
     if header.model_sha256 != bytes.fromhex(model_id)[:16]:
         raise GptlabError(f"{source} was compressed with model {header.model_sha256.hex()[:12]}, "
                           f"not this one ({model_id[:12]}): pass the same --model")
@@ -310,6 +306,15 @@ def decompress(blob: bytes, model: GPT, tokenizer: Tokenizer, model_id: str, sou
     if header.precision_bits != PRECISION_BITS:
         raise GptlabError(f"{source} uses {header.precision_bits}-bit probabilities; "
                           f"this gptlab codes {PRECISION_BITS}")
+
+
+def decompress(blob: bytes, model: GPT, tokenizer: Tokenizer, model_id: str, source: str = "input",
+               progress: Callable[[int], None] | None = None) -> bytes:
+    """The original bytes of a .glz file; the model must be the one it was compressed with."""
+    import constriction
+
+    header, payload = read_header(blob, source)
+    check_compatible(header, tokenizer, model_id, source)
     table = SymbolTable(tokenizer)
     decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
 
@@ -380,6 +385,7 @@ def _cmd_decompress(args: argparse.Namespace) -> None:
     blob = _read_input(args.file)
     header, _ = read_header(blob, args.file)  # fail fast, before loading the model
     gpt, tokenizer, model_id = load_codec_model(args.model)
+    check_compatible(header, tokenizer, model_id, args.file)  # before the progress bar starts
     bar = _Progress(header.n_bytes, "decompress", not args.quiet)
     start = time.perf_counter()
     data = decompress(blob, gpt, tokenizer, model_id, args.file, bar)
