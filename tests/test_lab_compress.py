@@ -5,6 +5,7 @@ tokenizer trained on stdlib source + multilingual lines (conftest)."""
 
 from __future__ import annotations
 
+import gzip
 import inspect
 import math
 import random
@@ -182,3 +183,34 @@ def test_cli_round_trip_and_errors(model_dirs, tmp_path, capsys):
     assert err.startswith(f"error: {cut} is truncated") and err.count("\n") == 1
     assert cli_main(["compress", "--model", str(first), str(tmp_path / "missing.txt")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_middle_excerpt_cuts_at_boundaries():
+    from gptlab.lab.compression_bench import middle_excerpt
+
+    lines = b"".join(b"line %03d of the file\n" % i for i in range(200))
+    piece = middle_excerpt(lines, 300)
+    assert piece in lines and piece.startswith(b"line ") and piece.endswith(b"\n") and 150 < len(piece) <= 300
+    one_line = b" ".join(b"word%d" % i for i in range(500))  # a speech stored as one line
+    piece = middle_excerpt(one_line, 300)
+    assert piece in one_line and piece.startswith(b"word") and 150 < len(piece) <= 300
+    assert middle_excerpt(b"short", 300) == b"short"
+
+
+def test_lab_compression_table(model_dirs, tmp_path, capsys):
+    first, _ = model_dirs
+    prose, code = tmp_path / "prose.txt", tmp_path / "code.py"
+    prose.write_text("It is a truth universally acknowledged. 天下大势，分久必合。\n" * 4, encoding="utf-8")
+    code.write_text(TEXT[:300], encoding="utf-8")
+    out = tmp_path / "bench"
+    assert cli_main(["lab", "compression", "--model", str(first), "--sample", f"prose={prose}",
+                     "--sample", f"code={code}", "--bytes", "400", "--out", str(out)]) == 0
+    table = (out / "compression.md").read_text(encoding="utf-8")
+    for name in ("gzip -9", "bz2 -9", "xz -9e", "zstd -19", "brotli -q11", "gptlab first", "gptlab first + weights"):
+        assert f"| {name} " in table
+    gzip_bits = 8 * len(gzip.compress(prose.read_bytes(), 9, mtime=0)) / len(prose.read_bytes())
+    assert f"| gzip -9 | {gzip_bits:.3f} |" in table
+    assert (out / "compression.png").stat().st_size > 0
+    capsys.readouterr()
+    assert cli_main(["lab", "compression", "--model", str(first), "--sample", "prose", "--out", str(out)]) == 2
+    assert "expected KIND=FILE" in capsys.readouterr().err
