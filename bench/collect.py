@@ -24,6 +24,7 @@ SECTIONS = [
     ("speedrun_gpu.md", "The GPU speedrun preset on an H100 (issue: assistant recipe)"),
     ("serve.md", "Serving: continuous batching (issue: serving)"),
     ("structured.md", "Structured output: constrained decoding, mask cost, schema validity (issue: structured output)"),
+    ("compression.md", "The LLM as a compressor: bits per byte vs gzip/bz2/xz/zstd/brotli (issue: Lab I)"),
 ]
 
 

@@ -31,6 +31,8 @@ STAGES = [
     "gptlab.apps.models",
     "gptlab.apps.prompting_eval",
     "gptlab.apps.pipelines",
+    "gptlab.lab.compress",
+    "gptlab.lab.cli",
 ]
 
 
