@@ -31,7 +31,7 @@ import jsonschema
 import torch
 
 from gptlab.apps.llm import open_llm
-from gptlab.apps.structured import is_partial_of, parse_json, parse_partial
+from gptlab.structured import is_partial_of, parse_json, parse_partial
 from gptlab.chat import render_for_completion
 from gptlab.infer import constraints as constraints_module
 from gptlab.infer import engine as engine_module

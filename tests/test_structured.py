@@ -1,6 +1,6 @@
 """Structured output: constrained decoding (llguidance masks in the engine) on a small random-init GPT and a
 tiny BPE tokenizer trained on real text, checked against jsonschema / re / the choice list over many seeds;
-defensive JSON parsing (gptlab.apps.structured) against json.loads and jsonschema."""
+defensive JSON parsing (gptlab.structured) against json.loads and jsonschema."""
 
 from __future__ import annotations
 
@@ -234,7 +234,7 @@ MALFORMED = [  # (reply, the value meant); json.loads fails on every one
 
 @pytest.mark.parametrize("reply, meant", MALFORMED)
 def test_parse_json_repairs_what_json_loads_rejects(reply, meant):
-    from gptlab.apps.structured import parse_json
+    from gptlab.structured import parse_json
 
     with pytest.raises(json.JSONDecodeError):
         json.loads(reply)
@@ -246,7 +246,7 @@ def test_parse_json_repairs_what_json_loads_rejects(reply, meant):
 
 
 def test_parse_json_valid_input_matches_json_loads():
-    from gptlab.apps.structured import parse_json
+    from gptlab.structured import parse_json
 
     for doc in PARTIAL_DOCS:
         text = json.dumps(doc)
@@ -258,7 +258,7 @@ def test_parse_json_valid_input_matches_json_loads():
 
 
 def test_parse_json_schema_report_and_coercion():
-    from gptlab.apps.structured import parse_json
+    from gptlab.structured import parse_json
 
     schema = {"type": "object", "properties": {"age": {"type": "integer"}, "ok": {"type": "boolean"}},
               "required": ["age"]}
@@ -282,7 +282,7 @@ PARTIAL_DOCS = [
 
 
 def test_iter_partial_json_on_every_prefix():
-    from gptlab.apps.structured import is_partial_of, iter_partial_json, parse_partial
+    from gptlab.structured import is_partial_of, iter_partial_json, parse_partial
 
     for doc in PARTIAL_DOCS:
         for text in (json.dumps(doc), json.dumps(doc, indent=2, ensure_ascii=False)):
@@ -301,7 +301,7 @@ def test_iter_partial_json_on_every_prefix():
 
 # ---- CLI --------------------------------------------------------------------------------------------------
 def test_sample_cli_constraints_and_stream_json(engine, tmp_path, capsys):
-    from gptlab.apps.structured import is_partial_of
+    from gptlab.structured import is_partial_of
     from gptlab.checkpoint import save_model_dir
     from gptlab.cli import main as cli_main
 

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..common import GptlabError
+from ..structured import check_schema
 
 if TYPE_CHECKING:
     import torch
@@ -86,7 +87,7 @@ class Constraint:
                 raise GptlabError(f"JSON schema is not valid JSON: {e}") from None
         if not isinstance(schema, (dict, bool)):
             raise GptlabError(f"a JSON schema is an object (or true/false), got {type(schema).__name__}")
-        _check_schema(schema)
+        check_schema(schema)
         return cls("json_schema", json.dumps(schema, ensure_ascii=False))
 
     @classmethod
@@ -152,16 +153,6 @@ class Constraint:
         if self.kind == "json_schema":
             return llguidance.LLMatcher.grammar_from_json_schema(self.source, overrides=JSON_OPTIONS)
         return llguidance.grammar_from(self.kind, self.source)
-
-
-def _check_schema(schema) -> None:
-    """Metaschema check with the reference validator: the error names where the schema is wrong."""
-    import jsonschema
-
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as e:
-        raise GptlabError(f"invalid JSON schema at {e.json_path}: {e.message}") from None
 
 
 # ---- tokenizer adapter and compile cache ---------------------------------------------------------------

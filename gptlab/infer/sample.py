@@ -14,7 +14,7 @@ Design decisions
 - Only the completion goes to stdout (pipe-friendly); the finish reason goes to stderr via the logger.
 - Structured output: --json-schema FILE / --json-object / --regex R / --grammar FILE.lark / --choices a,b,c
   constrain the output (infer/constraints.py). --stream-json prints, one JSON line each, the object as
-  it fills in (apps/structured.iter_partial_json) instead of the raw text. The constraint flags are their
+  it fills in (gptlab.structured.iter_partial_json) instead of the raw text. The constraint flags are their
   own group (`add_constraint_args`), so commands that do not constrain keep the plain sampling flags.
 """
 
@@ -136,7 +136,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 def _stream_json(engine: Engine, prompt: str, params: SamplingParams) -> str | None:
     """Print each partial value as one JSON line while the completion streams."""
-    from ..apps.structured import iter_partial_json
+    from ..structured import iter_partial_json
 
     finish = None
 

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..common import GptlabError
+from .common import GptlabError
 
 _FENCE = re.compile(r"```[ \t]*(?:json|JSON|json5)?[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
 
@@ -85,13 +85,22 @@ def _repair(candidate: str, schema=None) -> tuple[Any, list[str]]:
     return value, [entry["text"] for entry in log]
 
 
+def check_schema(schema) -> None:
+    """Metaschema check with the reference validator (`jsonschema`): a GptlabError naming where the schema is
+    wrong. Shared by parse_json and the engine's grammar constraints."""
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise GptlabError(f"invalid JSON schema at {e.json_path}: {e.message}") from None
+
+
 def parse_json(text: str, schema: dict | None = None, strict: bool = False) -> ParsedJSON:
     """The JSON value in a model reply (module docstring); `schema` is a JSON Schema to coerce to and
     validate against."""
     if schema is not None:
-        from ..infer.constraints import _check_schema
-
-        _check_schema(schema)
+        check_schema(schema)
     located = _candidate(text, schema)
     if located is None:
         return _finish(ParsedJSON(None, False, errors=["no JSON value"]), strict)
