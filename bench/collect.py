@@ -25,6 +25,7 @@ SECTIONS = [
     ("serve.md", "Serving: continuous batching (issue: serving)"),
     ("structured.md", "Structured output: constrained decoding, mask cost, schema validity (issue: structured output)"),
     ("compression.md", "The LLM as a compressor: bits per byte vs gzip/bz2/xz/zstd/brotli (issue: Lab I)"),
+    ("rag.md", "Retrieval-augmented generation: recall, answer F1, indexing, latency (issue 18)"),
 ]
 
 

@@ -33,6 +33,7 @@ STAGES = [
     "gptlab.apps.pipelines",
     "gptlab.lab.compress",
     "gptlab.lab.cli",
+    "gptlab.apps.rag.cli",
 ]
 
 
