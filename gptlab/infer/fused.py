@@ -5,8 +5,8 @@ Design decisions
   math with fused, transposed weight copies and fewer, larger ops, because at small batch a decode step
   is bound by per-op overhead and weight reads, not arithmetic. `compile=True` also runs it through
   torch.compile (on CUDA as one CUDA graph per step). Both are checked token for token against
-  `GPT.forward` decoding (on CUDA by bench/check_gpu.py). Measured vs HF `generate`: 3.4x at batch 1 on
-  a 2-core CPU (depth 4), 8.1x at batch 1 and 7.1x at batch 32 on an H100 (depth 12, bf16).
+  `GPT.forward` decoding (on CUDA by bench/check_gpu.py). Measured vs HF `generate`: 2.5-3.4x at batch 1 on
+  a 2-core CPU (depth 4; 1.1-1.2x at batch 32), 8.1x at batch 1 and 7.1x at batch 32 on an H100 (depth 12, bf16).
 - How the step is laid out, and why, is in the `FusedDecoder` docstring. The copy of the weights it
   holds goes stale when the model is trained: `weights_key` lets the engine notice and rebuild it.
 """
