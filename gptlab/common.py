@@ -74,6 +74,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: float | None = None) -> Path:
+    """Lay out a matplotlib figure, write it as a PNG atomically (folders created) and close it: every plot
+    gptlab draws ends here, so a reader never sees half a PNG."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import shutil
 import time
@@ -45,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import load_model_dir
-from .common import (GptlabError, atomic_write_bytes, atomic_write_json, atomic_write_text, get_logger, read_json,
+from .common import (GptlabError, atomic_write_json, atomic_write_text, get_logger, read_json, save_figure,
                      torch_device)
 from .config import add_config_args, build_config, option
 from .data.mixture import STRICT_UTF8_HELP, load_mixture, mixture_digest
@@ -391,12 +390,7 @@ def plot_gold(columns: dict[str, dict[str, Any]], png: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(png, buf.getvalue())
-    return png
+    return save_figure(fig, png)
 
 
 def _pct(result: dict[str, Any] | None) -> str:

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..common import GptlabError, atomic_write_json, atomic_write_text, get_logger, iter_jsonl
+from ..common import GptlabError, atomic_write_json, atomic_write_text, get_logger, iter_jsonl, save_figure
 from ..config import option
 from ..tasks import Example
 from .prompting import Program, Prompter, PromptTask, answer, normalise_text, prompt_task, wilson_interval
@@ -317,10 +317,7 @@ def plot_curve(dev_scores: list[float], path: Path, title: str) -> None:
            ylim=(-0.02, 1.02))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def program_task(program: Program) -> PromptTask:

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..common import GptlabError, atomic_write_json, atomic_write_text, get_logger, iter_jsonl
+from ..common import GptlabError, atomic_write_json, atomic_write_text, get_logger, iter_jsonl, save_figure
 from ..config import add_config_args, build_config, option
 from .prompting import (Program, Prompter, PromptTask, Sample, answer, check_your_work, choose_label, majority,
                         prompt_task, self_consistency, shot_pairs, wilson_interval)
@@ -277,10 +277,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         right.xaxis.set_minor_formatter(NullFormatter())
     if overall:
         right.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def prompt_eval(llm: Any, cfg: PromptEvalConfig, command: str = "") -> dict[str, Any]:

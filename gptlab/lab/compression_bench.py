@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..common import GptlabError, atomic_write_text
+from ..common import GptlabError, atomic_write_text, save_figure
 
 CLASSIC = ("gzip -9", "bz2 -9", "xz -9e", "zstd -19", "brotli -q11")
 
@@ -152,9 +152,7 @@ def plot(samples: dict[str, bytes], classic: dict[str, dict[str, int]], runs: li
     ax.set_ylabel("bits per byte (lower is better)")
     ax.set_title("compressed size per original byte")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    save_figure(fig, out, dpi=90)
 
 
 def _cmd_compression(args: argparse.Namespace) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..common import GptlabError, get_logger
+from ..common import GptlabError, get_logger, save_figure
 from ..model import GPT, apply_rotary, rotary_cos_sin
 from ..tokenizer import Tokenizer
 
@@ -201,11 +201,7 @@ def plot_attention(maps: torch.Tensor, labels: list[str], out_dir: Path) -> list
             ax.set_xticks(range(T), labels, rotation=90, fontsize=7)
             ax.set_yticks(range(T), labels, fontsize=7)
         fig.suptitle(f"layer {layer}: attention (row = query, column = key)")
-        fig.tight_layout()
-        path = out_dir / f"layer_{layer:02d}.png"
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out_dir / f"layer_{layer:02d}.png", dpi=80))
     fig, axes = plt.subplots(n_layer, n_head, figsize=(1.1 * n_head, 1.1 * n_layer), squeeze=False)
     for layer in range(n_layer):
         for h in range(n_head):
@@ -218,11 +214,7 @@ def plot_attention(maps: torch.Tensor, labels: list[str], out_dir: Path) -> list
             if layer == 0:
                 ax.set_title(f"h{h}", fontsize=7)
     fig.suptitle("attention, layers x heads", fontsize=9)
-    fig.tight_layout()
-    path = out_dir / "grid.png"
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return [*written, path]
+    return [*written, save_figure(fig, out_dir / "grid.png", dpi=80)]
 
 
 def plot_neighbours(model: GPT, tokenizer: Tokenizer, queries: list[int],
@@ -244,10 +236,7 @@ def plot_neighbours(model: GPT, tokenizer: Tokenizer, queries: list[int],
     ax.set_title("token embeddings: nearest neighbours by cosine, 2-D PCA")
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    save_figure(fig, out, dpi=80)
 
 
 def plot_logit_lens(probs: np.ndarray, guesses: list[list[str]], labels: list[str], out: Path) -> None:
@@ -265,10 +254,7 @@ def plot_logit_lens(probs: np.ndarray, guesses: list[list[str]], labels: list[st
     ax.set_xlabel("input token (the guess is for the token after it)")
     ax.set_ylabel("after layer")
     ax.set_title("logit lens: top next-token guess and its probability")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    save_figure(fig, out, dpi=80)
 
 
 # ---- commands -------------------------------------------------------------------------------------------

@@ -8,13 +8,12 @@ Only rank 0 of a distributed run writes (`enabled=False` elsewhere).
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..common import atomic_write_bytes, atomic_write_text, get_logger
+from ..common import atomic_write_text, get_logger, save_figure
 
 log = get_logger("metrics")
 
@@ -99,12 +98,7 @@ def plot_panels(metrics_path: str | Path, png_path: str | Path,
             ax.legend(fontsize="small")
     for ax in list(axes.flat)[len(series):]:
         ax.set_visible(False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(png_path, buf.getvalue())
-    return Path(png_path)
+    return save_figure(fig, png_path)
 
 
 def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path:

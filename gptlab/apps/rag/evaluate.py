@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...common import GptlabError, atomic_write_json, iter_jsonl, read_json
+from ...common import GptlabError, atomic_write_json, iter_jsonl, read_json, save_figure
 from .answer import MIN_SIMILARITY, SHORT_INSTRUCTIONS, answer, closed_book
 from .store import RETRIEVERS, Hit, RagIndex
 
@@ -221,9 +221,7 @@ def plot_report(retrieval: dict[str, dict], answers: dict | None, path: Path) ->
         ax.set_ylim(0, 1.15)
         ax.set_title("answers")
         ax.legend(loc="upper center", ncol=2, fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def run_eval(index_dir: str, qa_file: str, out: str, retrievers=RETRIEVERS, limit: int | None = None,
