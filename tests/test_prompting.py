@@ -18,7 +18,8 @@ from _serve_helpers import make_model_dir
 from gptlab.apps.games import check_expression, extract_expression, generate_puzzles, solve
 from gptlab.apps.prompting import (COT_TRIGGER, Prompter, answer, answer_key, check_your_work,
                                    choice_scores, choose, majority, prompt_task, self_consistency, shot_pairs,
-                                   vote, wilson_interval)
+                                   vote)
+from gptlab.eval.stats import wilson_interval
 from gptlab.apps.prompting_eval import PromptEvalConfig, prompt_eval
 from gptlab.apps.prompting_tot import TotConfig, tree_of_thoughts
 from gptlab.cli import main

@@ -46,7 +46,8 @@ from typing import Any
 from ..common import GptlabError, atomic_write_json, atomic_write_text, get_logger, iter_jsonl, save_figure
 from ..config import option
 from ..tasks import Example
-from .prompting import Program, Prompter, PromptTask, answer, normalise_text, prompt_task, wilson_interval
+from ..eval.stats import wilson_interval
+from .prompting import Program, Prompter, PromptTask, answer, normalise_text, prompt_task
 
 log = get_logger("prompt")
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import re
 from collections import Counter
@@ -70,22 +69,6 @@ KINDS = ("number", "label", "json", "expression", "text")
 TASK_KINDS = {"arithmetic": "number", "word_problems": "number", "calculator": "number", "sentiment": "label",
               "extraction": "json", "game24": "expression"}
 TASK_LABELS = {"sentiment": ("positive", "negative")}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Statistics
-
-
-def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval for a binomial proportion (95% for z=1.96): unlike p +- z*stderr it stays
-    inside [0, 1] and is not zero-width at 0 or n successes, which matters at the n of a laptop run."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    # the interval always contains p; min/max only undo float rounding at p = 0 or 1
-    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 # ---------------------------------------------------------------------------------------------------------

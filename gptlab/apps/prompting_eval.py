@@ -37,8 +37,9 @@ from typing import Any
 
 from ..common import GptlabError, atomic_write_json, atomic_write_text, get_logger, iter_jsonl, save_figure
 from ..config import add_config_args, build_config, option
+from ..eval.stats import wilson_interval
 from .prompting import (Program, Prompter, PromptTask, Sample, answer, check_your_work, choose_label, majority,
-                        prompt_task, self_consistency, shot_pairs, wilson_interval)
+                        prompt_task, self_consistency, shot_pairs)
 from .prompt_search import program_task
 from .prompting_tot import TotConfig, supports_tot, tree_of_thoughts
 
