@@ -38,7 +38,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
                          generation_config=read_generation_config(args.model),
                          api_key=args.api_key or os.environ.get("GPTLAB_API_KEY") or None,
                          max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                         max_tokens_limit=args.max_tokens_limit, prefill_chunk_tokens=args.prefill_chunk_tokens or None)
+                         max_tokens_limit=args.max_tokens_limit, prefill_chunk_tokens=args.prefill_chunk_tokens or None,
+                         rag_index=args.rag_index, embedder=args.embedder)
     app = create_app(engine, config)
     log.info("listening on http://%s:%d (model id %s%s)", args.host, args.port, ", ".join(map(repr, names)),
              ", API key required" if config.api_key else "")
@@ -66,6 +67,11 @@ def register(sub) -> None:
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="(default: %(default)s)")
     s.add_argument("--max-tokens-limit", type=int, default=None,
                    help="largest max_tokens accepted (default: the context window)")
+    s.add_argument("--rag-index", default=None, metavar="DIR",
+                   help="a `gptlab rag index` directory: adds POST /v1/embeddings (its embedder) and retrieval for "
+                        'chat requests with "rag": true or {"k", "retriever", "source", "min_similarity"}')
+    s.add_argument("--embedder", default=None,
+                   help="POST /v1/embeddings without an index: a sentence-transformers folder or registry name")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests get to finish on SIGTERM (default: %(default)s)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -1,7 +1,8 @@
 """`gptlab serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) with continuous batching.
 
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (streaming as
-server-sent events, or not), `GET /health`, the web chat page at `/`, and the OpenAPI document at
+server-sent events, or not), `POST /v1/embeddings` and retrieval in chat with `--rag-index` (rag.py),
+`GET /health`, the web chat page at `/`, and the OpenAPI document at
 `/openapi.json` (`/docs` renders it when the browser can reach the Swagger UI assets online).
 
 Design decisions
@@ -37,6 +38,8 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -49,7 +52,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..common import get_logger
 from ..infer.engine import Engine
 from . import protocol as p
-from . import routes
+from . import rag, routes
 from .scheduler import Scheduler
 from .state import ApiError, ServeConfig, ServerState, error_body
 
@@ -133,6 +136,8 @@ async def _http_error(_, e: StarletteHTTPException):
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     """The FastAPI app: `routes`' functions behind their paths, sharing one `ServerState`."""
     state = ServerState(engine, config)
+    if config.rag_index or config.embedder:
+        state.retrieval = rag.Retrieval(config.rag_index, config.embedder)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -174,7 +179,18 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=p.ChatCompletion, dependencies=[Depends(require_key)],
               responses=errors)
     async def chat_completions(body: p.ChatCompletionRequest, http: HttpRequest):
-        return await routes.chat_completions(body, state, http.is_disconnected)
+        options = rag.rag_options(body.rag)
+        if options is None:
+            return await routes.chat_completions(body, state, http.is_disconnected)
+        state.check_model(body.model)
+        body, sources = await rag.ground(body, state, options)
+        if not sources:
+            return rag.dont_know(body, state, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
+        return rag.attach_sources(await routes.chat_completions(body, state, http.is_disconnected), sources)
+
+    @app.post("/v1/embeddings", dependencies=[Depends(require_key)], responses=errors)
+    async def embeddings(body: rag.EmbeddingRequest):
+        return await rag.embeddings(body, state)
 
     @app.post("/v1/completions", response_model=p.Completion, dependencies=[Depends(require_key)],
               responses=errors)

@@ -116,6 +116,7 @@ class ChatCompletionRequest(_Sampling):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    rag: bool | dict[str, Any] | None = None  # retrieval with `serve --rag-index` (serve/rag.py)
 
     @model_validator(mode="after")
     def _check_chat(self):

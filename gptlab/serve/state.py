@@ -39,6 +39,8 @@ class ServeConfig:
     max_tokens_limit: int | None = None  # largest max_tokens accepted (None: the context window)
     prefill_chunk_tokens: int | None = 128  # prompt tokens prefilled per step while rows decode (None: all)
     poll_disconnect_s: float = 0.25  # how often a non-streaming handler checks that its client is still there
+    rag_index: str | None = None  # a `gptlab rag index` directory: /v1/embeddings and chat "rag" (serve/rag.py)
+    embedder: str | None = None  # /v1/embeddings without an index: a sentence-transformers folder or name
     # the model's generation_config.json sampling settings (`read_generation_config`), defaults for requests
     generation_config: dict[str, Any] = field(default_factory=dict)
 
@@ -65,6 +67,7 @@ class ServerState:
         self.max_tokens_limit = config.max_tokens_limit or engine.window
         self.names = (config.model_name, *config.aliases)
         self.created = int(time.time())
+        self.retrieval = None  # serve/rag.py's Retrieval when config.rag_index or config.embedder is set
         self.scheduler = Scheduler(engine, max_batch=config.max_batch, max_queue=config.max_queue,
                                    prefill_chunk_tokens=config.prefill_chunk_tokens)
 

@@ -140,6 +140,9 @@ class RagIndex:
         self.db = lancedb.connect(str(self.path / "lance"), read_consistency_interval=timedelta(0))
         self._table = None
         self._bm25_cache = None  # (table version, bm25s.BM25, rows as a list of dicts), built on first use
+        # ANN search knobs (None: LanceDB's defaults); bench/bench_rag_scale.py measures recall vs latency
+        self.ann_nprobes: int | None = None
+        self.ann_refine_factor: int | None = None
 
     # ---- plumbing ----------------------------------------------------------------------------------------
     @property
@@ -301,6 +304,10 @@ class RagIndex:
 
     def _vector(self, query_vector: np.ndarray, depth: int, allowed: set[str] | None) -> list[tuple[dict, float]]:
         search = self.table.search(query_vector).metric("cosine").limit(depth).select([*_TEXT_COLUMNS, "_distance"])
+        if self.ann_nprobes:
+            search = search.nprobes(self.ann_nprobes)
+        if self.ann_refine_factor:
+            search = search.refine_factor(self.ann_refine_factor)
         if allowed is not None:
             search = search.where("file IN " + _sql_list(sorted(allowed)), prefilter=True)
         return [({c: r[c] for c in _TEXT_COLUMNS}, 1.0 - float(r["_distance"])) for r in search.to_list()]
@@ -338,5 +345,9 @@ class RagIndex:
             scored = [(rows[i], score) for i, score in fused]
         else:
             scored = rankings[retriever][:k]
-        similarity = self._similarities([row["id"] for row, _ in scored], query_vector)
+        # the vector ranking already carries each hit's cosine (past the ANN threshold, the scalar-quantised
+        # index's estimate, within ~0.01); look up only the others (BM25-only hits)
+        similarity = {row["id"]: cosine for row, cosine in rankings.get("vector", [])}
+        similarity.update(self._similarities([row["id"] for row, _ in scored if row["id"] not in similarity],
+                                             query_vector))
         return [Hit(**row, score=score, similarity=similarity[row["id"]]) for row, score in scored]
