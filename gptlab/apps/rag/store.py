@@ -274,8 +274,14 @@ class RagIndex:
         count = len(self)
         if not changed or count < self.ann_threshold:
             return
-        log.info("building the ANN index over %d chunks", count)
-        self.table.create_index(metric="cosine", index_type="IVF_HNSW_SQ", replace=True)
+        self.build_ann()
+
+    def build_ann(self) -> None:
+        """(Re)build the IVF-HNSW (scalar-quantised) cosine index over the vectors."""
+        from lancedb.index import IvfHnswSq
+
+        log.info("building the ANN index over %d chunks", len(self))
+        self.table.create_index("vector", config=IvfHnswSq(distance_type="cosine"), replace=True)
 
     # ---- retrieval ------------------------------------------------------------------------------------------
     def _bm25_state(self):

@@ -1,0 +1,198 @@
+"""RAG index at scale: query latency exact vs ANN, the ANN's recall@10 against exact search, build time,
+memory and disk, at 100k and 1M chunks, through gptlab's own `RagIndex` (the layer users call).
+
+    python bench/bench_rag_scale.py --sizes 100000,1000000 --out bench/results/rag_scale.md
+
+Data: synthetic 384-dim unit vectors (all-MiniLM-L6-v2's dimension) drawn from a mixture of 2,000 Gaussian
+clusters, because real sentence embeddings are clustered, and uniform random vectors in 384 dimensions
+are the one distribution on which no ANN index works (every point is nearly equidistant); texts are 40
+random words from a 5,000-word Zipf vocabulary (for the BM25 rebuild cost). Queries: 200 perturbed copies
+of random stored vectors, so each has real near neighbours. Exact top-10 by numpy float32 dot products is
+the reference for recall. Query latency = `RagIndex.search(retriever="vector", k=10)` minus nothing: the
+synthetic embedder returns the prepared vector, so the figure is the index's own cost. Memory = peak RSS of
+a fresh process that opens the index and runs the queries (the bench process holds the vectors itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gptlab.apps.rag.store import RagIndex  # noqa: E402
+
+DIM = 384
+CLUSTERS = 2000
+QUERIES = 200
+K = 10
+
+
+class PreparedEmbedder:
+    """An embedder whose 'texts' are query keys `q:<i>` into a table of prepared vectors (see module doc)."""
+
+    name = "synthetic-384"
+    dim = DIM
+
+    def __init__(self, queries: np.ndarray | None = None):
+        self.queries = queries
+
+    def embed(self, texts):
+        return [self.queries[int(t.split(":")[1])] for t in texts]
+
+    def count_tokens(self, text):
+        return len(text.split())
+
+
+def vectors(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((CLUSTERS, DIM)).astype(np.float32)
+    out = np.empty((n, DIM), np.float32)
+    for start in range(0, n, 100_000):
+        stop = min(n, start + 100_000)
+        out[start:stop] = centers[rng.integers(0, CLUSTERS, stop - start)]
+        out[start:stop] += 0.6 * rng.standard_normal((stop - start, DIM)).astype(np.float32)
+    out /= np.linalg.norm(out, axis=1, keepdims=True)
+    return out
+
+
+def texts(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed + 1)
+    vocab = np.array([f"w{i}" for i in range(5000)])
+    words = vocab[np.minimum(rng.zipf(1.3, (n, 40)) - 1, 4999)]
+    return [" ".join(row) for row in words]
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def build(folder: Path, data: np.ndarray, words: list[str]) -> RagIndex:
+    index = RagIndex(folder, PreparedEmbedder(), create=True, ann_threshold=10**12)  # ANN built by hand below
+    batch = 50_000
+    for start in range(0, len(data), batch):
+        rows = [{"id": f"c{i}", "file": f"/synthetic/{i // 1000}.txt", "file_hash": "0", "doc": str(i // 1000),
+                 "title": "", "start": 0, "end": len(words[i]), "text": words[i], "vector": data[i]}
+                for i in range(start, min(len(data), start + batch))]
+        index._write(rows, [])
+    return index
+
+
+def query_script(folder: Path, queries_file: Path, ann: bool, nprobes: int | None, refine: int | None) -> str:
+    return f"""
+import json, resource, sys, time
+import numpy as np
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from bench_rag_scale import PreparedEmbedder
+from gptlab.apps.rag.store import RagIndex
+queries = np.load({str(queries_file)!r})
+index = RagIndex({str(folder)!r}, PreparedEmbedder(queries))
+index.ann_nprobes, index.ann_refine_factor = {nprobes!r}, {refine!r}
+index.search("q:0", k={K}, retriever="vector")  # open the table, warm caches
+times, ids = [], []
+for i in range(len(queries)):
+    t = time.perf_counter()
+    hits = index.search(f"q:{{i}}", k={K}, retriever="vector")
+    times.append(time.perf_counter() - t)
+    ids.append([int(h.id[1:]) for h in hits])
+print(json.dumps({{"times": times, "ids": ids, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def run_queries(folder, queries_file, ann, nprobes=None, refine=None) -> dict:
+    out = subprocess.run([sys.executable, "-c", query_script(folder, queries_file, ann, nprobes, refine)],
+                         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def recall(found: list[list[int]], exact: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(e)) / K for f, e in zip(found, exact.tolist())]))
+
+
+def pct(values, q):
+    return 1000 * float(np.percentile(values, q))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="100000,1000000")
+    parser.add_argument("--nprobes", default="20,50", help="ANN settings to sweep (IVF partitions probed)")
+    parser.add_argument("--refine", type=int, default=0, help="also try this refine_factor (0: none)")
+    parser.add_argument("--bm25-max", type=int, default=100_000, help="measure the BM25 rebuild up to this size")
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--out", default="bench/results/rag_scale.md")
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="rag_scale_"))
+    work.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()[0]
+    lines = ["# RAG index at scale (`RagIndex`, LanceDB, synthetic 384-dim clustered vectors)", "",
+             f"Command: `python bench/bench_rag_scale.py --sizes {args.sizes} --nprobes {args.nprobes}"
+             f"{' --refine ' + str(args.refine) if args.refine else ''}`", "",
+             f"Machine: {os.cpu_count()}-core CPU; load average {load:.1f} at start. Queries: {QUERIES}, k={K}, "
+             "vector retriever; latency includes everything `RagIndex.search` does. Recall@10 = overlap with "
+             "exact numpy top-10.", "",
+             "| chunks | search | p50 ms | p99 ms | recall@10 | query-process peak RSS MB |",
+             "|---:|---|---:|---:|---:|---:|"]
+    facts, results = [], {}
+    for n in [int(s) for s in args.sizes.split(",")]:
+        folder = work / f"n{n}"
+        shutil.rmtree(folder, ignore_errors=True)
+        data = vectors(n, seed=0)
+        rng = np.random.default_rng(1)
+        queries = data[rng.integers(0, n, QUERIES)] + 0.3 * rng.standard_normal((QUERIES, DIM)).astype(np.float32) / np.sqrt(DIM)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        queries_file = work / f"queries{n}.npy"
+        np.save(queries_file, queries)
+        exact = np.argsort(-(queries @ data.T), axis=1)[:, :K]
+        words = texts(n, seed=0)
+        t = time.perf_counter()
+        index = build(folder, data, words)
+        write_s = time.perf_counter() - t
+        del data
+        disk_flat = du(folder)
+        flat = run_queries(folder, queries_file, ann=False)
+        lines.append(f"| {n:,} | exact (flat) | {pct(flat['times'], 50):.1f} | {pct(flat['times'], 99):.1f} | "
+                     f"{recall(flat['ids'], exact):.3f} | {flat['rss_mb']:.0f} |")
+        t = time.perf_counter()
+        index.build_ann()
+        ann_s = time.perf_counter() - t
+        disk_ann = du(folder)
+        results[n] = {"write_s": write_s, "ann_build_s": ann_s, "disk_flat": disk_flat, "disk_ann": disk_ann,
+                      "flat": flat}
+        for nprobes in [int(p) for p in args.nprobes.split(",")]:
+            for refine in [None] + ([args.refine] if args.refine else []):
+                r = run_queries(folder, queries_file, ann=True, nprobes=nprobes, refine=refine)
+                label = f"IVF-HNSW-SQ nprobes={nprobes}" + (f" refine={refine}" if refine else "")
+                lines.append(f"| {n:,} | {label} | {pct(r['times'], 50):.1f} | {pct(r['times'], 99):.1f} | "
+                             f"{recall(r['ids'], exact):.3f} | {r['rss_mb']:.0f} |")
+                results[n][label] = r
+        bm25 = ""
+        if n <= args.bm25_max:
+            t = time.perf_counter()
+            index._bm25_state()
+            bm25 = f"; BM25 (bm25s) in-memory rebuild {time.perf_counter() - t:.1f} s"
+        facts.append(f"- {n:,} chunks: LanceDB writes {write_s:.1f} s ({n / write_s:,.0f} chunks/s), ANN build "
+                     f"{ann_s:.1f} s; disk {disk_flat / 2**20:,.0f} MB without the ANN index, "
+                     f"{disk_ann / 2**20:,.0f} MB with it ({disk_ann / 2**20 / (n / 100_000):,.0f} MB per 100k "
+                     f"chunks){bm25}")
+        print("\n".join(lines + [""] + facts), flush=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    text = "\n".join(lines + ["", *facts, "", f"Load average at end: {os.getloadavg()[0]:.1f}; bench process "
+                              f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB "
+                              "(holds the vectors and exact scores)."]) + "\n"
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
