@@ -68,9 +68,14 @@ class Limits:
     max_files: int = 10_000  # inodes of each tmpfs
     output_bytes: int = 32 << 10
 
-    def rlimits(self) -> dict[str, int]:
-        return {"RLIMIT_CPU": self.cpu_seconds, "RLIMIT_AS": self.memory_bytes, "RLIMIT_NPROC": self.processes,
-                "RLIMIT_NOFILE": self.open_files, "RLIMIT_FSIZE": self.file_bytes, "RLIMIT_CORE": 0}
+    def rlimits(self) -> dict[str, tuple[int, int]]:
+        """(soft, hard) per rlimit. CPU: SIGXCPU at the soft limit, which names the cause (at an equal hard
+        limit the kernel sends SIGKILL instead), SIGKILL one second later if the code catches SIGXCPU."""
+        limits = {"RLIMIT_CPU": (self.cpu_seconds, self.cpu_seconds + 1)}
+        for name, value in (("RLIMIT_AS", self.memory_bytes), ("RLIMIT_NPROC", self.processes),
+                            ("RLIMIT_NOFILE", self.open_files), ("RLIMIT_FSIZE", self.file_bytes), ("RLIMIT_CORE", 0)):
+            limits[name] = (value, value)
+        return limits
 
 
 @dataclass
@@ -174,8 +179,8 @@ class Sandbox:
         limits = self.limits
 
         def set_limits():  # in the child, between fork and exec
-            for name, value in limits.rlimits().items():
-                resource.setrlimit(getattr(resource, name), (value, value))
+            for name, (soft, hard) in limits.rlimits().items():
+                resource.setrlimit(getattr(resource, name), (soft, hard))
 
         before = {p: p.stat().st_mtime_ns for p in self.workspace.rglob("*") if p.is_file()}
         exit_code, kept, total, timed_out, seconds = _run_process(

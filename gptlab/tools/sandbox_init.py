@@ -208,8 +208,8 @@ def run_code(config: dict) -> None:
     os.setresuid(INSIDE_ID, INSIDE_ID, INSIDE_ID)  # from uid 0 to non-zero: every capability is dropped
     check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
     limits = config["rlimits"]
-    for name, value in limits.items():
-        resource.setrlimit(getattr(resource, name), (value, value))
+    for name, (soft, hard) in limits.items():
+        resource.setrlimit(getattr(resource, name), (soft, hard))
     os.chdir("/workspace")
     os.execve(config["python"], [config["python"], "-I", "-u", "-c", config["code"]], config["env"])
 
