@@ -20,6 +20,7 @@ from ..tools import Tool, Toolbox, tool
 from ..tools.calculator import calculator
 from ..tools.files import chart_tool, check_workspace, file_tools
 from ..tools.sandbox import python_tool
+from .rag import RagIndex
 
 MAX_HIT_CHARS = 600
 MAX_K = 20
@@ -81,15 +82,14 @@ class FolderSearch:
         return [chunks[i] for i, s in zip(indices[0], scores[0]) if s > 0]
 
 
-def search_tool(*, index: Path | None = None, folder: Path | None = None) -> Tool:
-    """`search` over a RAG index directory, or else BM25 over a folder of text files."""
+def search_tool(*, index: Path | RagIndex | None = None, folder: Path | None = None) -> Tool:
+    """`search` over a RAG index (its folder, or one already opened), or else BM25 over a folder of text files."""
     if (index is None) == (folder is None):
         raise GptlabError("the search tool needs a RAG index (--search-index) or a folder (--search-folder), "
                           "exactly one")
     if index is not None:
-        from .rag import RagIndex
-
-        rag = RagIndex(index)  # GptlabError now if it is not an index; the embedder loads on the first query
+        # GptlabError now if the folder is not an index; its embedder loads on the first query
+        rag = index if isinstance(index, RagIndex) else RagIndex(index)
 
         def find(query: str, k: int) -> list[tuple]:
             return [(h.doc, h.title, h.start, h.end, h.text) for h in rag.search(query, k=k)]
