@@ -159,14 +159,18 @@ class Sandbox:
                   "read_only": prefixes, "report_fd": report_write, "outside_id": OUTSIDE_ID,
                   "rlimits": limits.rlimits(), "workspace_bytes": limits.workspace_bytes,
                   "tmp_bytes": limits.tmp_bytes, "max_files": limits.max_files}
+        report_parts: list[bytes] = []  # read while the sandbox runs: a long report must not fill the pipe
+        report_reader = threading.Thread(target=lambda: report_parts.append(os.fdopen(report_read, "rb").read()),
+                                         daemon=True)
+        report_reader.start()
         try:
             exit_code, kept, total, timed_out, seconds = _run_process(
                 [sys.executable, "-I", "-S", str(LAUNCHER)], limits, stdin=json.dumps(config).encode(),
                 pass_fds=(report_write,), env={"PATH": SANDBOX_ENV["PATH"]})
         finally:
             os.close(report_write)
-        with os.fdopen(report_read, "rb") as f:
-            raw = f.read().decode("utf-8", errors="replace")
+            report_reader.join()
+        raw = b"".join(report_parts).decode("utf-8", errors="replace")
         report = json.JSONDecoder().raw_decode(raw)[0] if raw.strip() else {}
         if report.get("error"):
             raise GptlabError(f"python tool: the sandbox could not start: {report['error']}")

@@ -66,24 +66,33 @@ def make_dirs(path: str) -> None:
 
 
 def build_root(config: dict) -> None:
-    """The new root under ROOT: read-only system and interpreter, fresh /proc and /dev, tmpfs /tmp and /workspace."""
-    mount("none", "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates back to the host
-    mount("sandbox", ROOT, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+    """The new root under ROOT: read-only system and interpreter, fresh /proc and /dev, tmpfs /tmp and /workspace.
+    Sources are opened before ROOT's tmpfs hides the host's /tmp and bound through /proc/self/fd, so an
+    interpreter or venv that lives under /tmp is still found."""
+    links, binds = {}, {}  # target inside ROOT -> link text / O_PATH fd of the source
     for name in SYSTEM:
         source = "/" + name
         if os.path.islink(source):  # merged /usr: /bin -> usr/bin
-            os.symlink(os.readlink(source), f"{ROOT}/{name}")
+            links[name] = os.readlink(source)
         elif os.path.isdir(source):
-            make_dirs(f"{ROOT}/{name}")
-            bind_read_only(source, f"{ROOT}/{name}")
+            binds[name] = os.open(source, os.O_PATH)
     for source in config["read_only"]:  # the interpreter's prefix and the venv, wherever they live
-        if not os.path.exists(ROOT + source):
-            make_dirs(ROOT + source)
-            bind_read_only(source, ROOT + source)
+        if not any(source == "/" + name or source.startswith(f"/{name}/") for name in SYSTEM):
+            binds[source.lstrip("/")] = os.open(source, os.O_PATH)
+    devices = {name: os.open(f"/dev/{name}", os.O_PATH) for name in DEVICES}
+    mount("none", "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates back to the host
+    mount("sandbox", ROOT, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+    for name, text in links.items():
+        os.symlink(text, f"{ROOT}/{name}")
+    for target, fd in sorted(binds.items()):  # sorted: a folder before anything bound inside it
+        make_dirs(f"{ROOT}/{target}")
+        bind_read_only(f"/proc/self/fd/{fd}", f"{ROOT}/{target}")
+        os.close(fd)
     make_dirs(f"{ROOT}/dev")
-    for name in DEVICES:
+    for name, fd in devices.items():
         open(f"{ROOT}/dev/{name}", "w").close()
-        mount(f"/dev/{name}", f"{ROOT}/dev/{name}", None, MS_BIND)
+        mount(f"/proc/self/fd/{fd}", f"{ROOT}/dev/{name}", None, MS_BIND)
+        os.close(fd)
     os.symlink("/proc/self/fd", f"{ROOT}/dev/fd")
     for name, size in (("tmp", config["tmp_bytes"]), ("workspace", config["workspace_bytes"])):
         make_dirs(f"{ROOT}/{name}")
@@ -191,12 +200,15 @@ def copy_out(real_fd: int, before: dict[str, tuple[int, int]]) -> dict:
         os.close(inside)
     deleted = []
     for name in sorted(set(before) - set(after)):
-        folder, base = open_parent(real_fd, name, create=False)
         try:
-            os.unlink(base, dir_fd=folder)
+            folder, base = open_parent(real_fd, name, create=False)
+            try:
+                os.unlink(base, dir_fd=folder)
+            finally:
+                os.close(folder)
             deleted.append(name)
-        finally:
-            os.close(folder)
+        except OSError as e:  # already gone, or a folder of the path became a link meanwhile
+            skipped.append(f"{name} (delete): {e.strerror}")
     return {"written": written, "deleted": deleted, "skipped": skipped}
 
 
