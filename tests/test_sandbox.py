@@ -189,6 +189,21 @@ for pid in os.listdir("/proc"):
     assert result.exit_code == 0 and "'PATH'" in out and "hunter2" not in out and "GPTLAB_TEST_SECRET" not in out, out
 
 
+def test_privileged_calls_and_nested_namespaces_are_refused(sandbox):
+    result, out = run(sandbox, """
+import ctypes, os, subprocess
+libc = ctypes.CDLL(None, use_errno=True)
+for name, call in [("unshare-user", lambda: libc.unshare(0x10000000)), ("remount-rw", lambda: libc.mount(
+        b"none", b"/usr", None, 32 | 4096, None)), ("ptrace-pid1", lambda: libc.ptrace(16, 1, 0, 0)),
+        ("chroot", lambda: libc.chroot(b"/tmp"))]:
+    print(name, call(), os.strerror(ctypes.get_errno()))
+print(subprocess.run(["echo", "children still work"], capture_output=True, text=True).stdout.strip())
+""")
+    lines = out.splitlines()
+    assert result.exit_code == 0 and len(lines) == 5 and lines[-1] == "children still work", out
+    assert all(line.split()[1] == "-1" and "not permitted" in line for line in lines[:4]), out
+
+
 def test_output_is_capped(sandbox):
     result = sandbox.run("print('y' * 100000)")
     assert result.exit_code == 0 and len(result.output) == LIMITS.output_bytes and result.truncated

@@ -21,9 +21,10 @@ Design decisions (threat model, limits and the escape suite's results: docs/sand
   no core dumps), a wall-clock limit enforced here by killing the launcher's process group (every
   process of the sandbox dies with its parent, and the pid namespace dies with its first process), and
   an output cap (stdout and stderr merged, the first `output_bytes` kept, the rest read and dropped).
-- Seccomp is not used: without capabilities and with no_new_privs the code cannot mount, trace other
-  processes or gain privileges; a syscall filter would narrow the kernel's attack surface further
-  (docs/sandbox.md lists it as the next step).
+- Seccomp (a BPF filter built in sandbox_init.py, x86_64 and aarch64): privileged or rarely needed system
+  calls (mount, unshare/setns and namespace flags to clone, ptrace, bpf, perf, keys, io_uring, modules,
+  ...) fail with EPERM, and other system-call ABIs (i386, x32) kill the process. It is defence in depth:
+  without capabilities and with no_new_privs most of them would fail anyway.
 - Where the kernel refuses namespaces (e.g. a container without user namespaces), the tool refuses to
   run code, with the reason, unless `unsafe_local=True` (CLI `--unsafe-local`): then the code runs as a
   plain subprocess in the workspace with the same rlimits and wall-clock limit, and nothing else.

@@ -10,7 +10,8 @@ Processes (A is this script, started by sandbox.py in its own process group):
      chroots, forks D; when D ends, kills whatever D left (all of the namespace), copies the workspace
      back and reports on the report fd.
   D  drops to the unprivileged sandbox uid (1000 inside; outside, an unused uid, or the caller's own uid
-     when the caller is not root), which clears every capability; sets the rlimits and no_new_privs; execs
+     when the caller is not root), which clears every capability; sets the rlimits, no_new_privs and the
+     seccomp filter; execs
      the interpreter on the code. D's stdout and stderr are the pipe sandbox.py reads.
 Every process asks for SIGKILL when its parent dies (PR_SET_PDEATHSIG), so killing A's process group tears
 the whole namespace down (pid 1 dying kills every process in it), also processes that left the group.
@@ -19,6 +20,7 @@ the whole namespace down (pid 1 dying kills every process in it), also processes
 import ctypes
 import json
 import os
+import platform
 import resource
 import signal
 import stat
@@ -35,6 +37,25 @@ SYSTEM = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc")  # sho
 DEVICES = ("null", "zero", "full", "random", "urandom")
 
 libc = ctypes.CDLL(None, use_errno=True)
+
+# Seccomp: system calls the code gets EPERM for, by (audit arch, numbers) per machine (from the kernel's
+# unistd_64.h and asm-generic/unistd.h). They need privileges the code no longer has, or reach rarely used
+# kernel code (keys, bpf, perf, io_uring, userfaultfd): the filter narrows the kernel's attack surface.
+# clone3 gets ENOSYS (its flags sit in memory a filter cannot read; libc falls back to clone), and clone
+# with a namespace flag gets EPERM, so no nested namespace can be made.
+DENIED = ("ptrace process_vm_readv process_vm_writev mount umount2 pivot_root chroot unshare setns keyctl add_key "
+          "request_key bpf perf_event_open userfaultfd kexec_load kexec_file_load init_module finit_module "
+          "delete_module reboot swapon swapoff acct quotactl open_by_handle_at syslog io_uring_setup "
+          "io_uring_enter io_uring_register open_tree move_mount fsopen fsconfig fsmount fspick mount_setattr "
+          "clone clone3").split()
+_SAME_EVERYWHERE = [425, 426, 427, 428, 429, 430, 431, 432, 433, 442]  # io_uring_*, the new mount API
+SYSCALLS = {
+    "x86_64": (0xC000003E, [101, 310, 311, 165, 166, 155, 161, 272, 308, 250, 248, 249, 321, 298, 323, 246, 320, 175,
+                            313, 176, 169, 167, 168, 163, 179, 304, 103, *_SAME_EVERYWHERE, 56, 435]),
+    "aarch64": (0xC00000B7, [117, 270, 271, 40, 39, 41, 51, 97, 268, 219, 217, 218, 280, 241, 282, 104, 294, 105,
+                             273, 106, 142, 224, 225, 89, 60, 265, 116, *_SAME_EVERYWHERE, 220, 435]),
+}
+NAMESPACE_FLAGS = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET | 0x02000000
 
 
 class SetupError(Exception):
@@ -212,6 +233,35 @@ def copy_out(real_fd: int, before: dict[str, tuple[int, int]]) -> dict:
     return {"written": written, "deleted": deleted, "skipped": skipped}
 
 
+def install_seccomp() -> None:
+    """Install the filter (comment above SYSCALLS); none on a machine whose numbers are not listed there."""
+    machine = platform.machine()
+    if machine not in SYSCALLS:
+        return
+    arch, numbers = SYSCALLS[machine]
+    table = dict(zip(DENIED, numbers))
+    ld, jeq, jset, jge, ret = 0x20, 0x15, 0x45, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JSET/JGE|K, BPF_RET|K
+    allow, kill = 0x7FFF0000, 0x80000000  # SECCOMP_RET_ALLOW, SECCOMP_RET_KILL_PROCESS
+    eperm, enosys = 0x00050000 | 1, 0x00050000 | 38  # SECCOMP_RET_ERRNO | errno
+    program = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill), (ld, 0, 0, 0)]  # other ABIs (i386): killed
+    if machine == "x86_64":
+        program += [(jge, 0, 1, 0x40000000), (ret, 0, 0, kill)]  # the x32 ABI's numbers
+    for name in DENIED:
+        if name != "clone":
+            program += [(jeq, 0, 1, table[name]), (ret, 0, 0, enosys if name == "clone3" else eperm)]
+    program += [(jeq, 0, 3, table["clone"]), (ld, 0, 0, 16), (jset, 0, 1, NAMESPACE_FLAGS), (ret, 0, 0, eperm),
+                (ret, 0, 0, allow)]
+
+    class Filter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(Filter))]
+
+    filters = (Filter * len(program))(*(Filter(*step) for step in program))
+    check(libc.prctl(22, 2, ctypes.byref(Program(len(program), filters)), 0, 0), "seccomp")  # PR_SET_SECCOMP, FILTER
+
+
 def run_code(config: dict) -> None:
     """D: become the unprivileged sandbox user, set the limits, exec the interpreter. Never returns."""
     if config["clear_groups"]:
@@ -223,6 +273,7 @@ def run_code(config: dict) -> None:
     for name, (soft, hard) in limits.items():
         resource.setrlimit(getattr(resource, name), (soft, hard))
     os.chdir("/workspace")
+    install_seccomp()
     os.execve(config["python"], [config["python"], "-I", "-u", "-c", config["code"]], config["env"])
 
 
