@@ -11,8 +11,7 @@ Processes (A is this script, started by sandbox.py in its own process group):
      back and reports on the report fd.
   D  drops to the unprivileged sandbox uid (1000 inside; outside, an unused uid, or the caller's own uid
      when the caller is not root), which clears every capability; sets the rlimits, no_new_privs and the
-     seccomp filter; execs
-     the interpreter on the code. D's stdout and stderr are the pipe sandbox.py reads.
+     seccomp filter; execs the interpreter on the code. D's stdout and stderr are the pipe sandbox.py reads.
 Every process asks for SIGKILL when its parent dies (PR_SET_PDEATHSIG), so killing A's process group tears
 the whole namespace down (pid 1 dying kills every process in it), also processes that left the group.
 """
