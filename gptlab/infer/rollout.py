@@ -5,8 +5,9 @@ exactly the same conversation layout that `chat.render` trains on.
 
 Design decisions
 - Decoding stops at `<|tool_call_end|>`; the call runs through the `Toolbox` given (by default the
-  calculator, the tool the tasks train; `Toolbox.call_written`: never raises) and the output block `<|tool_output_start|> output <|tool_output_end|>` is appended before decoding continues,
-  at most `max_tool_calls` times per turn (after that `<|tool_call_end|>` is an ordinary token).
+  calculator, the tool the tasks train; `Toolbox.call_written`: never raises) and the output block
+  `<|tool_output_start|> output <|tool_output_end|>` is appended before decoding continues, at most
+  `max_tool_calls` times per turn (after that `<|tool_call_end|>` is an ordinary token).
   `max_new_tokens` bounds each stretch of decoding between tool calls; after a tool call it shrinks to
   what is left of the context window, so the conversation is never cut from the left. A tool output
   that would not fit in the window ends the turn there (unfinished) instead of overflowing it.
