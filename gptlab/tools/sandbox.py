@@ -82,17 +82,14 @@ class Limits:
 @dataclass
 class RunResult:
     exit_code: int | None  # None when killed at the wall-clock limit; negative: killed by that signal
-    output: str  # stdout and stderr, merged, at most output_bytes
+    output: str  # stdout and stderr, merged, at most Limits.output_bytes of them
     output_bytes: int  # how many bytes the code wrote in all
+    truncated: bool
     timed_out: bool
     seconds: float
     written: list[str] = field(default_factory=list)  # workspace files the code created or changed
     deleted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # files that could not be copied back, with the reason
-
-    @property
-    def truncated(self) -> bool:
-        return self.output_bytes > len(self.output.encode("utf-8", errors="replace"))
 
 
 def _read_capped(stream, limit: int, kept: bytearray, total: list[int]) -> None:
@@ -133,6 +130,67 @@ def _run_process(command: list[str], limits: Limits, *, stdin: bytes = b"", pass
     return (None if timed_out else proc.returncode), bytes(kept), total[0], timed_out, time.perf_counter() - start
 
 
+def run_isolated(code: str, workspace: Path, limits: Limits) -> RunResult:
+    """Run `code` in the sandbox against `workspace` (resolved); GptlabError if the sandbox cannot start."""
+    report_read, report_write = os.pipe()
+    prefixes = sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)})
+    config = {"code": code, "workspace": str(workspace), "python": sys.executable, "env": SANDBOX_ENV,
+              "read_only": prefixes, "report_fd": report_write, "outside_id": OUTSIDE_ID,
+              "rlimits": limits.rlimits(), "workspace_bytes": limits.workspace_bytes,
+              "tmp_bytes": limits.tmp_bytes, "max_files": limits.max_files}
+    report_parts: list[bytes] = []  # read while the sandbox runs: a long report must not fill the pipe
+    report_reader = threading.Thread(target=lambda: report_parts.append(os.fdopen(report_read, "rb").read()),
+                                     daemon=True)
+    report_reader.start()
+    try:
+        exit_code, kept, total, timed_out, seconds = _run_process(
+            [sys.executable, "-I", "-S", str(LAUNCHER)], limits, stdin=json.dumps(config).encode(),
+            pass_fds=(report_write,), env={"PATH": SANDBOX_ENV["PATH"]})
+    finally:
+        os.close(report_write)
+        report_reader.join()
+    raw = b"".join(report_parts).decode("utf-8", errors="replace")
+    report = json.JSONDecoder().raw_decode(raw)[0] if raw.strip() else {}
+    if report.get("error"):
+        raise GptlabError(f"python tool: the sandbox could not start: {report['error']}")
+    if exit_code is not None and "exit" in report:
+        exit_code = report["exit"]  # the code's own status (the launcher's says 128 + signal)
+    return RunResult(exit_code, kept.decode("utf-8", errors="replace"), total, total > len(kept), timed_out,
+                     seconds, report.get("written", []), report.get("deleted", []), report.get("skipped", []))
+
+
+def run_local(code: str, workspace: Path, limits: Limits) -> RunResult:
+    """Run `code` as a plain subprocess in `workspace`, with the rlimits and the wall clock only (unsafe)."""
+
+    def set_limits():  # in the child, between fork and exec
+        for name, (soft, hard) in limits.rlimits().items():
+            resource.setrlimit(getattr(resource, name), (soft, hard))
+
+    def files() -> dict[str, int]:
+        return {p.relative_to(workspace).as_posix(): p.stat().st_mtime_ns for p in workspace.rglob("*") if p.is_file()}
+
+    before = files()
+    exit_code, kept, total, timed_out, seconds = _run_process(
+        [sys.executable, "-I", "-u", "-c", code], limits, cwd=workspace, env={**SANDBOX_ENV, "HOME": str(workspace)},
+        preexec_fn=set_limits)
+    after = files()
+    return RunResult(exit_code, kept.decode("utf-8", errors="replace"), total, total > len(kept), timed_out, seconds,
+                     sorted(n for n in after if before.get(n) != after[n]), sorted(n for n in before if n not in after))
+
+
+@cache
+def isolation_error() -> str | None:
+    """Why this machine cannot run the sandbox (None when it can): one trial run of `pass`, cached."""
+    with tempfile.TemporaryDirectory(prefix="gptlab-sandbox-probe-") as folder:
+        try:
+            result = run_isolated("pass", Path(folder).resolve(), Limits(wall_seconds=20))
+        except GptlabError as e:
+            return str(e).removeprefix("python tool: the sandbox could not start: ")
+        if result.exit_code != 0:
+            return f"a trial run exited with {result.exit_code}: {result.output.strip()[:300]}"
+    return None
+
+
 class Sandbox:
     """Runs Python code against one workspace, isolated (or, with unsafe_local, not)."""
 
@@ -150,67 +208,7 @@ class Sandbox:
     def run(self, code: str) -> RunResult:
         if len(code) > MAX_CODE_CHARS:
             raise GptlabError(f"code is {len(code)} characters, more than the {MAX_CODE_CHARS} allowed")
-        return self._run_local(code) if self.unsafe_local else self._run_isolated(code)
-
-    def _run_isolated(self, code: str) -> RunResult:
-        limits = self.limits
-        report_read, report_write = os.pipe()
-        prefixes = sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)})
-        config = {"code": code, "workspace": str(self.workspace), "python": sys.executable, "env": SANDBOX_ENV,
-                  "read_only": prefixes, "report_fd": report_write, "outside_id": OUTSIDE_ID,
-                  "rlimits": limits.rlimits(), "workspace_bytes": limits.workspace_bytes,
-                  "tmp_bytes": limits.tmp_bytes, "max_files": limits.max_files}
-        report_parts: list[bytes] = []  # read while the sandbox runs: a long report must not fill the pipe
-        report_reader = threading.Thread(target=lambda: report_parts.append(os.fdopen(report_read, "rb").read()),
-                                         daemon=True)
-        report_reader.start()
-        try:
-            exit_code, kept, total, timed_out, seconds = _run_process(
-                [sys.executable, "-I", "-S", str(LAUNCHER)], limits, stdin=json.dumps(config).encode(),
-                pass_fds=(report_write,), env={"PATH": SANDBOX_ENV["PATH"]})
-        finally:
-            os.close(report_write)
-            report_reader.join()
-        raw = b"".join(report_parts).decode("utf-8", errors="replace")
-        report = json.JSONDecoder().raw_decode(raw)[0] if raw.strip() else {}
-        if report.get("error"):
-            raise GptlabError(f"python tool: the sandbox could not start: {report['error']}")
-        if exit_code is not None and "exit" in report:
-            exit_code = report["exit"]
-        return RunResult(exit_code, kept.decode("utf-8", errors="replace"), total, timed_out, seconds,
-                         report.get("written", []), report.get("deleted", []), report.get("skipped", []))
-
-    def _run_local(self, code: str) -> RunResult:
-        limits = self.limits
-
-        def set_limits():  # in the child, between fork and exec
-            for name, (soft, hard) in limits.rlimits().items():
-                resource.setrlimit(getattr(resource, name), (soft, hard))
-
-        before = {p: p.stat().st_mtime_ns for p in self.workspace.rglob("*") if p.is_file()}
-        exit_code, kept, total, timed_out, seconds = _run_process(
-            [sys.executable, "-I", "-u", "-c", code], limits, cwd=self.workspace,
-            env={**SANDBOX_ENV, "HOME": str(self.workspace)}, preexec_fn=set_limits)
-        after = {p: p.stat().st_mtime_ns for p in self.workspace.rglob("*") if p.is_file()}
-        name = lambda p: p.relative_to(self.workspace).as_posix()  # noqa: E731
-        return RunResult(exit_code, kept.decode("utf-8", errors="replace"), total, timed_out, seconds,
-                         sorted(name(p) for p in after if before.get(p) != after[p]),
-                         sorted(name(p) for p in before if p not in after))
-
-
-@cache
-def isolation_error() -> str | None:
-    """Why this machine cannot run the sandbox (None when it can): one trial run of `pass`, cached."""
-    with tempfile.TemporaryDirectory(prefix="gptlab-sandbox-probe-") as folder:
-        sandbox = Sandbox.__new__(Sandbox)
-        sandbox.workspace, sandbox.limits, sandbox.unsafe_local = Path(folder).resolve(), Limits(wall_seconds=20), False
-        try:
-            result = sandbox._run_isolated("pass")
-        except GptlabError as e:
-            return str(e).removeprefix("python tool: the sandbox could not start: ")
-        if result.exit_code != 0:
-            return f"a trial run exited with {result.exit_code}: {result.output.strip()[:300]}"
-    return None
+        return (run_local if self.unsafe_local else run_isolated)(code, self.workspace, self.limits)
 
 
 def describe_outcome(result: RunResult, limits: Limits) -> ToolResult:
