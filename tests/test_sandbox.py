@@ -95,6 +95,21 @@ os.symlink({str(target)!r}, "link.txt")  # a link made inside is not copied back
     assert not (sandbox.workspace / "link.txt").exists()
 
 
+def test_copy_back_never_follows_links_in_the_real_workspace(tmp_path):
+    """The real workspace holds a link to a folder outside; the code (which cannot see the link) makes a real
+    folder of that name and writes into it: the copy back refuses to walk through the link."""
+    workspace, outside = tmp_path / "ws", tmp_path / "outside"
+    workspace.mkdir()
+    outside.mkdir()
+    (workspace / "old.txt").write_text("old")
+    os.symlink(outside, workspace / "out")
+    result = Sandbox(workspace, LIMITS).run("import os; print(os.listdir('.')); os.makedirs('out'); "
+                                            "open('out/x.txt', 'w').write('x'); os.remove('old.txt')")
+    assert result.exit_code == 0 and result.output == "['old.txt']\n", result
+    assert list(outside.iterdir()) == [] and result.written == [] and result.skipped[0].startswith("out/x.txt: ")
+    assert result.deleted == ["old.txt"] and not (workspace / "old.txt").exists()
+
+
 def test_fork_bomb_is_contained(sandbox):
     start = time.perf_counter()
     result, out = run(sandbox, """

@@ -165,7 +165,11 @@ def copy_file(src_fd: int, src: str, dst_fd: int, dst: str, owner: int | None, m
     try:
         fin = os.open(src_name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=src_dir)
         temporary = f".{dst_name}.sandbox-tmp"
-        fout = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=dst_dir)
+        try:  # a stale one (a run killed while copying); never opened: it could be a link or a hard link
+            os.unlink(temporary, dir_fd=dst_dir)
+        except FileNotFoundError:
+            pass
+        fout = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dst_dir)
         try:
             while chunk := os.read(fin, 1 << 20):
                 os.write(fout, chunk)
