@@ -52,8 +52,10 @@ from .files import check_workspace
 LAUNCHER = Path(__file__).with_name("sandbox_init.py")
 OUTSIDE_ID = 100_000  # the host uid/gid the sandboxed code runs as when the caller is root (owns nothing)
 MAX_CODE_CHARS = 100_000
-SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/workspace", "TMPDIR": "/tmp", "LANG": "C.UTF-8",
-               "MPLCONFIGDIR": "/tmp", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# HOME and caches in /tmp: libraries' caches (fontconfig, matplotlib) must not land in the workspace
+SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache",
+               "MPLCONFIGDIR": "/tmp/.cache/matplotlib", "LANG": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1",
+               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @dataclass
@@ -171,8 +173,7 @@ def run_local(code: str, workspace: Path, limits: Limits) -> RunResult:
 
     before = files()
     exit_code, kept, total, timed_out, seconds = _run_process(
-        [sys.executable, "-I", "-u", "-c", code], limits, cwd=workspace, env={**SANDBOX_ENV, "HOME": str(workspace)},
-        preexec_fn=set_limits)
+        [sys.executable, "-I", "-u", "-c", code], limits, cwd=workspace, env=SANDBOX_ENV, preexec_fn=set_limits)
     after = files()
     return RunResult(exit_code, kept.decode("utf-8", errors="replace"), total, total > len(kept), timed_out, seconds,
                      sorted(n for n in after if before.get(n) != after[n]), sorted(n for n in before if n not in after))
