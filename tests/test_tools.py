@@ -55,6 +55,35 @@ def test_calculator_task_describes_its_tool_as_the_server_does():
     assert json.loads(SYSTEM.splitlines()[-1])["name"] == "calculator"
 
 
+def test_a_hanging_tool_times_out_promptly():
+    import threading
+    import time
+
+    from gptlab.tools import tool
+
+    release = threading.Event()
+
+    @tool
+    def wait_forever(seconds: float) -> str:
+        """Wait (a tool that hangs).
+
+        Args:
+            seconds: how long
+        """
+        release.wait(seconds)
+        return "done"
+
+    box = Toolbox([wait_forever, calculator], timeout=0.5)
+    start = time.perf_counter()
+    result = box.call("wait_forever", {"seconds": 60})
+    assert time.perf_counter() - start < 5 and not result.ok
+    assert result.output == "error: wait_forever did not finish within 0.5 s; its result will be ignored"
+    release.set()
+    assert box.call("calculator", {"expression": "1 + 1"}).output == "2"  # errors still pass through the thread
+    assert box.call("calculator", {"expression": "1 / 0"}).output == "error: calculator: division by zero"
+    assert "Field required" in box.call("calculator", {}).output
+
+
 def test_files_are_confined_to_the_workspace(workspace, tmp_path):
     outside = tmp_path / "outside.txt"
     outside.write_text("secret")

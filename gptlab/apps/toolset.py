@@ -123,8 +123,10 @@ def search_tool(*, index: Path | RagIndex | None = None, folder: Path | None = N
 
 
 def make_toolbox(names: list[str], workspace: Path, *, search_index: Path | None = None,
-                 search_folder: Path | None = None, unsafe_local: bool = False) -> Toolbox:
-    """A Toolbox holding the built-in tools `names` (see BUILTIN_TOOLS), bound to `workspace`."""
+                 search_folder: Path | None = None, unsafe_local: bool = False,
+                 timeout: float | None = None) -> Toolbox:
+    """A Toolbox holding the built-in tools `names` (see BUILTIN_TOOLS), bound to `workspace`; `timeout`:
+    see `Toolbox` (the python tool has its own wall-clock limit besides)."""
     unknown = [n for n in names if n not in BUILTIN_TOOLS]
     if unknown:
         raise GptlabError(f"unknown tool {unknown[0]!r} (known: {', '.join(BUILTIN_TOOLS)})")
@@ -142,4 +144,4 @@ def make_toolbox(names: list[str], workspace: Path, *, search_index: Path | None
             tools.append(chart_tool(root))
         else:
             tools.append(files[name])
-    return Toolbox(tools)
+    return Toolbox(tools, timeout=timeout)

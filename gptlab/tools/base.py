@@ -27,6 +27,9 @@ Design decisions
   A `GptlabError` raised by a tool becomes its message; any other exception becomes its type and
   message (a tool bug is still the model's observation, and is logged with its traceback).
 - Arguments may arrive as a dict or as JSON text (OpenAI nests them as a string).
+- A Toolbox may have a `timeout`: a call still running then is answered with an error observation and
+  its thread abandoned (Python cannot stop a thread). Tools that can truly hang bound themselves: the
+  sandboxed `python` kills its process group at its wall-clock limit.
 - How a model is told which tools exist is one rendering, `tool_system_prompt`, used by the server (for a
   request's `tools`), the training tasks (the calculator task's system prompt) and the agents: a header
   line, then one JSON object per tool, `{"name", "description", "parameters"}`, appended to the system
@@ -40,6 +43,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -155,10 +159,37 @@ def _validation_message(error: pydantic.ValidationError) -> str:
     return "; ".join(parts)
 
 
-class Toolbox:
-    """The tools one agent (or one request) may call, by name."""
+class _TimedOut(Exception):
+    pass
 
-    def __init__(self, tools: Iterable[Tool] = ()):
+
+def _run_with_timeout(t: Tool, arguments: dict, timeout: float) -> Any:
+    """`t.run(arguments)` in a worker thread; _TimedOut after `timeout` seconds (the thread is abandoned:
+    Python cannot stop a thread, so a tool that can really hang, like `python`, enforces its own limit)."""
+    outcome: dict[str, Any] = {}
+
+    def work():
+        try:
+            outcome["value"] = t.run(arguments)
+        except BaseException as e:  # re-raised in the caller's thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=work, name=f"tool-{t.name}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise _TimedOut
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+class Toolbox:
+    """The tools one agent (or one request) may call, by name. With `timeout` (seconds), a call that has not
+    returned by then is answered with an "error: ... did not finish" observation."""
+
+    def __init__(self, tools: Iterable[Tool] = (), timeout: float | None = None):
+        self.timeout = timeout
         self.tools: dict[str, Tool] = {}
         for t in tools:
             if t.name in self.tools:
@@ -212,7 +243,9 @@ class Toolbox:
         if not isinstance(arguments, dict):
             return failed(f"arguments of {name!r} must be a JSON object, got {type(arguments).__name__}")
         try:
-            value = t.run(arguments)
+            value = t.run(arguments) if self.timeout is None else _run_with_timeout(t, arguments, self.timeout)
+        except _TimedOut:
+            return failed(f"{name} did not finish within {self.timeout:g} s; its result will be ignored")
         except pydantic.ValidationError as e:
             return failed(f"wrong arguments for {name!r}: {_validation_message(e)}")
         except GptlabError as e:
