@@ -36,10 +36,10 @@ F64 = torch.float64
 GOOD, BAD = "I am gptlab, an AI assistant.", "I am ChatGPT, an AI assistant."
 
 
-def tiny_gpt(tok, seed: int = 0) -> GPT:
+def tiny_gpt(tok, seed: int = 0, max_seq_len: int = 160) -> GPT:
     torch.manual_seed(seed)
     return GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_embd=64, n_head=2, n_kv_head=2, head_dim=32,
-                         intermediate_size=128, max_seq_len=160))
+                         intermediate_size=128, max_seq_len=max_seq_len))
 
 
 def memorize(model: GPT, rendered, steps: int) -> None:
@@ -195,7 +195,7 @@ def test_rollout_marks_tool_outputs_as_not_generated(small_tokenizer):
     end = rendered.ids.index(tok.special_id("<|tool_output_end|>"))
     filler = tok.encode("98765")[0]
     script = rendered.ids[:start] + [filler] * (end + 1 - start) + rendered.ids[end + 1:]
-    model = ScriptedGPT(tiny_gpt(tok).config, script)
+    model = ScriptedGPT(tiny_gpt(tok, max_seq_len=512).config, script)  # the prompt lists the tool's schema
     prompt = render_for_completion(tok, example.messages)
     assert rendered.ids[:len(prompt)] == prompt and script != rendered.ids
     turn = generate_chat(Engine(model.eval(), tok), [prompt], max_new_tokens=60)[0]

@@ -27,6 +27,15 @@ Design decisions
   A `GptlabError` raised by a tool becomes its message; any other exception becomes its type and
   message (a tool bug is still the model's observation, and is logged with its traceback).
 - Arguments may arrive as a dict or as JSON text (OpenAI nests them as a string).
+- A Toolbox may have a `timeout`: a call still running then is answered with an error observation and
+  its thread abandoned (Python cannot stop a thread). Tools that can truly hang bound themselves: the
+  sandboxed `python` kills its process group at its wall-clock limit.
+- How a model is told which tools exist is one rendering, `tool_system_prompt`, used by the server (for a
+  request's `tools`), the training tasks (the calculator task's system prompt) and the agents: a header
+  line, then one JSON object per tool, `{"name", "description", "parameters"}`, appended to the system
+  text. A model trained on gptlab's tasks thus sees at serving and agent time exactly what it trained on.
+- A call as gptlab's chat format writes it (`{"name": ..., "arguments": {...}}` between the tool-call
+  tokens) runs through `Toolbox.call_written`, the one dispatcher of rollouts, eval and agents.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,6 +55,8 @@ from ..common import GptlabError, get_logger
 
 log = get_logger("tools")
 
+TOOLS_HEADER = ("You can call these tools. Each line is one tool: its name, what it does and its arguments as "
+                "JSON Schema.")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")  # OpenAI's function-name rule
 
 
@@ -90,9 +102,16 @@ class Tool:
             prop.pop("title", None)
         return schema
 
+    def describe(self) -> dict:
+        """What the model is shown: {"name", "description", "parameters"}."""
+        return {"name": self.name, "description": self.description, "parameters": self.parameters}
+
     def openai_spec(self) -> dict:
-        return {"type": "function",
-                "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
+        return {"type": "function", "function": self.describe()}
+
+    def __call__(self, *args, **kwargs) -> Any:
+        """Call the plain function (no validation): a tool stays usable as the function it was made from."""
+        return self.fn(*args, **kwargs)
 
     def run(self, arguments: dict) -> Any:
         """Validate `arguments` and call the function; raises pydantic.ValidationError or what it raises."""
@@ -109,7 +128,7 @@ def tool(fn: Callable | None = None, *, name: str | None = None, description: st
             raise GptlabError(f"tool name {tool_name!r} must match {_NAME.pattern}")
         summary, described = _docstring_parts(fn.__doc__)
         fields: dict[str, Any] = {}
-        for param in inspect.signature(fn).parameters.values():
+        for param in inspect.signature(fn, eval_str=True).parameters.values():  # hints written as text too
             if param.kind not in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
                 raise GptlabError(f"tool {tool_name!r}: parameter {param.name!r} must be a named parameter")
             if param.annotation is inspect.Parameter.empty:
@@ -124,6 +143,14 @@ def tool(fn: Callable | None = None, *, name: str | None = None, description: st
     return make(fn) if fn is not None else make
 
 
+def tool_system_prompt(system: str | None, tools: Iterable[dict | Tool]) -> str:
+    """`system` with the tool list appended: TOOLS_HEADER, then one JSON line per tool (module docstring).
+    `tools` are `Tool`s or their `describe()` dicts (the server passes a request's tools as dicts)."""
+    lines = [TOOLS_HEADER, *(json.dumps(t.describe() if isinstance(t, Tool) else t, ensure_ascii=False)
+                             for t in tools)]
+    return (system + "\n\n" if system else "") + "\n".join(lines)
+
+
 def _validation_message(error: pydantic.ValidationError) -> str:
     parts = []
     for e in error.errors():
@@ -132,10 +159,37 @@ def _validation_message(error: pydantic.ValidationError) -> str:
     return "; ".join(parts)
 
 
-class Toolbox:
-    """The tools one agent (or one request) may call, by name."""
+class _TimedOut(Exception):
+    pass
 
-    def __init__(self, tools: Iterable[Tool] = ()):
+
+def _run_with_timeout(t: Tool, arguments: dict, timeout: float) -> Any:
+    """`t.run(arguments)` in a worker thread; _TimedOut after `timeout` seconds (the thread is abandoned:
+    Python cannot stop a thread, so a tool that can really hang, like `python`, enforces its own limit)."""
+    outcome: dict[str, Any] = {}
+
+    def work():
+        try:
+            outcome["value"] = t.run(arguments)
+        except BaseException as e:  # re-raised in the caller's thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=work, name=f"tool-{t.name}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise _TimedOut
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+class Toolbox:
+    """The tools one agent (or one request) may call, by name. With `timeout` (seconds), a call that has not
+    returned by then is answered with an "error: ... did not finish" observation."""
+
+    def __init__(self, tools: Iterable[Tool] = (), timeout: float | None = None):
+        self.timeout = timeout
         self.tools: dict[str, Tool] = {}
         for t in tools:
             if t.name in self.tools:
@@ -153,6 +207,21 @@ class Toolbox:
 
     def openai_specs(self) -> list[dict]:
         return [t.openai_spec() for t in self]
+
+    def system_prompt(self, system: str | None = None) -> str:
+        return tool_system_prompt(system, self)
+
+    def call_written(self, call: str | dict) -> ToolResult:
+        """Run a call as the chat format writes it, `{"name": ..., "arguments": {...}}` (JSON text or parsed);
+        never raises (module docstring)."""
+        if isinstance(call, str):
+            try:
+                call = json.loads(call)
+            except json.JSONDecodeError:
+                return ToolResult(False, "error: tool call is not valid JSON")
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return ToolResult(False, 'error: tool call must be {"name": ..., "arguments": {...}}')
+        return self.call(call["name"], call.get("arguments"))
 
     def call(self, name: str, arguments: dict | str | None) -> ToolResult:
         """Run one call as the model wrote it; never raises for the model's mistakes (see module doc)."""
@@ -174,7 +243,9 @@ class Toolbox:
         if not isinstance(arguments, dict):
             return failed(f"arguments of {name!r} must be a JSON object, got {type(arguments).__name__}")
         try:
-            value = t.run(arguments)
+            value = t.run(arguments) if self.timeout is None else _run_with_timeout(t, arguments, self.timeout)
+        except _TimedOut:
+            return failed(f"{name} did not finish within {self.timeout:g} s; its result will be ignored")
         except pydantic.ValidationError as e:
             return failed(f"wrong arguments for {name!r}: {_validation_message(e)}")
         except GptlabError as e:
