@@ -186,6 +186,7 @@ def main() -> None:
                      f"{disk_ann / 2**20:,.0f} MB with it ({disk_ann / 2**20 / (n / 100_000):,.0f} MB per 100k "
                      f"chunks){bm25}")
         print("\n".join(lines + [""] + facts), flush=True)
+        Path(args.out).write_text("\n".join(lines + ["", *facts, "", "(run in progress: later sizes follow)"]) + "\n")
         shutil.rmtree(folder, ignore_errors=True)
     text = "\n".join(lines + ["", *facts, "", f"Load average at end: {os.getloadavg()[0]:.1f}; bench process "
                               f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB "
