@@ -265,7 +265,7 @@ def train(ids: np.ndarray, sent: np.ndarray, vocab: Vocab, cfg: Word2VecConfig, 
     def work_on_chunk(epoch: int, first: int) -> None:
         job_seed = (cfg.seed, epoch, first)  # each chunk's randomness is its own, whichever thread takes it
         rng = np.random.default_rng(job_seed)
-        draws_gen = torch.Generator().manual_seed(hash(job_seed) & 0x7FFF_FFFF_FFFF)
+        draws_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         chunk = slice(first, first + cfg.chunk_words)
         kept = rng.random(len(ids[chunk])) < keep[ids[chunk]]
         centres, contexts = window_pairs(ids[chunk][kept], sent[chunk][kept], cfg.window, rng)
