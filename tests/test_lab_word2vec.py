@@ -188,6 +188,8 @@ def test_cli_trains_writes_and_fails_cleanly(tmp_path, capsys):
     assert cli_main(args + ["--query", "t0w0 - king"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: query 't0w0 - king': word 'king' is not in the vocabulary") and err.count("\n") == 1
+    assert cli_main(args + ["--plot-words", "t0w0,queen"]) == 2
+    assert capsys.readouterr().err.startswith("error: --plot-words: queen not in the vocabulary (48 words)")
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("one two three\n", encoding="utf-8")
     assert cli_main(["lab", "word2vec", "--corpus", str(tiny), "--out", str(out)]) == 2

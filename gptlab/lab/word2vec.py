@@ -402,6 +402,11 @@ def _cmd_word2vec(args: argparse.Namespace) -> None:
     vocab = Vocab.build(sentences, cfg.min_count)
     queries = args.query or [q for q in [DEFAULT_QUERY] if all(w in vocab.index for _, w in parse_query(q))]
     check_queries(queries, vocab)
+    plot_words = [w.strip().lower() for w in (args.plot_words or DEFAULT_PLOT_WORDS).split(",") if w.strip()]
+    missing = [w for w in plot_words if w not in vocab.index]
+    if args.plot_words and missing:  # checked before training, like the queries
+        raise GptlabError(f"--plot-words: {', '.join(missing)} not in the vocabulary ({len(vocab):,} words)")
+    plot_words = [w for w in plot_words if w not in missing]
     ids, sent = vocab.encode(sentences)
     del sentences
     print(f"{args.corpus}: {len(ids):,} words in the vocabulary of {len(vocab):,} (min-count {cfg.min_count})")
@@ -419,11 +424,6 @@ def _cmd_word2vec(args: argparse.Namespace) -> None:
              f"final batch loss {stats.final_loss:.3f}", "", evaluation_markdown(ev)]
     for query in queries:
         lines.append(f"{query}: " + ", ".join(f"{w} {s:.3f}" for w, s in wv.analogy(query)))
-    plot_words = [w for w in (args.plot_words or DEFAULT_PLOT_WORDS).split(",") if w.strip()]
-    missing = [w for w in plot_words if w.strip().lower() not in vocab.index]
-    if args.plot_words and missing:
-        raise GptlabError(f"--plot-words: {', '.join(missing)} not in the vocabulary")
-    plot_words = [w.strip().lower() for w in plot_words if w not in missing]
     if plot_words:
         plot_neighbourhoods(wv, plot_words, args.k, out / "neighbours.png",
                             f"word2vec on {Path(args.corpus).name}: nearest {args.k} neighbours (PCA)")
