@@ -12,11 +12,12 @@ import importlib
 EXPERIMENTS = [
     "gptlab.lab.compression_bench",
     "gptlab.lab.views",
+    "gptlab.lab.word2vec",
 ]
 
 
 def register(sub) -> None:
-    p = sub.add_parser("lab", help="experiments that measure what models do (compression, views into a model)")
+    p = sub.add_parser("lab", help="experiments that measure what models do (compression, views into a model, word2vec)")
     commands = p.add_subparsers(dest="lab_command", required=True, metavar="EXPERIMENT")
     for name in EXPERIMENTS:
         importlib.import_module(name).register_lab(commands)
