@@ -113,14 +113,11 @@ class _Owner:
 
 @dataclass
 class _Prefill:
-    """Requests being prefilled together, a chunk per step; `done` columns of `width` are in the cache."""
+    """Requests being prefilled together, a chunk per step."""
 
     group: list[Request]
     chunks: Iterator
     rows: int
-    width: int
-    step: int  # columns per chunk
-    done: int = 0
 
 
 @dataclass
@@ -239,11 +236,9 @@ class Scheduler:
             params = [r.params for r in group for _ in range(r.n)]
             first = self._next_row
             self._next_row += len(prompts)
-            width = max(map(len, prompts))
-            step = max(1, self.prefill_chunk_tokens // len(prompts)) if self.prefill_chunk_tokens else width
             chunks = self.engine.prefill_chunks(prompts, params, first_index=first,
                                                 chunk_tokens=self.prefill_chunk_tokens)
-            self._prefilling.append(_Prefill(group, chunks, len(prompts), width, step))
+            self._prefilling.append(_Prefill(group, chunks, len(prompts)))
 
     def _prefill_step(self, batch: DecodeBatch | None, owners: dict[int, _Owner]) -> DecodeBatch | None:
         """Advance pending prefills by up to `prefill_chunk_tokens` prompt tokens (no limit while nothing
@@ -256,7 +251,7 @@ class Scheduler:
                 self._prefilling.popleft()
                 pf.chunks.close()
                 continue
-            columns = min(pf.step, pf.width - pf.done)
+            computed = self.engine.prefill_tokens_computed
             try:
                 new = next(pf.chunks)
             except Exception as e:
@@ -265,8 +260,8 @@ class Scheduler:
                 for r in pf.group:
                     r._push(RuntimeError(f"prefill failed: {e}"))
                 continue
-            spent += pf.rows * columns
-            pf.done += columns
+            # what the chunk really ran through the model: cached prefixes and repeated prompts cost nothing
+            spent += self.engine.prefill_tokens_computed - computed
             if new is None:
                 continue
             self._prefilling.popleft()
