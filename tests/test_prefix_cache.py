@@ -164,3 +164,13 @@ def test_concurrent_requests_sharing_a_prefix_through_the_server(tmp_path):
         computed[cached] = engine.prefill_tokens_computed
     assert answers[True] == answers[False]
     assert computed[True] < computed[False] / 3
+
+
+def test_rows_of_very_different_lengths_are_prefilled_in_groups(model, tok):
+    """A short prompt beside a long one is not padded to the long one's width: each computes its own
+    columns (with or without the cache), and the answers are those of each prompt alone."""
+    off = Engine(model, tok, prefix_cache=False)
+    prompts = [SOURCE[:20], SOURCE[:600], SOURCE[30:60]]  # ~250 tokens beside ~10
+    together = token_ids(off, prompts, GREEDY)
+    assert off.prefill_tokens_computed == sum(len(off.encode(p)) for p in prompts)
+    assert together == [token_ids(off, [p], GREEDY)[0] for p in prompts]

@@ -36,6 +36,7 @@ Design decisions
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -230,39 +231,51 @@ class Engine:
         """(KV cache with one left-padded row per seq, logits (rows, 1, vocab) after each seq's last token),
         computed in pieces (a generator; see `_forward_pieces`). With the prefix cache, identical seqs are
         computed once, cached prefixes are copied in rather than computed, and prefixes that several seqs
-        share are computed once first (`_warm_shared_prefixes`); the new full blocks are stored."""
+        share are computed once first (`_warm_shared_prefixes`); the new full blocks are stored.
+        Rows run through the model in groups of similar uncomputed length (`_length_groups`): a group
+        computes the columns its longest row needs, so a short (or mostly cached) prompt does not pay for a
+        long one's columns."""
         pc = self.prefix_cache
-        unique, source = seqs, None
+        unique, source = seqs, list(range(len(seqs)))
         if pc is not None:
             first: dict[tuple[int, ...], int] = {}
             source = [first.setdefault(tuple(s), len(first)) for s in seqs]
             unique = [list(s) for s in first]  # in order of first appearance
             yield from self._warm_shared_prefixes(unique, chunk_tokens, pieces)
-        ids, positions, key_mask = self._left_pad(unique, capacity)
+        matched = [pc.match(s) for s in unique] if pc is not None else [[] for _ in unique]
+        todo = [len(s) - len(blocks) * (pc.block_tokens if pc else 0) for s, blocks in zip(unique, matched)]
+        order = sorted(range(len(unique)), key=todo.__getitem__)  # cache row r holds unique[order[r]]
+        ids, positions, key_mask = self._left_pad([unique[u] for u in order], capacity)
         width = ids.shape[1]
         cache = KVCache(self.model.config, len(unique), capacity, self.device, self.dtype)
-        start = 0
+        for r, u in enumerate(order):
+            if matched[u]:
+                slot, n = width - len(unique[u]), len(matched[u]) * pc.block_tokens
+                cache.k[:, r, :, slot:slot + n] = torch.cat([b.k for b in matched[u]], dim=2)
+                cache.v[:, r, :, slot:slot + n] = torch.cat([b.v for b in matched[u]], dim=2)
+        logits = []
+        for a, b in _length_groups([todo[u] for u in order]):
+            # the group's rows of the cache, as a view: what the model writes lands in `cache`. Columns
+            # before `start` are cached (or padding) in every row of the group; a row whose cached prefix
+            # ends later recomputes its last cached columns, which leaves the stored blocks untouched
+            part = copy.copy(cache)
+            part.k, part.v, part.length = cache.k[:, a:b], cache.v[:, a:b], width - todo[order[b - 1]]
+            step = width if chunk_tokens is None else max(1, chunk_tokens // (b - a))
+            logits.append((yield from self._forward_pieces(
+                ids[a:b], positions[a:b], key_mask[a:b] if key_mask is not None else None, part, part.length,
+                step, pieces)))
+        cache.length = width
+        logits = torch.cat(logits)
         if pc is not None:
-            matched = [pc.match(s) for s in unique]
-            # columns before `start` are cached (or padding) in every row; a row whose cached prefix ends
-            # later recomputes its last cached columns, which leaves the stored blocks untouched
-            start = width - max(len(s) - len(blocks) * pc.block_tokens for s, blocks in zip(unique, matched))
-            for r, (s, blocks) in enumerate(zip(unique, matched)):
-                if blocks:
-                    slot, n = width - len(s), len(blocks) * pc.block_tokens
-                    cache.k[:, r, :, slot:slot + n] = torch.cat([b.k for b in blocks], dim=2)
-                    cache.v[:, r, :, slot:slot + n] = torch.cat([b.v for b in blocks], dim=2)
-            cache.length = start
-        step = width if chunk_tokens is None else max(1, chunk_tokens // len(unique))
-        logits = yield from self._forward_pieces(ids, positions, key_mask, cache, start, step, pieces)
-        if pc is not None:
-            for r, s in enumerate(unique):
-                slot = width - len(s)
-                pc.store(s, cache.k[:, r, :, slot:width], cache.v[:, r, :, slot:width])
-            if len(unique) < len(seqs):  # identical prompts: one computed row, copied
-                index = torch.tensor(source, device=self.device)
-                cache.reorder(index)
-                logits = logits[index]
+            for r, u in enumerate(order):
+                slot = width - len(unique[u])
+                pc.store(unique[u], cache.k[:, r, :, slot:width], cache.v[:, r, :, slot:width])
+        row_of = {u: r for r, u in enumerate(order)}
+        index = [row_of[u] for u in source]
+        if index != list(range(len(unique))):  # back to the order of `seqs`, identical prompts copied
+            index = torch.tensor(index, device=self.device)
+            cache.reorder(index)
+            logits = logits[index]
         return cache, logits
 
     def _warm_shared_prefixes(self, seqs: list[list[int]], chunk_tokens: int | None, pieces: list[int]):
@@ -483,6 +496,17 @@ class Engine:
                 greedy = bool((rows.argmax(dim=-1) == target).all())
                 results.append(ContinuationScore(float(token_lp.double().sum()), token_lp.tolist(), greedy))
         return results
+
+
+def _length_groups(lengths: list[int], floor: int = 32) -> list[tuple[int, int]]:
+    """Split ascending lengths into runs [a, b) whose longest is at most twice the shortest (or than
+    `floor`): a prefill group then computes at most about twice the columns its rows need."""
+    groups, a = [], 0
+    for i in range(1, len(lengths) + 1):
+        if i == len(lengths) or lengths[i] > 2 * max(lengths[a], floor):
+            groups.append((a, i))
+            a = i
+    return groups
 
 
 def _check_prompt_list(prompts) -> list:

@@ -23,6 +23,8 @@ Design decisions
   its tail stays).
 - Stale weights: the stored KV belongs to one set of weights; `check_weights` empties the cache when the
   engine's weights fingerprint changed (RL trains between generate calls).
+- Thread-safe (one lock around each lookup and store): a server's decode thread and a caller of
+  `Engine.generate` in another thread may share an engine.
 - At least one prompt token is always computed: the prefill needs the logits after the last prompt token,
   so a lookup stops one token short of a prompt's end.
 """
@@ -30,6 +32,7 @@ Design decisions
 from __future__ import annotations
 
 import itertools
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,6 +74,7 @@ class PrefixCache:
         self._blocks: OrderedDict[tuple[int, tuple[int, ...]], _Block] = OrderedDict()  # LRU first
         self._ids = itertools.count()
         self._weights_key = None
+        self._lock = threading.Lock()
         self.bytes = 0
         self.stats = PrefixCacheStats()
 
@@ -80,19 +84,18 @@ class PrefixCache:
     def contains(self, ids: Sequence[int]) -> bool:
         """Whether every full block of `ids` is stored (no LRU refresh)."""
         n = len(ids) // self.block_tokens
-        return sum(1 for _ in self._chain_keys(ids, n)) == n
+        with self._lock:
+            return sum(1 for _ in self._chain_keys(ids, n)) == n
 
     def check_weights(self, key) -> None:
         """Empty the cache if the weights changed since the blocks were computed."""
-        if key != self._weights_key:
-            if self._blocks:
-                self.stats.cleared += 1
-            self.clear()
-            self._weights_key = key
-
-    def clear(self) -> None:
-        self._blocks.clear()
-        self.bytes = 0
+        with self._lock:
+            if key != self._weights_key:
+                if self._blocks:
+                    self.stats.cleared += 1
+                self._blocks.clear()
+                self.bytes = 0
+                self._weights_key = key
 
     def _chain_keys(self, ids: Sequence[int], n_blocks: int):
         """Keys of the first blocks of `ids`, as long as they are stored (yields (key, block))."""
@@ -107,13 +110,18 @@ class PrefixCache:
 
     def match(self, ids: Sequence[int]) -> list[_Block]:
         """The stored blocks of the longest cached prefix of `ids` (leaving at least its last token)."""
-        found = list(self._chain_keys(ids, (len(ids) - 1) // self.block_tokens))
-        self._touch([key for key, _ in found])
+        with self._lock:
+            found = list(self._chain_keys(ids, (len(ids) - 1) // self.block_tokens))
+            self._touch([key for key, _ in found])
         return [block for _, block in found]
 
     def store(self, ids: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep the full blocks of a computed prompt: k, v (n_layer, n_kv_head, len(ids), head_dim) are its
         keys/values, slot i holding token i. Blocks already stored are kept as they are."""
+        with self._lock:
+            self._store(ids, k, v)
+
+    def _store(self, ids: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
         B = self.block_tokens
         parent, chain = ROOT, []
         for i in range(len(ids) // B):
