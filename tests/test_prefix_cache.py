@@ -13,8 +13,7 @@ import openai
 import pytest
 import torch
 
-from _serve_helpers import LiveServer, make_model_dir
-from gptlab.checkpoint import load_model_dir
+from _serve_helpers import LiveServer
 from gptlab.infer.engine import Engine
 from gptlab.infer.prefix_cache import PrefixCache
 from gptlab.infer.sampling import SamplingParams
@@ -138,27 +137,25 @@ def test_changed_weights_empty_the_cache(model, tok):
     assert after != before and on.prefix_cache.stats.cleared == 1
 
 
-def test_concurrent_requests_sharing_a_prefix_through_the_server(tmp_path):
+def test_concurrent_requests_sharing_a_prefix_through_the_server(model, tok):
     """Requests with one long system prompt, sent at once (greedy and seeded, n = 3), answer as a server
     without the cache does, and the prefix is computed about once, not once per request."""
-    model_dir = make_model_dir(tmp_path / "tiny")
-    model, tok = load_model_dir(model_dir)
     system = {"role": "system", "content": SYSTEM}
-    chats = [[system, {"role": "user", "content": f"question {i}" + "?" * i}] for i in range(8)]
+    chats = [[system, {"role": "user", "content": f"question {i}" + "?" * i}] for i in range(6)]
     answers, computed = {}, {}
     for cached in (True, False):
-        engine = Engine(model.eval(), tok, strict_context=True, prefix_cache=cached)
+        engine = Engine(model, tok, strict_context=True, prefix_cache=cached)
         live = LiveServer(create_app(engine, ServeConfig(model_name="tiny", max_batch=32)))
         try:
             client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0, timeout=60)
 
             def ask(i):
                 kwargs = {"temperature": 0} if i % 2 else {"temperature": 1.0, "seed": 5, "n": 3}
-                reply = client.chat.completions.create(model="tiny", messages=chats[i], max_tokens=12, **kwargs)
+                reply = client.chat.completions.create(model="tiny", messages=chats[i], max_tokens=8, **kwargs)
                 return [c.message.content for c in reply.choices]
 
-            with ThreadPoolExecutor(8) as pool:
-                answers[cached] = list(pool.map(ask, range(8)))
+            with ThreadPoolExecutor(len(chats)) as pool:
+                answers[cached] = list(pool.map(ask, range(len(chats))))
         finally:
             live.stop()
         computed[cached] = engine.prefill_tokens_computed

@@ -255,9 +255,10 @@ class Engine:
                 cache.v[:, r, :, slot:slot + n] = torch.cat([b.v for b in matched[u]], dim=2)
         logits = []
         for a, b in _length_groups([todo[u] for u in order]):
-            # the group's rows of the cache, as a view: what the model writes lands in `cache`. Columns
-            # before `start` are cached (or padding) in every row of the group; a row whose cached prefix
-            # ends later recomputes its last cached columns, which leaves the stored blocks untouched
+            # the group's rows of the cache, as a view: what the model writes lands in `cache`. The group
+            # starts at the first column its longest uncomputed row needs: columns before are cached (or
+            # padding) in every row of it; a row whose cached prefix ends later recomputes its last cached
+            # columns, which leaves the stored blocks untouched
             part = copy.copy(cache)
             part.k, part.v, part.length = cache.k[:, a:b], cache.v[:, a:b], width - todo[order[b - 1]]
             step = width if chunk_tokens is None else max(1, chunk_tokens // (b - a))
