@@ -55,7 +55,8 @@ def make_model(path: Path, args) -> Path:
     tok = train_tokenizer(texts, vocab_size=args.vocab)
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=tok.vocab_size, n_layer=args.layers, n_embd=args.width, n_head=args.width // 64,
-                       n_kv_head=args.width // 64, head_dim=64, intermediate_size=4 * args.width, max_seq_len=512)
+                       n_kv_head=args.width // 64, head_dim=64, intermediate_size=4 * args.width,
+                       max_seq_len=getattr(args, "context", 512))
     model = GPT(config)
     with torch.no_grad():  # no end token ever wins the argmax: every answer is exactly max_tokens long
         model.lm_head.weight[list(tok.special_tokens.values())] = 0
@@ -71,11 +72,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model_dir: Path, port: int, max_batch: int, threads: int, prefill_chunk_tokens: int):
+    def __init__(self, model_dir: Path, port: int, max_batch: int, threads: int, prefill_chunk_tokens: int,
+                 extra: tuple[str, ...] = ("--max-queue", "10000")):
         self.url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "gptlab.cli", "serve", "--model", str(model_dir), "--port", str(port),
-               "--max-batch", str(max_batch), "--max-queue", "10000", "--threads", str(threads),
-               "--prefill-chunk-tokens", str(prefill_chunk_tokens), "--log-level", "warning", "--model-name", "bench"]
+               "--max-batch", str(max_batch), "--threads", str(threads), "--prefill-chunk-tokens",
+               str(prefill_chunk_tokens), "--log-level", "warning", "--model-name", "bench", *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while True:
@@ -88,9 +90,10 @@ class Server:
                 raise SystemExit(f"server did not start: {self.proc.stderr.read()}")
             time.sleep(0.2)
 
-    def peak_rss_mib(self) -> float:
+    def peak_rss_mib(self, field: str = "VmHWM") -> float:
+        """The server's peak resident memory (VmRSS: the current one), MiB."""
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
         return float("nan")
 

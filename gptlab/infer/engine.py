@@ -26,10 +26,18 @@ Design decisions
   allocated once per batch at full size, and the prefill computes the head for the last position only.
 - Prefill and scoring run `GPT.forward`; decode steps run `FusedDecoder` (fused.py) where the model
   supports it, rebuilt whenever the weights changed since the last prefill.
+- Prefix caching (on by default; prefix_cache.py): a prefill computes each distinct prompt of the call
+  once (n samples of one prompt cost one prompt), copies the cached keys/values of each prompt's longest
+  cached prefix into its row instead of computing them, and first computes once any prefix that several
+  of its prompts share; only the remaining columns run through the model. Computing a prompt's suffix
+  over cached keys/values is what chunked prefill already does, so outputs are the same with the cache
+  on or off (tested token for token, greedy and seeded sampling).
 """
 
 from __future__ import annotations
 
+import copy
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -42,6 +50,7 @@ from ..tokenizer import Tokenizer
 from .batch import Completion, DecodeBatch, Row, StreamEvent, TextStream
 from .constraints import ConstraintState, mask_constrained_logits
 from .fused import FusedDecoder, weights_key
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, SamplingTensors, apply_repetition_penalty, sample_tokens
 
 log = get_logger("engine")
@@ -73,13 +82,20 @@ class Engine:
     `FusedDecoder` (faster at small batch, holds a second copy of the weights; models it does not support,
     e.g. with LoRA layers, decode through `model.forward` either way). compile: torch.compile that step
     (the first single-row step and the first batched step each compile, seconds to a minute; it pays off
-    for long generations with fixed weights, not when the weights change between calls, as in RL)."""
+    for long generations with fixed weights, not when the weights change between calls, as in RL).
+    prefix_cache: reuse the keys/values of prompt prefixes seen before and of identical prompts in one call
+    (prefix_cache.py), keeping at most `prefix_cache_mb` MiB of them; outputs are the same either way."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, strict_context: bool = False, add_bos: bool = True,
-                 fused_decode: bool = True, compile: bool = False):
+                 fused_decode: bool = True, compile: bool = False, prefix_cache: bool = True,
+                 prefix_cache_mb: float = 256):
         if compile and not fused_decode:
             raise GptlabError("compile=True compiles the fused decode step; it needs fused_decode=True")
+        if prefix_cache_mb < 0:
+            raise GptlabError(f"prefix_cache_mb must be >= 0, got {prefix_cache_mb}")
         self.model = model
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache else None
+        self.prefill_tokens_computed = 0  # prompt tokens run through the model by prefills, ever
         self.fused_decode, self.compile = fused_decode, compile
         self._decoder: FusedDecoder | None = None
         self.tokenizer = tokenizer
@@ -120,11 +136,15 @@ class Engine:
         return ids[-limit:]
 
     def _refresh_decoder(self) -> None:
-        """(Re)build the fused decoder if the weights changed since it was made (checked once per prefill,
-        so a model trained between generate calls, as in RL, never decodes with stale weights)."""
+        """(Re)build the fused decoder and empty the prefix cache if the weights changed since they were
+        made (checked once per prefill, so a model trained between generate calls, as in RL, never
+        decodes with stale weights or reuses stale keys/values)."""
+        key = weights_key(self.model)
+        if self.prefix_cache is not None:
+            self.prefix_cache.check_weights(key)
         if not self.fused_decode:
             return
-        if self._decoder is None or self._decoder.weights_key != weights_key(self.model):
+        if self._decoder is None or self._decoder.weights_key != key:
             self._decoder = FusedDecoder(self.model, self.compile) if FusedDecoder.supports(self.model) else None
 
     def _decode(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
@@ -169,7 +189,8 @@ class Engine:
         """`prefill` in pieces of at most `chunk_tokens` prompt tokens (all rows together, at least one
         column per piece): yields None after each piece but the last, then the batch. A server advances
         it between decode steps, so a long prompt does not stall the running rows for its whole prefill
-        (chunked prefill, as in Sarathi / vLLM); the KV cache makes the result the same as in one piece."""
+        (chunked prefill, as in Sarathi / vLLM); the KV cache makes the result the same as in one piece.
+        `prefill_tokens_computed` counts the prompt tokens the pieces run through the model."""
         prompts = _check_prompt_list(prompts)
         plist = _params_list(params, len(prompts))
         self._refresh_decoder()
@@ -189,17 +210,14 @@ class Engine:
             rows.append(Row(first_index + r, p, len(ids), stop_ids, min(p.max_new_tokens, self.window - len(ids)),
                             TextStream(p.stop), generator, constraint))
             seqs.append(ids)
-        width = max(map(len, seqs))
-        capacity = max(width + row.max_new for row in rows)
-        ids, positions, key_mask = self._left_pad(seqs, capacity)
-        cache = KVCache(self.model.config, len(seqs), capacity, self.device, self.dtype)
-        step = width if chunk_tokens is None else max(1, chunk_tokens // len(seqs))
-        for start in range(0, width, step):
-            if start:
-                yield None
-            end = min(start + step, width)
-            logits = self.model(ids[:, start:end], kv_cache=cache, positions=positions[:, start:end],
-                                attn_mask=key_mask, logits_to_keep=1)
+        capacity = max(map(len, seqs)) + max(row.max_new for row in rows)
+        computed_before = self.prefill_tokens_computed
+        cache, logits = yield from self._prefill_rows(seqs, capacity, chunk_tokens, pieces=[0])
+        if self.prefix_cache is not None:
+            stats = self.prefix_cache.stats
+            stats.prompt_tokens += sum(map(len, seqs))
+            stats.computed_tokens += self.prefill_tokens_computed - computed_before
+        _, positions, key_mask = self._left_pad(seqs, capacity)
         sampling = SamplingTensors.from_params(plist, self.device)
         seen = None
         if sampling.penalty is not None:
@@ -208,6 +226,99 @@ class Engine:
                 seen[r, s] = True
         yield DecodeBatch(rows, cache, key_mask, positions[:, -1] + 1,
                           self._mask_unknown(logits[:, -1].float()), seen, sampling)
+
+    def _prefill_rows(self, seqs: list[list[int]], capacity: int, chunk_tokens: int | None, pieces: list[int]):
+        """(KV cache with one left-padded row per seq, logits (rows, 1, vocab) after each seq's last token),
+        computed in pieces (a generator; see `_forward_pieces`). With the prefix cache, identical seqs are
+        computed once, cached prefixes are copied in rather than computed, and prefixes that several seqs
+        share are computed once first (`_warm_shared_prefixes`); the new full blocks are stored.
+        Rows run through the model in groups of similar uncomputed length (`_length_groups`): a group
+        computes the columns its longest row needs, so a short (or mostly cached) prompt does not pay for a
+        long one's columns."""
+        pc = self.prefix_cache
+        unique, source = seqs, list(range(len(seqs)))
+        if pc is not None:
+            first: dict[tuple[int, ...], int] = {}
+            source = [first.setdefault(tuple(s), len(first)) for s in seqs]
+            unique = [list(s) for s in first]  # in order of first appearance
+            yield from self._warm_shared_prefixes(unique, chunk_tokens, pieces)
+        matched = [pc.match(s) for s in unique] if pc is not None else [[] for _ in unique]
+        todo = [len(s) - len(blocks) * (pc.block_tokens if pc else 0) for s, blocks in zip(unique, matched)]
+        order = sorted(range(len(unique)), key=todo.__getitem__)  # cache row r holds unique[order[r]]
+        ids, positions, key_mask = self._left_pad([unique[u] for u in order], capacity)
+        width = ids.shape[1]
+        cache = KVCache(self.model.config, len(unique), capacity, self.device, self.dtype)
+        for r, u in enumerate(order):
+            if matched[u]:
+                slot, n = width - len(unique[u]), len(matched[u]) * pc.block_tokens
+                cache.k[:, r, :, slot:slot + n] = torch.cat([b.k for b in matched[u]], dim=2)
+                cache.v[:, r, :, slot:slot + n] = torch.cat([b.v for b in matched[u]], dim=2)
+        logits = []
+        for a, b in _length_groups([todo[u] for u in order]):
+            # the group's rows of the cache, as a view: what the model writes lands in `cache`. The group
+            # starts at the first column its longest uncomputed row needs: columns before are cached (or
+            # padding) in every row of it; a row whose cached prefix ends later recomputes its last cached
+            # columns, which leaves the stored blocks untouched
+            part = copy.copy(cache)
+            part.k, part.v, part.length = cache.k[:, a:b], cache.v[:, a:b], width - todo[order[b - 1]]
+            step = width if chunk_tokens is None else max(1, chunk_tokens // (b - a))
+            logits.append((yield from self._forward_pieces(
+                ids[a:b], positions[a:b], key_mask[a:b] if key_mask is not None else None, part, part.length,
+                step, pieces)))
+        cache.length = width
+        logits = torch.cat(logits)
+        if pc is not None:
+            for r, u in enumerate(order):
+                slot = width - len(unique[u])
+                pc.store(unique[u], cache.k[:, r, :, slot:width], cache.v[:, r, :, slot:width])
+        row_of = {u: r for r, u in enumerate(order)}
+        index = [row_of[u] for u in source]
+        if index != list(range(len(unique))):  # back to the order of `seqs`, identical prompts copied
+            index = torch.tensor(index, device=self.device)
+            cache.reorder(index)
+            logits = logits[index]
+        return cache, logits
+
+    def _warm_shared_prefixes(self, seqs: list[list[int]], chunk_tokens: int | None, pieces: list[int]):
+        """Prefill (and store) once each block-aligned prefix that two or more of `seqs` share and the
+        cache lacks, so a burst of requests with one system prompt computes it once, not once per row.
+        Each seq contributes its longest such prefix; the warm-up prefills those the same way, so
+        prefixes they share in turn are computed first (the recursion ends: they get shorter)."""
+        pc = self.prefix_cache
+        B = pc.block_tokens
+        chains = []  # per seq: a hash per block-aligned prefix (leaving at least one token)
+        for s in seqs:
+            h, chain = 0, []
+            for n in range(B, len(s), B):
+                h = hash((h, tuple(s[n - B:n])))
+                chain.append(h)
+            chains.append(chain)
+        shared = Counter(h for chain in chains for h in chain)
+        warm: dict[tuple[int, ...], None] = {}
+        for s, chain in zip(seqs, chains):
+            # a hash collision could only pick a prefix that is not really shared: wasted work, not a wrong
+            # result (blocks are stored and looked up by their exact tokens)
+            deepest = max((i for i, h in enumerate(chain) if shared[h] > 1), default=None)
+            if deepest is not None and not pc.contains(s[:(deepest + 1) * B]):
+                warm[tuple(s[:(deepest + 1) * B])] = None
+        if warm:
+            prefixes = [list(w) for w in warm]
+            yield from self._prefill_rows(prefixes, max(map(len, prefixes)), chunk_tokens, pieces)
+
+    def _forward_pieces(self, ids, positions, key_mask, cache: KVCache, start: int, step: int, pieces: list[int]):
+        """Run columns start.. of `ids` through the model, `step` columns at a time, into `cache` (filled up
+        to `start`); returns the last piece's logits. Yields None before every piece but the first of the
+        whole prefill (`pieces` counts them across the nested calls of one prefill)."""
+        width = ids.shape[1]
+        for begin in range(start, width, step):
+            if pieces[0]:
+                yield None
+            pieces[0] += 1
+            end = min(begin + step, width)
+            logits = self.model(ids[:, begin:end], kv_cache=cache, positions=positions[:, begin:end],
+                                attn_mask=key_mask, logits_to_keep=1)
+            self.prefill_tokens_computed += ids.shape[0] * (end - begin)
+        return logits
 
     @torch.inference_mode()
     def step(self, batch: DecodeBatch) -> list[StreamEvent]:
@@ -386,6 +497,17 @@ class Engine:
                 greedy = bool((rows.argmax(dim=-1) == target).all())
                 results.append(ContinuationScore(float(token_lp.double().sum()), token_lp.tolist(), greedy))
         return results
+
+
+def _length_groups(lengths: list[int], floor: int = 32) -> list[tuple[int, int]]:
+    """Split ascending lengths into runs [a, b) whose longest is at most twice the shortest (or than
+    `floor`): a prefill group then computes at most about twice the columns its rows need."""
+    groups, a = [], 0
+    for i in range(1, len(lengths) + 1):
+        if i == len(lengths) or lengths[i] > 2 * max(lengths[a], floor):
+            groups.append((a, i))
+            a = i
+    return groups
 
 
 def _check_prompt_list(prompts) -> list:

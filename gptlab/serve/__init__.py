@@ -30,9 +30,10 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     model.eval()
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = Engine(model, tokenizer, strict_context=True)
-    if args.max_batch < 1 or args.max_queue < 0 or args.prefill_chunk_tokens < 0:
-        raise GptlabError("--max-batch must be >= 1, --max-queue and --prefill-chunk-tokens >= 0")
+    if args.max_batch < 1 or args.max_queue < 0 or args.prefill_chunk_tokens < 0 or args.prefix_cache_mb < 0:
+        raise GptlabError("--max-batch must be >= 1, --max-queue, --prefill-chunk-tokens and --prefix-cache-mb >= 0")
+    engine = Engine(model, tokenizer, strict_context=True, prefix_cache=not args.no_prefix_cache,
+                    prefix_cache_mb=args.prefix_cache_mb)
     names = args.served_model_name or [Path(args.model).resolve().name]
     config = ServeConfig(model_name=names[0], aliases=tuple(names[1:]),
                          generation_config=read_generation_config(args.model),
@@ -64,6 +65,12 @@ def register(sub) -> None:
     s.add_argument("--prefill-chunk-tokens", type=int, default=128,
                    help="prompt tokens prefilled per decode step while other requests stream, so a long prompt "
                         "does not stall them (0: whole prompts at once; default: %(default)s)")
+    s.add_argument("--no-prefix-cache", action="store_true",
+                   help="recompute every prompt from scratch instead of reusing the keys/values of prompt prefixes "
+                        "seen before (automatic prefix caching, on by default; outputs are the same either way)")
+    s.add_argument("--prefix-cache-mb", type=float, default=256,
+                   help="memory for cached prefixes; least recently used blocks are evicted beyond it "
+                        "(default: %(default)s)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="(default: %(default)s)")
     s.add_argument("--max-tokens-limit", type=int, default=None,
                    help="largest max_tokens accepted (default: the context window)")

@@ -2,7 +2,8 @@
 
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (streaming as
 server-sent events, or not), `POST /v1/embeddings` and retrieval in chat with `--rag-index` (rag.py),
-`GET /health`, the web chat page at `/`, and the OpenAPI document at
+`GET /health`, `GET /metrics` (Prometheus text format, metrics.py), the web chat page at `/`, and the
+OpenAPI document at
 `/openapi.json` (`/docs` renders it when the browser can reach the Swagger UI assets online).
 
 Design decisions
@@ -15,7 +16,9 @@ Design decisions
 - Errors use the OpenAI shape `{"error": {"message", "type", "param", "code"}}` so clients raise their
   usual exceptions: 400 for invalid input (FastAPI's default 422 is mapped to 400, with `param` naming the
   field), 401 for a missing/wrong API key, 404 for an unknown model (naming the served ones), 413 for an
-  oversized body, 429 when the waiting queue is full, 503 while shutting down.
+  oversized body, 429 when the waiting queue is full (with `Retry-After`, as RFC 9110 suggests for a
+  server that is overloaded: clients such as the openai package wait that long before retrying), 503
+  while shutting down.
 - Limits are explicit and checked before any model work: body size (bytes, checked while reading, so a
   huge body is refused without being buffered), `max_tokens` (a request above the limit is refused, not
   silently clamped) and the context window (prompt + max_tokens must fit, as in the OpenAI API).
@@ -30,8 +33,8 @@ Design decisions
 - Tool calls (OpenAI function calling) are converted to and from the chat format's tool-call blocks
   in tools.py; with tools, decoding also stops at `<|tool_call_end|>` and the call is returned as
   `message.tool_calls` (streaming: one `delta.tool_calls` chunk) with finish_reason "tool_calls".
-- The API key is compared with `secrets.compare_digest` (constant time); `/health` and the page itself
-  stay open so load balancers and browsers can reach them, the page sends the key the user types.
+- The API key is compared with `secrets.compare_digest` (constant time); `/health`, `/metrics` and the page
+  itself stay open so load balancers and browsers can reach them, the page sends the key the user types.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -53,6 +56,7 @@ from ..common import get_logger
 from ..infer.engine import Engine
 from . import protocol as p
 from . import rag, routes
+from .metrics import CONTENT_TYPE_LATEST, MetricsMiddleware, ServerMetrics
 from .scheduler import Scheduler
 from .state import ApiError, ServeConfig, ServerState, error_body
 
@@ -60,6 +64,7 @@ __all__ = ["ServeConfig", "create_app", "run_server"]
 
 log = get_logger("serve")
 STATIC = Path(__file__).parent / "static"
+RETRY_AFTER_S = 1  # what a 429 asks the client to wait: a queue slot frees within a few decode steps
 
 
 class BodyLimit:
@@ -113,7 +118,8 @@ class BodyLimit:
 
 
 async def _api_error(_, e: ApiError):
-    return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 429 else None
+    return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=headers)
 
 
 async def _validation_error(_, e: RequestValidationError):
@@ -138,6 +144,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     state = ServerState(engine, config)
     if config.rag_index or config.embedder:
         state.retrieval = rag.Retrieval(config.rag_index, config.embedder)
+    metrics = ServerMetrics(state.scheduler, config.max_batch, config.max_queue)
+    state.scheduler.on_request_done = metrics.request_done
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -155,6 +163,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                   description="OpenAI-compatible API for a gptlab model, with continuous batching.")
     app.state.scheduler = state.scheduler
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: BodyLimit's refusals count too
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -171,6 +180,10 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     @app.get("/health")
     async def health():
         return routes.health(state)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", response_model=p.ModelList, dependencies=[Depends(require_key)])
     async def models():

@@ -24,6 +24,11 @@ Design decisions
 - Log-probabilities are those of the model's own distribution (before temperature, top-k and top-p), as
   in the OpenAI API: they say what the model believes, not how it was sampled. They are read from
   `batch.logits` just before the step that samples from it.
+- Observability: the scheduler counts prompt and generated tokens, decode steps and aborted requests, and
+  stamps each request (submitted, first token, done); `on_request_done` (the server's metrics) is called
+  from the decode thread when a request ends, finished or aborted. A client that goes away cancels its
+  request (app.py); it leaves the queue, its prefill or the batch before the next step and counts as
+  aborted.
 - A failure inside model code fails the requests involved (their streams end with an error) and the
   loop keeps serving; it is logged with its traceback since it is a bug, not a user error.
 """
@@ -33,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -82,6 +88,11 @@ class Request:
         self.n = n
         self.top_logprobs = top_logprobs  # None: no logprobs; k >= 0: the sampled token's plus top k
         self.cancelled = False
+        # perf_counter stamps: queued (set by `Scheduler.submit`), first generated token, last one
+        self.submitted_at: float | None = None
+        self.first_token_at: float | None = None
+        self.done_at: float | None = None
+        self._finished_choices = 0
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
 
@@ -113,14 +124,11 @@ class _Owner:
 
 @dataclass
 class _Prefill:
-    """Requests being prefilled together, a chunk per step; `done` columns of `width` are in the cache."""
+    """Requests being prefilled together, a chunk per step."""
 
     group: list[Request]
     chunks: Iterator
     rows: int
-    width: int
-    step: int  # columns per chunk
-    done: int = 0
 
 
 @dataclass
@@ -131,7 +139,8 @@ class _Job:
 
 class Scheduler:
     def __init__(self, engine: Engine, max_batch: int = 32, max_queue: int = 256,
-                 prefill_chunk_tokens: int | None = 128):
+                 prefill_chunk_tokens: int | None = 128,
+                 on_request_done: Callable[[Request, bool], None] | None = None):
         self.engine = engine
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -146,6 +155,9 @@ class Scheduler:
         self.running_rows = 0
         self.steps = 0
         self.generated_tokens = 0
+        self.prompt_tokens = 0  # of admitted requests, each choice counted
+        self.aborted_requests = 0
+        self.on_request_done = on_request_done  # (request, aborted), called from the decode thread
 
     # ---- event-loop side ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -160,6 +172,7 @@ class Scheduler:
                 raise SchedulerStopped("the server is shutting down")
             if sum(not r.cancelled for r in self._waiting) >= self.max_queue:
                 raise QueueFull(f"server busy: {self.max_queue} requests already waiting; retry later")
+            request.submitted_at = time.perf_counter()
             self._waiting.append(request)
             self._cond.notify()
 
@@ -176,7 +189,9 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        """Requests waiting for a batch slot (not those whose client went away: they hold no place)."""
+        with self._cond:
+            return sum(not r.cancelled for r in self._waiting)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Refuse new work, end every waiting and running request with SchedulerStopped, join the thread."""
@@ -209,9 +224,12 @@ class Scheduler:
                 rows = (len(batch.rows) if batch is not None else 0) + sum(pf.rows for pf in self._prefilling)
                 while self._waiting and rows + self._waiting[0].n <= self.max_batch:
                     request = self._waiting.popleft()
-                    if not request.cancelled:
+                    if request.cancelled:
+                        self._ended(request, aborted=True)
+                    else:
                         admitted.append(request)
                         rows += request.n
+                        self.prompt_tokens += len(request.prompt_ids) * request.n
             for job in jobs:
                 self._run_job(job)
             if admitted:
@@ -239,11 +257,9 @@ class Scheduler:
             params = [r.params for r in group for _ in range(r.n)]
             first = self._next_row
             self._next_row += len(prompts)
-            width = max(map(len, prompts))
-            step = max(1, self.prefill_chunk_tokens // len(prompts)) if self.prefill_chunk_tokens else width
             chunks = self.engine.prefill_chunks(prompts, params, first_index=first,
                                                 chunk_tokens=self.prefill_chunk_tokens)
-            self._prefilling.append(_Prefill(group, chunks, len(prompts), width, step))
+            self._prefilling.append(_Prefill(group, chunks, len(prompts)))
 
     def _prefill_step(self, batch: DecodeBatch | None, owners: dict[int, _Owner]) -> DecodeBatch | None:
         """Advance pending prefills by up to `prefill_chunk_tokens` prompt tokens (no limit while nothing
@@ -255,8 +271,10 @@ class Scheduler:
             if all(r.cancelled for r in pf.group):
                 self._prefilling.popleft()
                 pf.chunks.close()
+                for r in pf.group:
+                    self._ended(r, aborted=True)
                 continue
-            columns = min(pf.step, pf.width - pf.done)
+            computed = self.engine.prefill_tokens_computed
             try:
                 new = next(pf.chunks)
             except Exception as e:
@@ -265,8 +283,8 @@ class Scheduler:
                 for r in pf.group:
                     r._push(RuntimeError(f"prefill failed: {e}"))
                 continue
-            spent += pf.rows * columns
-            pf.done += columns
+            # what the chunk really ran through the model: cached prefixes and repeated prompts cost nothing
+            spent += self.engine.prefill_tokens_computed - computed
             if new is None:
                 continue
             self._prefilling.popleft()
@@ -286,9 +304,13 @@ class Scheduler:
     def _drop_cancelled(self, batch: DecodeBatch, owners: dict[int, _Owner]) -> DecodeBatch | None:
         alive = [i for i, row in enumerate(batch.rows) if not owners[row.index].request.cancelled]
         if len(alive) < len(batch.rows):
+            gone = {}
             for row in batch.rows:
                 if owners[row.index].request.cancelled:
-                    del owners[row.index]
+                    request = owners.pop(row.index).request
+                    gone[id(request)] = request
+            for request in gone.values():
+                self._ended(request, aborted=True)
             if not alive:
                 return None
             batch.keep(alive)
@@ -313,6 +335,8 @@ class Scheduler:
             produced = len(owner.row.token_ids) > owner.emitted_tokens  # False for a stop token
             owner.emitted_tokens = len(owner.row.token_ids)
             self.generated_tokens += produced
+            if produced and owner.request.first_token_at is None:
+                owner.request.first_token_at = time.perf_counter()
             info = None
             k = owner.request.top_logprobs
             if produced and k is not None:
@@ -324,9 +348,21 @@ class Scheduler:
             if event.finish_reason is not None:
                 choice_event.completion_tokens = len(owner.row.token_ids)
                 del owners[event.row]
+                owner.request._finished_choices += 1
+                if owner.request._finished_choices == owner.request.n:
+                    owner.request.done_at = time.perf_counter()
+                    self._ended(owner.request, aborted=False)
             per_request.setdefault(id(owner.request), (owner.request, []))[1].append(choice_event)
         deliver(list(per_request.values()))
         return batch if batch.rows else None
+
+    def _ended(self, request: Request, aborted: bool) -> None:
+        self.aborted_requests += aborted
+        if self.on_request_done is not None:
+            try:
+                self.on_request_done(request, aborted)
+            except Exception:  # noqa: BLE001 - an observer's bug must not stop the decode loop
+                log.exception("on_request_done failed")
 
     def _fail_all(self, owners: dict[int, _Owner], error: Exception) -> None:
         for request in {id(o.request): o.request for o in owners.values()}.values():
