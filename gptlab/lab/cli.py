@@ -11,12 +11,14 @@ import importlib
 
 EXPERIMENTS = [
     "gptlab.lab.compression_bench",
+    "gptlab.lab.icl",
+    "gptlab.lab.life",
     "gptlab.lab.views",
 ]
 
 
 def register(sub) -> None:
-    p = sub.add_parser("lab", help="experiments that measure what models do (compression, views into a model)")
+    p = sub.add_parser("lab", help="experiments that measure what models do (compression, views, in-context learning, Life)")
     commands = p.add_subparsers(dest="lab_command", required=True, metavar="EXPERIMENT")
     for name in EXPERIMENTS:
         importlib.import_module(name).register_lab(commands)
