@@ -74,9 +74,11 @@ def test_scorer_reuses_prefixes_and_matches_logprobs(llm):
         want = llm.logprobs(prompt, [f" {w}" for w in singles[:3]])
         assert got == pytest.approx(want, abs=2e-4)
         assert scorer.ids == llm.engine.encode(prompt)
-    multi = [w for w in ("positive", "negative") if len(llm.tokenizer.encode(f" {w}")) > 1]
-    if multi:  # multi-token labels go through LLM.logprobs itself
-        assert scorer(prompts[0], multi) == llm.logprobs(prompts[0], [f" {w}" for w in multi])
+    multi = [w for w in ("positive", "negative", "quux", "entertainment") if len(llm.tokenizer.encode(f" {w}")) > 1]
+    assert len(multi) >= 2  # several-token labels run on the prompt's keys/values too
+    for prompt in prompts[:3]:
+        assert scorer(prompt, multi + singles[:1]) == pytest.approx(
+            llm.logprobs(prompt, [f" {w}" for w in multi + singles[:1]]), abs=2e-4)
 
 
 def test_run_stops_where_the_context_ends_and_resumes_from_cache(model_dir, tmp_path, monkeypatch):

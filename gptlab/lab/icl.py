@@ -15,9 +15,8 @@ Design decisions
   learning differently"): "Review: ...\\nSentiment: positive\\n\\n" per demonstration, then the question
   ending with "Sentiment:". Classification by log-likelihood: every label word (with its leading space)
   is scored as the continuation, the likeliest one is the answer; any backend with log-probabilities
-  works (`LLM.logprobs`). In process, when every label is one token, one forward pass gives all scores
-  and the demonstrations' keys/values are reused between questions (`LabelScorer`: tested equal to
-  `LLM.logprobs`); on the loaded 2-core machine this made a SmolLM2 run ~10x cheaper.
+  works (`LLM.logprobs`). In process the prompt runs once for all labels and the demonstrations'
+  keys/values are reused between questions (`LabelScorer`: tested equal to `LLM.logprobs`).
 - Label conditions (Wei et al. 2023; Min et al. 2022 for random labels): true; flipped (each class shown
   with the next class's word, (i + 1) mod L: for two classes, swapped); unrelated (class i shown and
   answered as "foo", "bar", ...: semantically unrelated labels, SUL); random (each demonstration's word
@@ -190,10 +189,11 @@ def render(task: IclTask, demos: Sequence[tuple[str, str]], question: str) -> st
 
 
 class LabelScorer:
-    """log p(" word" | prompt) for each word. In process, when every word is one token, one forward pass
-    over the prompt gives all scores, and the keys/values of the longest token prefix shared with the
-    previous prompt are reused (the demonstrations: every question of one k, and the k before it, start
-    the same), so a question costs its own tokens, not the whole prompt's. Elsewhere: `LLM.logprobs`."""
+    """log p(" word" | prompt) for each word. In process: the prompt runs once and every word's tokens run
+    on its keys/values (not the whole prompt once per word), and the keys/values of the longest token
+    prefix shared with the previous prompt are kept (the demonstrations: every question of one k, and the
+    k before it, start the same), so a question costs its own tokens, not the whole prompt's. Elsewhere
+    (HTTP): `LLM.logprobs`."""
 
     def __init__(self, llm):
         self.llm = llm
@@ -203,37 +203,48 @@ class LabelScorer:
 
     def __call__(self, prompt: str, words: Sequence[str]) -> list[float]:
         continuations = [f" {w}" for w in words]
-        if self.engine is not None:
-            ids = [self.llm.tokenizer.encode(c) for c in continuations]
-            if all(len(i) == 1 for i in ids):
-                logprobs = self._next_token_logprobs(self.engine.encode(prompt))
-                return [float(logprobs[i[0]]) for i in ids]
-        return list(self.llm.logprobs(prompt, continuations))
-
-    def _next_token_logprobs(self, ids: list[int]):
+        if self.engine is None:
+            return list(self.llm.logprobs(prompt, continuations))
         import torch
 
+        with torch.inference_mode():
+            return self._scores(self.engine.encode(prompt), [self.llm.tokenizer.encode(c) for c in continuations])
+
+    def _logprobs(self, ids: list[int], keep: int):
+        import torch
+
+        logits = self.engine.model(torch.tensor([ids], device=self.engine.device), kv_cache=self.cache,
+                                   logits_to_keep=keep)
+        return self.engine._mask_unknown(logits[0].float()).log_softmax(dim=-1)
+
+    def _scores(self, ids: list[int], continuations: list[list[int]]) -> list[float]:
         from ..model import KVCache
 
-        model = self.engine.model
-        if len(ids) >= self.llm.context_window:
-            raise GptlabError(f"a prompt of {len(ids)} tokens does not fit the context of {self.llm.name} "
+        need = len(ids) + max(map(len, continuations))
+        if need > self.llm.context_window:
+            raise GptlabError(f"a prompt and label of {need} tokens do not fit the context of {self.llm.name} "
                               f"({self.llm.context_window} tokens)")
-        if self.cache is None or len(ids) > self.cache.capacity:
-            capacity = min(self.llm.context_window, max(2 * len(ids), 1024))
-            self.cache = KVCache(model.config, 1, capacity, self.engine.device, self.engine.dtype)
+        if self.cache is None or need > self.cache.capacity:
+            capacity = min(self.llm.context_window, max(2 * need, 1024))
+            self.cache = KVCache(self.engine.model.config, 1, capacity, self.engine.device, self.engine.dtype)
             self.ids = []
         shared = 0
-        for a, b in zip(self.ids, ids[:-1]):  # the last token is always run: its logits are the answer
+        for a, b in zip(self.ids, ids[:-1]):  # the last token is always run: its logits score the first label token
             if a != b:
                 break
             shared += 1
         self.cache.length = shared  # drop what the new prompt does not share; later slots are overwritten
-        with torch.inference_mode():
-            logits = model(torch.tensor([ids[shared:]], device=self.engine.device), kv_cache=self.cache,
-                           logits_to_keep=1)
+        first = self._logprobs(ids[shared:], 1)[-1]
         self.ids = ids
-        return self.engine._mask_unknown(logits[0, -1].float()).log_softmax(dim=-1)
+        scores = []
+        for tokens in continuations:
+            total = float(first[tokens[0]])
+            if len(tokens) > 1:  # the label's own tokens, after the prompt's keys/values
+                rows = self._logprobs(tokens[:-1], len(tokens) - 1)
+                total += float(rows[range(len(tokens) - 1), tokens[1:]].double().sum())
+                self.cache.length = len(ids)
+            scores.append(total)
+        return scores
 
 
 def prompt_fits(llm, prompt: str, words: Sequence[str]) -> bool:

@@ -212,11 +212,11 @@ class LearnConfig:
     out: str
     train_sizes: tuple[int, ...] = (6, 8)
     test_sizes: tuple[int, ...] = (6, 8, 7, 10)  # 7 and 10: never seen in training
-    steps: int = 1500
+    steps: int = 1000
     batch: int = 32
     lr: float = 3e-3
-    n_layer: int = 3
-    n_embd: int = 96
+    n_layer: int = 2
+    n_embd: int = 64
     eval_every: int = 100
     eval_boards: int = 128
     seed: int = 0
@@ -367,7 +367,7 @@ def register_lab(commands) -> None:
     p.add_argument("--seed", type=int, default=0, help="random board / training seed (default: %(default)s)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--learn", action="store_true", help="train a tiny GPT on Life trajectories instead")
-    p.add_argument("--train-steps", type=int, default=1500, help="--learn: optimizer steps (default: %(default)s)")
+    p.add_argument("--train-steps", type=int, default=1000, help="--learn: optimizer steps (default: %(default)s)")
     p.add_argument("--train-sizes", default="6,8", help="--learn: board sizes trained on (default: %(default)s)")
     p.add_argument("--test-sizes", default="6,8,7,10", help="--learn: board sizes tested (default: %(default)s)")
     p.set_defaults(func=_cmd_life)
