@@ -376,7 +376,8 @@ def flipped_following(cache_path: Path, tasks: list[IclTask], k: int, seeds: int
 
 
 def sweep_models(sweep: Path) -> list[tuple[str, Path, int | None]]:
-    """(run name, model dir, n_params) of the sweep's runs, smallest first; missing/foreign runs skipped."""
+    """(run name, model dir, n_params) of the sweep's runs, smallest first (then fewest tokens); missing and
+    foreign runs are listed and skipped."""
     if not sweep.is_dir():
         raise GptlabError(f"--sweep {sweep}: no such folder")
     listed = {}
@@ -390,15 +391,17 @@ def sweep_models(sweep: Path) -> list[tuple[str, Path, int | None]]:
     for folder in sorted((sweep / "runs").glob("*")) if (sweep / "runs").is_dir() else []:
         if (folder / "model" / "gptlab.json").is_file():
             found[folder.name] = folder / "model"
-        else:
-            log.warning("skipped %s: not a gptlab run (no model/gptlab.json)", folder)
+        elif folder.name not in listed:
+            log.warning("skipped %s: not a run of this sweep (no model/gptlab.json, not in sweep.json)", folder)
     for name in sorted(set(listed) - set(found)):
         log.warning("skipped run %s: listed in sweep.json but %s is missing (unfinished?)", name,
                     sweep / "runs" / name / "model")
     if not found:
         raise GptlabError(f"--sweep {sweep}: no model directories at runs/<name>/model")
-    models = [(name, path, listed.get(name, {}).get("n_params")) for name, path in found.items()]
-    return sorted(models, key=lambda m: (m[2] is None, m[2] or 0, m[0]))
+    models = [(name, path, listed.get(name, {}).get("n_params"), listed.get(name, {}).get("tokens") or 0)
+              for name, path in found.items()]
+    models.sort(key=lambda m: (m[2] is None, m[2] or 0, m[3], m[0]))
+    return [m[:3] for m in models]
 
 
 def model_name(spec: str) -> str:
@@ -476,7 +479,7 @@ def plot_flipped(models: list[dict], path: Path) -> None:
         for m in models:
             by_k = m["table"].get(task, {}).get("flipped", {})
             ys.append(by_k[max(by_k, key=int)]["mean"] if by_k else float("nan"))
-        ax.plot(xs, ys, marker="o", label=task)
+        ax.plot(xs, ys, marker="o", ls="-" if len(set(xs)) == len(xs) else "none", label=task)
     if all(m.get("n_params") for m in models):
         ax.set_xscale("log")
         ax.set_xlabel("parameters")
