@@ -29,7 +29,8 @@ Design decisions
   label); if one does not fit the model's window, that (task, condition, seed) curve stops at the previous
   k, said once per model and task.
 - Resumable per question: every answer is appended to OUT/answers/<model>.jsonl (flushed) under a key
-  that names task, condition, k, seed and question; a rerun asks only the missing ones. Results are
+  that names task, condition, k, seed and the question (its text, hashed: another --n is another
+  question set, so an index would be wrong); a rerun asks only the missing ones. Results are
   rebuilt from the cache: results.json, results.md and PNGs.
 - `--sweep DIR`: the scaling sweep's layout, each run a model directory at DIR/runs/<name>/model and
   DIR/sweep.json listing the runs (with n_params). Runs listed without a model directory, and folders
@@ -39,6 +40,7 @@ Design decisions
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -268,11 +270,14 @@ class IclConfig:
     seeds: int = 3  # demonstration orderings
 
 
-def answer_key(task: str, condition: str, k: int, seed: int, question: int) -> str:
+def answer_key(task: str, condition: str, k: int, seed: int, question: str) -> str:
+    """The cache key of one answer; the question's text (hashed) rather than its index, since another --n
+    draws another question set."""
     # k = 0 has no demonstrations: true, flipped and random ask the same prompt, so they share one answer
     if k == 0:
         condition, seed = ("unrelated" if condition == "unrelated" else "true"), 0
-    return f"{task}|{condition}|{k}|{seed}|{question}"
+    digest = hashlib.sha256(question.encode("utf-8")).hexdigest()[:16]
+    return f"{task}|{condition}|{k}|{seed}|{digest}"
 
 
 class AnswerCache:
@@ -324,8 +329,8 @@ def run_model(llm, model_name: str, tasks: list[IclTask], cfg: IclConfig) -> dic
                             bar.update(cfg.n * len([x for x in cfg.ks if x >= k]))
                             break
                         correct = 0
-                        for q, (item, prompt) in enumerate(zip(task.test, prompts)):
-                            key = answer_key(task.name, condition, k, seed, q)
+                        for item, prompt in zip(task.test, prompts):
+                            key = answer_key(task.name, condition, k, seed, item.text)
                             if key not in cache.answers:
                                 scores = score(prompt, words)
                                 cache.add({"key": key, "scores": scores, "gold": item.label,
@@ -364,8 +369,8 @@ def flipped_following(cache_path: Path, tasks: list[IclTask], k: int, seeds: int
     follows = total = 0
     for task in tasks:
         for seed in range(seeds):
-            for q, item in enumerate(task.test):
-                record = answers.answers.get(answer_key(task.name, "flipped", k, seed, q))
+            for item in task.test:
+                record = answers.answers.get(answer_key(task.name, "flipped", k, seed, item.text))
                 if record is not None:
                     follows += record["pred"] == (item.label + 1) % len(task.labels)
                     total += 1
