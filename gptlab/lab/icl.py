@@ -305,7 +305,8 @@ class AnswerCache:
 
 
 def run_model(llm, model_name: str, tasks: list[IclTask], cfg: IclConfig) -> dict:
-    """Ask every missing question; return {task: {condition: {k: [per-seed accuracy]}}, notes}."""
+    """Ask every missing question; return {"curves": {task: {condition: {k: [per-seed accuracy]}}}, "notes",
+    "answers": every cached answer by key}."""
     from tqdm import tqdm
 
     cache = AnswerCache(Path(cfg.out) / "answers" / f"{model_name}.jsonl")
@@ -347,7 +348,7 @@ def run_model(llm, model_name: str, tasks: list[IclTask], cfg: IclConfig) -> dic
     finally:
         bar.close()
         cache.close()
-    return {"curves": results, "notes": notes}
+    return {"curves": results, "notes": notes, "answers": cache.answers}
 
 
 def summarise(curves: dict, n: int) -> dict:
@@ -362,19 +363,17 @@ def summarise(curves: dict, n: int) -> dict:
     return table
 
 
-def flipped_following(cache_path: Path, tasks: list[IclTask], k: int, seeds: int) -> tuple[float, int] | None:
+def flipped_following(answers: dict, tasks: list[IclTask], k: int, seeds: int) -> tuple[float, int]:
     """(share of answers that follow the flipped mapping, answers) at k, pooled over tasks and seeds."""
-    answers = AnswerCache(cache_path)
-    answers.close()
     follows = total = 0
     for task in tasks:
         for seed in range(seeds):
             for item in task.test:
-                record = answers.answers.get(answer_key(task.name, "flipped", k, seed, item.text))
+                record = answers.get(answer_key(task.name, "flipped", k, seed, item.text))
                 if record is not None:
                     follows += record["pred"] == (item.label + 1) % len(task.labels)
                     total += 1
-    return (follows / total, total) if total else None
+    return (follows / total if total else 0.0), total
 
 
 # ---- models and sweeps ------------------------------------------------------------------------------------
@@ -517,7 +516,7 @@ def run(models: list[tuple[str, str, int | None]], cfg: IclConfig) -> dict:
         k_flip = max([k for k in cfg.ks if k > 0 and all(str(k) in model["table"][t.name].get("flipped", {})
                                                          for t in tasks)], default=None)
         if k_flip is not None and "flipped" in cfg.conditions:
-            rate, answers = flipped_following(out / "answers" / f"{name}.jsonl", tasks, k_flip, cfg.seeds)
+            rate, answers = flipped_following(result["answers"], tasks, k_flip, cfg.seeds)
             model["flipped_following"] = {"k": k_flip, "rate": rate, "answers": answers,
                                           "ci": list(wilson_interval(rate * answers, answers))}
         report["models"].append(model)
