@@ -11,13 +11,16 @@ import importlib
 
 EXPERIMENTS = [
     "gptlab.lab.compression_bench",
+    "gptlab.lab.icl",
+    "gptlab.lab.life",
     "gptlab.lab.views",
     "gptlab.lab.word2vec",
 ]
 
 
 def register(sub) -> None:
-    p = sub.add_parser("lab", help="experiments that measure what models do (compression, views into a model, word2vec)")
+    p = sub.add_parser("lab", help="experiments that measure what models do (compression, views into a model, "
+                                   "word2vec, in-context learning, the Game of Life)")
     commands = p.add_subparsers(dest="lab_command", required=True, metavar="EXPERIMENT")
     for name in EXPERIMENTS:
         importlib.import_module(name).register_lab(commands)
