@@ -6,8 +6,10 @@ from trajectories by next-token prediction.
 
 Design decisions
 - One step is a convolution: the 3x3 kernel of ones with a zero centre counts each cell's live neighbours
-  (`torch.nn.functional.conv2d` on a circularly padded board: the board is a torus), then the rule: alive
-  next iff 3 neighbours, or 2 neighbours and alive now (B3/S23). Boards are (H, W) or a batch (B, H, W)
+  on a circularly padded board (the board is a torus), then the rule: alive next iff 3 neighbours, or 2
+  neighbours and alive now (B3/S23). The kernel is separable (a 3x3 box = 3 rows x 3 columns), so the
+  convolution is computed as three shifted row adds then three column adds on uint8, minus the centre:
+  24x faster on CPU than `F.conv2d` with a one-channel float kernel (bench/results/life.md), same counts. Boards are (H, W) or a batch (B, H, W)
   of bools. Tests check it against `step_reference`, a plain loop over cells in numpy, with exact
   equality, and the glider's period 4 and (1, 1) displacement.
 - Output: an animated GIF and a PNG strip of evenly spaced frames, drawn with Pillow (cells scaled to
@@ -39,17 +41,15 @@ from ..common import GptlabError, atomic_write_bytes, atomic_write_text, get_log
 
 log = get_logger("lab.life")
 
-_NEIGHBOURS = torch.ones(1, 1, 3, 3)
-_NEIGHBOURS[0, 0, 1, 1] = 0
-
-
 # ---- the simulator ----------------------------------------------------------------------------------------
 
 
 def step(board: torch.Tensor) -> torch.Tensor:
     """One generation of B3/S23 on a torus; `board` is a bool tensor (H, W) or (B, H, W)."""
-    x = board.reshape(-1, 1, *board.shape[-2:]).float()
-    counts = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="circular"), _NEIGHBOURS.to(x.device)).reshape(board.shape)
+    cells = board.to(torch.uint8)
+    x = F.pad(cells.reshape(-1, 1, *board.shape[-2:]), (1, 1, 1, 1), mode="circular")[:, 0]
+    rows = x[:, :-2] + x[:, 1:-1] + x[:, 2:]
+    counts = (rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]).reshape(board.shape) - cells
     return (counts == 3) | (board & (counts == 2))
 
 
