@@ -34,6 +34,7 @@ STAGES = [
     "gptlab.lab.compress",
     "gptlab.lab.cli",
     "gptlab.apps.rag.cli",
+    "gptlab.agent_cli",
 ]
 
 

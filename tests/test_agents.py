@@ -243,3 +243,91 @@ def test_native_tool_calls_over_http_and_in_process(tool_model, tmp_path):
             assert llm.supports_tools is True
     finally:
         live.stop()
+
+
+# ---- teams -----------------------------------------------------------------------------------------------
+TEAM = """
+[team]
+entry = "planner"
+max_turns = {max_turns}
+model = "scripted"
+
+[agents.planner]
+system = "You plan."
+next = "researcher"
+
+[agents.researcher]
+system = "You look things up."
+tools = ["add"]
+next = "writer"
+talks_to = ["writer", "planner"]
+
+[agents.writer]
+system = "You write the answer."
+"""
+
+
+def team_file(tmp_path, text: str):
+    path = tmp_path / "team.toml"
+    path.write_text(text)
+    return path
+
+
+def run_scripted_team(tmp_path, replies: dict[str, tuple[str, ...]], max_turns: int = 10):
+    config = load_team(team_file(tmp_path, TEAM.format(max_turns=max_turns)), known_tools={"add"})
+    llms = {name: scripted(*r) for name, r in replies.items()}
+    trace_path = tmp_path / "team.jsonl"
+    with Trace(trace_path) as trace:
+        result = run_team(config, "What is 2 + 3?", llm_for=lambda spec: llms[spec.name],
+                          toolbox_for=lambda spec: Toolbox([add] if "add" in spec.tools else []),
+                          workspace=tmp_path / "ws", trace=trace)
+    return result, llms, read_trace(trace_path)
+
+
+def test_team_routes_messages_and_reports(tmp_path):
+    result, llms, events = run_scripted_team(tmp_path, {
+        "planner": ("Final Answer: To: researcher\nAdd 2 and 3.",),
+        "researcher": ('Action: add\nAction Input: {"a": 2, "b": 3}', "Final Answer: to writer: the sum is 5"),
+        "writer": ("Final Answer: The answer is 5.",)})  # no "To:" line: its next, the user
+    routes = [(e["sender"], e["recipient"]) for e in events if e["event"] == "route"]
+    assert routes == [("user", "planner"), ("planner", "researcher"), ("researcher", "writer"), ("writer", "user")]
+    assert [e.get("named") for e in events if e["event"] == "route"][1:] == [True, True, False]
+    assert result.finished and result.answer == "The answer is 5." and result.turns == 3
+    researcher_task = [m for m in llms["researcher"].calls[0]["prompt"] if m["role"] == "user"][0]["content"]
+    assert researcher_task == "The team's task: What is 2 + 3?\n\nMessage from planner:\nAdd 2 and 3."
+    assert "To: NAME\" with NAME one of writer, planner" in llms["researcher"].calls[0]["prompt"][0]["content"]
+    assert result.usage["researcher"].tool_calls == 1 and result.usage["researcher"].steps == 2
+    assert result.tokens == sum(u.prompt_tokens + u.completion_tokens for u in result.usage.values()) > 0
+    report = result.report.read_text()
+    assert "The answer is 5." in report and "| researcher | 1 | 2 | 1 | 0 |" in report
+    assert events[-1]["event"] == "team_final" and events[-1]["finished"] is True
+    assert "[mediator] researcher -> writer: the sum is 5" in render_text(events)
+
+
+def test_team_turn_budget_stops_a_ping_pong(tmp_path):
+    result, llms, events = run_scripted_team(tmp_path, {
+        "planner": ("Final Answer: To: researcher\nAgain.",),
+        "researcher": ("Final Answer: To: planner\nNo.",), "writer": ("Final Answer: done",)}, max_turns=3)
+    assert not result.finished and result.turns == 3
+    assert result.reason == "turn budget reached (3 turns)"
+    assert result.answer.startswith("The team did not finish: turn budget reached (3 turns). Last message (planner -> researcher)")
+    # each agent kept its own context across turns: the planner's second turn sees its first
+    assert len(llms["planner"].calls[-1]["prompt"]) > len(llms["planner"].calls[0]["prompt"])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace('next = "writer"', 'next = "planner"'),
+     r"agents.researcher.next: the default routes cycle \(planner -> researcher -> planner\) and never reach 'user'"),
+    (lambda t: t.replace('next = "writer"', 'next = "editor"'), r"agents.researcher.next: unknown agent 'editor'"),
+    (lambda t: t.replace('entry = "planner"', 'entry = "boss"'), r"team.entry: unknown agent 'boss'"),
+    (lambda t: t.replace('system = "You write the answer."', ''), r"agents.writer.system: missing \(required\)"),
+    (lambda t: t.replace('tools = ["add"]', 'tools = ["web"]'), r"agents.researcher.tools: unknown tool 'web'"),
+    (lambda t: t.replace('model = "scripted"', ''), r"agents.planner.model: missing"),
+    (lambda t: t + "\n[agents.writer2]\nsystem = 1\n", r"agents.writer2.system: expected str, got 1"),
+    (lambda t: t.replace("max_turns", "max_turn"), r"team.max_turn: unknown key"),
+    (lambda t: t + "\nnot toml ===", r"not valid TOML"),
+])
+def test_team_config_errors_name_the_file_and_key(tmp_path, edit, message):
+    path = team_file(tmp_path, edit(TEAM.format(max_turns=5)))
+    with pytest.raises(GptlabError, match=re.escape(str(path)) + ": .*" + message):
+        load_team(path, known_tools={"add"})
