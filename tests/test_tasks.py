@@ -14,7 +14,8 @@ from gptlab.common import GptlabError
 from gptlab.tasks import TASKS, Example, Task, get_task, register, sample_examples, split_of, task_names
 from gptlab.tasks.checks import find_json_object, final_number, mentions
 from gptlab.tasks.spelling import spelled_letters
-from gptlab.tasks.tools import calculate, calculator, execute_tool_call
+from gptlab.tools import Toolbox
+from gptlab.tools.calculator import calculate, calculator
 
 EXPECTED_TASKS = {"arithmetic", "calculator", "word_problems", "spelling", "knowledge", "sentiment", "syllogism",
                   "extraction", "identity"}
@@ -329,13 +330,17 @@ def test_calculator_tool_is_safe_and_exact():
                          ("1+" * 150 + "1", "longer than 200"), ("10000000000000000 + 1", "too large")]:
         with pytest.raises(GptlabError, match=message):
             calculate(bad)
-    assert execute_tool_call('{"name": "calculator", "arguments": {"expression": "12 * 34"}}') == "408"
-    assert execute_tool_call({"name": "calculator", "arguments": '{"expression": "1+1"}'}) == "2"
-    assert execute_tool_call("{not json") == "error: tool call is not valid JSON"
-    assert execute_tool_call('{"name": "shell", "arguments": {}}').startswith("error: unknown tool 'shell'")
-    assert execute_tool_call('{"name": "calculator", "arguments": {"expr": "1"}}').startswith("error: wrong arguments")
-    assert execute_tool_call('{"name": "calculator", "arguments": {"expression": "1/0"}}') == \
-        "error: calculator: division by zero"
+    box = Toolbox([calculator])
+
+    def run(call):
+        return box.call_written(call).output
+
+    assert run('{"name": "calculator", "arguments": {"expression": "12 * 34"}}') == "408"
+    assert run({"name": "calculator", "arguments": '{"expression": "1+1"}'}) == "2"
+    assert run("{not json") == "error: tool call is not valid JSON"
+    assert run('{"name": "shell", "arguments": {}}').startswith("error: unknown tool 'shell'")
+    assert run('{"name": "calculator", "arguments": {"expr": "1"}}').startswith("error: wrong arguments")
+    assert run('{"name": "calculator", "arguments": {"expression": "1/0"}}') == "error: calculator: division by zero"
 
 
 def test_calculator_reference_uses_the_tool():

@@ -45,7 +45,7 @@ Design decisions
      (`chat.response_text`). System messages (the calculator's tool hint) are left out of base prompts:
      a base model cannot call tools. Generation stops at a blank line or the next "Q:"/"User:" label.
 - Chat generation runs tool calls in line (`gptlab.infer.rollout.generate_chat`, shared with RL): decoding stops
-  at `<|tool_call_end|>`, the call runs through `tasks.tools.execute_tool_call`, and the output block is
+  at `<|tool_call_end|>`, the call runs through `Toolbox.call_written` (gptlab/tools), and the output block is
   appended before decoding continues (the same layout `chat.render` trains on), at most
   `rollout.MAX_TOOL_CALLS` times per answer. The checker reads `chat.completion_text` (assistant text
   without tool blocks).

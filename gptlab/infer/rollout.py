@@ -4,8 +4,8 @@ Evaluation (greedy) and reinforcement learning (sampled) both go through `genera
 exactly the same conversation layout that `chat.render` trains on.
 
 Design decisions
-- Decoding stops at `<|tool_call_end|>`; the call runs through `tasks.tools.execute_tool_call` and the
-  output block `<|tool_output_start|> output <|tool_output_end|>` is appended before decoding continues,
+- Decoding stops at `<|tool_call_end|>`; the call runs through the `Toolbox` given (by default the
+  calculator, the tool the tasks train; `Toolbox.call_written`: never raises) and the output block `<|tool_output_start|> output <|tool_output_end|>` is appended before decoding continues,
   at most `max_tool_calls` times per turn (after that `<|tool_call_end|>` is an ordinary token).
   `max_new_tokens` bounds each stretch of decoding between tool calls; after a tool call it shrinks to
   what is left of the context window, so the conversation is never cut from the left. A tool output
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 from .engine import Engine
 from .sampling import SamplingParams
-from ..tasks.tools import execute_tool_call
+from ..tools import Toolbox
+from ..tools.calculator import calculator
 
 MAX_TOOL_CALLS = 3
 _ROUND_SEED_STRIDE = 1_000_003  # seeds of successive decoding rounds of one prompt, far apart
@@ -48,9 +49,11 @@ class Turn:
 
 def generate_chat(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                   max_tool_calls: int = MAX_TOOL_CALLS, *, temperature: float = 0.0, top_k: int = 0,
-                  seeds: Sequence[int] | None = None) -> list[Turn]:
+                  seeds: Sequence[int] | None = None, toolbox: Toolbox | None = None) -> list[Turn]:
     """Assistant turns for rendered chat prompts (token ids ending where the assistant writes next),
-    greedy by default or sampled at `temperature` / `top_k` with one seed per prompt."""
+    greedy by default or sampled at `temperature` / `top_k` with one seed per prompt; tool calls run
+    through `toolbox` (default: the calculator alone)."""
+    toolbox = toolbox if toolbox is not None else Toolbox([calculator])
     tok = engine.tokenizer
     special = tok.special_tokens
     call_start, call_end = special.get("<|tool_call_start|>"), special.get("<|tool_call_end|>")
@@ -83,7 +86,7 @@ def generate_chat(engine: Engine, prompts: Sequence[Sequence[int]], max_new_toke
                 turn.finished = True
                 continue
             opened = max((j for j, t in enumerate(turn.ids) if t == call_start), default=-1)
-            output = execute_tool_call(tok.decode(turn.ids[opened + 1:-1]))
+            output = toolbox.call_written(tok.decode(turn.ids[opened + 1:-1])).output
             block = [special["<|tool_output_start|>"], *tok.encode(output), special["<|tool_output_end|>"]]
             # decoding continues only with at least one free position after the block
             if len(prompts[i]) + len(turn.ids) + len(block) < engine.window:

@@ -15,9 +15,9 @@ Design decisions
       You can call these tools. Each line is one tool: its name, what it does and its arguments as JSON Schema.
       {"name": "get_weather", "description": "Current weather", "parameters": {"type": "object", ...}}
 
-  Plain text in the system prompt needs no new special tokens, keeps the SFT layout (the calculator task
-  puts its tool hint in the system prompt too), and a model fine-tuned on conversations rendered with
-  `tool_system_prompt` sees exactly what the server sends.
+  Plain text in the system prompt needs no new special tokens and keeps the SFT layout. The rendering is
+  `gptlab.tools.tool_system_prompt`, the one the calculator task trains with and the agents prompt with,
+  so a model fine-tuned on gptlab's tasks sees exactly what the server sends.
 - `tool_choice`: "auto" (the default) lets the model call a tool or answer in text; "none" keeps the tool
   list in the prompt (the model may mention the tools) but decoding stops at `<|tool_call_start|>`, so no
   call and no half-written call is ever returned (the engine has no logit bias to forbid the token).
@@ -45,9 +45,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..tokenizer import Tokenizer
+from ..tools import tool_system_prompt
 
 CALL_START, CALL_END = "<|tool_call_start|>", "<|tool_call_end|>"
-TOOLS_HEADER = "You can call these tools. Each line is one tool: its name, what it does and its arguments as JSON Schema."
 TOOL_CHOICES = ("auto", "none")
 
 
@@ -91,12 +91,6 @@ def check_tool_choice(tool_choice: Any, has_tools: bool) -> str:
     if not has_tools:
         raise ToolRequestError("tool_choice is only allowed when tools are specified", "tool_choice")
     return tool_choice
-
-
-def tool_system_prompt(system: str | None, tools: list[dict[str, Any]]) -> str:
-    """The system prompt with the tool list appended (module docstring)."""
-    lines = [TOOLS_HEADER, *(json.dumps(t, ensure_ascii=False) for t in tools)]
-    return (system + "\n\n" if system else "") + "\n".join(lines)
 
 
 def to_chat_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:

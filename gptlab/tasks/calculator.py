@@ -1,5 +1,9 @@
 """Multi-digit arithmetic that calls for the calculator tool: the reference response is an assistant tool
-call, the tool's output and a final answer."""
+call, the tool's output and a final answer.
+
+The system prompt describes the tool exactly as the server and the agents do (`tool_system_prompt`: the
+header line and the tool's JSON line after the hint), so a model trained here calls gptlab's `calculator`
+tool, through the OpenAI API or an agent, without glue."""
 
 from __future__ import annotations
 
@@ -7,9 +11,10 @@ import random
 
 from . import Example, Task, register
 from .checks import EVASIVE, states_number
-from .tools import calculator
+from ..tools import tool_system_prompt
+from ..tools.calculator import calculator
 
-SYSTEM = "You can use the calculator tool for arithmetic."
+SYSTEM = tool_system_prompt("You can use the calculator tool for arithmetic.", [calculator])
 PHRASINGS = ["What is {expr}?", "Calculate {expr}.", "Please compute {expr}.", "{expr} = ?"]
 
 

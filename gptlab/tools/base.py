@@ -27,6 +27,12 @@ Design decisions
   A `GptlabError` raised by a tool becomes its message; any other exception becomes its type and
   message (a tool bug is still the model's observation, and is logged with its traceback).
 - Arguments may arrive as a dict or as JSON text (OpenAI nests them as a string).
+- How a model is told which tools exist is one rendering, `tool_system_prompt`, used by the server (for a
+  request's `tools`), the training tasks (the calculator task's system prompt) and the agents: a header
+  line, then one JSON object per tool, `{"name", "description", "parameters"}`, appended to the system
+  text. A model trained on gptlab's tasks thus sees at serving and agent time exactly what it trained on.
+- A call as gptlab's chat format writes it (`{"name": ..., "arguments": {...}}` between the tool-call
+  tokens) runs through `Toolbox.call_written`, the one dispatcher of rollouts, eval and agents.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ from ..common import GptlabError, get_logger
 
 log = get_logger("tools")
 
+TOOLS_HEADER = ("You can call these tools. Each line is one tool: its name, what it does and its arguments as "
+                "JSON Schema.")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")  # OpenAI's function-name rule
 
 
@@ -90,9 +98,16 @@ class Tool:
             prop.pop("title", None)
         return schema
 
+    def describe(self) -> dict:
+        """What the model is shown: {"name", "description", "parameters"}."""
+        return {"name": self.name, "description": self.description, "parameters": self.parameters}
+
     def openai_spec(self) -> dict:
-        return {"type": "function",
-                "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
+        return {"type": "function", "function": self.describe()}
+
+    def __call__(self, *args, **kwargs) -> Any:
+        """Call the plain function (no validation): a tool stays usable as the function it was made from."""
+        return self.fn(*args, **kwargs)
 
     def run(self, arguments: dict) -> Any:
         """Validate `arguments` and call the function; raises pydantic.ValidationError or what it raises."""
@@ -109,7 +124,7 @@ def tool(fn: Callable | None = None, *, name: str | None = None, description: st
             raise GptlabError(f"tool name {tool_name!r} must match {_NAME.pattern}")
         summary, described = _docstring_parts(fn.__doc__)
         fields: dict[str, Any] = {}
-        for param in inspect.signature(fn).parameters.values():
+        for param in inspect.signature(fn, eval_str=True).parameters.values():  # hints written as text too
             if param.kind not in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
                 raise GptlabError(f"tool {tool_name!r}: parameter {param.name!r} must be a named parameter")
             if param.annotation is inspect.Parameter.empty:
@@ -122,6 +137,14 @@ def tool(fn: Callable | None = None, *, name: str | None = None, description: st
         return Tool(tool_name, description or summary or tool_name, fn, model)
 
     return make(fn) if fn is not None else make
+
+
+def tool_system_prompt(system: str | None, tools: Iterable[dict | Tool]) -> str:
+    """`system` with the tool list appended: TOOLS_HEADER, then one JSON line per tool (module docstring).
+    `tools` are `Tool`s or their `describe()` dicts (the server passes a request's tools as dicts)."""
+    lines = [TOOLS_HEADER, *(json.dumps(t.describe() if isinstance(t, Tool) else t, ensure_ascii=False)
+                             for t in tools)]
+    return (system + "\n\n" if system else "") + "\n".join(lines)
 
 
 def _validation_message(error: pydantic.ValidationError) -> str:
@@ -153,6 +176,21 @@ class Toolbox:
 
     def openai_specs(self) -> list[dict]:
         return [t.openai_spec() for t in self]
+
+    def system_prompt(self, system: str | None = None) -> str:
+        return tool_system_prompt(system, self)
+
+    def call_written(self, call: str | dict) -> ToolResult:
+        """Run a call as the chat format writes it, `{"name": ..., "arguments": {...}}` (JSON text or parsed);
+        never raises (module docstring)."""
+        if isinstance(call, str):
+            try:
+                call = json.loads(call)
+            except json.JSONDecodeError:
+                return ToolResult(False, "error: tool call is not valid JSON")
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return ToolResult(False, 'error: tool call must be {"name": ..., "arguments": {...}}')
+        return self.call(call["name"], call.get("arguments"))
 
     def call(self, name: str, arguments: dict | str | None) -> ToolResult:
         """Run one call as the model wrote it; never raises for the model's mistakes (see module doc)."""

@@ -1,24 +1,24 @@
-"""Tools the assistant may call, and the safe calculator behind the `calculator` task.
+"""The `calculator` tool: exact, safe evaluation of arithmetic expressions (the tool the `calculator` task
+trains the assistant to call).
 
 Design decisions
 - The calculator never calls `eval`: the expression is parsed with `ast` and only number literals, unary
   +/-, parentheses and + - * / // % ** are evaluated, by our own recursive walk. Size limits (expression
   length, literal size, exponent, result digits) keep a model-written expression from burning CPU or
   memory (`9**9**9` is refused before it is computed).
-- `execute_tool_call` never raises: whatever the model wrote, it gets back a string (a result or
-  "error: ..."), because a tool output is part of the conversation the model continues from.
+- Refusals are `GptlabError`s, which `Toolbox.call` turns into the "error: ..." observation the model sees.
 """
 
 from __future__ import annotations
 
 import ast
-import json
 import math
 import operator
 from collections.abc import Callable
 from typing import Any
 
 from ..common import GptlabError
+from .base import tool
 
 MAX_EXPRESSION_CHARS = 200
 MAX_LITERAL = 10**15
@@ -85,38 +85,11 @@ def format_number(value: int | float) -> str:
     return str(value) if isinstance(value, int) else f"{value:.12g}"
 
 
+@tool
 def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression exactly.
+
+    Args:
+        expression: numbers, parentheses and + - * / // % **
+    """
     return format_number(calculate(expression))
-
-
-TOOLS: dict[str, Callable[..., str]] = {"calculator": calculator}
-
-
-def execute_tool_call(call: str | dict[str, Any]) -> str:
-    """Run a tool call given as the JSON text the model wrote between <|tool_call_start|> and
-    <|tool_call_end|> (or as a parsed dict); returns the tool output or an 'error: ...' line."""
-    try:
-        if isinstance(call, str):
-            try:
-                call = json.loads(call)
-            except json.JSONDecodeError:
-                raise GptlabError("tool call is not valid JSON") from None
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            raise GptlabError('tool call must be {"name": ..., "arguments": {...}}')
-        tool = TOOLS.get(call["name"])
-        if tool is None:
-            raise GptlabError(f"unknown tool {call['name']!r} (available: {', '.join(TOOLS)})")
-        arguments = call.get("arguments", {})
-        if isinstance(arguments, str):  # OpenAI nests arguments as a JSON string
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                raise GptlabError("tool arguments are not valid JSON") from None
-        if not isinstance(arguments, dict):
-            raise GptlabError("tool arguments must be an object")
-        try:
-            return tool(**arguments)
-        except TypeError:
-            raise GptlabError(f"wrong arguments for tool {call['name']!r}: {sorted(arguments)}") from None
-    except GptlabError as e:
-        return f"error: {e}"
