@@ -78,7 +78,9 @@ def _cmd_show(args: argparse.Namespace) -> None:
 
 
 def _cmd_team(args: argparse.Namespace) -> int:
-    config = load_team(args.config)
+    from .apps.toolset import BUILTIN_TOOLS
+
+    config = load_team(args.config, known_tools=set(BUILTIN_TOOLS))
     if args.workspace:
         workspace = _workspace(args.workspace)
     elif config.workspace is not None:
