@@ -331,3 +331,20 @@ def test_team_config_errors_name_the_file_and_key(tmp_path, edit, message):
     path = team_file(tmp_path, edit(TEAM.format(max_turns=5)))
     with pytest.raises(GptlabError, match=re.escape(str(path)) + ": .*" + message):
         load_team(path, known_tools={"add"})
+
+
+def test_command_line_show_and_errors(tmp_path, capsys):
+    from gptlab.cli import main
+
+    llm = scripted('Action: add\nAction Input: {"a": 1, "b": 2}', "Final Answer: 3")
+    with Trace(tmp_path / "t.jsonl") as trace:
+        run_agent(llm, "1+2?", BOX, trace=trace)
+    assert main(["agent", "show", str(tmp_path / "t.jsonl"), "--html", str(tmp_path / "t.html")]) == 0
+    out = capsys.readouterr().out
+    assert "tool add" in out and "-> 3" in out and (tmp_path / "t.html").is_file()
+    assert main(["agent", "run", "--task", "x", "--model", "m", "--workspace", str(tmp_path / "nope")]) == 2
+    assert f"error: workspace {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    team = team_file(tmp_path, TEAM.format(max_turns=2))  # "add" is no built-in tool
+    assert main(["agent", "team", "--config", str(team), "--task", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {team}: agents.researcher.tools: unknown tool 'add' (available: ") and "\n" not in err
