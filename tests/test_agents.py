@@ -348,3 +348,25 @@ def test_command_line_show_and_errors(tmp_path, capsys):
     assert main(["agent", "team", "--config", str(team), "--task", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {team}: agents.researcher.tools: unknown tool 'add' (available: ") and "\n" not in err
+
+
+def test_auto_protocol_falls_back_to_text_when_a_server_refuses_tools():
+    from test_apps_llm import MODELS, ScriptedServer
+
+    def reply(text):
+        return (200, {"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+                      "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+                      "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}})
+
+    refusal = (400, {"error": {"message": "this model's chat format has no tool-call tokens", "param": "tools"}})
+    server = ScriptedServer({"/v1/models": [MODELS], "/v1/chat/completions": [
+        refusal, reply('Action: add\nAction Input: {"a": 2, "b": 3}'), reply("Final Answer: 5")]})
+    try:
+        llm = open_llm(base_url=server.url, max_retries=0)
+        assert llm.supports_tools is None
+        trace = Trace(None)
+        result = run_agent(llm, "2+3?", BOX, max_steps=3, protocol="auto", trace=trace)
+        assert llm.supports_tools is False and result.answer == "5" and result.steps == 2 and result.tool_calls == 1
+        assert [e["observation"] for e in trace.events if e["event"] == "tool"] == ["5"]
+    finally:
+        server.close()

@@ -436,11 +436,13 @@ class HttpLLM(LLM):
         if tools:
             request["tools"] = tools
         try:
-            response = self._call(self.client.chat.completions.create, messages=messages, **request)
-        except GptlabError as e:
-            if tools and "tools" in str(e) and "rejected the request (400)" in str(e):
+            response = self.client.chat.completions.create(messages=messages, **request)
+        except self._openai.BadRequestError as e:  # a server without tool calling refuses them with a 400
+            if tools and "tool" in str(e).lower():
                 self.supports_tools = False
-            raise
+            raise self._error(e) from None
+        except self._openai.OpenAIError as e:
+            raise self._error(e) from None
         if tools:
             self.supports_tools = True
         ordered = sorted(response.choices, key=lambda c: c.index)
