@@ -370,3 +370,11 @@ def test_auto_protocol_falls_back_to_text_when_a_server_refuses_tools():
         assert [e["observation"] for e in trace.events if e["event"] == "tool"] == ["5"]
     finally:
         server.close()
+
+
+def test_an_agent_without_tools_may_answer_without_the_marker():
+    llm = scripted("Plan: search, count, chart.")
+    result = run_agent(llm, "plan it", Toolbox([]), max_steps=2)
+    assert (result.answer, result.finished, result.steps, result.repaired) == ("Plan: search, count, chart.", True, 1, 1)
+    assert "Final Answer:" in llm.calls[0]["prompt"][0]["content"]
+    assert parse_reply("Plan: search.", Toolbox([]), repair=False).problem is not None

@@ -15,8 +15,9 @@ Design decisions
   back to text once if the server refuses `tools`), else text.
 - Malformed actions (text protocol) are repaired defensively: Action Input is read with
   `structured.parse_json` (fences, prose around the JSON, single quotes, trailing commas, truncation), a
-  bare value for a tool with one required parameter becomes that parameter, and a tool name is matched
-  case-insensitively and without quotes/backticks. What cannot be repaired (no Action and no Final
+  bare value for a tool with one required parameter becomes that parameter, a tool name is matched
+  case-insensitively and without quotes/backticks, and an agent without tools may answer without the
+  "Final Answer:" marker (there is nothing else its reply could be). What cannot be repaired (no Action and no Final
   Answer, an input that is no JSON object) is answered with a correction message naming the problem,
   and counted (`AgentResult.malformed`). With `repair=False` only exact JSON is accepted (the bench
   measures the difference).
@@ -131,6 +132,8 @@ def parse_reply(text: str, toolbox: Toolbox, repair: bool = True) -> Parsed:
     if final is not None and (action is None or text.find("Final Answer") < text.find("Action")):
         return Parsed(final=final)
     if action is None:
+        if repair and not len(toolbox) and text.strip():  # with no tool to call, a plain reply is the answer
+            return Parsed(final=text.strip(), repairs=["reply without 'Final Answer:' taken as the answer"])
         return Parsed(problem="no 'Action:' and no 'Final Answer:' line")
     name = _tool_name(action, toolbox) if repair else action.strip()
     raw = _field(text, "Action Input")
@@ -273,6 +276,7 @@ def run_agent(llm: LLM, task: str, toolbox: Toolbox, *, max_steps: int = 8, prot
         parsed = parse_reply(reply, toolbox, repair=repair)
         if parsed.final is not None:
             result.answer, result.finished = parsed.final, True
+            result.repaired += bool(parsed.repairs)
             break
         if parsed.problem is not None:
             result.malformed += 1
