@@ -101,9 +101,10 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--suites", default="calculator,word_problems,multidigit", help="comma-separated")
     ap.add_argument("--out", default=str(RESULTS / "agents.json"))
     args = ap.parse_args()
-    items = suites(args.n, args.seed)
+    items = {name: chosen for name, chosen in suites(args.n, args.seed).items() if name in args.suites.split(",")}
     box = Toolbox([calculator])
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}

@@ -288,7 +288,9 @@ def run_team(config: TeamConfig, task: str, *, llm_for: Callable[[AgentSpec], LL
         sender, recipient, message = recipient, target, content
         answer = content
         if target == USER:
-            finished, reason = True, f"{sender} answered the user"
+            finished = True
+            reason = f"{sender} answered the user" + ("" if result.finished else
+                                                      " without a final answer of its own (its step budget ran out)")
             break
     seconds = time.perf_counter() - start
     team_result = TeamResult(answer if finished else f"The team did not finish: {reason}. Last message "
