@@ -29,6 +29,7 @@ from pathlib import Path
 
 from gptlab.apps.agents import Trace, parse_reply, run_agent
 from gptlab.apps.llm import open_llm
+from gptlab.eval.stats import wilson_interval
 from gptlab.tasks import Example, get_task, sample_examples
 from gptlab.tasks.checks import states_number
 from gptlab.tools import Toolbox
@@ -131,13 +132,18 @@ def write_markdown(results: dict, args, path: Path) -> None:
     lines = ["# Tool-use gain (bench/bench_agents.py)\n",
              f"Greedy; with tools: ReAct loop, calculator tool, at most {args.max_steps} model calls, "
              f"{args.max_tokens} tokens per reply; seed {args.seed}.\n",
-             "| model | suite | n | acc. without tools | acc. with tools | final answer given | steps / solved | "
+             "| model | suite | n | acc. without tools [95% Wilson] | acc. with tools [95% Wilson] | final answer given | steps / solved | "
              "tokens / solved | malformed (repair) | malformed (no repair) | s | load avg |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def acc(value: float, n: int) -> str:
+        low, high = wilson_interval(round(value * n), n)
+        return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
     for model, rows in results.items():
         for suite, r in rows.items():
-            lines.append(f"| {model} | {suite} | {r['n']} | {r['acc_without']:.2f} | {r['acc_with']:.2f} | "
-                         f"{r['finished']:.2f} | {r['steps_per_solved']} | {r['tokens_per_solved']} | "
+            lines.append(f"| {model} | {suite} | {r['n']} | {acc(r['acc_without'], r['n'])} | "
+                         f"{acc(r['acc_with'], r['n'])} | {r['finished']:.2f} | {r['steps_per_solved'] or '-'} | "
+                         f"{r['tokens_per_solved'] or '-'} | "
                          f"{r['malformed_with_repair']:.2f} | {r['malformed_without_repair']:.2f} "
                          f"(of {r['replies']} replies) | {r['seconds']} | {r['load_average']} |")
     path.write_text("\n".join(lines) + "\n")
