@@ -35,6 +35,7 @@ STAGES = [
     "gptlab.lab.cli",
     "gptlab.apps.rag.cli",
     "gptlab.tools_cli",
+    "gptlab.agent_cli",
 ]
 
 

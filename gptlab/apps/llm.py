@@ -37,6 +37,14 @@ Design decisions
   client's extra_body, so /v1/completions carries it too; vLLM and OpenAI honour it, `gptlab serve` will);
   regex/grammar/choice constraints have no OpenAI form and are refused with a GptlabError. Either way,
   `apps.structured.parse_json` reads the reply defensively.
+- Native tool calls: `chat(messages, tools=[OpenAI tool specs])` returns the model's call in
+  `Generation.tool_calls` (finish_reason "tool_calls"). Over HTTP the `tools` list goes in the request as
+  OpenAI defines it. In process, gptlab's own chat format has tool-call tokens: the engine decodes exactly
+  as `gptlab serve` does (serve/tools.py: the tool list in the system prompt, decoding stops at
+  `<|tool_call_end|>`, the call parsed by the same ToolCallParser), so both backends give the same call.
+  A model with an imported chat template has no tool tokens: `supports_tools` is False and tools= is a
+  GptlabError (callers use a text protocol, apps/agents). Over HTTP `supports_tools` is None (unknown
+  until the server answers a request with tools).
 - Per-choice completion tokens over HTTP: `usage.completion_tokens` when n == 1; with n > 1 usage only
   has the total, so each choice is counted with `count_tokens` (exact with a known tokenizer).
 """
@@ -66,9 +74,12 @@ Messages = list[dict]
 @dataclass
 class Generation:
     text: str
-    finish_reason: str  # "stop" (end of turn, stop token or stop string) | "length" (max_tokens or window)
+    finish_reason: str  # "stop" (end of turn, stop token or stop string) | "length" | "tool_calls"
     prompt_tokens: int
     completion_tokens: int
+    # native tool calls (chat with tools=...), OpenAI's shape: {"id", "type": "function", "function":
+    # {"name", "arguments": "<json>"}}; None when the reply is text
+    tool_calls: list[dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -114,10 +125,12 @@ class LLM(abc.ABC):
     context_window: int  # tokens (0: unknown, only possible over HTTP)
     supports_logprobs: bool  # False where the endpoint cannot score given text
     exact_token_count: bool  # False where count_tokens is an estimate (HTTP without the tokenizer)
+    supports_tools: bool | None = False  # native tool calls: True, False, or None (unknown: HTTP)
 
     @abc.abstractmethod
     def chat(self, messages: Messages, **sampling) -> list[Generation]:
-        """n assistant replies to an OpenAI-style conversation."""
+        """n assistant replies to an OpenAI-style conversation; `tools=[OpenAI specs]` (where
+        supports_tools is not False) lets the reply be a tool call (Generation.tool_calls)."""
 
     @abc.abstractmethod
     def complete(self, prompt: str, **sampling) -> list[Generation]:
@@ -195,6 +208,9 @@ class LocalLLM(LLM):
         self.tokenizer = tokenizer
         self.name = name or Path(model_dir).resolve().name
         self.context_window = self.engine.window
+        from ..serve.tools import supports_tools
+
+        self.supports_tools = supports_tools(tokenizer)
 
     def _params(self, options: SamplingOptions, prompt_tokens: int):
         from ..infer.sampling import SamplingParams
@@ -215,8 +231,43 @@ class LocalLLM(LLM):
     def _stream(self, ids: list[int], options: SamplingOptions) -> Iterator[str]:
         return self.engine.stream(ids, self._params(options, len(ids)))  # checked now, not at the first next()
 
-    def chat(self, messages: Messages, **sampling) -> list[Generation]:
-        return self._generate(self._chat_ids(messages), SamplingOptions.of(**sampling))
+    def chat(self, messages: Messages, tools: list[dict] | None = None, **sampling) -> list[Generation]:
+        options = SamplingOptions.of(**sampling)
+        if tools:
+            return self._generate_tool_calls(messages, tools, options)
+        return self._generate(self._chat_ids(messages), options)
+
+    def _generate_tool_calls(self, messages: Messages, tools: list[dict], options: SamplingOptions) -> list[Generation]:
+        """Replies that may be one tool call, decoded as `gptlab serve` decodes them (module docstring)."""
+        import dataclasses
+
+        from ..chat import render_for_completion
+        from ..serve import tools as tool_format
+
+        if not self.supports_tools:
+            raise GptlabError(f"{self.name} has no tool-call tokens in its chat format (an imported chat template); "
+                              "use the text protocol")
+        try:
+            offered = tool_format.parse_tools(tools)
+            ids = render_for_completion(self.tokenizer, tool_format.to_chat_messages(messages, offered))
+        except tool_format.ToolRequestError as e:
+            raise GptlabError(f"tool calling: {e}") from None
+        start = self.tokenizer.special_id(tool_format.CALL_START)
+        end = self.tokenizer.special_id(tool_format.CALL_END)
+        params = dataclasses.replace(self._params(options, len(ids)),
+                                     stop_token_ids=tuple(sorted(self.engine.default_stop_ids | {end})))
+        names = frozenset(t["name"] for t in offered)
+        parsers = [tool_format.ToolCallParser(start, end, names) for _ in range(options.n)]
+        texts, calls, finish, counts = [""] * options.n, [None] * options.n, ["stop"] * options.n, [0] * options.n
+        for e in self.engine.stream_batch([ids] * options.n, params):
+            text, call, reason = parsers[e.row].feed(e.token_id, e.text, e.finish_reason)
+            texts[e.row] += text
+            counts[e.row] += 1
+            if call is not None:
+                calls[e.row] = [call]
+            if reason:
+                finish[e.row] = reason
+        return [Generation(texts[i], finish[i], len(ids), counts[i], calls[i]) for i in range(options.n)]
 
     def complete(self, prompt: str, **sampling) -> list[Generation]:
         return self._generate(self.engine.encode(prompt), SamplingOptions.of(**sampling))
@@ -284,6 +335,7 @@ class HttpLLM(LLM):
         self.context_window = context_window or self._served_window()
         self._max_tokens_zero_ok = True  # cleared if the server refuses echo scoring with max_tokens=0
         self._supports_logprobs: bool | None = None
+        self.supports_tools = None  # known once a request with tools has been answered
 
     # ---- errors and server facts ----
     def _error(self, e: Exception) -> GptlabError:
@@ -365,24 +417,38 @@ class HttpLLM(LLM):
             request["extra_body"] = {"response_format": options.constraint.response_format()}
         return request
 
-    def _generations(self, response, texts: list[str]) -> list[Generation]:
+    def _generations(self, response, texts: list[str], calls: list | None = None) -> list[Generation]:
         usage = response.usage
         prompt_tokens = usage.prompt_tokens if usage else 0
         out = []
-        for choice, text in zip(sorted(response.choices, key=lambda c: c.index), texts):
-            finish = "length" if choice.finish_reason == "length" else "stop"
+        calls = calls or [None] * len(texts)
+        for choice, text, call in zip(sorted(response.choices, key=lambda c: c.index), texts, calls):
+            finish = {"length": "length", "tool_calls": "tool_calls"}.get(choice.finish_reason, "stop")
             if usage and len(response.choices) == 1:
                 completion_tokens = usage.completion_tokens
             else:
                 completion_tokens = self.count_tokens(text)
-            out.append(Generation(text, finish, prompt_tokens, completion_tokens))
+            out.append(Generation(text, finish, prompt_tokens, completion_tokens, call))
         return out
 
-    def chat(self, messages: Messages, **sampling) -> list[Generation]:
+    def chat(self, messages: Messages, tools: list[dict] | None = None, **sampling) -> list[Generation]:
         request = self._request(SamplingOptions.of(**sampling), self._chat_prompt_tokens(messages))
-        response = self._call(self.client.chat.completions.create, messages=messages, **request)
+        if tools:
+            request["tools"] = tools
+        try:
+            response = self.client.chat.completions.create(messages=messages, **request)
+        except self._openai.BadRequestError as e:  # a server without tool calling refuses them with a 400
+            if tools and "tool" in str(e).lower():
+                self.supports_tools = False
+            raise self._error(e) from None
+        except self._openai.OpenAIError as e:
+            raise self._error(e) from None
+        if tools:
+            self.supports_tools = True
         ordered = sorted(response.choices, key=lambda c: c.index)
-        return self._generations(response, [c.message.content or "" for c in ordered])
+        calls = [[c.model_dump() for c in choice.message.tool_calls] if choice.message.tool_calls else None
+                 for choice in ordered]
+        return self._generations(response, [c.message.content or "" for c in ordered], calls)
 
     def complete(self, prompt: str, **sampling) -> list[Generation]:
         request = self._request(SamplingOptions.of(**sampling), self._text_prompt_tokens(prompt))
