@@ -11,6 +11,7 @@ import importlib
 
 EXPERIMENTS = [
     "gptlab.lab.compression_bench",
+    "gptlab.lab.scaling",
     "gptlab.lab.views",
 ]
 
