@@ -12,6 +12,8 @@ import importlib
 EXPERIMENTS = [
     "gptlab.lab.compression_bench",
     "gptlab.lab.scaling",
+    "gptlab.lab.emergence",
+    "gptlab.lab.probes",
     "gptlab.lab.views",
 ]
 

@@ -248,6 +248,12 @@ def load_state(sweep: Path) -> dict:
     return state
 
 
+def stored_preset(state: dict) -> SweepPreset:
+    fields = state["preset_fields"]
+    return SweepPreset(**{**fields, "shapes": tuple(map(tuple, fields["shapes"])),
+                          "target_shape": tuple(fields["target_shape"]), "token_levels": tuple(fields["token_levels"])})
+
+
 def save_state(sweep: Path, state: dict) -> None:
     atomic_write_json(sweep / SWEEP_FILE, state)
 
@@ -412,6 +418,7 @@ def run_sweep(out: str | Path, budget_minutes: float, preset_name: str = "cpu", 
         if state["preset"] != preset_name or state["budget_minutes"] != budget_minutes:
             raise GptlabError(f"{sweep} holds a sweep planned with --preset {state['preset']} --budget-minutes "
                               f"{state['budget_minutes']:g}: rerun with those to continue it, or choose another --out")
+        preset = stored_preset(state)  # the plan's own settings, even if the preset has changed since
     else:
         tok_path, data_dir = existing_data(Path(data_dir)) if data_dir else prepare_data(sweep, preset)
         vocab = Tokenizer.load(tok_path).vocab_size
