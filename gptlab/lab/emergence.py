@@ -16,8 +16,9 @@ Design decisions
     log-likelihood   the mean log-probability per answer token of the gold answer (nats).
 - Questions are the embedded task suite's test-split questions (the same for every model, seeded), prompted
   as a base model reads them: a Q/A document with `--shots` solved train-split questions first
-  (`gptlab.eval.gold`'s "qa" style), the short gold answer as the continuation. A prompt longer than the
-  model's context is cut from the left (the question and answer are kept).
+  (`gptlab.eval.gold`'s "qa" style), the short gold answer as the continuation. The prompt is encoded and
+  fitted to the context as `Engine.score` encodes it (BOS first; a prompt too long is cut from the left),
+  so the log-likelihood equals the engine's continuation score (tests check it).
 - One point per model size: its longest-trained run (the grid's largest token budget; the target run is its
   own size). All runs' figures are in emergence.json.
 """
@@ -36,6 +37,7 @@ from tqdm import tqdm
 from ..checkpoint import load_model_dir
 from ..common import GptlabError, atomic_write_json, get_logger, save_figure
 from ..eval.gold import STYLES, draw_shots, eval_examples
+from ..infer.engine import Engine
 from ..model import GPT
 from ..tasks import Example
 from ..tokenizer import Tokenizer
@@ -55,16 +57,14 @@ def answer_prompt(example: Example, shots: Sequence[Example]) -> tuple[str, str]
 
 
 @torch.inference_mode()
-def score_answer(model: GPT, tokenizer: Tokenizer, prompt: str, answer: str) -> dict[str, float]:
-    """The three metrics (module docstring) of one gold answer after its prompt, by teacher forcing."""
-    answer_ids = tokenizer.encode(answer)
-    prompt_ids = tokenizer.encode(prompt)
-    room = model.config.max_seq_len - len(answer_ids)
-    if room < 1:
-        raise GptlabError(f"the answer {answer!r} alone fills the model's context of {model.config.max_seq_len}")
-    ids = (prompt_ids[-room:] if len(prompt_ids) > room else prompt_ids) + answer_ids
-    logits = model(torch.tensor([ids]))[0, len(ids) - len(answer_ids) - 1:-1].float()
-    target = torch.tensor(answer_ids)
+def score_answer(engine: Engine, prompt: str, answer: str) -> dict[str, float]:
+    """The three metrics (module docstring) of one gold answer after its prompt, by teacher forcing. The
+    prompt is encoded and fitted to the context as `Engine.score` does (BOS first, cut from the left)."""
+    answer_ids = engine.tokenizer.encode(answer)
+    ids = engine.fit_context(engine.encode(prompt), room=len(answer_ids)) + answer_ids
+    logits = engine.model(torch.tensor([ids], device=engine.device))[0, len(ids) - len(answer_ids) - 1:-1].float()
+    logits[:, engine.n_real_tokens:] = -float("inf")  # padding rows of the vocabulary are never predicted
+    target = torch.tensor(answer_ids, device=engine.device)
     logprobs = logits.log_softmax(-1).gather(1, target[:, None])[:, 0]
     hits = (logits.argmax(-1) == target).float()
     return {"exact_match": float(hits.min()), "token_accuracy": float(hits.mean()), "loglik": float(logprobs.mean()),
@@ -81,9 +81,10 @@ def task_items(tasks: Sequence[str], n: int, shots: int, seed: int = 0) -> dict[
 def measure(model: GPT, tokenizer: Tokenizer, items: dict[str, list[tuple[str, str]]]) -> dict[str, dict[str, float]]:
     """Per task, the mean of each metric over its items."""
     model.eval()
+    engine = Engine(model, tokenizer)
     out = {}
     for task, pairs in items.items():
-        rows = [score_answer(model, tokenizer, p, a) for p, a in pairs]
+        rows = [score_answer(engine, p, a) for p, a in pairs]
         out[task] = {key: float(np.mean([r[key] for r in rows])) for key in (*dict(METRICS), "answer_tokens")}
     return out
 

@@ -260,10 +260,12 @@ def save_state(sweep: Path, state: dict) -> None:
 
 def finished_runs(sweep: str | Path, roles: tuple[str, ...] = ("fit", "target")) -> list[dict[str, Any]]:
     """The sweep's finished runs, smallest first, each with `model_dir`. Runs listed but without a model
-    directory, and folders under runs/ that sweep.json does not list, are named in one warning line each
-    and skipped."""
+    directory, runs whose tokenizer is not the sweep's (copied in from elsewhere), and folders under runs/
+    that sweep.json does not list are named in one warning line each and skipped."""
     sweep = Path(sweep)
     state = load_state(sweep)
+    tokenizer_file = sweep / "tokenizer.json"
+    expected_sha = Tokenizer.load(tokenizer_file).sha256 if tokenizer_file.is_file() else None
     listed = {r["name"] for r in state["runs"]}
     runs_dir = sweep / "runs"
     for folder in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
@@ -276,6 +278,11 @@ def finished_runs(sweep: str | Path, roles: tuple[str, ...] = ("fit", "target"))
         model_dir = runs_dir / run["name"] / "model"
         if not (model_dir / "gptlab.json").is_file():
             log.warning("skipped run %s: no model directory %s (not trained yet?)", run["name"], model_dir)
+            continue
+        sha = read_json(model_dir / "gptlab.json", "model config").get("tokenizer_sha256")
+        if expected_sha and sha != expected_sha:
+            log.warning("skipped run %s: its tokenizer is not the sweep's %s (a foreign run)", run["name"],
+                        tokenizer_file)
             continue
         out.append({**run, "model_dir": model_dir})
     return sorted(out, key=lambda r: (r["n_params"], r["tokens"]))
