@@ -112,6 +112,8 @@ def plot_emergence(results: list[dict[str, Any]], tasks: Sequence[str], out: Pat
         ax.set_xscale("log")
         ax.set_xlabel("parameters N")
         ax.set_title(title, fontsize=9)
+        if key != "loglik":  # accuracies on one scale, so a flat zero reads as one
+            ax.set_ylim(-0.03, 1.03)
     axes[0].set_ylabel("mean over test questions")
     axes[0].legend(fontsize=7)
     fig.suptitle("the same models and questions, three metrics (Schaeffer et al. 2023)", fontsize=10)
