@@ -333,9 +333,10 @@ def plot_results(state: dict, out: Path) -> list[Path]:
     pred = state.get("prediction")
     if pred and pred.get("measured") is not None:
         target = next(r for r in runs if r["name"] == pred["run"])
-        ax.errorbar(target["tokens"], pred["predicted"], yerr=[[pred["predicted"] - pred["interval"][0]],
-                    [pred["interval"][1] - pred["predicted"]]], fmt="x", color="red", capsize=3,
-                    label=f"predicted {pred['predicted']:.3f} vs measured {pred['measured']:.3f}")
+        # the bootstrap range need not contain the full-data fit's value (few runs): a bar, not +- errors
+        ax.vlines(target["tokens"], *pred["interval"], color="red", lw=1)
+        ax.scatter(target["tokens"], pred["predicted"], marker="x", color="red", zorder=4,
+                   label=f"predicted {pred['predicted']:.3f} vs measured {pred['measured']:.3f}")
     ax.set_xscale("log")
     ax.set_xlabel("training tokens D")
     ax.set_ylabel("final val loss (nats/token)")
@@ -395,9 +396,10 @@ def write_report(state: dict, out: Path) -> Path:
     for k, v in fit["law"].items():
         lo, hi = fit["intervals"][k]
         lines.append(f"| {k} | {v:.4g} | {lo:.4g} | {hi:.4g} |")
-    n20, d20 = law.optimal(1e21)
-    lines += ["", f"Compute-optimal tokens per parameter by the fit: {float(d20 / n20):.3g} at C = 1e21 FLOPs "
-              "(Chinchilla: ~20)."]
+    largest = max(6 * r["n_params"] * r["tokens"] for r in state["runs"])
+    ratios = {c: float(np.divide(*law.optimal(c)[::-1])) for c in (largest, 1e21)}
+    lines += ["", "Compute-optimal tokens per parameter by the fit (C = 6ND; Chinchilla: ~20): "
+              + ", ".join(f"{ratio:.3g} at C = {c:.2g}" for c, ratio in ratios.items()) + "."]
     if pred.get("measured") is not None:
         lines += ["", f"Prediction for {pred['run']} ({pred['compute_ratio']:.1f}x the largest fitted run's compute), "
                   f"made before training it: {pred['predicted']:.4f} (bootstrap 5-95%: {pred['interval'][0]:.4f}-"
