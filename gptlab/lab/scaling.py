@@ -349,7 +349,8 @@ def plot_results(state: dict, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     compute = np.array([6 * r["n_params"] * r["tokens"] for r in runs])
     levels = np.geomspace(compute.min(), compute.max(), 5)
-    n_axis = np.geomspace(min(sizes) / 4, max(sizes) * 4, 80)
+    optima = law.optimal(levels)[0]
+    n_axis = np.geomspace(min(min(sizes) / 4, optima.min() / 2), max(max(sizes) * 4, optima.max() * 2), 80)
     cmap = plt.cm.plasma
     norm = matplotlib.colors.LogNorm(compute.min(), compute.max())
     for c in levels:
