@@ -17,6 +17,7 @@ import pytest
 from _pretrain_data import make_dataset
 from gptlab.common import GptlabError
 from gptlab.lab.scaling import (SweepPreset, finished_runs, load_state, plan_sweep, run_sweep, shape_stats)
+from gptlab.train.pretrain import PretrainConfig
 from gptlab.lab.scaling_fit import ScalingLaw, bootstrap_laws, fit_scaling_law, intervals, objective
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,6 +114,11 @@ def test_micro_sweep_resumes_after_a_kill(data_dir, tmp_path):
     assert pred["measured"] == state["runs"][-1]["val_loss"] and np.isfinite(pred["predicted"])
     for png in ("fit.png", "isoflop.png", "frontier.png"):
         assert (out / png).stat().st_size > 1000
+    deep = next(r["name"] for r in state["runs"] if (r["depth"], r["width"]) == (2, 64))
+    config = json.loads((out / "runs" / deep / "model" / "gptlab.json").read_text())["model"]
+    assert (config["n_layer"], config["n_embd"]) == (2, 64)  # depth and width set apart (PretrainConfig.width)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        PretrainConfig(width=96)
     # the runs keep intermediate checkpoints for the probes across training
     assert len(list((out / "runs" / state["runs"][0]["name"] / "checkpoints").glob("step_*"))) >= 2
 
