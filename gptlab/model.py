@@ -114,9 +114,10 @@ class GPTConfig:
 
     @classmethod
     def from_depth(cls, depth: int, vocab_size: int, max_seq_len: int = 512, head_dim: int = 64,
-                   kv_ratio: int = 1, **overrides) -> "GPTConfig":
-        """The single dial: everything but depth is derived (width 64*depth, 64-dim heads, SwiGLU 8/3)."""
-        n_embd = 64 * depth
+                   kv_ratio: int = 1, width: int | None = None, **overrides) -> "GPTConfig":
+        """The single dial: everything but depth is derived (width 64*depth, 64-dim heads, SwiGLU 8/3).
+        `width` replaces 64*depth (heads, MLP follow it) for sweeps that vary the two apart (lab/scaling)."""
+        n_embd = width or 64 * depth
         n_head = max(1, n_embd // head_dim)
         hidden = int(8 * n_embd / 3)
         hidden = 64 * ((hidden + 63) // 64)

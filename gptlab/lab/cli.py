@@ -13,6 +13,9 @@ EXPERIMENTS = [
     "gptlab.lab.compression_bench",
     "gptlab.lab.icl",
     "gptlab.lab.life",
+    "gptlab.lab.scaling",
+    "gptlab.lab.emergence",
+    "gptlab.lab.probes",
     "gptlab.lab.views",
     "gptlab.lab.word2vec",
 ]
@@ -20,7 +23,8 @@ EXPERIMENTS = [
 
 def register(sub) -> None:
     p = sub.add_parser("lab", help="experiments that measure what models do (compression, views into a model, "
-                                   "word2vec, in-context learning, the Game of Life)")
+                                   "word2vec, scaling laws, in-context learning, emergence, probes, "
+                                   "the Game of Life)")
     commands = p.add_subparsers(dest="lab_command", required=True, metavar="EXPERIMENT")
     for name in EXPERIMENTS:
         importlib.import_module(name).register_lab(commands)

@@ -77,6 +77,7 @@ class PretrainConfig(TrainConfig):
     tokenizer: str | None = option(None, "tokenizer.json (default: in or beside the data dir)")
     out_dir: str = option("runs/default/pretrain", "checkpoints, metrics, final model dir")
     depth: int = option(4, "layers; width = 64 * depth (GPTConfig.from_depth)")
+    width: int | None = option(None, "model width, a multiple of 64 (default: 64 * depth)")
     seq_len: int = option(256, "tokens per row (context length)")
     batch_size: int = option(16, "rows per micro-batch per rank")
     total_batch_tokens: int | None = option(None, "tokens per optimizer step (default: one micro-batch per rank)")
@@ -93,6 +94,8 @@ class PretrainConfig(TrainConfig):
         super().__post_init__()
         if min(self.depth, self.seq_len, self.batch_size, self.num_steps) < 1:
             raise ValueError("depth, seq_len, batch_size and num_steps must be positive")
+        if self.width is not None and (self.width < 64 or self.width % 64):
+            raise ValueError(f"width must be a positive multiple of 64 (64-dim heads), got {self.width}")
         if self.fsdp and self.optimizer != "adamw":
             raise ValueError(f"--fsdp needs --optimizer adamw (got {self.optimizer}): Muon orthogonalises whole "
                              "matrices, and a rank holds a slice of each")
@@ -185,7 +188,7 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device) -> 
     if cfg.fsdp and not sharded:
         log.warning("--fsdp true in a single process: nothing to shard over (launch with torchrun)")
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    model_config = GPTConfig.from_depth(cfg.depth, tokenizer.vocab_size, max_seq_len=cfg.seq_len)
+    model_config = GPTConfig.from_depth(cfg.depth, tokenizer.vocab_size, max_seq_len=cfg.seq_len, width=cfg.width)
     model = GPT(model_config).to(device)
     optimizers = build_optimizers(model, cfg)
     train_loader = PackedLoader(cfg.data_dir, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed,
