@@ -17,10 +17,12 @@ Design decisions
 - Unconstrained rows are never touched: masks are computed and applied only to the constrained rows'
   logits, and sampling is per row (sampling.py), so they produce exactly what they would alone (tested).
 - Errors are GptlabErrors, never hangs: a schema or grammar llguidance cannot compile (bad syntax, an
-  unsupported JSON Schema keyword such as "not", an unsatisfiable schema), a matcher that fails mid-way
-  (llguidance's per-step limits, e.g. a grammar with no finite string), and a step where the grammar
-  admits no token the row may produce (e.g. it needs a token the row treats as a stop, or one past the
-  model's vocabulary).
+  unsupported JSON Schema keyword such as "not", an unsatisfiable schema) fails the prefill; a matcher
+  that fails mid-way (llguidance's per-step limits, e.g. a grammar with no finite string) or a step where
+  the grammar admits no token the row may produce (e.g. it needs a token the row treats as a stop, or one
+  past the model's vocabulary) ends that row only, with finish_reason "error" and the message
+  (`mask_constrained_logits` reports such rows instead of raising), so the other rows of a server's
+  batch go on; `generate` and `stream_batch` then raise it.
 - Limits: a constraint's source text is at most MAX_SOURCE_BYTES (100 KB) and at most MAX_CHOICES
   options; beyond that llguidance's own `LLParserLimits` defaults apply (grammar size 500k symbols,
   lexer fuel, 50k Earley items per step), and their errors are reported the same way.
@@ -39,6 +41,7 @@ Design decisions
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -56,6 +59,7 @@ if TYPE_CHECKING:
 MAX_SOURCE_BYTES = 100_000
 MAX_CHOICES = 10_000
 KINDS = ("json_schema", "regex", "lark", "choice")
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for response_format json_schema.name
 # compact JSON (see the module docstring); llguidance's JsonCompileOptions
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
@@ -130,6 +134,12 @@ class Constraint:
             spec = response_format.get("json_schema")
             if not isinstance(spec, dict) or "schema" not in spec:
                 raise GptlabError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')
+            name, strict = spec.get("name", "output"), spec.get("strict", False)
+            if not isinstance(name, str) or not _NAME.fullmatch(name):
+                raise GptlabError(f"response_format json_schema.name must be 1-64 letters, digits, _ or -, got {name!r}")
+            if not isinstance(strict, bool) and strict is not None:
+                raise GptlabError(f"response_format json_schema.strict must be a boolean, got {strict!r}")
+            # strict or not, the output is constrained to the schema: decoding enforces it either way
             return cls.json_schema(spec["schema"])
         raise GptlabError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
 
@@ -269,15 +279,22 @@ class ConstraintState:
         return self.matcher.is_stopped()
 
 
-def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int) -> None:
+def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int) -> dict[int, str]:
     """Set to -inf, in place, every logit a constrained row's grammar does not allow; `rows` are the batch's
-    rows (`Row.constraint`, `Row.stop_ids`). A row's stop tokens are allowed where its grammar may end."""
+    rows (`Row.constraint`, `Row.stop_ids`). A row's stop tokens are allowed where its grammar may end.
+    Returns {batch position: error} for the rows whose constraint failed or admits no token they can
+    produce (a dead end): their logits are left as they were, and the caller ends those rows with the
+    error while the rest of the batch goes on."""
     constrained = [i for i, row in enumerate(rows) if row.constraint is not None]
     vocab = rows[constrained[0]].constraint.vocab_size
     words = (vocab + 1 + 31) // 32  # + 1: the end pseudo id
     bitmask = np.zeros((len(constrained), words), dtype=np.int32)
+    failed: dict[int, str] = {}
     for k, i in enumerate(constrained):
-        rows[i].constraint.fill_bitmask(bitmask[k])
+        try:
+            rows[i].constraint.fill_bitmask(bitmask[k])
+        except GptlabError as e:
+            failed[i] = str(e)
     # bit j of 32-bit word w is token 32 w + j; on little-endian hosts (x86, ARM) that is bit j % 8 of byte 4 w + j // 8
     bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab].astype(bool)
     allowed = np.zeros((len(constrained), logits.shape[-1]), dtype=bool)
@@ -287,11 +304,12 @@ def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int
         row = rows[i]
         stops = [t for t in row.stop_ids if t < logits.shape[-1]]
         allowed[k, stops] = row.constraint.accepting
-        if not allowed[k].any():
+        if i not in failed and not allowed[k].any():
             text = row.stream.text[-40:]
-            raise GptlabError(f"constraint {row.constraint.constraint.describe()} admits no token this row can "
-                              f"produce after {text!r} (it may need a stop token or an id past the model's "
-                              "vocabulary)")
+            failed[i] = (f"constraint {row.constraint.constraint.describe()} admits no token this row can produce "
+                         f"after {text!r} (it may need a stop token or an id past the model's vocabulary)")
+        if i in failed:
+            allowed[k] = True
     import torch  # here, not at the top: the HTTP LLM client builds Constraints without torch
 
     allowed_t = torch.from_numpy(allowed).to(logits.device)
@@ -301,3 +319,4 @@ def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int
     else:
         index = torch.tensor(constrained, device=logits.device)
         logits[index] = torch.where(allowed_t, logits[index], minus_inf)
+    return failed

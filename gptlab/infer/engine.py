@@ -213,12 +213,18 @@ class Engine:
     def step(self, batch: DecodeBatch) -> list[StreamEvent]:
         """Sample one token per row, emit its text, drop rows that finished, and run the model on the
         new tokens of the rest (so `batch.logits` is ready for the next step)."""
+        failed = {}
         if any(row.constraint is not None for row in batch.rows):  # grammar masks on those rows only
-            mask_constrained_logits(batch.logits, batch.rows, self.n_real_tokens)
+            failed = mask_constrained_logits(batch.logits, batch.rows, self.n_real_tokens)
         tokens = sample_tokens(batch.logits, batch.sampling, [r.generator for r in batch.rows], batch.seen)
         events, alive = [], []
         for i, (row, token) in enumerate(zip(batch.rows, tokens.tolist())):
-            events.append(StreamEvent(row.index, self._advance(row, token), token, row.finish_reason))
+            if i in failed:  # a dead end: this row ends with the error, the others go on
+                row.finish_reason, row.error = "error", failed[i]
+                text = row.stream.take(final=True)
+            else:
+                text = self._advance(row, token)
+            events.append(StreamEvent(row.index, text, token, row.finish_reason, row.error))
             if row.finish_reason is None:
                 alive.append(i)
         if len(alive) < len(batch.rows):
@@ -239,7 +245,11 @@ class Engine:
             stream.push(b"", final=True)
         else:
             row.token_ids.append(token)
-            complete = row.constraint is not None and row.constraint.consume(token)
+            try:
+                complete = row.constraint is not None and row.constraint.consume(token)
+            except GptlabError as e:
+                row.finish_reason, row.error = "error", str(e)
+                return stream.take(final=True)
             if stream.push(self.tokenizer.id_to_bytes(token)):
                 row.finish_reason, row.stop = "stop", stream.matched
             elif complete:  # the grammar admits nothing more: stop, with stop = None unless a stop string shows
@@ -261,7 +271,10 @@ class Engine:
             raise GptlabError("beam search cannot stream; use generate()")
         batch = self.prefill(prompts, params)
         while batch.rows:
-            yield from self.step(batch)
+            for event in self.step(batch):
+                if event.error is not None:
+                    raise GptlabError(event.error)
+                yield event
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Text deltas of one completion; never splits a UTF-8 character, never shows a stop string."""
@@ -279,7 +292,9 @@ class Engine:
         batch = self.prefill(prompts, plist)
         rows = list(batch.rows)
         while batch.rows:
-            self.step(batch)
+            for event in self.step(batch):
+                if event.error is not None:
+                    raise GptlabError(event.error)
         return [row.completion() for row in rows]
 
     # ---- beam search --------------------------------------------------------------------------------
