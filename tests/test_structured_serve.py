@@ -245,6 +245,17 @@ def test_call_schema_binds_each_name_to_its_parameters():
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"name": "get_time", "arguments": {"city": "Oslo", "unit": "C"}}, schema)
     assert call_schema(offered, ("get_time",))["properties"]["name"] == {"const": "get_time"}
+    # parameters that leave additionalProperties out (LangChain, pydantic) are closed, nested objects too
+    loose = parse_tools([{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}}},
+        "$defs": {"D": {"type": "object", "properties": {}}}}}}])
+    schema = call_schema(loose, ("f",))
+    jsonschema.validate({"name": "f", "arguments": {"a": {"b": 1}}}, schema)
+    for extra in ({"a": {"b": 1}, "c": 2}, {"a": {"b": 1, "c": 2}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"name": "f", "arguments": extra}, schema)
+    assert schema["properties"]["arguments"]["$defs"]["D"]["additionalProperties"] is False
+    assert "additionalProperties" not in loose[0]["parameters"]  # the request's schema is left as it was
 
 
 def test_langchain_bind_tools_and_structured_output(server):

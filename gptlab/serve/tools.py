@@ -126,10 +126,30 @@ def check_tool_choice(tool_choice: Any, tools: list[dict[str, Any]]) -> ToolChoi
 def call_schema(tools: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, Any]:
     """JSON Schema of one call {"name", "arguments"} to one of the tools `names`, each call's arguments
     bound to its tool's `parameters`: the constraint of a forced call."""
-    variants = [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
+    variants = [{"type": "object", "properties": {"name": {"const": t["name"]},
+                                                  "arguments": _closed(t["parameters"])},
                  "required": ["name", "arguments"], "additionalProperties": False}
                 for t in tools if t["name"] in names]
     return variants[0] if len(variants) == 1 else {"anyOf": variants}
+
+
+def _closed(schema: Any) -> Any:
+    """`schema` with "additionalProperties": false on each object that lists its properties and says
+    nothing about others. JSON Schema allows extra keys by default, and LangChain and pydantic tool
+    schemas leave the keyword out; constrained to such a schema, SmolLM2 went on inventing keys until
+    max_tokens (a manual run: no call came back). A function takes only the arguments it declares, as
+    OpenAI's strict mode assumes."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) if k in ("items", "anyOf", "oneOf", "allOf") else v for k, v in schema.items()}
+    for key in ("properties", "$defs", "definitions"):  # maps of name -> schema
+        if isinstance(schema.get(key), dict):
+            out[key] = {name: _closed(v) for name, v in schema[key].items()}
+    if isinstance(schema.get("properties"), dict):
+        out.setdefault("additionalProperties", False)
+    return out
 
 
 def tool_system_prompt(system: str | None, tools: list[dict[str, Any]]) -> str:
