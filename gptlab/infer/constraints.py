@@ -44,6 +44,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
@@ -247,6 +248,17 @@ def _one_line(message: str, limit: int = 300) -> str:
 
 
 GRAMMARS = GrammarCache()
+OVERLAP_MASKS = True  # compute masks beside the forward pass (`ConstraintState.prefetch`); the benchmark toggles it
+_POOL: list[ThreadPoolExecutor] = []
+_POOL_LOCK = threading.Lock()
+_MINUS_INF: dict = {}  # a -inf scalar tensor per device, made once
+
+
+def _mask_pool() -> ThreadPoolExecutor:
+    with _POOL_LOCK:
+        if not _POOL:
+            _POOL.append(ThreadPoolExecutor(max_workers=2, thread_name_prefix="gptlab-mask"))
+        return _POOL[0]
 
 
 # ---- per-row state and masking -------------------------------------------------------------------------
@@ -257,16 +269,32 @@ class ConstraintState:
         self.constraint = constraint
         self.matcher = cache.matcher(tokenizer, constraint)
         self.vocab_size = tokenizer.vocab_size
+        self._next: Future | None = None  # the next step's mask, being computed (`prefetch`)
 
     def _check(self, when: str) -> None:
         if self.matcher.is_error():
             raise GptlabError(f"constraint {self.constraint.describe()} failed {when}: "
                               f"{_one_line(self.matcher.get_error())}")
 
-    def fill_bitmask(self, out: np.ndarray) -> None:
-        """Write the grammar's allowed-token bitmask (one bit per id, plus the end bit) into `out`."""
+    def _compute(self, out: np.ndarray) -> np.ndarray:
         self.matcher.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
         self._check("computing the next-token mask")
+        return out
+
+    def prefetch(self) -> None:
+        """Start computing the next mask in a worker thread (the engine calls this right before the
+        model's forward pass, which the mask does not depend on; llguidance releases the GIL)."""
+        if OVERLAP_MASKS and self._next is None and not self.matcher.is_stopped():
+            words = (self.vocab_size + 1 + 31) // 32
+            self._next = _mask_pool().submit(self._compute, np.zeros(words, dtype=np.int32))
+
+    def fill_bitmask(self, out: np.ndarray) -> None:
+        """Write the grammar's allowed-token bitmask (one bit per id, plus the end bit) into `out`."""
+        if self._next is not None:
+            pending, self._next = self._next, None
+            out[:] = pending.result()
+        else:
+            self._compute(out)
 
     @property
     def accepting(self) -> bool:
@@ -274,6 +302,9 @@ class ConstraintState:
 
     def consume(self, token: int) -> bool:
         """Feed a sampled (non-stop) token; True when the grammar is complete (admits nothing more)."""
+        if self._next is not None:  # a mask still computing must not race the matcher's update
+            self._next.exception()
+            self._next = None
         if not self.matcher.consume_token(token):
             self._check(f"on token {token}")
         return self.matcher.is_stopped()
@@ -296,13 +327,17 @@ def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int
         except GptlabError as e:
             failed[i] = str(e)
     # bit j of 32-bit word w is token 32 w + j; on little-endian hosts (x86, ARM) that is bit j % 8 of byte 4 w + j // 8
-    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab].astype(bool)
-    allowed = np.zeros((len(constrained), logits.shape[-1]), dtype=bool)
-    known = min(vocab, n_real_tokens)
-    allowed[:, :known] = bits[:, :known]
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little").view(bool)
+    width = logits.shape[-1]
+    if bits.shape[1] >= width:
+        allowed = bits[:, :width]
+    else:
+        allowed = np.zeros((len(constrained), width), dtype=bool)
+        allowed[:, :bits.shape[1]] = bits
+    allowed[:, min(vocab, n_real_tokens):] = False  # the end pseudo id, padding ids, ids the model lacks
     for k, i in enumerate(constrained):
         row = rows[i]
-        stops = [t for t in row.stop_ids if t < logits.shape[-1]]
+        stops = [t for t in row.stop_ids if t < width]
         allowed[k, stops] = row.constraint.accepting
         if i not in failed and not allowed[k].any():
             text = row.stream.text[-40:]
@@ -313,9 +348,11 @@ def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int
     import torch  # here, not at the top: the HTTP LLM client builds Constraints without torch
 
     allowed_t = torch.from_numpy(allowed).to(logits.device)
-    minus_inf = torch.tensor(-float("inf"), device=logits.device)
-    if len(constrained) == len(rows):  # torch.where: measured faster than masked_fill on CPU
-        logits.copy_(torch.where(allowed_t, logits, minus_inf))
+    minus_inf = _MINUS_INF.get(logits.device)
+    if minus_inf is None:
+        minus_inf = _MINUS_INF[logits.device] = torch.tensor(-float("inf"), device=logits.device)
+    if len(constrained) == len(rows):  # torch.where into the logits: measured faster than masked_fill on CPU
+        torch.where(allowed_t, logits, minus_inf, out=logits)
     else:
         index = torch.tensor(constrained, device=logits.device)
         logits[index] = torch.where(allowed_t, logits[index], minus_inf)

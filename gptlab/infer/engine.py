@@ -186,6 +186,8 @@ class Engine:
             stop_ids = self.default_stop_ids if p.stop_token_ids is None else frozenset(p.stop_token_ids)
             # compiled (or taken from the grammar cache) before any model work, so a bad grammar fails fast
             constraint = ConstraintState(p.constraint, self.tokenizer) if p.constraint is not None else None
+            if constraint is not None:
+                constraint.prefetch()  # the first mask, computed beside the prefill
             rows.append(Row(first_index + r, p, len(ids), stop_ids, min(p.max_new_tokens, self.window - len(ids)),
                             TextStream(p.stop), generator, constraint))
             seqs.append(ids)
@@ -231,6 +233,9 @@ class Engine:
             batch.keep(alive)
             tokens = tokens[alive]
         if batch.rows:
+            for row in batch.rows:  # the next masks, computed beside the forward pass (constraints.py)
+                if row.constraint is not None:
+                    row.constraint.prefetch()
             if batch.seen is not None:
                 batch.seen.scatter_(1, tokens[:, None], True)
             batch.logits = self._decode(tokens, batch.cache, batch.next_pos, batch.key_mask)
