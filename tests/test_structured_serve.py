@@ -67,11 +67,11 @@ def server(request, model_dir):
 
 
 def client_for(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 def post(server, path, **body):
-    return httpx.post(server.url + path, json={"model": MODEL, **body}, timeout=60)
+    return httpx.post(server.url + path, json={"model": MODEL, **body}, timeout=300)
 
 
 def test_openai_parse_with_a_pydantic_model(server):
