@@ -124,6 +124,40 @@ def mask_and_speed(llm, args) -> list[str]:
             "forward pass | tokens |", "|---|---|---|---|---|---|---|---|", *rows]
 
 
+def mask_walk(llm, args) -> list[str]:
+    """The masking step alone, without the model (so a loaded machine's forward-pass swings stay out):
+    each schema's grammar walked for up to --max-new-tokens steps, each step's token drawn (seeded) from
+    the allowed ones, timing `mask_constrained_logits` (bitmask, unpack, apply to 49k logits) per step."""
+    import random
+    from types import SimpleNamespace
+
+    from gptlab.infer.batch import TextStream
+
+    engine = llm.engine
+    constraints_module.OVERLAP_MASKS = False
+    rng, times = random.Random(0), []
+    for name, schema in SCHEMAS.items():
+        state = constraints_module.ConstraintState(Constraint.json_schema(schema), llm.tokenizer)
+        row = SimpleNamespace(constraint=state, stop_ids=engine.default_stop_ids, stream=TextStream())
+        fresh = torch.randn(1, engine.n_real_tokens)
+        for _ in range(args.max_new_tokens):
+            logits = fresh.clone()
+            start = time.perf_counter()
+            engine_module.mask_constrained_logits(logits, [row], engine.n_real_tokens)
+            times.append((time.perf_counter() - start) * 1e6)
+            allowed = torch.isfinite(logits[0]).nonzero()[:, 0].tolist()
+            allowed = [t for t in allowed if t not in row.stop_ids]
+            if not allowed:
+                break
+            if state.consume(rng.choice(allowed)):
+                break
+    constraints_module.OVERLAP_MASKS = True
+    ordered = sorted(times)
+    return ["| measure | steps | mean µs | median µs | p99 µs |", "|---|---|---|---|---|",
+            f"| mask step (bitmask + unpack + apply), 21 schemas, random allowed tokens | {len(times)} | "
+            f"{statistics.mean(times):.0f} | {ordered[len(ordered) // 2]:.0f} | {percentile(times, 0.99):.0f} |"]
+
+
 def compile_times(llm) -> list[str]:
     cache = GrammarCache()
     start = time.perf_counter()
@@ -268,15 +302,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=21, help="rows per generate call in the validity section")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--corpus", default=str(DATA / "json_replies.jsonl"))
-    parser.add_argument("--sections", default="partial,corpus,compile,speed,validity")
+    parser.add_argument("--sections", default="partial,corpus,compile,walk,speed,validity")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     wanted = args.sections.split(",")
-    llm = open_llm(args.model) if {"compile", "speed", "validity"} & set(wanted) else None
+    llm = open_llm(args.model) if {"compile", "walk", "speed", "validity"} & set(wanted) else None
     started = time.perf_counter()
     sections = {"partial": ("Partial JSON parsers on every prefix", partial_parsers),
                 "corpus": ("Defensive parsing: json.loads vs parse_json", lambda: defensive_corpus(Path(args.corpus))),
                 "compile": ("Grammar compile time", lambda: compile_times(llm)),
+                "walk": ("Mask step alone (no model)", lambda: mask_walk(llm, args)),
                 "speed": ("Mask time and decode speed", lambda: mask_and_speed(llm, args)),
                 "validity": ("Schema validity, the JSON Schema in the system prompt", lambda: validity(llm, args))}
     for key in wanted:
