@@ -1,23 +1,24 @@
 """Structured output on SmolLM2-135M-Instruct (49,152-token vocabulary): mask cost, decode speed, grammar
-compile time, and how often replies match their JSON Schema with and without constrained decoding.
+compile time, schema validity with and without constrained decoding, and defensive parsing.
 
-1. Mask time per token: the engine's masking step (`mask_constrained_logits`: llguidance's bitmask for the
-   row, unpacked, applied to the logits) timed on every step of greedy batch-1 generations under a JSON
-   Schema; llguidance's `compute_bitmask` alone beside it. Mean and p99 in microseconds.
-2. Decode tokens/s at batch 1: each constrained generation, and an unconstrained one of exactly the same
-   number of tokens (stop tokens off), repetitions interleaved; decode steps only (prefill excluded).
-   Each step is split into the model's forward pass and the rest, since on a shared machine the forward
-   pass's time swings more from run to run than the whole constraint cost.
-3. Grammar compile time: the first request for each schema (fresh cache) and a cached one (a copy of the
+The schemas and prompts are bench/data/structured_schemas.json: 21 JSON Schemas of increasing difficulty
+(enums, numbers with bounds, patterns, arrays with bounds, optional keys, nested objects, anyOf) x 10
+prompts each.
+
+1. Mask time per token and decode tokens/s at batch 1 and 8, in one run: constrained rows (a different
+   schema per row) with the next mask computed in a worker thread beside the forward pass (the engine's
+   default), the same without that overlap, and unconstrained rows of exactly the same lengths (stop
+   tokens off). Mask time = the engine's masking step (`mask_constrained_logits`: waiting for / computing
+   llguidance's bitmask, unpacking it, applying it to the logits). Decode steps only (prefill excluded).
+2. Grammar compile time: the first request for each schema (fresh cache) and a cached one (a copy of the
    compiled matcher); the llguidance tokenizer build (once per tokenizer) separately.
-4. Validity: SCHEMAS x PROMPTS chat requests (greedy; the same system prompt for every arm: the JSON Schema
-   itself, or its keys in words), one batch per arm: constrained (a different schema per row),
-   unconstrained + json.loads of the whole reply, unconstrained + apps.structured.parse_json (extraction,
-   repair, coercion). Valid = jsonschema-valid.
-5. Partial JSON: every prefix of a few documents parsed by json-repair, partial-json-parser and
-   `structured.parse_partial`; a value is wrong when the document never passes through it.
+3. Validity: chat requests (greedy; the JSON Schema in the system prompt) for --prompts prompts of every
+   schema: constrained (a different schema per row), unconstrained + json.loads of the whole reply,
+   unconstrained + structured.parse_json (extraction, repair, coercion). Valid = jsonschema-valid.
+4. Defensive parsing: the malformed replies of bench/data/json_replies.jsonl (collect_json_corpus.py) and
+   hand-made edge cases: json.loads vs parse_json; partial JSON on every prefix of valid documents.
 
-    python bench/bench_structured.py --max-new-tokens 96 --reps 2
+    python bench/bench_structured.py --prompts 10 --max-new-tokens 128 --reps 3    # full size
 """
 
 from __future__ import annotations
@@ -26,75 +27,35 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import jsonschema
 import torch
 
+from collect_json_corpus import chat_ids
 from gptlab.apps.llm import open_llm
 from gptlab.structured import is_partial_of, parse_json, parse_partial
-from gptlab.chat import render_for_completion
 from gptlab.infer import constraints as constraints_module
 from gptlab.infer import engine as engine_module
 from gptlab.infer.constraints import Constraint, GrammarCache
 from gptlab.infer.sampling import SamplingParams
 
-SCHEMAS = {
-    "person": {"type": "object", "properties": {"name": {"type": "string"},
-                                                "age": {"type": "integer", "minimum": 0, "maximum": 150},
-                                                "email": {"type": "string"}},
-               "required": ["name", "age", "email"], "additionalProperties": False},
-    "weather": {"type": "object", "properties": {"city": {"type": "string"}, "temperature_c": {"type": "number"},
-                                                 "conditions": {"enum": ["sunny", "cloudy", "rainy", "snowy"]}},
-                "required": ["city", "temperature_c", "conditions"], "additionalProperties": False},
-    "todo": {"type": "object", "properties": {"tasks": {"type": "array", "maxItems": 4, "items": {
-        "type": "object", "properties": {"title": {"type": "string"}, "done": {"type": "boolean"}},
-        "required": ["title", "done"], "additionalProperties": False}}},
-             "required": ["tasks"], "additionalProperties": False},
-    "book": {"type": "object", "properties": {"title": {"type": "string"}, "author": {"type": "string"},
-                                              "year": {"type": "integer"},
-                                              "genres": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
-             "required": ["title", "author", "year", "genres"], "additionalProperties": False},
-    "sentiment": {"type": "object", "properties": {"label": {"enum": ["positive", "negative", "neutral"]},
-                                                   "confidence": {"type": "number", "minimum": 0, "maximum": 1}},
-                  "required": ["label", "confidence"], "additionalProperties": False},
-}
-PROMPTS = {
-    "person": ["Alice is a 30 year old engineer, alice@example.com.", "Make up a person.",
-               "Bob Smith, 45, reachable at bob@mail.org."],
-    "weather": ["It is 21 degrees and sunny in Paris.", "Describe the weather in Oslo in winter.",
-                "Rain and 12 C in London today."],
-    "todo": ["My tasks: buy milk (done), call mom, write report.", "Plan a small party.",
-             "Things to do this weekend."],
-    "book": ["1984 by George Orwell, published 1949, dystopian fiction.", "Recommend a fantasy book.",
-             "Pride and Prejudice by Jane Austen."],
-    "sentiment": ["I loved this movie, it was wonderful!", "The food was cold and late.",
-                  "The package arrived on Tuesday."],
-}
-PARTIAL_DOCS = [SCHEMAS["todo"], {"tasks": [{"title": "buy milk", "done": True}, {"title": "é\"\\", "done": False}],
-                                  "n": -12.5e2, "x": None}, [1, 22, "s", [], {}]]
-
-
-def describe_keys(schema: dict) -> str:
-    """The schema's top-level keys in words, e.g. 'name (string), age (integer)'."""
-    def kind(spec):
-        if "enum" in spec:
-            return "one of " + "/".join(spec["enum"])
-        if spec.get("type") == "array":
-            items = spec["items"]
-            return "array of " + ("objects with " + describe_keys(items) if "properties" in items else items["type"])
-        return spec["type"]
-    return ", ".join(f"{key} ({kind(spec)})" for key, spec in schema["properties"].items())
-
-
-def chat_ids(llm, schema_name: str, prompt: str, style: str = "schema") -> list[int]:
-    """The chat prompt: the JSON Schema itself in the system prompt, or (style "keys") its keys in words."""
-    schema = SCHEMAS[schema_name]
-    if style == "schema":
-        system = "Reply with only a JSON object matching this JSON schema: " + json.dumps(schema)
-    else:
-        system = "Reply with only a JSON object with the keys " + describe_keys(schema) + "."
-    return render_for_completion(llm.tokenizer, [{"role": "system", "content": system},
-                                                 {"role": "user", "content": prompt}])
+DATA = Path(__file__).parent / "data"
+ENTRIES = json.loads((DATA / "structured_schemas.json").read_text())
+SCHEMAS = {e["name"]: e["schema"] for e in ENTRIES}
+PROMPTS = {e["name"]: e["prompts"] for e in ENTRIES}
+PARTIAL_DOCS = [*SCHEMAS.values(), {"tasks": [{"title": "buy milk", "done": True}, {"title": "é\"\\", "done": False}],
+                                    "n": -12.5e2, "x": None}, [1, 22, "s", [], {}]]
+# malformed shapes seen in the wild, written by hand: (reply, the value meant)
+EDGE_CASES = [
+    ('```json\n{"a": 1}\n```', {"a": 1}), ('Sure! Here it is: {"a": 1} Hope that helps.', {"a": 1}),
+    ('{"a": 1,}', {"a": 1}), ("{'a': 'x'}", {"a": "x"}), ('{"a": True, "b": None}', {"a": True, "b": None}),
+    ('{"a": 1 // one\n}', {"a": 1}), ('{"a": [1, 2, 3', {"a": [1, 2, 3]}), ('{"a": "unterminated', {"a": "unterminated"}),
+    ('{a: 1}', {"a": 1}), ('{"a": 1} {"b": 2}', {"a": 1}), ('[1, 2,]', [1, 2]), ('{"a": "x" "b": 2}', {"a": "x", "b": 2}),
+    ('```\n{"a": {"b": [true, false]}}\n```', {"a": {"b": [True, False]}}), ('{"a": 1}\n```', {"a": 1}),
+    ('The answer:\n```json\n{"a": "q\\"x"}', {"a": 'q"x'}), ('{"a": .5}', {"a": 0.5}),
+    ('{"a":\n  "line\nbreak"}', {"a": "line\nbreak"}), ("{'a': [\"x\", 'y']}", {"a": ["x", "y"]}), ('{"a": 1}}', {"a": 1}),
+]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -102,20 +63,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def timed_steps(engine, ids, params) -> tuple[list[float], int]:
-    """Per-step seconds of one generation (prefill excluded) and its token count."""
-    batch = engine.prefill([ids], params)
-    row, times = batch.rows[0], []
-    while batch.rows:
-        start = time.perf_counter()
-        engine.step(batch)
-        times.append(time.perf_counter() - start)
-    return times, len(row.token_ids)
-
-
 def mask_and_speed(llm, args) -> list[str]:
+    """Section 1: per arm and batch size, mask µs per token (mean, p99) and decode tokens/s."""
     engine = llm.engine
-    mask_times, bitmask_times, forward_times = [], [], []
+    mask_times, forward_times = [], []
 
     def timing(function, into):
         def timed(*a):
@@ -125,40 +76,87 @@ def mask_and_speed(llm, args) -> list[str]:
             return result
         return timed
 
-    real_mask, real_fill = engine_module.mask_constrained_logits, constraints_module.ConstraintState.fill_bitmask
+    real_mask = engine_module.mask_constrained_logits
     engine_module.mask_constrained_logits = timing(real_mask, mask_times)
-    constraints_module.ConstraintState.fill_bitmask = timing(real_fill, bitmask_times)
-    engine._decode = timing(engine._decode, forward_times)  # the model's forward pass of a decode step
-    runs = {"unconstrained": [], "constrained": []}  # (tokens, step seconds, forward seconds) per run
+    engine._decode = timing(engine._decode, forward_times)
+    names = list(SCHEMAS)
+    rows = []
     try:
-        for rep in range(args.reps):
-            for name in ("person", "book"):
-                ids = chat_ids(llm, name, PROMPTS[name][0])
-                constrained = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0,
-                                             constraint=Constraint.json_schema(SCHEMAS[name]))
-                n = None
-                for arm, params in (("constrained", constrained), ("unconstrained", None)):
-                    params = params or SamplingParams(max_new_tokens=n, temperature=0, stop_token_ids=())
+        for batch_size in (1, 8):
+            results = {"constrained, mask beside the forward pass": [], "constrained, mask in line": [],
+                       "unconstrained, same lengths": []}
+            for rep in range(args.reps):
+                # from the 7th schema on: the first ones close in a handful of tokens
+                chosen = [names[(6 + rep * batch_size + k) % len(names)] for k in range(batch_size)]
+                ids = [chat_ids(llm.tokenizer, SCHEMAS[n], PROMPTS[n][0], "schema") for n in chosen]
+                lengths = None
+                for arm in results:
+                    if arm.startswith("constrained"):
+                        constraints_module.OVERLAP_MASKS = "beside" in arm
+                        params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0,
+                                                 constraint=Constraint.json_schema(SCHEMAS[n])) for n in chosen]
+                    else:
+                        params = [SamplingParams(max_new_tokens=n, temperature=0, stop_token_ids=()) for n in lengths]
+                    mask_times.clear()
                     forward_times.clear()
-                    times, n = timed_steps(engine, ids, params)
-                    runs[arm].append((n, sum(times), sum(forward_times)))
+                    batch = engine.prefill(ids, params)
+                    all_rows, seconds = list(batch.rows), 0.0
+                    while batch.rows:
+                        start = time.perf_counter()
+                        engine.step(batch)
+                        seconds += time.perf_counter() - start
+                    lengths = lengths or [len(r.token_ids) for r in all_rows]
+                    tokens = sum(len(r.token_ids) for r in all_rows)
+                    # per token: a batch step masks every constrained row at once
+                    per_token = [t / batch_size for t in mask_times]
+                    results[arm].append((tokens, seconds, sum(forward_times), per_token))
+            for arm, runs in results.items():
+                tokens = sum(r[0] for r in runs)
+                seconds, forward = sum(r[1] for r in runs), sum(r[2] for r in runs)
+                masks = [t * 1e6 for r in runs for t in r[3]]
+                mask = f"{statistics.mean(masks):.0f} | {percentile(masks, 0.99):.0f}" if masks else "- | -"
+                rows.append(f"| {batch_size} | {arm} | {mask} | {tokens / seconds:.1f} | {seconds / tokens * 1e3:.1f} | "
+                            f"{(seconds - forward) / tokens * 1e3:.2f} | {tokens} |")
     finally:
         engine_module.mask_constrained_logits = real_mask
-        constraints_module.ConstraintState.fill_bitmask = real_fill
+        constraints_module.OVERLAP_MASKS = True
         del engine._decode
-    us = [t * 1e6 for t in mask_times]
-    bus = [t * 1e6 for t in bitmask_times]
-    lines = ["| measure | mean µs | p99 µs | steps |", "|---|---|---|---|",
-             f"| whole mask step (bitmask + unpack + apply) | {statistics.mean(us):.0f} | {percentile(us, 0.99):.0f} | {len(us)} |",
-             f"| llguidance compute_bitmask alone | {statistics.mean(bus):.0f} | {percentile(bus, 0.99):.0f} | {len(bus)} |",
-             "", "| decode at batch 1 | tokens/s (median of runs) | ms per step | of which model forward | rest of the step (sampling, mask, matcher) | runs |",
-             "|---|---|---|---|---|---|"]
-    for arm, results in runs.items():
-        per_step = [(step / n * 1e3, forward / n * 1e3) for n, step, forward in results]
-        lines.append(f"| {arm} | {statistics.median(n / step for n, step, _ in results):.1f} | "
-                     f"{statistics.median(s for s, _ in per_step):.1f} | {statistics.median(f for _, f in per_step):.1f} | "
-                     f"{statistics.median(s - f for s, f in per_step):.2f} | {len(results)} |")
-    return lines
+    return ["| batch | arm | mask µs/token mean | p99 | decode tokens/s | ms per token | of which outside the "
+            "forward pass | tokens |", "|---|---|---|---|---|---|---|---|", *rows]
+
+
+def mask_walk(llm, args) -> list[str]:
+    """The masking step alone, without the model (so a loaded machine's forward-pass swings stay out):
+    each schema's grammar walked for up to --max-new-tokens steps, each step's token drawn (seeded) from
+    the allowed ones, timing `mask_constrained_logits` (bitmask, unpack, apply to 49k logits) per step."""
+    import random
+    from types import SimpleNamespace
+
+    from gptlab.infer.batch import TextStream
+
+    engine = llm.engine
+    constraints_module.OVERLAP_MASKS = False
+    rng, times = random.Random(0), []
+    for name, schema in SCHEMAS.items():
+        state = constraints_module.ConstraintState(Constraint.json_schema(schema), llm.tokenizer)
+        row = SimpleNamespace(constraint=state, stop_ids=engine.default_stop_ids, stream=TextStream())
+        fresh = torch.randn(1, engine.n_real_tokens)
+        for _ in range(args.max_new_tokens):
+            logits = fresh.clone()
+            start = time.perf_counter()
+            engine_module.mask_constrained_logits(logits, [row], engine.n_real_tokens)
+            times.append((time.perf_counter() - start) * 1e6)
+            allowed = torch.isfinite(logits[0]).nonzero()[:, 0].tolist()
+            allowed = [t for t in allowed if t not in row.stop_ids]
+            if not allowed:
+                break
+            if state.consume(rng.choice(allowed)):
+                break
+    constraints_module.OVERLAP_MASKS = True
+    ordered = sorted(times)
+    return ["| measure | steps | mean µs | median µs | p99 µs |", "|---|---|---|---|---|",
+            f"| mask step (bitmask + unpack + apply), 21 schemas, random allowed tokens | {len(times)} | "
+            f"{statistics.mean(times):.0f} | {ordered[len(ordered) // 2]:.0f} | {percentile(times, 0.99):.0f} |"]
 
 
 def compile_times(llm) -> list[str]:
@@ -178,15 +176,17 @@ def compile_times(llm) -> list[str]:
     return lines
 
 
-def validity(llm, args, style: str) -> list[str]:
+def validity(llm, args) -> list[str]:
     engine = llm.engine
-    jobs = [(name, prompt) for name in SCHEMAS for prompt in PROMPTS[name]]
-    ids = [chat_ids(llm, name, prompt, style) for name, prompt in jobs]
+    jobs = [(name, prompt) for name in SCHEMAS for prompt in PROMPTS[name][:args.prompts]]
+    ids = [chat_ids(llm.tokenizer, SCHEMAS[name], prompt, "schema") for name, prompt in jobs]
     start = time.perf_counter()
-    constrained = engine.generate(ids, [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0,
-                                                       constraint=Constraint.json_schema(SCHEMAS[name]))
-                                        for name, _ in jobs])
-    free = engine.generate(ids, SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0))
+    constrained, free = [], []
+    for k in range(0, len(jobs), args.batch):
+        constrained += engine.generate(ids[k:k + args.batch], [
+            SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0,
+                           constraint=Constraint.json_schema(SCHEMAS[name])) for name, _ in jobs[k:k + args.batch]])
+        free += engine.generate(ids[k:k + args.batch], SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0))
     seconds = time.perf_counter() - start
 
     def valid(value, name) -> bool:
@@ -198,28 +198,71 @@ def validity(llm, args, style: str) -> list[str]:
         except json.JSONDecodeError:
             return None, False
 
-    counts = {"constrained": 0, "json.loads": 0, "parse_json": 0}
+    counts = {arm: [0, 0] for arm in ("constrained", "json.loads", "parse_json")}  # [parsed, schema-valid]
     cut = [f"{name} / {prompt!r}" for (name, prompt), c in zip(jobs, constrained) if c.finish_reason == "length"]
     examples = []
     for (name, prompt), c, f in zip(jobs, constrained, free):
-        value, parsed_ok = loads(c.text)
-        counts["constrained"] += parsed_ok and valid(value, name)
-        value, parsed_ok = loads(f.text)
-        counts["json.loads"] += parsed_ok and valid(value, name)
+        for arm, text in (("constrained", c.text), ("json.loads", f.text)):
+            value, parsed_ok = loads(text)
+            counts[arm][0] += parsed_ok
+            counts[arm][1] += parsed_ok and valid(value, name)
         repaired = parse_json(f.text, SCHEMAS[name])
-        counts["parse_json"] += repaired.ok
-        if prompt == PROMPTS[name][0]:
-            examples.append(f"- {name} / {prompt!r}: constrained `{c.text[:100]}`; unconstrained "
-                            f"`{' '.join(f.text.split())[:100]}` -> parse_json ok={repaired.ok}")
+        counts["parse_json"][0] += repaired.found
+        counts["parse_json"][1] += repaired.ok
+        if prompt == PROMPTS[name][0] and len(examples) < 6:
+            examples.append(f"- {name} / {prompt!r}: constrained `{c.text[:90]}`; unconstrained "
+                            f"`{' '.join(f.text.split())[:90]}` -> parse_json ok={repaired.ok}")
     n = len(jobs)
-    return [f"{n} requests ({len(SCHEMAS)} schemas x {n // len(SCHEMAS)} prompts), greedy, max_new_tokens "
-            f"{args.max_new_tokens}, two batches of {n}: {seconds:.0f} s", "",
-            "| arm | schema-valid |", "|---|---|"] + [
-        f"| {arm} | {k}/{n} ({k / n:.0%}) |" for arm, k in (("constrained decoding", counts["constrained"]),
-                                                         ("unconstrained + json.loads", counts["json.loads"]),
-                                                         ("unconstrained + parse_json", counts["parse_json"]))] + [
+    finished = n - len(cut)
+    return [f"{n} requests ({len(SCHEMAS)} schemas x {args.prompts} prompts), greedy, max_new_tokens "
+            f"{args.max_new_tokens}, batches of {args.batch}: {seconds:.0f} s", "",
+            "| arm | parsed | schema-valid |", "|---|---|---|"] + [
+        f"| {label} | {counts[arm][0]}/{n} | {counts[arm][1]}/{n} ({counts[arm][1] / n:.0%}) |"
+        for arm, label in (("constrained", "constrained decoding"), ("json.loads", "unconstrained + json.loads"),
+                           ("parse_json", "unconstrained + parse_json"))] + [
         "", f"constrained rows that hit max_new_tokens (finish_reason length, counted invalid): {len(cut)} "
-        f"{'(' + '; '.join(cut) + ')' if cut else ''}", "", "First prompt of each schema:", *examples]
+        f"{'(' + '; '.join(cut) + ')' if cut else ''}; schema-valid among the {finished} that finished: "
+        f"{counts['constrained'][1]}/{finished}", "", "Examples (first prompt of the first schemas):", *examples]
+
+
+def defensive_corpus(path: Path) -> list[str]:
+    """json.loads vs parse_json on the collected malformed replies and the hand-made edge cases."""
+    replies = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+    lines = ["| corpus | replies | json.loads parses | parse_json finds a value | parse_json schema-valid |",
+             "|---|---|---|---|---|"]
+    for label, items in (("SmolLM2 malformed replies, all", replies),
+                         ("  of which the reply holds a { or [", [r for r in replies if "{" in r["reply"] or "[" in r["reply"]])):
+        loads = found = ok = 0
+        for r in items:
+            try:
+                json.loads(r["reply"])
+                loads += 1
+            except json.JSONDecodeError:
+                pass
+            parsed = parse_json(r["reply"], SCHEMAS[r["schema"]])
+            found += parsed.found
+            ok += parsed.ok
+        lines.append(f"| {label} | {len(items)} | {loads} | {found} | {ok} |")
+    loads = right = 0
+    for reply, meant in EDGE_CASES:
+        try:
+            json.loads(reply)
+            loads += 1
+        except json.JSONDecodeError:
+            pass
+        parsed = parse_json(reply)
+        right += parsed.found and parsed.value == meant
+    lines.append(f"| hand-made edge cases | {len(EDGE_CASES)} | {loads} | {right} (the value meant) | - |")
+    styles = {}
+    for r in replies:
+        styles.setdefault(r["style"], [0, 0])
+        styles[r["style"]][0] += 1
+        styles[r["style"]][1] += parse_json(r["reply"], SCHEMAS[r["schema"]]).ok
+    lines += ["", "By prompt style (malformed replies, parse_json schema-valid): " +
+              ", ".join(f"{s} {ok}/{n}" for s, (n, ok) in sorted(styles.items())),
+              "Finish reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(
+                  {f: sum(r["finish_reason"] == f for r in replies) for f in {r["finish_reason"] for r in replies}}.items()))]
+    return lines
 
 
 def partial_parsers() -> list[str]:
@@ -254,22 +297,27 @@ def partial_parsers() -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=2, help="runs per batch size in the speed section")
+    parser.add_argument("--prompts", type=int, default=10, help="prompts per schema in the validity section")
+    parser.add_argument("--batch", type=int, default=21, help="rows per generate call in the validity section")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--skip-validity", action="store_true")
+    parser.add_argument("--corpus", default=str(DATA / "json_replies.jsonl"))
+    parser.add_argument("--sections", default="partial,corpus,compile,walk,speed,validity")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    llm = open_llm(args.model)
+    wanted = args.sections.split(",")
+    llm = open_llm(args.model) if {"compile", "walk", "speed", "validity"} & set(wanted) else None
     started = time.perf_counter()
-    sections = [("Partial JSON parsers on every prefix", partial_parsers()),
-                ("Grammar compile time", compile_times(llm)),
-                ("Mask time and decode speed (batch 1)", mask_and_speed(llm, args))]
-    if not args.skip_validity:
-        sections.append(("Schema validity, the JSON Schema in the system prompt", validity(llm, args, "schema")))
-        sections.append(("Schema validity, the keys in words in the system prompt", validity(llm, args, "keys")))
-    for title, lines in sections:
-        print(f"## {title}\n\n" + "\n".join(lines) + "\n")
+    sections = {"partial": ("Partial JSON parsers on every prefix", partial_parsers),
+                "corpus": ("Defensive parsing: json.loads vs parse_json", lambda: defensive_corpus(Path(args.corpus))),
+                "compile": ("Grammar compile time", lambda: compile_times(llm)),
+                "walk": ("Mask step alone (no model)", lambda: mask_walk(llm, args)),
+                "speed": ("Mask time and decode speed", lambda: mask_and_speed(llm, args)),
+                "validity": ("Schema validity, the JSON Schema in the system prompt", lambda: validity(llm, args))}
+    for key in wanted:
+        title, run = sections[key]
+        print(f"## {title}\n\n" + "\n".join(run()) + "\n", flush=True)
     print(f"total {time.perf_counter() - started:.0f} s, torch threads {args.threads}")
 
 

@@ -165,6 +165,16 @@ def test_dead_end_grammars_raise_instead_of_hanging(engine):
     with pytest.raises(GptlabError, match="admits no token"):
         engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=20, constraint=Constraint.lark(
             'start: "a" <|endoftext|>')))
+    # step by step (what the server's scheduler calls), only that row ends, with finish_reason "error"
+    batch = engine.prefill([PROMPTS[0], PROMPTS[0]], [
+        SamplingParams(max_new_tokens=20, constraint=Constraint.lark('start: "a" <|endoftext|>')),
+        SamplingParams(max_new_tokens=6, temperature=0)])
+    events = []
+    while batch.rows:
+        events += engine.step(batch)
+    failed = [e for e in events if e.row == 0]
+    assert [e.finish_reason for e in failed] == [None, "error"] and "admits no token" in failed[-1].error
+    assert [e.finish_reason for e in events if e.row == 1] == [None] * 5 + ["length"]
     # a grammar with no finite string: llguidance's matcher fails, reported as an error
     with pytest.raises(GptlabError, match="constraint lark"):
         engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=50, constraint=Constraint.lark(

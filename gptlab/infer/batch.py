@@ -35,9 +35,11 @@ class Completion:
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (stop token, stop string, or the constraint complete) or "length" (max_new_tokens
-    #                     or context window; a constrained row's text is then unfinished)
+    #                     or context window; a constrained row's text is then unfinished), or "error" (the
+    #                     row's constraint failed: `error` says why)
     prompt_tokens: int  # prompt length actually used, after any left truncation
     stop: str | int | None = None  # the stop string or stop token id that ended it (None: the constraint did)
+    error: str | None = None  # with finish_reason "error"
 
 
 @dataclass
@@ -46,6 +48,7 @@ class StreamEvent:
     text: str  # new text; "" while a partial character or a possible stop string is held back
     token_id: int  # the token sampled this step (a stop token is reported here but not in the output)
     finish_reason: str | None  # set on the row's last event
+    error: str | None = None  # with finish_reason "error": the row's constraint failed (constraints.py)
 
 
 class TextStream:
@@ -98,10 +101,11 @@ class Row:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop: str | int | None = None
+    error: str | None = None
 
     def completion(self) -> Completion:
         return Completion(self.stream.text, list(self.token_ids), self.finish_reason or "length",
-                          self.prompt_len, self.stop)
+                          self.prompt_len, self.stop, self.error)
 
 
 @dataclass

@@ -17,10 +17,12 @@ Design decisions
 - Unconstrained rows are never touched: masks are computed and applied only to the constrained rows'
   logits, and sampling is per row (sampling.py), so they produce exactly what they would alone (tested).
 - Errors are GptlabErrors, never hangs: a schema or grammar llguidance cannot compile (bad syntax, an
-  unsupported JSON Schema keyword such as "not", an unsatisfiable schema), a matcher that fails mid-way
-  (llguidance's per-step limits, e.g. a grammar with no finite string), and a step where the grammar
-  admits no token the row may produce (e.g. it needs a token the row treats as a stop, or one past the
-  model's vocabulary).
+  unsupported JSON Schema keyword such as "not", an unsatisfiable schema) fails the prefill; a matcher
+  that fails mid-way (llguidance's per-step limits, e.g. a grammar with no finite string) or a step where
+  the grammar admits no token the row may produce (e.g. it needs a token the row treats as a stop, or one
+  past the model's vocabulary) ends that row only, with finish_reason "error" and the message
+  (`mask_constrained_logits` reports such rows instead of raising), so the other rows of a server's
+  batch go on; `generate` and `stream_batch` then raise it.
 - Limits: a constraint's source text is at most MAX_SOURCE_BYTES (100 KB) and at most MAX_CHOICES
   options; beyond that llguidance's own `LLParserLimits` defaults apply (grammar size 500k symbols,
   lexer fuel, 50k Earley items per step), and their errors are reported the same way.
@@ -39,8 +41,10 @@ Design decisions
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
@@ -56,6 +60,7 @@ if TYPE_CHECKING:
 MAX_SOURCE_BYTES = 100_000
 MAX_CHOICES = 10_000
 KINDS = ("json_schema", "regex", "lark", "choice")
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for response_format json_schema.name
 # compact JSON (see the module docstring); llguidance's JsonCompileOptions
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
@@ -130,6 +135,12 @@ class Constraint:
             spec = response_format.get("json_schema")
             if not isinstance(spec, dict) or "schema" not in spec:
                 raise GptlabError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')
+            name, strict = spec.get("name", "output"), spec.get("strict", False)
+            if not isinstance(name, str) or not _NAME.fullmatch(name):
+                raise GptlabError(f"response_format json_schema.name must be 1-64 letters, digits, _ or -, got {name!r}")
+            if not isinstance(strict, bool) and strict is not None:
+                raise GptlabError(f"response_format json_schema.strict must be a boolean, got {strict!r}")
+            # strict or not, the output is constrained to the schema: decoding enforces it either way
             return cls.json_schema(spec["schema"])
         raise GptlabError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
 
@@ -237,6 +248,17 @@ def _one_line(message: str, limit: int = 300) -> str:
 
 
 GRAMMARS = GrammarCache()
+OVERLAP_MASKS = True  # compute masks beside the forward pass (`ConstraintState.prefetch`); the benchmark toggles it
+_POOL: list[ThreadPoolExecutor] = []
+_POOL_LOCK = threading.Lock()
+_MINUS_INF: dict = {}  # a -inf scalar tensor per device, made once
+
+
+def _mask_pool() -> ThreadPoolExecutor:
+    with _POOL_LOCK:
+        if not _POOL:
+            _POOL.append(ThreadPoolExecutor(max_workers=2, thread_name_prefix="gptlab-mask"))
+        return _POOL[0]
 
 
 # ---- per-row state and masking -------------------------------------------------------------------------
@@ -247,16 +269,32 @@ class ConstraintState:
         self.constraint = constraint
         self.matcher = cache.matcher(tokenizer, constraint)
         self.vocab_size = tokenizer.vocab_size
+        self._next: Future | None = None  # the next step's mask, being computed (`prefetch`)
 
     def _check(self, when: str) -> None:
         if self.matcher.is_error():
             raise GptlabError(f"constraint {self.constraint.describe()} failed {when}: "
                               f"{_one_line(self.matcher.get_error())}")
 
-    def fill_bitmask(self, out: np.ndarray) -> None:
-        """Write the grammar's allowed-token bitmask (one bit per id, plus the end bit) into `out`."""
+    def _compute(self, out: np.ndarray) -> np.ndarray:
         self.matcher.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
         self._check("computing the next-token mask")
+        return out
+
+    def prefetch(self) -> None:
+        """Start computing the next mask in a worker thread (the engine calls this right before the
+        model's forward pass, which the mask does not depend on; llguidance releases the GIL)."""
+        if OVERLAP_MASKS and self._next is None and not self.matcher.is_stopped():
+            words = (self.vocab_size + 1 + 31) // 32
+            self._next = _mask_pool().submit(self._compute, np.zeros(words, dtype=np.int32))
+
+    def fill_bitmask(self, out: np.ndarray) -> None:
+        """Write the grammar's allowed-token bitmask (one bit per id, plus the end bit) into `out`."""
+        if self._next is not None:
+            pending, self._next = self._next, None
+            out[:] = pending.result()
+        else:
+            self._compute(out)
 
     @property
     def accepting(self) -> bool:
@@ -264,40 +302,58 @@ class ConstraintState:
 
     def consume(self, token: int) -> bool:
         """Feed a sampled (non-stop) token; True when the grammar is complete (admits nothing more)."""
+        if self._next is not None:  # a mask still computing must not race the matcher's update
+            self._next.exception()
+            self._next = None
         if not self.matcher.consume_token(token):
             self._check(f"on token {token}")
         return self.matcher.is_stopped()
 
 
-def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int) -> None:
+def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int) -> dict[int, str]:
     """Set to -inf, in place, every logit a constrained row's grammar does not allow; `rows` are the batch's
-    rows (`Row.constraint`, `Row.stop_ids`). A row's stop tokens are allowed where its grammar may end."""
+    rows (`Row.constraint`, `Row.stop_ids`). A row's stop tokens are allowed where its grammar may end.
+    Returns {batch position: error} for the rows whose constraint failed or admits no token they can
+    produce (a dead end): their logits are left as they were, and the caller ends those rows with the
+    error while the rest of the batch goes on."""
     constrained = [i for i, row in enumerate(rows) if row.constraint is not None]
     vocab = rows[constrained[0]].constraint.vocab_size
     words = (vocab + 1 + 31) // 32  # + 1: the end pseudo id
     bitmask = np.zeros((len(constrained), words), dtype=np.int32)
+    failed: dict[int, str] = {}
     for k, i in enumerate(constrained):
-        rows[i].constraint.fill_bitmask(bitmask[k])
+        try:
+            rows[i].constraint.fill_bitmask(bitmask[k])
+        except GptlabError as e:
+            failed[i] = str(e)
     # bit j of 32-bit word w is token 32 w + j; on little-endian hosts (x86, ARM) that is bit j % 8 of byte 4 w + j // 8
-    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab].astype(bool)
-    allowed = np.zeros((len(constrained), logits.shape[-1]), dtype=bool)
-    known = min(vocab, n_real_tokens)
-    allowed[:, :known] = bits[:, :known]
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little").view(bool)
+    width = logits.shape[-1]
+    if bits.shape[1] >= width:
+        allowed = bits[:, :width]
+    else:
+        allowed = np.zeros((len(constrained), width), dtype=bool)
+        allowed[:, :bits.shape[1]] = bits
+    allowed[:, min(vocab, n_real_tokens):] = False  # the end pseudo id, padding ids, ids the model lacks
     for k, i in enumerate(constrained):
         row = rows[i]
-        stops = [t for t in row.stop_ids if t < logits.shape[-1]]
+        stops = [t for t in row.stop_ids if t < width]
         allowed[k, stops] = row.constraint.accepting
-        if not allowed[k].any():
+        if i not in failed and not allowed[k].any():
             text = row.stream.text[-40:]
-            raise GptlabError(f"constraint {row.constraint.constraint.describe()} admits no token this row can "
-                              f"produce after {text!r} (it may need a stop token or an id past the model's "
-                              "vocabulary)")
+            failed[i] = (f"constraint {row.constraint.constraint.describe()} admits no token this row can produce "
+                         f"after {text!r} (it may need a stop token or an id past the model's vocabulary)")
+        if i in failed:
+            allowed[k] = True
     import torch  # here, not at the top: the HTTP LLM client builds Constraints without torch
 
     allowed_t = torch.from_numpy(allowed).to(logits.device)
-    minus_inf = torch.tensor(-float("inf"), device=logits.device)
-    if len(constrained) == len(rows):  # torch.where: measured faster than masked_fill on CPU
-        logits.copy_(torch.where(allowed_t, logits, minus_inf))
+    minus_inf = _MINUS_INF.get(logits.device)
+    if minus_inf is None:
+        minus_inf = _MINUS_INF[logits.device] = torch.tensor(-float("inf"), device=logits.device)
+    if len(constrained) == len(rows):  # torch.where into the logits: measured faster than masked_fill on CPU
+        torch.where(allowed_t, logits, minus_inf, out=logits)
     else:
         index = torch.tensor(constrained, device=logits.device)
         logits[index] = torch.where(allowed_t, logits[index], minus_inf)
+    return failed

@@ -207,6 +207,8 @@ class Engine:
             stop_ids = self.default_stop_ids if p.stop_token_ids is None else frozenset(p.stop_token_ids)
             # compiled (or taken from the grammar cache) before any model work, so a bad grammar fails fast
             constraint = ConstraintState(p.constraint, self.tokenizer) if p.constraint is not None else None
+            if constraint is not None:
+                constraint.prefetch()  # the first mask, computed beside the prefill
             rows.append(Row(first_index + r, p, len(ids), stop_ids, min(p.max_new_tokens, self.window - len(ids)),
                             TextStream(p.stop), generator, constraint))
             seqs.append(ids)
@@ -324,18 +326,27 @@ class Engine:
     def step(self, batch: DecodeBatch) -> list[StreamEvent]:
         """Sample one token per row, emit its text, drop rows that finished, and run the model on the
         new tokens of the rest (so `batch.logits` is ready for the next step)."""
+        failed = {}
         if any(row.constraint is not None for row in batch.rows):  # grammar masks on those rows only
-            mask_constrained_logits(batch.logits, batch.rows, self.n_real_tokens)
+            failed = mask_constrained_logits(batch.logits, batch.rows, self.n_real_tokens)
         tokens = sample_tokens(batch.logits, batch.sampling, [r.generator for r in batch.rows], batch.seen)
         events, alive = [], []
         for i, (row, token) in enumerate(zip(batch.rows, tokens.tolist())):
-            events.append(StreamEvent(row.index, self._advance(row, token), token, row.finish_reason))
+            if i in failed:  # a dead end: this row ends with the error, the others go on
+                row.finish_reason, row.error = "error", failed[i]
+                text = row.stream.take(final=True)
+            else:
+                text = self._advance(row, token)
+            events.append(StreamEvent(row.index, text, token, row.finish_reason, row.error))
             if row.finish_reason is None:
                 alive.append(i)
         if len(alive) < len(batch.rows):
             batch.keep(alive)
             tokens = tokens[alive]
         if batch.rows:
+            for row in batch.rows:  # the next masks, computed beside the forward pass (constraints.py)
+                if row.constraint is not None:
+                    row.constraint.prefetch()
             if batch.seen is not None:
                 batch.seen.scatter_(1, tokens[:, None], True)
             batch.logits = self._decode(tokens, batch.cache, batch.next_pos, batch.key_mask)
@@ -350,7 +361,11 @@ class Engine:
             stream.push(b"", final=True)
         else:
             row.token_ids.append(token)
-            complete = row.constraint is not None and row.constraint.consume(token)
+            try:
+                complete = row.constraint is not None and row.constraint.consume(token)
+            except GptlabError as e:
+                row.finish_reason, row.error = "error", str(e)
+                return stream.take(final=True)
             if stream.push(self.tokenizer.id_to_bytes(token)):
                 row.finish_reason, row.stop = "stop", stream.matched
             elif complete:  # the grammar admits nothing more: stop, with stop = None unless a stop string shows
@@ -372,7 +387,10 @@ class Engine:
             raise GptlabError("beam search cannot stream; use generate()")
         batch = self.prefill(prompts, params)
         while batch.rows:
-            yield from self.step(batch)
+            for event in self.step(batch):
+                if event.error is not None:
+                    raise GptlabError(event.error)
+                yield event
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Text deltas of one completion; never splits a UTF-8 character, never shows a stop string."""
@@ -390,7 +408,9 @@ class Engine:
         batch = self.prefill(prompts, plist)
         rows = list(batch.rows)
         while batch.rows:
-            self.step(batch)
+            for event in self.step(batch):
+                if event.error is not None:
+                    raise GptlabError(event.error)
         return [row.completion() for row in rows]
 
     # ---- beam search --------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ Design decisions
   completions default to 16; `stop` is a string or up to 4 strings; `n` choices per request.
 - Unknown fields are ignored (clients send fields like `user`, `store` or `parallel_tool_calls` that change
   nothing here), but fields that ask for a feature we cannot honour (`logit_bias`, penalties other than 0,
-  a JSON response format, a forced `tool_choice`) are rejected with a 400 naming the field: silently
-  ignoring them would return answers that look right and are not. Tools: see tools.py.
+  ...) are rejected with a 400 naming the field: silently ignoring them would return answers that look
+  right and are not. Tools: see tools.py.
+- `response_format` (json_object, json_schema) is honoured by constrained decoding in both endpoints
+  (legacy completions accept it too, an extension): see routes.py.
 - Two extensions, spelled as in vLLM so `extra_body={"top_k": 40}` works: `top_k` and
   `repetition_penalty`.
 - The sampling settings (temperature, top_p, top_k, repetition_penalty) default to None, "not given": the
@@ -57,6 +59,8 @@ class _Sampling(BaseModel):
     stream_options: dict[str, Any] | None = None
     top_k: int | None = Field(None, ge=0)  # extension (vLLM spelling)
     repetition_penalty: float | None = Field(None, gt=0)  # extension (vLLM spelling)
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}: routes.py
+    response_format: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -115,15 +119,12 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     rag: bool | dict[str, Any] | None = None  # retrieval with `serve --rag-index` (serve/rag.py)
 
     @model_validator(mode="after")
     def _check_chat(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs=true")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
         return self
 
     @property

@@ -8,6 +8,17 @@ Design decisions
   Starlette cancels the response generator, whose `finally` cancels the request.
 - Streaming and non-streaming answers are built from the same per-step `ChoiceEvent`s of the scheduler,
   so they carry the same text (tests compare them).
+- Structured output: `response_format` json_object / json_schema (both endpoints) and forced tool calls
+  (tools.py) become an engine constraint (infer/constraints.py, llguidance). It is compiled here, in a
+  worker thread, before the request is queued: an invalid or unsupported schema is a 400 naming the
+  offending keyword (jsonschema's path, or llguidance's "Unimplemented keys"), and a slow compile never
+  stalls the decode thread; compiled grammars are cached (LRU), so a repeated schema costs nothing.
+  Schemas are limited to `constraints.MAX_SOURCE_BYTES` (100 KB) of JSON (and the request body to
+  `max_body_bytes`), beyond which the request is a 400; llguidance's own limits (grammar size, Earley
+  items per step) bound the rest. A constrained choice that reaches max_tokens ends with
+  finish_reason "length" and the partial text, never a closed-off object. A grammar that admits no token
+  at some step ends its own request with a 400 (code "constraint_failed"; in a stream, an error event):
+  the rows of other requests decoding in the same batch go on.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..chat import render_for_completion
 from ..common import GptlabError
+from ..infer.constraints import GRAMMARS, Constraint
 from . import protocol as p
 from . import tools
 from .scheduler import Request, SchedulerStopped, TokenLogprob, prompt_logprobs
@@ -48,7 +60,11 @@ async def wait_all(state: ServerState, requests: list[Request],
         while True:
             done, _ = await asyncio.wait({task}, timeout=state.config.poll_disconnect_s)
             if done:
-                return task.result()
+                results = task.result()
+                failed = next((e.error for steps in results for events in steps for e in events if e.error), None)
+                if failed is not None:
+                    raise ApiError(400, failed, code="constraint_failed")
+                return results
             if await is_disconnected():
                 raise ApiError(499, "client disconnected")
     except (SchedulerStopped, RuntimeError) as e:
@@ -97,6 +113,10 @@ async def stream_events(requests: list[Request], chunks, head: list[dict], tail)
             elif isinstance(item, Exception):
                 yield sse(error_body(str(item), "server_error"))
                 return
+            elif any(e.error for e in item):  # a constraint dead end: this request ends with the error
+                yield sse(error_body(next(e.error for e in item if e.error), "invalid_request_error",
+                                     code="constraint_failed"))
+                return
             else:
                 for chunk in chunks(k, item):
                     yield sse(chunk)
@@ -108,6 +128,19 @@ async def stream_events(requests: list[Request], chunks, head: list[dict], tail)
             r.cancel()
         for t in tasks:
             t.cancel()
+
+
+async def compiled_constraint(state: ServerState, make: Callable[[], Constraint | None],
+                              param: str) -> Constraint | None:
+    """The constraint `make` builds, compiled in a worker thread (module docstring); its errors are 400s
+    naming `param`."""
+    try:
+        constraint = make()
+        if constraint is not None:
+            await run_in_threadpool(GRAMMARS.matcher, state.tokenizer, constraint)
+    except GptlabError as e:
+        raise ApiError(400, str(e), param=param, code="invalid_value") from None
+    return constraint
 
 
 def event_stream(requests: list[Request], chunks, head: list[dict], tail) -> StreamingResponse:
@@ -156,24 +189,38 @@ async def chat_completions(body: p.ChatCompletionRequest, state: ServerState,
     tokenizer = state.tokenizer
     try:
         offered = tools.parse_tools(body.tools) if body.tools else []
-        tool_choice = tools.check_tool_choice(body.tool_choice, bool(offered))
-        if offered and not tools.supports_tools(tokenizer):
-            raise tools.ToolRequestError("this model's chat format has no tool-call tokens", "tools")
+        tool_choice = tools.check_tool_choice(body.tool_choice, offered)
+        native = tools.supports_tools(tokenizer)
+        if tool_choice.forced and (body.response_format or {}).get("type", "text") != "text":
+            raise tools.ToolRequestError("a forced tool call (tool_choice) and a JSON response_format exclude "
+                                         "each other", "response_format")
+        shown = offered if native or tool_choice.mode != "none" else []
         messages = tools.to_chat_messages(
             [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
-              "tool_calls": m.tool_calls, "tool_call_id": m.tool_call_id} for m in body.messages], offered)
+              "tool_calls": m.tool_calls, "tool_call_id": m.tool_call_id} for m in body.messages], shown, native)
         ids = await run_in_threadpool(render_for_completion, tokenizer, messages)
     except tools.ToolRequestError as e:
         raise ApiError(400, str(e), param=e.param, code="invalid_value") from None
     except (GptlabError, ValueError) as e:
         raise ApiError(400, str(e), param="messages", code="invalid_value") from None
-    params = state.sampling(body, len(ids), body.max_new_tokens)
+    if tool_choice.forced:  # the reply is the call, constrained to its tool's parameters (tools.py)
+        constraint = await compiled_constraint(
+            state, lambda: Constraint.json_schema(tools.call_schema(offered, tool_choice.forced)), "tools")
+        if native:
+            ids = ids + [tokenizer.special_id(tools.CALL_START)]
+    else:
+        constraint = await compiled_constraint(state, lambda: Constraint.from_response_format(body.response_format),
+                                               "response_format")
+    params = dataclasses.replace(state.sampling(body, len(ids), body.max_new_tokens), constraint=constraint)
     parsers = None
-    if offered:  # "auto": stop after a call and parse it; "none": stop before a call (tools.py)
+    if tool_choice.forced or (shown and not native and constraint is None):
+        names = frozenset(tool_choice.forced or (t["name"] for t in offered))
+        parsers = [tools.JsonCallParser(names, forced=bool(tool_choice.forced)) for _ in range(body.n)]
+    elif shown:  # native "auto": stop after a call and parse it; "none": stop before a call (tools.py)
         start, end = tokenizer.special_id(tools.CALL_START), tokenizer.special_id(tools.CALL_END)
-        stops = state.engine.default_stop_ids | {end if tool_choice == "auto" else start}
+        stops = state.engine.default_stop_ids | {end if tool_choice.mode == "auto" else start}
         params = dataclasses.replace(params, stop_token_ids=tuple(sorted(stops)))
-        if tool_choice == "auto":
+        if tool_choice.mode == "auto" and constraint is None:
             names = frozenset(t["name"] for t in offered)
             parsers = [tools.ToolCallParser(start, end, names) for _ in range(body.n)]
 
@@ -254,7 +301,10 @@ async def completions(body: p.CompletionRequest, state: ServerState,
         encoded = [await run_in_threadpool(engine.encode, prompt) for prompt in prompts]
     except GptlabError as e:
         raise ApiError(400, str(e), param="prompt", code="invalid_value") from None
-    params = [state.sampling(body, len(ids), body.max_tokens) for ids in encoded]
+    constraint = await compiled_constraint(state, lambda: Constraint.from_response_format(body.response_format),
+                                           "response_format")
+    params = [dataclasses.replace(state.sampling(body, len(ids), body.max_tokens), constraint=constraint)
+              for ids in encoded]
     top = body.logprobs
     # echo shows a text prompt as given and a token prompt decoded, never the BOS the engine adds
     shown = [ids[1:] if isinstance(prompt, str) and engine.bos_id is not None else ids

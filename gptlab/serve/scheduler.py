@@ -76,6 +76,7 @@ class ChoiceEvent:
     logprob: TokenLogprob | None  # the output token of this step (None for a stop token or without logprobs)
     finish_reason: str | None = None  # "stop" or "length" on the choice's last event
     completion_tokens: int = 0  # output tokens of the choice, set on its last event
+    error: str | None = None  # with finish_reason "error": the choice's constraint failed (a dead end)
 
 
 class Request:
@@ -344,7 +345,8 @@ class Scheduler:
                 if k:
                     alternatives = list(zip(top.indices[i, :k].tolist(), top.values[i, :k].tolist()))
                 info = TokenLogprob(event.token_id, float(logprobs[i, event.token_id]), alternatives)
-            choice_event = ChoiceEvent(owner.choice, event.token_id, event.text, info, event.finish_reason)
+            choice_event = ChoiceEvent(owner.choice, event.token_id, event.text, info, event.finish_reason,
+                                       error=event.error)
             if event.finish_reason is not None:
                 choice_event.completion_tokens = len(owner.row.token_ids)
                 del owners[event.row]
