@@ -342,8 +342,8 @@ def tool_engine(model_dir):
     it, so the server reproduces these answers only if it renders requests exactly that way."""
     _, tok = load_model_dir(model_dir)
     sp = tok.special_id
-    system = {"role": "system", "content": "You can call these tools. Each line is one tool: its name, what it "
-              "does and its arguments as JSON Schema.\n" + json.dumps(
+    system = {"role": "system", "content": "Tools you can call, one JSON per line (name, description, JSON Schema "
+              "of the arguments):\n" + json.dumps(
                   {"name": "get_weather", "description": "Current weather in a city",
                    "parameters": WEATHER["function"]["parameters"]})}
     call_ids = [sp("<|tool_call_start|>"), *tok.encode(tool_call_json(PARIS_CALL)), sp("<|tool_call_end|>")]

@@ -11,7 +11,7 @@ from gptlab.speedrun import STAGES
 
 DEFAULT_MIXTURE = Path(__file__).resolve().parents[1] / "gptlab" / "mixtures" / "default.toml"
 
-TINY = {"max-bytes": 300000, "vocab-size": 600, "pretrain-steps": 6, "sft-steps": 6, "sft-conversations": 300,
+TINY = {"max-bytes": 300000, "vocab-size": 1000, "pretrain-steps": 6, "sft-steps": 6, "sft-conversations": 300,
         "pref-prompts": 40, "pref-val-prompts": 20, "rm-steps": 3, "rl-steps": 2, "rl-gold-per-task": 1,
         "dpo-steps": 3, "eval-per-task": 1, "eval-max-tokens": 24}
 
@@ -31,7 +31,7 @@ def test_speedrun_whole_recipe_then_resume(tmp_path, capsys):
 
     assert main(args()) == 0
     meta = json.loads((run / "data" / "meta.json").read_text())
-    assert meta["complete"] and meta["vocab_size"] == 600 and meta["splits"]["train"]["tokens"] > 50_000
+    assert meta["complete"] and meta["vocab_size"] == 1000 and meta["splits"]["train"]["tokens"] > 50_000
     out = capsys.readouterr().out
     for source in ("shakespeare", "treebank", "bbcnews", "wikipedia", "python", "facts"):  # the stats table
         assert source in out

@@ -45,9 +45,8 @@ def test_calculator_tool_and_its_schema():
 
 def test_calculator_task_describes_its_tool_as_the_server_does():
     """The system prompt the calculator task trains with is what the server builds for a request that offers
-    the calculator tool with the task's hint as its system message: one format, no glue."""
-    hint = "You can use the calculator tool for arithmetic."
-    served = to_chat_messages([{"role": "system", "content": hint}, {"role": "user", "content": "1+1?"}],
+    the calculator tool (and has no system message of its own): one format, no glue."""
+    served = to_chat_messages([{"role": "user", "content": "1+1?"}],
                               parse_tools(Toolbox([calculator]).openai_specs()))
     assert served[0]["content"] == SYSTEM
     example = get_task("calculator").generate(__import__("random").Random(0), "train")

@@ -2,7 +2,7 @@
 call, the tool's output and a final answer.
 
 The system prompt describes the tool exactly as the server and the agents do (`tool_system_prompt`: the
-header line and the tool's JSON line after the hint), so a model trained here calls gptlab's `calculator`
+header line and the tool's JSON line; no other hint, since the speedrun's models have 256 tokens of context), so a model trained here calls gptlab's `calculator`
 tool, through the OpenAI API or an agent, without glue."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from .checks import EVASIVE, states_number
 from ..tools import tool_system_prompt
 from ..tools.calculator import calculator
 
-SYSTEM = tool_system_prompt("You can use the calculator tool for arithmetic.", [calculator])
+SYSTEM = tool_system_prompt(None, [calculator])
 PHRASINGS = ["What is {expr}?", "Calculate {expr}.", "Please compute {expr}.", "{expr} = ?"]
 
 

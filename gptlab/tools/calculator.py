@@ -87,9 +87,5 @@ def format_number(value: int | float) -> str:
 
 @tool
 def calculator(expression: str) -> str:
-    """Evaluate an arithmetic expression exactly.
-
-    Args:
-        expression: numbers, parentheses and + - * / // % **
-    """
+    """Evaluate an arithmetic expression exactly."""  # short: it is in every calculator training prompt
     return format_number(calculate(expression))
