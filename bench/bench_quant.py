@@ -11,7 +11,7 @@
   transformers on the model's HF export (`--hf`), each in its own process under /usr/bin/time -v.
 
     python bench/bench_quant.py --model ~/.cache/gptlab/models/smollm2-135m-instruct --hf /tmp/smol-hf \
-        --text /work/shared/data/sotu/2016_barack_obama_n.txt --rss
+        --text /work/shared/data/sotu/2016_barack_obama_d.txt --rss
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Design decisions
   scale / 2 (tested against a float64 reference).
 - Each scale is rounded *up* to a bfloat16 value before quantizing: the kernel takes its scales in the
   activation dtype, and a bf16-exact scale makes the bf16 and fp32 scale the same number (no extra
-  rounding), at the cost of steps at most 2^-8 coarser.
+  rounding), at the cost of steps at most one bf16 ulp (2^-7) coarser.
 - Kernel: `torch.ops.aten._weight_int8pack_mm` (PyTorch's own int8 weight-only matmul; (out, in) int8
   weight, (out,) scales). On CPU it is vectorized only for bf16/fp16 activations: with fp32 activations
   it runs a scalar loop, measured 8-30x slower than the fp32 matmul it replaces. So `QuantLinear` casts
