@@ -4,7 +4,7 @@
   the cap on decode at batch 1 is that rate / bytes of weights a step reads (fused layout, embedding
   lookup excluded; the KV cache of a short generation is ~1% of it and left out).
 - decode tokens/s: `Engine.generate`, greedy, a 32-token prompt repeated `batch` times, `--new-tokens` new
-  tokens with no stop token, median of `--reps` after a warm-up call; prefill included.
+  tokens with no stop token, median of `--reps` after a warm-up call, the modes interleaved; prefill included.
 - bits per byte on held-out text (`--text`, a few KB): windows of `--window` tokens, no overlap, the
   summed next-token loss of every token but each window's first over the UTF-8 bytes of those tokens.
 - peak RSS (`--rss`): `gptlab sample` (this tree) fp32 and --quantize int8 against the same job in
@@ -64,16 +64,19 @@ def step_weight_bytes(engine: Engine) -> int:
     return sum(p.weight.numel() * p.weight.element_size() for p in projections)
 
 
-def decode_tps(engine: Engine, batch: int, new_tokens: int, reps: int) -> float:
-    prompt = engine.tokenizer.encode(PROMPT)[:32]
+def decode_tps(engines: dict[str, Engine], batch: int, new_tokens: int, reps: int) -> dict[str, float]:
+    """tokens/s per engine; repetitions interleaved (a, b, c, a, b, c, ...) so load from other work on the
+    machine hits every mode alike; median of `reps` after a warm-up call each."""
+    prompt = next(iter(engines.values())).tokenizer.encode(PROMPT)[:32]
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, stop_token_ids=())
-    engine.generate([prompt] * batch, params)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        engine.generate([prompt] * batch, params)
-        times.append(time.perf_counter() - start)
-    return batch * new_tokens / statistics.median(times)
+    times = {name: [] for name in engines}
+    for rep in range(reps + 1):
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            engine.generate([prompt] * batch, params)
+            if rep:
+                times[name].append(time.perf_counter() - start)
+    return {name: batch * new_tokens / statistics.median(t) for name, t in times.items()}
 
 
 @torch.inference_mode()
@@ -123,18 +126,19 @@ def main() -> None:
     print("| mode | weight MB per step | cap tok/s (batch 1) | " +
           " | ".join(f"tok/s batch {b}" for b in args.batches) + " | batch 1 / cap | bits per byte |")
     print("|---" * (5 + len(args.batches)) + "|")
+    engines = {}
     for mode in args.modes:
         dtype, quantize = MODES[mode]
-        model, tokenizer = load_for_inference(args.model, dtype=dtype, quantize=quantize)
-        engine = Engine(model, tokenizer)
-        tps = {b: decode_tps(engine, b, args.new_tokens, args.reps) for b in args.batches}
+        engines[mode] = Engine(*load_for_inference(args.model, dtype=dtype, quantize=quantize))
+    tps = {b: decode_tps(engines, b, args.new_tokens, args.reps) for b in args.batches}
+    for mode, engine in engines.items():
         weight_bytes = step_weight_bytes(engine)
         cap = cap_bw / weight_bytes
         bpb = bits_per_byte(engine, text, args.window)
-        cells = " | ".join(f"{tps[b]:.1f}" for b in args.batches)
-        print(f"| {mode} | {weight_bytes / 1e6:.0f} | {cap:.0f} | {cells} | {tps[args.batches[0]] / cap:.0%} "
+        cells = " | ".join(f"{tps[b][mode]:.1f}" for b in args.batches)
+        print(f"| {mode} | {weight_bytes / 1e6:.0f} | {cap:.0f} | {cells} | {tps[args.batches[0]][mode] / cap:.0%} "
               f"| {bpb:.4f} |", flush=True)
-        del engine, model
+    del engines
     if args.rss:
         sample = [sys.executable, "-m", "gptlab.cli", "sample", "--model", args.model, "--prompt", PROMPT,
                   "--temperature", "0", "--max-new-tokens", str(args.new_tokens)]

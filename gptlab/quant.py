@@ -175,11 +175,13 @@ def quantize_model(model: GPT, method: str = "int8") -> GPT:
     check_quantizable(model)
     if is_quantized(model):
         return model
-    for name, linear in projections(model).items():
+    # by name, one module at a time: holding them all would keep every float32 weight alive to the end
+    for name in list(projections(model)):
         if name == "lm_head" and model.config.tie_embeddings:
             continue
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, _quantized_linear(linear))
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, attr, _quantized_linear(getattr(owner, attr)))
     if model.config.tie_embeddings:
         weight = model.model.embed_tokens.weight
         table = QuantEmbedding(*weight.shape, device=weight.device)

@@ -9,7 +9,6 @@ generation_config.json) are copied, so an imported model keeps its chat format a
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from .checkpoint import IMPORTED_FILE, load_model_dir, save_model_dir
