@@ -45,6 +45,7 @@ QUANT_METHODS = {"int8": 8}  # the --quantize names and their bits
 QUANT_METHOD_NAME = "int8-weight-only-per-channel"  # what gptlab.json records
 KERNEL_DTYPE = torch.bfloat16  # activations go through the int8 kernel in this dtype (module docstring)
 KERNEL_K_MULTIPLE = 32  # in_features the kernel sums right (module docstring)
+QUANTIZE_ROWS = 2048  # rows quantized at a time (bounds the float temporaries of a 49k-row embedding)
 
 
 def bf16_ceil(x: torch.Tensor) -> torch.Tensor:
@@ -59,10 +60,13 @@ def bf16_ceil(x: torch.Tensor) -> torch.Tensor:
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 q, float32 scale) with weight[o] ~= scale[o] * q[o]: symmetric absmax per row, bf16-exact scales.
     All-zero rows get scale 1 (q = 0), so dequantizing never divides by zero."""
-    w = weight.detach().float()
-    absmax = w.abs().amax(dim=1)
+    w = weight.detach()
+    absmax = torch.linalg.vector_norm(w, float("inf"), dim=1).float()  # max |w| per row, no |w| temporary
     scale = bf16_ceil(torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax)))
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    for start in range(0, len(w), QUANTIZE_ROWS):  # in slices: float temporaries of a few MB, not of the table
+        rows = slice(start, start + QUANTIZE_ROWS)
+        q[rows] = torch.round(w[rows].float() / scale[rows, None]).clamp_(-127, 127)
     return q, scale
 
 
