@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gptlab.checkpoint import CHECKSUMS, load_for_inference, load_model_dir, read_checksums, save_model_dir
-from gptlab.cli import main as cli_main
+from gptlab.cli import build_parser, main as cli_main
 from gptlab.common import GptlabError
 from gptlab.infer.engine import Engine
 from gptlab.infer.sampling import SamplingParams
@@ -193,3 +193,5 @@ def test_cli_quantize_and_sample_flags(tok, tmp_path, capsys):
         assert capsys.readouterr().out == expected + "\n"
     assert cli_main(["quantize", "--model", str(tmp_path / "m"), "--bits", "4", "--out", str(tmp_path / "q4")]) == 2
     assert "--bits 4 is not supported" in capsys.readouterr().err
+    for command in ("chat", "serve"):  # the flag exists wherever a model is loaded for inference
+        assert build_parser().parse_args([command, "--model", "m", "--quantize", "int8"]).quantize == "int8"
