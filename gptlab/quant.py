@@ -23,8 +23,9 @@ Design decisions
   docs/LOG.md, Session 10: quantized inference); int4 would cost quality for no measured speed.
 - Measured on SmolLM2-135M-Instruct (bench/results/quant.md): bits per byte +0.05% (1.0133 vs 1.0128 fp32);
   weights read per decode step 134 MB vs 538; `gptlab sample` peak RSS 539 MB from an int8 model directory
-  vs 1034 fp32 and 946 in transformers. Decode speed was not settled on the loaded 2-core machine of this
-  session (int8 about fp32 at batch 1, 1.5-1.7x at batch 8).
+  vs 1034 fp32 and 946 in transformers. Decode, quietest run of a loaded 2-core AMD EPYC: int8 1.4x fp32 at
+  batch 1, 2.2x at batch 8; the kernel takes 77% of an int8 step and runs only 1.5x faster than the fp32
+  matmul (compute-bound), so the 4x fewer bytes do not become 4x the speed.
 - A tied head shares the embedding's int8 rows: the head's per-output-channel scales are exactly
   per-row scales of the embedding, so one int8 table + scales serves the lookup (`QuantEmbedding`
   dequantizes the gathered rows) and the head, as one fp32 table served both.
