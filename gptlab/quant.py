@@ -26,7 +26,7 @@ Design decisions
   vs 1034 fp32 and 946 in transformers. Decode, quietest run of a loaded 2-core AMD EPYC: int8 1.4x fp32 at
   batch 1, 2.2x at batch 8; the kernel takes 77% of an int8 step and runs only 1.5x faster than the fp32
   matmul (compute-bound), so the 4x fewer bytes do not become 4x the speed. PyTorch's fbgemm dynamic int8
-  linear measured 4-11x faster than this kernel per projection, but it rounds activations to int8 too and
+  linear measured 1.5-11x faster than this kernel per projection, but it rounds activations to int8 too and
   its quantized dtypes are deprecated in torch 2.13 (docs/LOG.md): the candidate to measure next.
 - A tied head shares the embedding's int8 rows: the head's per-output-channel scales are exactly
   per-row scales of the embedding, so one int8 table + scales serves the lookup (`QuantEmbedding`
