@@ -132,13 +132,14 @@ def bench(depth: int, batch: int, prompt_len: int, new_tokens: int, reps: int, t
     for name in sides:
         result[f"{name}_ms"] = median[name] / new_tokens * 1e3
     decoder = engines["fused"]._decoder
-    fused_weights = [w for layer in decoder.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-    result["mm_fused_ms"] = matmuls_alone_ms(fused_weights + [decoder.head], batch, transposed=True)
+    fused_weights = [p.weight for layer in decoder.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    fused_weights.append(decoder.head.weight)
+    result["mm_fused_ms"] = matmuls_alone_ms(fused_weights, batch, transposed=True)
     linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     result["mm_linear_ms"] = matmuls_alone_ms(linears, batch, transposed=False)
     # bytes a step must read at least: every weight of the fused layout once (the embedding is a lookup of
     # `batch` rows) and the KV cache filled so far (mean over the generated steps)
-    weight_bytes = sum(w.numel() * w.element_size() for w in fused_weights + [decoder.head])
+    weight_bytes = sum(w.numel() * w.element_size() for w in fused_weights)
     c = model.config
     mean_len = prompt_len + new_tokens / 2
     kv_bytes = 2 * c.n_layer * batch * c.n_kv_head * c.head_dim * mean_len * dtype.itemsize

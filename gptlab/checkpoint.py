@@ -1,8 +1,10 @@
 """Model directories: the one on-disk form of a gptlab model, shared by every stage.
 
 A model directory holds
-    gptlab.json          {"format": 1, "model": GPTConfig fields, "tokenizer_sha256": ...}
-    model.safetensors    weights under Hugging Face Llama names (a tied lm_head is stored once)
+    gptlab.json          {"format": 1, "model": GPTConfig fields, "tokenizer_sha256": ...}; a quantized model
+                         (quant.py) has "format": 2 and "quantization": {"method": ..., "bits": 8}
+    model.safetensors    weights under Hugging Face Llama names (a tied lm_head is stored once; a quantized
+                         layer as int8 `<name>.weight` + float32 `<name>.weight_scale`)
     tokenizer.json       the Hugging Face tokenizer file
     SHA256SUMS           `<sha256>  <file>` for every file above and any a stage adds (a reward model's
                          head, `imported.json`), in `sha256sum -c` format, written last
@@ -18,8 +20,8 @@ Checksums (`write_checksums`, `verify_checksums`), design decisions:
   either way. Every loader verifies first and names the file (with its directory) that is missing or
   differs; directories without SHA256SUMS (a Hugging Face folder, model dirs from before checksums) load
   unverified, with a debug log line. Files a manifest does not list are not checked.
-- Hash once, then trust a stamp, rather than hash while reading: safetensors memory-maps the weights
-  (`load_file` returns tensors backed by the file's pages), so there is no read to hash along the way, and a
+- Hash once, then trust a stamp, rather than hash while reading: safetensors reads the weights itself
+  (pread or memory-mapped, `_read_weights`), so there is no read of ours to hash along the way, and a
   separate pass on every load would cost a full read of every big model. `.SHA256SUMS.verified` beside the
   manifest records, per file, the digest it matched and the file's (size, mtime_ns, ctime_ns, inode); a load
   that finds the same stat skips the hash. Measured on a 541 MB fp32 model dir (warm page cache, SHA
@@ -68,9 +70,11 @@ from safetensors.torch import load_file, save
 from .common import (GptlabError, atomic_write_bytes, atomic_write_json, fsync_dir, get_logger, json_bytes,
                      read_json, sha256_file)
 from .model import GPT, GPTConfig
+from .quant import QUANT_METHOD_NAME, QUANT_METHODS, is_quantized, quantize_model
 from .tokenizer import Tokenizer
 
 MODEL_FORMAT = 1
+QUANTIZED_FORMAT = 2  # model dirs with int8 weights (quant.py); readers before it refuse them by format
 IMPORTED_FILE = "imported.json"  # written by `gptlab import`: source, special tokens, chat template
 CHECKSUMS = "SHA256SUMS"
 VERIFIED_STAMP = ".SHA256SUMS.verified"  # per-file stat of the last successful verification (module docstring)
@@ -182,20 +186,26 @@ def save_model_dir(path: str | Path, model: GPT, tokenizer: Tokenizer,
     tokenizer.save(path / "tokenizer.json")
     for name, data in extra_files.items():
         atomic_write_bytes(path / name, data)
-    atomic_write_json(path / "gptlab.json", {"format": MODEL_FORMAT, "model": model.config.to_dict(),
-                                             "tokenizer_sha256": tokenizer.sha256})
+    meta = {"format": MODEL_FORMAT, "model": model.config.to_dict(), "tokenizer_sha256": tokenizer.sha256}
+    if is_quantized(model):
+        meta.update(format=QUANTIZED_FORMAT, quantization={"method": QUANT_METHOD_NAME, "bits": QUANT_METHODS["int8"]})
+    atomic_write_json(path / "gptlab.json", meta)
     write_checksums(path, [*MODEL_FILES, *extra_files])
     return path
 
 
-def model_from_state(config: GPTConfig, state: dict[str, torch.Tensor], source: str) -> GPT:
+def model_from_state(config: GPTConfig, state: dict[str, torch.Tensor], source: str,
+                     quantized: bool = False) -> GPT:
     """A GPT holding `state` (HF names). The model is built on the meta device and the tensors are
     assigned, so no memory goes to a random init and no second copy is made. A tied head may be absent
-    from `state`; missing, unexpected or misshapen weights are a GptlabError naming `source`."""
+    from `state`; missing, unexpected or misshapen weights are a GptlabError naming `source`.
+    `quantized`: `state` holds int8 weights and scales (quant.py), loaded into a quantized skeleton."""
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = GPT(config)
+        if quantized:
+            quantize_model(model)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatches: the config does not describe these weights
@@ -204,19 +214,28 @@ def model_from_state(config: GPTConfig, state: dict[str, torch.Tensor], source: 
     if missing or unexpected:
         raise GptlabError(f"weights in {source} do not match their config: missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}")
-    if config.tie_embeddings:
+    if config.tie_embeddings and not quantized:  # a quantized tied head reads the embedding module itself
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
 
 
-def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32) -> tuple[GPT, Tokenizer]:
-    """Load a model directory, after verifying its checksums (if it has a SHA256SUMS)."""
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   quantize: str | None = None) -> tuple[GPT, Tokenizer]:
+    """Load a model directory, after verifying its checksums (if it has a SHA256SUMS). `quantize` ("int8"):
+    quantize the weights as they load (quant.py); a quantized directory loads quantized either way."""
     path = Path(path)
     verify_checksums(path, "model")
     meta = read_json(path / "gptlab.json", "model config")
-    if meta.get("format") != MODEL_FORMAT:
-        raise GptlabError(f"{path}/gptlab.json has format {meta.get('format')}, expected {MODEL_FORMAT}")
+    fmt = meta.get("format")
+    if isinstance(fmt, int) and fmt > QUANTIZED_FORMAT:
+        raise GptlabError(f"{path}/gptlab.json has format {fmt}, written by a newer gptlab (this one reads "
+                          f"formats {MODEL_FORMAT}-{QUANTIZED_FORMAT}): upgrade gptlab")
+    if fmt not in (MODEL_FORMAT, QUANTIZED_FORMAT):
+        raise GptlabError(f"{path}/gptlab.json has format {fmt}, expected {MODEL_FORMAT} or {QUANTIZED_FORMAT}")
+    quantized = fmt == QUANTIZED_FORMAT
+    if quantized and meta.get("quantization", {}).get("method") != QUANT_METHOD_NAME:
+        raise GptlabError(f"{path}/gptlab.json: quantization {meta.get('quantization')} is not supported "
+                          f"(supported: {QUANT_METHOD_NAME})")
     try:
         config = GPTConfig(**meta["model"])
     except (TypeError, ValueError, KeyError) as e:
@@ -232,12 +251,35 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu",
     if not weights.is_file():
         raise GptlabError(f"weights not found: {weights}")
     try:
-        state = load_file(weights)
+        state = _read_weights(weights)
     except (SafetensorError, OSError, ValueError) as e:
         raise GptlabError(f"cannot read weights {weights}: {e}") from None
-    model = model_from_state(config, state, str(weights))
+    model = model_from_state(config, state, str(weights), quantized=quantized)
+    if quantize is not None:
+        quantize_model(model, quantize)
     _apply_imported_chat_format(path, tokenizer)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file in the process's own memory, read with pread(2) (safetensors >= 0.8)
+    rather than memory-mapped: a memory-mapped file stays mapped while any one of its tensors lives (a norm
+    weight), so the pages of weights the fused decoder has already re-laid out stayed resident too. Measured
+    with `gptlab sample` on SmolLM2-135M: 525 MB of the file still resident after the first step, the whole
+    gap to transformers' peak RSS (bench/results/quant.md). Older safetensors memory-map."""
+    try:
+        return load_file(path, backend="pread")
+    except TypeError:  # safetensors < 0.8 has no backend argument
+        return load_file(path)
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                       quantize: str | None = None) -> tuple[GPT, Tokenizer]:
+    """`load_model_dir` for a model that will only run inference (sample, chat, serve, LocalLLM): no parameter
+    requires grad, which lets the engine's fused decoder share the weights' storage instead of copying them
+    (infer/fused.py)."""
+    model, tokenizer = load_model_dir(path, device, dtype, quantize)
+    return model.requires_grad_(False), tokenizer
 
 
 def _apply_imported_chat_format(path: Path, tokenizer: Tokenizer) -> None:

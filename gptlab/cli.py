@@ -22,6 +22,7 @@ STAGES = [
     "gptlab.speedrun",
     "gptlab.infer.sample",
     "gptlab.interop",
+    "gptlab.quantize_cli",
     "gptlab.infer.chat_cli",
     "gptlab.serve",
     "gptlab.eval.report",

@@ -50,6 +50,7 @@ from safetensors.torch import save
 from .checkpoint import verify_checksums, write_checksums
 from .common import GptlabError, atomic_write_bytes, atomic_write_json, read_json
 from .model import GPT
+from .quant import quantize_rows
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -130,12 +131,10 @@ class LoRALinear(nn.Module):
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row absmax quantization: (int8 weight, float32 scale of shape (out, 1)) with
-    weight ~= q * scale and |error| <= scale / 2 per element. An all-zero row gets scale 1 (q = 0)."""
-    w = weight.float()
-    scale = w.abs().amax(dim=1, keepdim=True) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(w / scale).clamp_(-127, 127).to(torch.int8), scale
+    """Symmetric per-row absmax quantization (quant.py's `quantize_rows`): (int8 weight, float32 scale of
+    shape (out, 1)) with weight ~= q * scale and |error| <= scale / 2 per element."""
+    q, scale = quantize_rows(weight)
+    return q, scale[:, None]
 
 
 # ---- adding, merging, removing --------------------------------------------------------------------------

@@ -191,10 +191,10 @@ class LocalLLM(LLM):
     exact_token_count = True
 
     def __init__(self, model_dir: str | os.PathLike, *, device: str = "cpu", dtype: str = "float32",
-                 threads: int = 0, name: str | None = None):
+                 threads: int = 0, name: str | None = None, quantize: str | None = None):
         import torch
 
-        from ..checkpoint import load_model_dir
+        from ..checkpoint import load_for_inference
         from ..common import torch_device
         from ..infer.engine import Engine
 
@@ -203,7 +203,8 @@ class LocalLLM(LLM):
             raise GptlabError(f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
         if threads:
             torch.set_num_threads(threads)
-        model, tokenizer = load_model_dir(model_dir, device=torch_device(device), dtype=dtypes[dtype])
+        model, tokenizer = load_for_inference(model_dir, device=torch_device(device), dtype=dtypes[dtype],
+                                              quantize=quantize)
         self.engine = Engine(model, tokenizer, strict_context=True)
         self.tokenizer = tokenizer
         self.name = name or Path(model_dir).resolve().name
@@ -566,7 +567,7 @@ def open_llm(model: str | None = None, base_url: str | None = None, model_name: 
              api_key: str | None = None, **kw) -> LLM:
     """An LLM on a model directory or registry name (in process), or on an OpenAI-compatible server
     (`base_url`; then `model`, if given, is the served model's directory or registry name, used for its
-    tokenizer). Extra keywords go to LocalLLM (device, dtype, threads) or HttpLLM (tokenizer_dir,
+    tokenizer). Extra keywords go to LocalLLM (device, dtype, threads, quantize) or HttpLLM (tokenizer_dir,
     context_window, timeout, max_retries)."""
     from .models import resolve_model_dir
 
@@ -592,9 +593,11 @@ def add_llm_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", default=None, help="API key for --base-url (default: $OPENAI_API_KEY)")
     g.add_argument("--device", default="cpu", help="torch device for --model (default: %(default)s)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads for --model (default: torch's choice)")
+    g.add_argument("--quantize", choices=["int8"], default=None, help="quantize --model's weights as they load")
 
 
 def llm_from_args(args: argparse.Namespace) -> LLM:
     if args.base_url is not None:
         return open_llm(args.model, base_url=args.base_url, model_name=args.model_name, api_key=args.api_key)
-    return open_llm(args.model, model_name=args.model_name, device=args.device, threads=args.threads)
+    return open_llm(args.model, model_name=args.model_name, device=args.device, threads=args.threads,
+                    quantize=getattr(args, "quantize", None))

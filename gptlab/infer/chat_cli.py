@@ -26,6 +26,7 @@ import sys
 
 from ..chat import render_for_completion, write_messages_jsonl
 from ..common import DTYPE_NAMES, GptlabError, get_logger, torch_device, torch_dtype
+from ..quant import add_quantize_arg
 from .engine import Engine
 from .sampling import SamplingParams
 
@@ -142,7 +143,7 @@ def run_interactive(session: ChatSession, read=input, out=None) -> None:
 
 
 def _cmd_chat(args: argparse.Namespace) -> None:
-    from ..checkpoint import load_model_dir
+    from ..checkpoint import load_for_inference
     from .generation_config import CHAT_DEFAULTS
     from .sample import sampling_params_from_args
 
@@ -153,7 +154,8 @@ def _cmd_chat(args: argparse.Namespace) -> None:
         question = sys.stdin.read() if args.prompt == "-" else args.prompt
         if not question.strip():
             raise GptlabError("empty prompt")
-    model, tokenizer = load_model_dir(args.model, device=torch_device(args.device), dtype=torch_dtype(args.dtype))
+    model, tokenizer = load_for_inference(args.model, device=torch_device(args.device), dtype=torch_dtype(args.dtype),
+                                          quantize=args.quantize)
     engine = Engine(model.eval(), tokenizer, strict_context=args.strict_context)
     session = ChatSession(engine, sampling_params_from_args(args, tokenizer, CHAT_DEFAULTS), args.system)
     if question is not None:
@@ -183,5 +185,6 @@ def register(sub) -> None:
                    help="answer this one question and exit ('-' reads it from stdin); only the answer is printed")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
+    add_quantize_arg(p)
     add_sampling_args(p, CHAT_DEFAULTS)
     p.set_defaults(func=_cmd_chat)

@@ -7,8 +7,18 @@ Design decisions
   torch.compile (on CUDA as one CUDA graph per step). Both are checked token for token against
   `GPT.forward` decoding (on CUDA by bench/check_gpu.py). Measured vs HF `generate`: 2.5-3.4x at batch 1 on
   a 2-core CPU (depth 4; 1.1-1.2x at batch 32), 8.1x at batch 1 and 7.1x at batch 32 on an H100 (depth 12, bf16).
-- How the step is laid out, and why, is in the `FusedDecoder` docstring. The copy of the weights it
-  holds goes stale when the model is trained: `weights_key` lets the engine notice and rebuild it.
+- How the step is laid out, and why, is in the `FusedDecoder` docstring. Its weights go stale when the
+  model is trained: `weights_key` lets the engine notice and rebuild it.
+- One copy of the weights, not two, for a model that is not being trained (no parameter requires grad:
+  `checkpoint.load_for_inference`, which sample, chat, serve and LocalLLM use): the decoder builds its
+  fused layout once and points the model's parameters at slices of it (`param.data = view`; same Parameter
+  objects and values, (out, in) shape, transposed strides), so `GPT.forward` (prefill, scoring) reads the
+  same storage. With the weights read into the process's memory rather than memory-mapped
+  (checkpoint.py), `gptlab sample` on SmolLM2-135M peaks at 1.09x the RSS of the same job in transformers,
+  1.51x before (bench/results/quant.md). A model that requires grad keeps a separate copy: a
+  trainer's optimizer, compiled graphs and sharding expect its own contiguous parameters. A decoder built
+  again over weights already laid out this way (a second Engine, a rebuild) finds them in place and copies
+  nothing (`_enclosing`). int8 models (quant.py) are always shared: their weights are buffers, never trained.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import GPT, KVCache, apply_rotary, rotary_cos_sin
+from ..quant import KERNEL_DTYPE, QuantLinear, QuantTiedHead, int8_matmul, projections
 
 
 # ---- the decode step, re-laid out for one new token per row ----------------------------------------------
@@ -33,15 +44,74 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 @dataclass
+class _Projection:
+    """One fused projection. Float: weight (in, out), contiguous, `x @ weight` (+ bias). int8 (quant.py):
+    weight (out, in) int8 rows with `scale` per output channel in the kernel's dtype."""
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            return int8_matmul(x, self.weight, self.scale, self.bias, kernel_scale=self.scale)
+        return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
+
+
+def _enclosing(parts: list[torch.Tensor], dim: int) -> torch.Tensor | None:
+    """The contiguous tensor of which `parts` are consecutive slices along `dim` (2-d views of one storage,
+    as `_fuse` leaves them), or None: a decoder built again over shared weights then copies nothing."""
+    first = parts[0]
+    shape = list(first.shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    storage = first.untyped_storage()
+    if (first.storage_offset() + shape[0] * shape[1]) * first.element_size() > storage.nbytes():
+        return None
+    whole = first.new_empty(0).set_(storage, first.storage_offset(), shape, (shape[1], 1))
+    start = 0
+    for part in parts:
+        expected = whole.narrow(dim, start, part.shape[dim])
+        if (part.untyped_storage().data_ptr() != storage.data_ptr() or part.shape != expected.shape
+                or part.storage_offset() != expected.storage_offset() or part.stride() != expected.stride()):
+            return None
+        start += part.shape[dim]
+    return whole
+
+
+def _fuse(linears: list[nn.Module], share: bool) -> _Projection:
+    """The projections `linears` side by side along their outputs, as one `_Projection`. `share`: point the
+    modules' float weights at slices of the fused tensor (views, same values), so the model and the decoder
+    hold one copy; int8 weights are always shared (they are buffers, never trained)."""
+    biases = [m.bias for m in linears]
+    bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
+    if all(isinstance(m, QuantLinear) for m in linears):  # (out, in) rows, stacked
+        parts, dim = [m.weight for m in linears], 0
+        scale = torch.cat([m.weight_scale for m in linears]).to(KERNEL_DTYPE)
+    else:  # (in, out) columns side by side
+        parts, dim, scale = [m.weight.detach().t() for m in linears], 1, None
+    weight = _enclosing(parts, dim) if share or scale is not None else None
+    if weight is None:
+        weight = torch.cat(parts, dim=dim)
+        if share or scale is not None:
+            start = 0
+            for m, part in zip(linears, parts):
+                view = weight.narrow(dim, start, part.shape[dim])
+                if scale is not None:
+                    m.weight = view
+                else:
+                    m.weight.data = view.t()
+                start += part.shape[dim]
+    return _Projection(weight, bias, scale)
+
+
+@dataclass
 class _LayerWeights:
     attn_norm: torch.Tensor
-    qkv: torch.Tensor  # (n_embd, (n_head + 2 n_kv_head) head_dim): q, k, v projections side by side
-    qkv_bias: torch.Tensor | None
+    qkv: _Projection  # q, k, v projections side by side: (n_head + 2 n_kv_head) head_dim outputs
     qk_norm: torch.Tensor | None  # (n_head + n_kv_head, head_dim): the q_norm weight per q head, then k_norm
-    o: torch.Tensor
+    o: _Projection
     mlp_norm: torch.Tensor
-    gate_up: torch.Tensor  # (n_embd, 2 intermediate): gate then up
-    down: torch.Tensor
+    gate_up: _Projection  # gate then up
+    down: _Projection
 
 
 class FusedDecoder:
@@ -49,12 +119,13 @@ class FusedDecoder:
     speed at small batch, where a step is ~30 tiny matmuls plus ~150 tiny elementwise ops and eager
     PyTorch's per-op cost, not arithmetic, sets the pace (bench/results/decode.md).
 
-    - An inference-only copy of the weights, made once: q/k/v and gate/up projections concatenated (4
+    - The weights in an inference layout, made once: q/k/v and gate/up projections concatenated (4
       matmuls per layer instead of 7), each stored transposed (in, out) and contiguous, a layout whose
       (B, in) x (in, out) product measured 1.4-2.5x faster at batch 1 than `F.linear`'s (out, in) one
-      (MKL, 1 thread; at batch 32 within +-15%: bench/results/decode.md). The model's parameters, state dict and HF names are untouched; the
-      copy costs one more model's worth of memory (`Engine(fused_decode=False)` decodes through
-      `model.forward` instead).
+      (MKL, 1 thread; at batch 32 within +-15%: bench/results/decode.md). int8 projections (quant.py)
+      are stacked (out, in) rows, the layout their kernel reads. The model's parameter names, shapes and
+      state dict are untouched; whether the model shares this storage or keeps its own copy is in the
+      module docstring (`Engine(fused_decode=False)` decodes through `model.forward` instead).
     - Rotary cos/sin are computed once for every position of the window and indexed per step (same
       float32 values as `rotary_cos_sin`), q and k are normed/rotated together, RMSNorm is one call.
     - The new keys/values are written into the preallocated `KVCache` slot in place; attention is one
@@ -73,36 +144,34 @@ class FusedDecoder:
 
     def __init__(self, model: GPT, compile: bool = False):
         c = self.config = model.config
-        self.weights_key = weights_key(model)
         self.n_qk = (c.n_head + c.n_kv_head) * c.head_dim
-
-        def t(linear: nn.Linear) -> torch.Tensor:
-            return linear.weight.t()
-
+        # share the weights' storage with the model unless it is being trained (module docstring)
+        share = not any(p.requires_grad for p in model.parameters())
         with torch.no_grad():
             self.layers = []
             for block in model.model.layers:
                 attn, mlp = block.self_attn, block.mlp
-                projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-                bias = torch.cat([p.bias for p in projections]) if c.attn_bias else None
                 qk_norm = None
                 if c.qk_norm:
                     qk_norm = torch.cat([attn.q_norm.weight.expand(c.n_head, -1),
                                          attn.k_norm.weight.expand(c.n_kv_head, -1)])
                 self.layers.append(_LayerWeights(
                     attn_norm=block.input_layernorm.weight.detach(),
-                    qkv=torch.cat([t(p) for p in projections], dim=1).contiguous(), qkv_bias=bias,
-                    qk_norm=qk_norm, o=t(attn.o_proj).contiguous(),
-                    mlp_norm=block.post_attention_layernorm.weight.detach(),
-                    gate_up=torch.cat([t(mlp.gate_proj), t(mlp.up_proj)], dim=1).contiguous(),
-                    down=t(mlp.down_proj).contiguous()))
-            self.embed = model.model.embed_tokens.weight.detach()  # a lookup: no copy needed
+                    qkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj], share), qk_norm=qk_norm,
+                    o=_fuse([attn.o_proj], share), mlp_norm=block.post_attention_layernorm.weight.detach(),
+                    gate_up=_fuse([mlp.gate_proj, mlp.up_proj], share), down=_fuse([mlp.down_proj], share)))
+            self.embed = model.model.embed_tokens  # a lookup: the module itself (float or int8 rows)
             self.final_norm = model.model.norm.weight.detach()
-            self.head = t(model.lm_head).contiguous()
-            device = self.embed.device
+            if isinstance(model.lm_head, QuantTiedHead):
+                table = model.lm_head.table
+                self.head = _Projection(table.weight, scale=table.weight_scale.to(KERNEL_DTYPE))
+            else:  # a tied float head shares the embedding's parameter, which then becomes the view too
+                self.head = _fuse([model.lm_head], share)
+            device = model.model.norm.weight.device
             cos, sin = rotary_cos_sin(torch.arange(c.max_seq_len, device=device)[:, None], model.rope)
             self.rotary = torch.stack([cos[:, 0, 0], sin[:, 0, 0]], dim=1)  # (window, 2, head_dim), a row per step
             self._layer_index = torch.arange(c.n_layer, device=device)[:, None]
+        self.weights_key = weights_key(model)  # after sharing: the views are the model's weights from now on
         # dynamic=False: nothing becomes symbolic unless marked (batch and capacity, in `step`); dynamo's
         # automatic dynamic shapes would otherwise turn the config's sizes symbolic once a second model
         # compiles the same method. CPU, cpp_wrapper: the generated code calls its ~30 kernels a step from
@@ -117,14 +186,12 @@ class FusedDecoder:
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
-        """Plain `GPT` with plain `nn.Linear` projections (LoRA wrappers etc. decode through forward)."""
+        """Plain `GPT` with plain `nn.Linear` projections, or all of them int8 (quant.py); anything else
+        (LoRA wrappers etc.) decodes through forward."""
         if type(model) is not GPT:
             return False
-        linears = [model.lm_head]
-        for block in model.model.layers:
-            linears += [block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj,
-                        block.self_attn.o_proj, block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj]
-        return all(type(linear) is nn.Linear for linear in linears)
+        kinds = {type(m) for m in projections(model).values()}
+        return kinds == {nn.Linear} or kinds <= {QuantLinear, QuantTiedHead}
 
     def step(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
              key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -176,10 +243,9 @@ class FusedDecoder:
         c = self.config
         B, H, KV, D = tokens.shape[0], c.n_head, c.n_kv_head, c.head_dim
         cos, sin = self.rotary[positions][:, :, None].unbind(1)  # (B, 1, D) each, broadcast over heads
-        x = F.embedding(tokens, self.embed)
+        x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            h = _rms_norm(x, layer.attn_norm, c.norm_eps)
-            qkv = h @ layer.qkv if layer.qkv_bias is None else torch.addmm(layer.qkv_bias, h, layer.qkv)
+            qkv = layer.qkv(_rms_norm(x, layer.attn_norm, c.norm_eps))
             qk = qkv[:, :self.n_qk].view(B, H + KV, D)
             if layer.qk_norm is not None:
                 qk = _rms_norm(qk, layer.qk_norm, c.norm_eps)
@@ -194,14 +260,15 @@ class FusedDecoder:
                 cache_k[layer_index, :, :, slot], cache_v[layer_index, :, :, slot] = k[None], v[None]
             y = F.scaled_dot_product_attention(qk[:, :H, None], cache_k[i, :, :, :n_keys],
                                                cache_v[i, :, :, :n_keys], attn_mask=mask, enable_gqa=KV != H)
-            x = x + y.view(B, H * D) @ layer.o
-            gate, up = (_rms_norm(x, layer.mlp_norm, c.norm_eps) @ layer.gate_up).chunk(2, dim=-1)
-            x = x + (F.silu(gate) * up) @ layer.down
-        return _rms_norm(x, self.final_norm, c.norm_eps) @ self.head
+            x = x + layer.o(y.view(B, H * D))
+            gate, up = layer.gate_up(_rms_norm(x, layer.mlp_norm, c.norm_eps)).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        return self.head(_rms_norm(x, self.final_norm, c.norm_eps))
 
 
 def weights_key(model: nn.Module) -> tuple:
     """Changes whenever a parameter is replaced, moved or updated in place (optimizer steps bump the
     tensor version counter), so a copy of the weights can tell it is stale."""
-    return tuple((p.data_ptr(), p.dtype, -1 if p.is_inference() else p._version) for p in model.parameters())
+    return tuple((p.data_ptr(), p.dtype, -1 if p.is_inference() else p._version)
+                 for p in (*model.parameters(), *model.buffers()))
 

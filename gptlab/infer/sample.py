@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..common import DTYPE_NAMES, GptlabError, get_logger, torch_device, torch_dtype
+from ..quant import add_quantize_arg
 from .constraints import Constraint
 from .engine import Engine
 from .generation_config import BASE_DEFAULTS, SAMPLING_KEYS, read_generation_config, resolve_sampling
@@ -111,10 +112,11 @@ def constraint_from_args(args: argparse.Namespace) -> Constraint | None:
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
-    from ..checkpoint import load_model_dir
+    from ..checkpoint import load_for_inference
 
     constraint = constraint_from_args(args)  # a bad schema file fails before the model loads
-    model, tokenizer = load_model_dir(args.model, device=torch_device(args.device), dtype=torch_dtype(args.dtype))
+    model, tokenizer = load_for_inference(args.model, device=torch_device(args.device), dtype=torch_dtype(args.dtype),
+                                          quantize=args.quantize)
     engine = Engine(model, tokenizer, strict_context=args.strict_context, compile=args.compile)
     params = dataclasses.replace(sampling_params_from_args(args, tokenizer, BASE_DEFAULTS), constraint=constraint)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
@@ -157,6 +159,7 @@ def register(sub) -> None:
     p.add_argument("--prompt", default=None, help="prompt text (default: read stdin)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
+    add_quantize_arg(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (compiles first, then faster per token; for long outputs)")
     add_sampling_args(p, BASE_DEFAULTS)

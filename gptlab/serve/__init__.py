@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gptlab.common import DTYPE_NAMES, GptlabError, get_logger
 from gptlab.infer.engine import Engine
+from gptlab.quant import add_quantize_arg
 
 log = get_logger("serve")
 
@@ -21,12 +22,13 @@ log = get_logger("serve")
 def _cmd_serve(args: argparse.Namespace) -> None:
     import torch
 
-    from gptlab.checkpoint import load_model_dir
+    from gptlab.checkpoint import load_for_inference
     from gptlab.common import torch_device, torch_dtype
     from gptlab.infer.generation_config import read_generation_config
     from gptlab.serve.app import ServeConfig, create_app, run_server
 
-    model, tokenizer = load_model_dir(args.model, device=torch_device(args.device), dtype=torch_dtype(args.dtype))
+    model, tokenizer = load_for_inference(args.model, device=torch_device(args.device), dtype=torch_dtype(args.dtype),
+                                          quantize=args.quantize)
     model.eval()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -58,6 +60,7 @@ def register(sub) -> None:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $GPTLAB_API_KEY)")
     s.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     s.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
+    add_quantize_arg(s)
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default: %(default)s)")
     s.add_argument("--max-queue", type=int, default=256,

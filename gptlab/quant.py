@@ -1,0 +1,210 @@
+"""Weight-only int8 quantization for inference: `QuantLinear`, `QuantEmbedding`, `quantize_model`.
+
+Design decisions
+- Weight-only int8, symmetric, one scale per output channel (row of the (out, in) weight):
+  w[o, i] ~= scale[o] * q[o, i], q = round(w / scale) in [-127, 127], scale = max_i |w[o, i]| / 127 (the
+  absmax rule of Dettmers et al. 2022, LLM.int8(), per row; as in PyTorch's and torchao's int8 weight-only
+  schemes). Activations stay floating point: a decode step at small batch is bound by reading the weights,
+  so 1 byte per weight instead of 4 is the point, not integer arithmetic. Every element's error is at most
+  scale / 2 (tested against a float64 reference).
+- Each scale is rounded *up* to a bfloat16 value before quantizing: the kernel takes its scales in the
+  activation dtype, and a bf16-exact scale makes the bf16 and fp32 scale the same number (no extra
+  rounding), at the cost of steps at most one bf16 ulp (2^-7) coarser.
+- Kernel: `torch.ops.aten._weight_int8pack_mm` (PyTorch's own int8 weight-only matmul; (out, in) int8
+  weight, (out,) scales). On CPU it is vectorized only for bf16/fp16 activations: with fp32 activations
+  it runs a scalar loop, measured 8-30x slower than the fp32 matmul it replaces. So `QuantLinear` casts
+  activations to bfloat16 for the matmul and the result back; the quantized model thus also rounds each
+  projection's input and output to bf16 (the quality figures in bench/results/quant.md include this).
+  The kernel is only right when `in_features` is a multiple of 32 (torch 2.13 CPU: smaller or other
+  multiples gave wrong sums or crashed), so other widths take a plain dequantize-then-matmul path.
+- int4 is not offered: PyTorch's `_weight_int4pack_mm_for_cpu` (group size 32, bf16) measured as fast as
+  the int8 kernel on SmolLM2's layer shapes at batch 1 (~100 us for 3072 x 576 on a loaded 2-core
+  machine; the step there is bound by per-op overhead, not bytes), and torchao was not tried (see
+  docs/LOG.md, Session 10: quantized inference); int4 would cost quality for no measured speed.
+- Measured on SmolLM2-135M-Instruct (bench/results/quant.md): bits per byte +0.05% (1.0133 vs 1.0128 fp32);
+  weights read per decode step 134 MB vs 538; `gptlab sample` peak RSS 539 MB from an int8 model directory
+  vs 1034 fp32 and 946 in transformers. Decode, quietest run of a loaded 2-core AMD EPYC: int8 1.4x fp32 at
+  batch 1, 2.2x at batch 8; the kernel takes 77% of an int8 step and runs only 1.5x faster than the fp32
+  matmul (compute-bound), so the 4x fewer bytes do not become 4x the speed. PyTorch's fbgemm dynamic int8
+  linear measured 1.5-11x faster than this kernel per projection, but it rounds activations to int8 too and
+  its quantized dtypes are deprecated in torch 2.13 (docs/LOG.md): the candidate to measure next.
+- A tied head shares the embedding's int8 rows: the head's per-output-channel scales are exactly
+  per-row scales of the embedding, so one int8 table + scales serves the lookup (`QuantEmbedding`
+  dequantizes the gathered rows) and the head, as one fp32 table served both.
+- Only a plain `GPT` whose projections are plain `nn.Linear` can be quantized; anything else (LoRA
+  wrappers, a reward model's head) is a `GptlabError` that names the modules.
+- On disk (checkpoint.py): gptlab.json carries `"format": 2` and `"quantization": {"method": ...,
+  "bits": 8}`; a quantized layer stores `<name>.weight` (int8) and `<name>.weight_scale` (float32).
+  A reader from before quantization checks `format == 1` and refuses the directory with
+  "has format 2, expected 1"; this reader names a newer format as written by a newer gptlab.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import GptlabError
+from .model import GPT
+
+QUANT_METHODS = {"int8": 8}  # the --quantize names and their bits
+QUANT_METHOD_NAME = "int8-weight-only-per-channel"  # what gptlab.json records
+KERNEL_DTYPE = torch.bfloat16  # activations go through the int8 kernel in this dtype (module docstring)
+KERNEL_K_MULTIPLE = 32  # in_features the kernel sums right (module docstring)
+QUANTIZE_ROWS = 2048  # rows quantized at a time (bounds the float temporaries of a 49k-row embedding)
+
+
+def bf16_ceil(x: torch.Tensor) -> torch.Tensor:
+    """The smallest bfloat16 value >= each element of a positive float32 tensor (as float32)."""
+    rounded = x.to(torch.bfloat16).float()
+    below = rounded < x
+    rounded[below] = torch.nextafter(rounded[below].to(torch.bfloat16),
+                                     torch.tensor(float("inf"), dtype=torch.bfloat16)).float()
+    return rounded
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 q, float32 scale) with weight[o] ~= scale[o] * q[o]: symmetric absmax per row, bf16-exact scales.
+    All-zero rows get scale 1 (q = 0), so dequantizing never divides by zero."""
+    w = weight.detach()
+    absmax = torch.linalg.vector_norm(w, float("inf"), dim=1).float()  # max |w| per row, no |w| temporary
+    scale = bf16_ceil(torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax)))
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    for start in range(0, len(w), QUANTIZE_ROWS):  # in slices: float temporaries of a few MB, not of the table
+        rows = slice(start, start + QUANTIZE_ROWS)
+        q[rows] = torch.round(w[rows].float() / scale[rows, None]).clamp_(-127, 127)
+    return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[:, None]
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                kernel_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) @ (scale * q).T (+ bias), in x's dtype. `kernel_scale`: `scale` already in KERNEL_DTYPE
+    (the fused decoder keeps one, saving a cast per call)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    if k % KERNEL_K_MULTIPLE:
+        y = F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    else:
+        s = kernel_scale if kernel_scale is not None else scale.to(KERNEL_DTYPE)
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, k).to(KERNEL_DTYPE), q, s)
+        y = y.view(*lead, q.shape[0]).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+class QuantLinear(nn.Module):
+    """`nn.Linear` with an int8 weight (buffer `weight`, (out, in)) and per-output-channel float32 scales
+    (buffer `weight_scale`); `bias` stays a floating-point parameter."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "QuantLinear":
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device)
+        out.weight, out.weight_scale = quantize_rows(linear.weight)
+        if linear.bias is not None:
+            out.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_matmul(x, self.weight, self.weight_scale, self.bias)
+
+
+class QuantEmbedding(nn.Module):
+    """`nn.Embedding` over int8 rows with per-row scales; a lookup dequantizes only the rows it reads, into
+    the scales' dtype (float32, or the model's dtype after `.to(dtype)`: scales are bf16-exact)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings, device=device))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        scale = self.weight_scale
+        return F.embedding(idx, self.weight).to(scale.dtype) * scale[idx, None]
+
+
+class QuantTiedHead(nn.Module):
+    """The head of a tied model over the embedding's int8 rows and scales (module docstring). It refers to
+    the embedding module without registering it, so the rows are stored, moved and cast once."""
+
+    def __init__(self, table: QuantEmbedding):
+        super().__init__()
+        self.__dict__["table"] = table  # not a submodule: the embedding owns the rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_matmul(x, self.table.weight, self.table.weight_scale)
+
+
+def projections(model: GPT) -> dict[str, nn.Module]:
+    """{name: module} of every projection a quantization replaces (head and attention/MLP linears)."""
+    found = {"lm_head": model.lm_head}
+    for i, block in enumerate(model.model.layers):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            found[f"model.layers.{i}.self_attn.{name}"] = getattr(block.self_attn, name)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            found[f"model.layers.{i}.mlp.{name}"] = getattr(block.mlp, name)
+    return found
+
+
+def check_quantizable(model: nn.Module) -> None:
+    """GptlabError naming what cannot be quantized: not a plain GPT, or projections that are not nn.Linear."""
+    if type(model) is not GPT:
+        raise GptlabError(f"cannot quantize a {type(model).__name__}: only a plain GPT (model directory) is supported")
+    odd = [f"{name} ({type(m).__name__})" for name, m in projections(model).items()
+           if type(m) not in (nn.Linear, QuantLinear, QuantTiedHead)]
+    if odd:
+        raise GptlabError(f"cannot quantize layers that are not plain nn.Linear: {', '.join(odd[:5])}"
+                          + (f" and {len(odd) - 5} more" if len(odd) > 5 else ""))
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
+
+
+def _quantized_linear(linear: nn.Linear) -> QuantLinear:
+    """The int8 twin of `linear`; on the meta device an empty one (a skeleton to load a state dict into)."""
+    if linear.weight.is_meta:
+        return QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+    return QuantLinear.from_linear(linear)
+
+
+@torch.no_grad()
+def quantize_model(model: GPT, method: str = "int8") -> GPT:
+    """Replace the projections (and a tied embedding with its head) by int8 ones, in place; returns `model`.
+    On the meta device this builds the quantized skeleton that a quantized model directory loads into."""
+    if method not in QUANT_METHODS:
+        raise GptlabError(f"unknown quantization {method!r} (supported: {', '.join(QUANT_METHODS)})")
+    check_quantizable(model)
+    if is_quantized(model):
+        return model
+    # by name, one module at a time: holding them all would keep every float32 weight alive to the end
+    for name in list(projections(model)):
+        if name == "lm_head" and model.config.tie_embeddings:
+            continue
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, attr, _quantized_linear(getattr(owner, attr)))
+    if model.config.tie_embeddings:
+        weight = model.model.embed_tokens.weight
+        table = QuantEmbedding(*weight.shape, device=weight.device)
+        if not weight.is_meta:
+            table.weight, table.weight_scale = quantize_rows(weight)
+        model.model.embed_tokens = table
+        model.lm_head = QuantTiedHead(table)
+    return model
+
+
+def add_quantize_arg(parser) -> None:
+    """`--quantize int8`: the flag of every command that loads a model for inference (sample, chat, serve)."""
+    parser.add_argument("--quantize", choices=sorted(QUANT_METHODS), default=None,
+                        help="quantize the weights as they load (int8: weight-only, per output channel; "
+                             "a quantized model directory loads quantized without it)")
