@@ -20,7 +20,7 @@ from gptlab.chat import render_for_completion, tool_call_json
 from gptlab.checkpoint import load_model_dir, save_model_dir
 from gptlab.common import GptlabError, save_figure
 from gptlab.model import GPT, GPTConfig
-from gptlab.serve.tools import parse_tools, to_chat_messages
+from gptlab.tools.calls import parse_tools, to_chat_messages
 from gptlab.tools import ToolResult, Toolbox, tool
 
 

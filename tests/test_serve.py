@@ -26,7 +26,7 @@ from gptlab.infer.engine import Engine
 from gptlab.infer.sampling import SamplingParams
 from gptlab.model import GPT, GPTConfig
 from gptlab.serve.app import ServeConfig, create_app
-from gptlab.serve.tools import CALL_END, CALL_START, ToolCallParser, parse_tools, to_chat_messages
+from gptlab.tools.calls import CALL_END, CALL_START, ToolCallParser, parse_tools, to_chat_messages
 from gptlab.tools import TOOLS_HEADER
 
 MODEL = "tiny"

@@ -20,7 +20,7 @@ from gptlab.infer.sampling import SamplingParams
 from gptlab.serve.app import ServeConfig, create_app
 from gptlab.serve.routes import wait_all
 from gptlab.serve.state import ApiError, ServerState
-from gptlab.serve.tools import JsonCallParser, call_schema, parse_tools, to_chat_messages
+from gptlab.tools.calls import JsonCallParser, call_schema, parse_tools, to_chat_messages
 from tests._serve_helpers import LiveServer, load_engine, make_model_dir
 
 MODEL = "tiny"

@@ -13,7 +13,7 @@ from gptlab.apps.rag import RagIndex
 from gptlab.apps.toolset import BUILTIN_TOOLS, make_toolbox, search_tool
 from gptlab.cli import main
 from gptlab.common import GptlabError
-from gptlab.serve.tools import parse_tools, to_chat_messages
+from gptlab.tools.calls import parse_tools, to_chat_messages
 from gptlab.tasks import get_task
 from gptlab.tasks.calculator import SYSTEM
 from gptlab.tools import Toolbox

@@ -40,7 +40,7 @@ Design decisions
 - Native tool calls: `chat(messages, tools=[OpenAI tool specs])` returns the model's call in
   `Generation.tool_calls` (finish_reason "tool_calls"). Over HTTP the `tools` list goes in the request as
   OpenAI defines it. In process, gptlab's own chat format has tool-call tokens: the engine decodes exactly
-  as `gptlab serve` does (serve/tools.py: the tool list in the system prompt, decoding stops at
+  as `gptlab serve` does (tools/calls.py: the tool list in the system prompt, decoding stops at
   `<|tool_call_end|>`, the call parsed by the same ToolCallParser), so both backends give the same call.
   A model with an imported chat template has no tool tokens: `supports_tools` is False and tools= is a
   GptlabError (callers use a text protocol, apps/agents). Over HTTP `supports_tools` is None (unknown
@@ -209,7 +209,7 @@ class LocalLLM(LLM):
         self.tokenizer = tokenizer
         self.name = name or Path(model_dir).resolve().name
         self.context_window = self.engine.window
-        from ..serve.tools import supports_tools
+        from ..tools.calls import supports_tools
 
         self.supports_tools = supports_tools(tokenizer)
 
@@ -243,7 +243,7 @@ class LocalLLM(LLM):
         import dataclasses
 
         from ..chat import render_for_completion
-        from ..serve import tools as tool_format
+        from ..tools import calls as tool_format
 
         if not self.supports_tools:
             raise GptlabError(f"{self.name} has no tool-call tokens in its chat format (an imported chat template); "

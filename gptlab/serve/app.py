@@ -31,7 +31,7 @@ Design decisions
   thread, which ends every request still running with an error event (streams) or a 503, so each
   response is closed by our code rather than by uvicorn cancelling its task mid-write.
 - Tool calls (OpenAI function calling) are converted to and from the chat format's tool-call blocks
-  in tools.py; with tools, decoding also stops at `<|tool_call_end|>` and the call is returned as
+  in tools/calls.py; with tools, decoding also stops at `<|tool_call_end|>` and the call is returned as
   `message.tool_calls` (streaming: one `delta.tool_calls` chunk) with finish_reason "tool_calls".
 - The API key is compared with `secrets.compare_digest` (constant time); `/health`, `/metrics` and the page
   itself stay open so load balancers and browsers can reach them, the page sends the key the user types.

@@ -7,7 +7,7 @@ Design decisions
 - Unknown fields are ignored (clients send fields like `user`, `store` or `parallel_tool_calls` that change
   nothing here), but fields that ask for a feature we cannot honour (`logit_bias`, penalties other than 0,
   ...) are rejected with a 400 naming the field: silently ignoring them would return answers that look
-  right and are not. Tools: see tools.py.
+  right and are not. Tools: see gptlab/tools/calls.py.
 - `response_format` (json_object, json_schema) is honoured by constrained decoding in both endpoints
   (legacy completions accept it too, an extension): see routes.py.
 - Two extensions, spelled as in vLLM so `extra_body={"top_k": 40}` works: `top_k` and

@@ -9,7 +9,7 @@ Design decisions
 - Streaming and non-streaming answers are built from the same per-step `ChoiceEvent`s of the scheduler,
   so they carry the same text (tests compare them).
 - Structured output: `response_format` json_object / json_schema (both endpoints) and forced tool calls
-  (tools.py) become an engine constraint (infer/constraints.py, llguidance). It is compiled here, in a
+  (tools/calls.py) become an engine constraint (infer/constraints.py, llguidance). It is compiled here, in a
   worker thread, before the request is queued: an invalid or unsupported schema is a 400 naming the
   offending keyword (jsonschema's path, or llguidance's "Unimplemented keys"), and a slow compile never
   stalls the decode thread; compiled grammars are cached (LRU), so a repeated schema costs nothing.
@@ -38,7 +38,7 @@ from ..chat import render_for_completion
 from ..common import GptlabError
 from ..infer.constraints import GRAMMARS, Constraint
 from . import protocol as p
-from . import tools
+from ..tools import calls as tools
 from .scheduler import Request, SchedulerStopped, TokenLogprob, prompt_logprobs
 from .state import ApiError, ServerState, error_body
 
@@ -203,7 +203,7 @@ async def chat_completions(body: p.ChatCompletionRequest, state: ServerState,
         raise ApiError(400, str(e), param=e.param, code="invalid_value") from None
     except (GptlabError, ValueError) as e:
         raise ApiError(400, str(e), param="messages", code="invalid_value") from None
-    if tool_choice.forced:  # the reply is the call, constrained to its tool's parameters (tools.py)
+    if tool_choice.forced:  # the reply is the call, constrained to its tool's parameters (tools/calls.py)
         constraint = await compiled_constraint(
             state, lambda: Constraint.json_schema(tools.call_schema(offered, tool_choice.forced)), "tools")
         if native:
@@ -216,7 +216,7 @@ async def chat_completions(body: p.ChatCompletionRequest, state: ServerState,
     if tool_choice.forced or (shown and not native and constraint is None):
         names = frozenset(tool_choice.forced or (t["name"] for t in offered))
         parsers = [tools.JsonCallParser(names, forced=bool(tool_choice.forced)) for _ in range(body.n)]
-    elif shown:  # native "auto": stop after a call and parse it; "none": stop before a call (tools.py)
+    elif shown:  # native "auto": stop after a call and parse it; "none": stop before a call (tools/calls.py)
         start, end = tokenizer.special_id(tools.CALL_START), tokenizer.special_id(tools.CALL_END)
         stops = state.engine.default_stop_ids | {end if tool_choice.mode == "auto" else start}
         params = dataclasses.replace(params, stop_token_ids=tuple(sorted(stops)))

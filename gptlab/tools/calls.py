@@ -1,4 +1,5 @@
-"""Tool calls (OpenAI "function calling") <-> gptlab's chat format.
+"""Tool calls (OpenAI "function calling") <-> gptlab's chat format, for the server and the in-process LLM
+client alike (both render and parse calls here, so they behave the same).
 
 The chat format (gptlab/chat.py) writes a call as `<|tool_call_start|>{"name": ..., "arguments": {...}}
 <|tool_call_end|>` inside the assistant turn and a tool's output as a `<|tool_output_start|>` block after
@@ -58,7 +59,7 @@ from typing import Any
 from ..chat import tool_call_json
 from ..structured import parse_json
 from ..tokenizer import Tokenizer
-from ..tools import tool_system_prompt
+from .base import tool_system_prompt
 
 CALL_START, CALL_END = "<|tool_call_start|>", "<|tool_call_end|>"
 JSON_CALL_INSTRUCTION = ('To call a tool, reply with only a JSON object {"name": <the tool\'s name>, "arguments": '
