@@ -101,6 +101,17 @@ def test_quantised_probabilities_are_exact_and_floored():
     assert np.argmax(freq) == 0
 
 
+def test_incompressible_input_is_stored_never_larger(model, small_tokenizer):
+    """Random bytes cost the model more than 8 bits each: the file stores them and decodes without it."""
+    data = bytes(random.Random(1).randrange(256) for _ in range(400))
+    blob = _round_trip(data, model, small_tokenizer)
+    header, payload = glz.read_header(blob)
+    assert header.precision_bits == glz.STORED and payload == data and len(blob) == len(data) + 78
+    text = TEXT[:400].encode()  # prose the model codes below 8 bits/byte is still model-coded
+    text_header, _ = glz.read_header(_round_trip(text, model, small_tokenizer))
+    assert text_header.precision_bits == glz.PRECISION_BITS
+
+
 def test_size_matches_the_models_cross_entropy(model, small_tokenizer):
     """The payload's bits are the ideal code length of the quantised distributions (+ coder overhead), which
     is the model's cross-entropy computed by one plain forward pass (+ quantisation loss)."""

@@ -25,6 +25,10 @@ Design decisions
 - Context window W tokens (default min(1024, model context)): the model sees the document-start token and
   the symbols so far; when W positions are filled, the cache restarts from the start token plus the last
   W/2 symbols (one prefill, identical in both directions), so no prediction sees more than W positions.
+- Stored mode: when the model's code is not shorter than the input (random bytes, a script the model never
+  saw, a nearly untrained model), the payload is the input itself and `precision_bits` 0 marks it, so a
+  .glz is never larger than its input + the header; decoding a stored file runs no model. (An older
+  gptlab reading one reports "0-bit probabilities" instead of producing wrong bytes.)
 - File format: b"GLZ" + format version byte + a fixed binary header (model and tokenizer sha256 cut to 128
   bits, settings, original length and CRC-32, payload length and CRC-32, the header's own CRC-32; 78 bytes in
   all) + the coder's u32 words (little-endian). A wrong model or tokenizer, a truncated file, a corrupted
@@ -56,6 +60,7 @@ MAGIC = b"GLZ"
 FORMAT_VERSION = 1
 PRECISION_BITS = 24  # constriction's default range coder works in 24-bit fixed point
 N_ESCAPES = 256
+STORED = 0  # precision_bits of a file whose payload is the input itself (stored mode, module docstring)
 DEFAULT_WINDOW = 1024
 _INVALID_BYTE = re.compile("[\udc80-\udcff]")  # surrogateescape's stand-ins for undecodable bytes
 
@@ -267,8 +272,11 @@ def compress(data: bytes, model: GPT, tokenizer: Tokenizer, model_id: str, setti
 
     _code_symbols(model, table, len(symbols), settings, write, progress)
     payload = encoder.get_compressed().astype("<u4").tobytes()
+    precision = PRECISION_BITS
+    if data and len(payload) >= len(data):  # the model did no better than the raw bytes: store them
+        payload, precision = data, STORED
     header = Header(bytes.fromhex(model_id)[:16], bytes.fromhex(tokenizer.sha256)[:16], settings.window,
-                    settings.threads, PRECISION_BITS, len(data), len(symbols), zlib.crc32(data), len(payload),
+                    settings.threads, precision, len(data), len(symbols), zlib.crc32(data), len(payload),
                     zlib.crc32(payload))
     head = _HEADER.pack(MAGIC, FORMAT_VERSION, *astuple(header))
     return head + _HEADER_CRC.pack(zlib.crc32(head)) + payload
@@ -303,7 +311,7 @@ def check_compatible(header: Header, tokenizer: Tokenizer, model_id: str, source
     if header.tokenizer_sha256 != bytes.fromhex(tokenizer.sha256)[:16]:
         raise GptlabError(f"{source} was compressed with tokenizer {header.tokenizer_sha256.hex()[:12]}, "
                           f"not this one ({tokenizer.sha256[:12]})")
-    if header.precision_bits != PRECISION_BITS:
+    if header.precision_bits not in (PRECISION_BITS, STORED):
         raise GptlabError(f"{source} uses {header.precision_bits}-bit probabilities; "
                           f"this gptlab codes {PRECISION_BITS}")
 
@@ -315,6 +323,8 @@ def decompress(blob: bytes, model: GPT, tokenizer: Tokenizer, model_id: str, sou
 
     header, payload = read_header(blob, source)
     check_compatible(header, tokenizer, model_id, source)
+    if header.precision_bits == STORED:
+        return payload  # read_header checked its CRC; it is the original
     table = SymbolTable(tokenizer)
     decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
 
