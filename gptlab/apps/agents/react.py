@@ -11,8 +11,11 @@ Design decisions
   user message starting "Observation:" (every chat template has user turns; not every one has tool
   turns). "native" uses the backend's tool calls (`LLM.chat(..., tools=...)`: OpenAI `tools` over HTTP,
   gptlab's tool-call tokens in process): the call comes back structured and the output goes back as a
-  `tool` message. "auto" is native where the backend says it supports tools (or may: HTTP, which falls
-  back to text once if the server refuses `tools`), else text.
+  `tool` message. "grammar" is the text protocol with each reply constrained to one well-formed step
+  (grammar.py: a Lark grammar built from the toolbox), for backends that enforce grammars
+  (`LLM.supports_grammar`: LocalLLM). "auto" is native where the backend says it supports tools (or may:
+  HTTP, which falls back to text once if the server refuses `tools`), else grammar where the backend
+  supports it and there are tools, else text.
 - Malformed actions (text protocol) are repaired defensively: Action Input is read with
   `structured.parse_json` (fences, prose around the JSON, single quotes, trailing commas, truncation), a
   bare value for a tool with one required parameter becomes that parameter, a tool name is matched
@@ -46,11 +49,12 @@ from ...common import GptlabError, get_logger
 from ...structured import parse_json
 from ...tools.base import Toolbox, ToolResult
 from ..llm import LLM
+from .grammar import action_grammar
 from .trace import Trace
 
 log = get_logger("agents")
 
-PROTOCOLS = ("text", "native", "auto")
+PROTOCOLS = ("text", "grammar", "native", "auto")
 MARKERS = ("Thought", "Action Input", "Action", "Observation", "Final Answer")
 
 FORMAT = """Use this format:
@@ -206,9 +210,13 @@ def _protocol(llm: LLM, protocol: str, toolbox: Toolbox) -> str:
     if protocol == "native" and getattr(llm, "supports_tools", False) is False:
         raise GptlabError(f"{llm.name} does not support native tool calls (its chat format has no tool tokens); "
                           "use --protocol text")
+    if protocol == "grammar" and not getattr(llm, "supports_grammar", False):
+        raise GptlabError(f"{llm.name} cannot enforce a grammar (over HTTP only JSON Schema is portable); "
+                          "use --protocol text")
     if protocol == "auto":
-        native = len(toolbox) and getattr(llm, "supports_tools", False) is not False
-        return "native" if native else "text"
+        if len(toolbox) and getattr(llm, "supports_tools", False) is not False:
+            return "native"
+        return "grammar" if len(toolbox) and getattr(llm, "supports_grammar", False) else "text"
     return protocol
 
 
@@ -234,17 +242,19 @@ def run_agent(llm: LLM, task: str, toolbox: Toolbox, *, max_steps: int = 8, prot
     trace.event("start", agent=agent, task=task, model=llm.name, protocol=chosen, tools=[t.name for t in toolbox],
                 max_steps=max_steps, workspace=workspace)
     if not context:
-        add({"role": "system", "content": text_system_prompt(system, toolbox) if chosen == "text" else
+        add({"role": "system", "content": text_system_prompt(system, toolbox) if chosen != "native" else
              (system.strip() or "You are a helpful assistant. Use the tools when they help.")})
     add({"role": "user", "content": task})
+    # the grammar ends each reply itself (after the JSON object or the answer line): no stop strings
+    steering = {"constraint": action_grammar(toolbox)} if chosen == "grammar" else \
+        {"stop": ["\nObservation:", "Observation:"]}
     while result.steps < max_steps:
         result.steps += 1
         tools = toolbox.openai_specs() if chosen == "native" else None
         t0 = time.perf_counter()
         try:
-            stop = {} if tools else {"stop": ["\nObservation:", "Observation:"]}
-            (gen,) = llm.chat(context, tools=tools, max_tokens=max_tokens, **stop, **sampling) if tools else \
-                llm.chat(context, max_tokens=max_tokens, **stop, **sampling)
+            (gen,) = llm.chat(context, tools=tools, max_tokens=max_tokens, **sampling) if tools else \
+                llm.chat(context, max_tokens=max_tokens, **steering, **sampling)
         except GptlabError:
             if chosen == "native" and getattr(llm, "supports_tools", None) is False and protocol == "auto":
                 log.warning("%s refused tools; falling back to the text protocol", llm.name)
