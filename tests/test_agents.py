@@ -413,10 +413,12 @@ def test_grammar_protocol_makes_every_reply_of_a_random_model_a_valid_step(rando
 
 
 def test_grammar_bounds_the_free_text_and_string_arguments():
-    from gptlab.apps.agents.grammar import action_grammar, bounded
+    from gptlab.apps.agents.grammar import action_grammar, bounded, fitted_grammar
 
     source = action_grammar(Toolbox([shout]), max_thought_chars=7, max_answer_chars=9, max_string_chars=11).source
     assert "{0,6}" in source and "{0,8}" in source and '"maxLength": 11' in source
+    fitted = fitted_grammar(Toolbox([shout]), max_tokens=96).source  # 24 + 48 characters fit 96 tokens
+    assert "{0,23}" in fitted and "{0,47}" in fitted and '"maxLength": 48' in fitted
     assert bounded({"type": "string", "enum": ["a"]}) == {"type": "string", "enum": ["a"]}
     with pytest.raises(GptlabError, match="must be >= 1"):
         action_grammar(Toolbox([shout]), max_thought_chars=0)

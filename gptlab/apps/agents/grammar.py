@@ -20,9 +20,14 @@ Design decisions
   bound of their own get maxLength `max_string_chars` in the grammar's copy of the schema (the tool
   itself still validates the call against its own schema).
 - What the grammar cannot bound is token count: a reply cut by `max_tokens` before the grammar completes
-  (e.g. inside a long JSON string) is incomplete. The loop reads it like a text-protocol reply: with
-  repairs a truncated object is closed (`structured.parse_json`) and counted as repaired, without them
-  it is malformed and corrected. Keep `max_string_chars` within the reply's token budget to avoid it.
+  is incomplete. The loop therefore sizes the bounds from its token budget (`fitted_grammar`: a quarter
+  of `max_tokens` characters for the Thought, half for the answer and for each string argument), since
+  an ASCII character is at most one token: a Thought plus one string argument then fit, with room for
+  the markers. Measured (bench/results/agents.md): with fixed bounds of 160/200 characters and 96 tokens,
+  SmolLM2-135M looped inside a Thought or a string until cut. What still does not fit (several long
+  string arguments, huge numbers, non-ASCII text) is read like a text-protocol reply: with repairs a
+  truncated object is closed (`structured.parse_json`) and counted as repaired, else it is malformed and
+  corrected.
 - Only in-process backends can enforce it: over HTTP, OpenAI's API carries only JSON Schema
   (`response_format`), so HttpLLM keeps the plain text protocol and its repairs (react.py).
 """
@@ -77,3 +82,11 @@ def action_grammar(toolbox: Toolbox, max_thought_chars: int = MAX_THOUGHT_CHARS,
         rules.append("action: " + " | ".join(actions))
     rules.insert(0, f"start: thought? ({step})")
     return Constraint.lark("\n".join(rules) + "\n")
+
+
+def fitted_grammar(toolbox: Toolbox, max_tokens: int) -> Constraint:
+    """`action_grammar` with bounds sized to a reply of `max_tokens` tokens (module docstring), never above
+    the defaults."""
+    quarter, half = max(1, max_tokens // 4), max(1, max_tokens // 2)
+    return action_grammar(toolbox, min(MAX_THOUGHT_CHARS, quarter), min(MAX_ANSWER_CHARS, half),
+                          min(MAX_STRING_CHARS, half))

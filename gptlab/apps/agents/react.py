@@ -49,7 +49,7 @@ from ...common import GptlabError, get_logger
 from ...structured import parse_json
 from ...tools.base import Toolbox, ToolResult
 from ..llm import LLM
-from .grammar import action_grammar
+from .grammar import fitted_grammar
 from .trace import Trace
 
 log = get_logger("agents")
@@ -246,7 +246,7 @@ def run_agent(llm: LLM, task: str, toolbox: Toolbox, *, max_steps: int = 8, prot
              (system.strip() or "You are a helpful assistant. Use the tools when they help.")})
     add({"role": "user", "content": task})
     # the grammar ends each reply itself (after the JSON object or the answer line): no stop strings
-    steering = {"constraint": action_grammar(toolbox)} if chosen == "grammar" else \
+    steering = {"constraint": fitted_grammar(toolbox, max_tokens)} if chosen == "grammar" else \
         {"stop": ["\nObservation:", "Observation:"]}
     while result.steps < max_steps:
         result.steps += 1
