@@ -147,7 +147,10 @@ def main() -> None:
 def write_markdown(results: dict, args, path: Path) -> None:
     lines = ["# Tool-use gain (bench/bench_agents.py)\n",
              f"Greedy; with tools: ReAct loop, calculator tool, at most {args.max_steps} model calls, "
-             f"{args.max_tokens} tokens per reply; seed {args.seed}.\n",
+             f"{args.max_tokens} tokens per reply; seed {args.seed}. Protocol text: the ReAct format with defensive "
+             "repairs; grammar: each reply constrained to a well-formed step (apps/agents/grammar.py). "
+             "\"without tools\" does not depend on the protocol: rows run with --reuse-baseline take it from "
+             "an earlier row of the same model, suite and n.\n",
              "| model | protocol | suite | n | acc. without tools [95% Wilson] | acc. with tools [95% Wilson] | final answer given | steps / solved | "
              "tokens / solved | malformed (repair) | malformed (no repair) | s | load avg |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
