@@ -7,7 +7,8 @@ rate of malformed actions with and without defensive parsing.
 - With tools: `run_agent` with the calculator tool under each of --protocols (text: the plain text protocol
   with repairs; grammar: every reply constrained to a well-formed step, in-process backends only; auto:
   native where the backend has tool tokens), greedy, at most --max-steps model calls; the final answer is
-  checked; a run that reaches the budget without one is wrong.
+  checked; a run that reaches the budget without one is wrong. "grammar+final": the grammar protocol
+  with the last step constrained to a final answer (`run_agent(answer_last_step=True)`).
 - --reuse-baseline: take "without tools" from a row already in --out for the same model, suite and n
   (it does not depend on the protocol: same greedy replies to the same questions) instead of re-asking.
 - Malformed rate: of all replies the model wrote in the tool runs, the share the loop could not act on
@@ -77,7 +78,8 @@ def measure(llm, items, box: Toolbox, max_steps: int, max_tokens: int, trace_dir
     with Trace(trace_dir / f"{suite}_{protocol}.jsonl") as trace:
         for q, item in items:
             start = len(trace.events)
-            r = run_agent(llm, q, box, max_steps=max_steps, protocol=protocol, trace=trace, max_tokens=max_tokens,
+            r = run_agent(llm, q, box, max_steps=max_steps, protocol=protocol.removesuffix("+final"),
+                          answer_last_step=protocol.endswith("+final"), trace=trace, max_tokens=max_tokens,
                           agent=suite)
             ok = r.finished and correct(item, r.answer)
             solved.append(ok)
@@ -109,7 +111,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--suites", default="calculator,word_problems,multidigit", help="comma-separated")
-    ap.add_argument("--protocols", default="text,grammar", help="comma-separated: text, grammar, native, auto")
+    ap.add_argument("--protocols", default="text,grammar", help="comma-separated: text, grammar, grammar+final, "
+                    "native, auto")
     ap.add_argument("--reuse-baseline", action="store_true", help="module docstring")
     ap.add_argument("--out", default=str(RESULTS / "agents.json"))
     args = ap.parse_args()

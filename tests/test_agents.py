@@ -440,3 +440,12 @@ def test_auto_picks_the_grammar_where_the_backend_enforces_one():
     assert "constraint" not in constrained.calls[-1]
     with pytest.raises(GptlabError, match="cannot enforce a grammar"):
         run_agent(plain, "2 + 2?", BOX, protocol="grammar")
+
+
+def test_grammar_can_leave_only_the_final_answer_for_the_last_step(random_llm):
+    trace = Trace(None)
+    result = run_agent(random_llm, "What is 2 + 2?", Toolbox([add, shout]), max_steps=2, protocol="grammar",
+                       trace=trace, max_tokens=200, temperature=1.0, seed=0, answer_last_step=True)
+    replies = [e["reply"] for e in trace.events if e["event"] == "llm"]
+    assert result.finished and result.malformed == 0 and 1 <= len(replies) <= 2
+    assert "Final Answer: " in replies[-1] and "Action:" not in replies[-1]

@@ -34,7 +34,9 @@ Design decisions
   (its daemon thread is left to finish; tools with real work, like the sandboxed python tool, enforce
   their own limits) and the model observes a timeout error.
 - Budget: `max_steps` model calls. Reaching it without a final answer ends the run with finished=False
-  and a clear final message that says so; the trace keeps every step.
+  and a clear final message that says so; the trace keeps every step. With the grammar protocol,
+  `answer_last_step=True` constrains the last step to a final answer (the grammar without tools), so a
+  model that would keep calling tools must answer from what it has observed.
 """
 
 from __future__ import annotations
@@ -223,7 +225,8 @@ def _protocol(llm: LLM, protocol: str, toolbox: Toolbox) -> str:
 def run_agent(llm: LLM, task: str, toolbox: Toolbox, *, max_steps: int = 8, protocol: str = "auto",
               trace: Trace | None = None, agent: str = "agent", system: str = "", messages: list[dict] | None = None,
               max_tokens: int = 256, tool_timeout: float | None = 60.0, repair: bool = True,
-              max_observation_chars: int = 4000, workspace: str | None = None, **sampling) -> AgentResult:
+              max_observation_chars: int = 4000, workspace: str | None = None, answer_last_step: bool = False,
+              **sampling) -> AgentResult:
     """Run the loop on `task` (module docstring). `messages`: an existing context to continue (a team
     agent's memory; the task is appended as a user message); `system`: the agent's role, put before the
     protocol's instructions. Extra keywords go to `llm.chat` (temperature, seed ...)."""
@@ -250,6 +253,8 @@ def run_agent(llm: LLM, task: str, toolbox: Toolbox, *, max_steps: int = 8, prot
         {"stop": ["\nObservation:", "Observation:"]}
     while result.steps < max_steps:
         result.steps += 1
+        if chosen == "grammar" and answer_last_step and result.steps == max_steps:
+            steering = {"constraint": fitted_grammar(Toolbox([]), max_tokens)}  # only "Final Answer:" is left
         tools = toolbox.openai_specs() if chosen == "native" else None
         t0 = time.perf_counter()
         try:
