@@ -23,7 +23,7 @@ Design decisions
   is incomplete. The loop therefore sizes the bounds from its token budget (`fitted_grammar`: a quarter
   of `max_tokens` characters for the Thought, half for the answer and for each string argument), since
   an ASCII character is at most one token: a Thought plus one string argument then fit, with room for
-  the markers. Measured (bench/results/agents.md): with fixed bounds of 160/200 characters and 96 tokens,
+  the markers. Measured (docs/benchmarks.md, agents): with fixed bounds of 160/200 characters and 96 tokens,
   SmolLM2-135M looped inside a Thought or a string until cut. What still does not fit (several long
   string arguments, huge numbers, non-ASCII text) is read like a text-protocol reply: with repairs a
   truncated object is closed (`structured.parse_json`) and counted as repaired, else it is malformed and
