@@ -135,7 +135,8 @@ def register(sub) -> None:
     run.add_argument("--max-steps", type=int, default=8, help="model calls at most (default: %(default)s)")
     run.add_argument("--max-tokens", type=int, default=256, help="tokens per reply (default: %(default)s)")
     run.add_argument("--protocol", choices=PROTOCOLS, default="auto",
-                     help="text (ReAct format, any model), native (tool calls), auto (default)")
+                     help="text (ReAct format, any model), grammar (text format enforced by a grammar, in-process models), "
+                     "native (tool calls), auto (default: native, else grammar, else text)")
     run.add_argument("--tool-timeout", type=float, default=60.0, help="seconds per tool call (default: %(default)s)")
     _add_tool_args(run)
     add_llm_args(run)

@@ -378,3 +378,74 @@ def test_an_agent_without_tools_may_answer_without_the_marker():
     assert (result.answer, result.finished, result.steps, result.repaired) == ("Plan: search, count, chart.", True, 1, 1)
     assert "Final Answer:" in llm.calls[0]["prompt"][0]["content"]
     assert parse_reply("Plan: search.", Toolbox([]), repair=False).problem is not None
+
+
+# ---- the grammar protocol ------------------------------------------------------------------------------
+@tool
+def shout(text: str) -> str:
+    """Upper-case a text."""
+    return text.upper()
+
+
+@pytest.fixture(scope="module")
+def random_llm(tmp_path_factory):
+    return open_llm(str(make_model_dir(tmp_path_factory.mktemp("random"))), threads=1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grammar_protocol_makes_every_reply_of_a_random_model_a_valid_step(random_llm, seed):
+    jsonschema = pytest.importorskip("jsonschema")
+    box = Toolbox([add, shout])
+    trace = Trace(None)
+    result = run_agent(random_llm, "What is 2 + 2?", box, max_steps=4, protocol="grammar", trace=trace,
+                       max_tokens=400, temperature=1.0, seed=seed)
+    replies = [e for e in trace.events if e["event"] == "llm"]
+    assert len(replies) == result.steps and 1 <= result.steps <= 4
+    for event in replies:  # complete by the grammar, not cut by max_tokens, and readable without repairs
+        assert event["finish_reason"] == "stop", event["reply"]
+        parsed = parse_reply(event["reply"].strip(), box, repair=False)
+        assert parsed.problem is None and (parsed.final is not None) != (parsed.tool is not None), event["reply"]
+        if parsed.tool is not None:
+            jsonschema.validate(parsed.arguments, box.tools[parsed.tool].parameters)
+    assert result.malformed == 0 and result.repaired == 0
+    assert result.tool_calls == sum(e["event"] == "tool" for e in trace.events)
+    assert result.finished or result.reason.startswith("budget reached")
+
+
+def test_grammar_bounds_the_free_text_and_string_arguments():
+    from gptlab.apps.agents.grammar import action_grammar, bounded, fitted_grammar
+
+    source = action_grammar(Toolbox([shout]), max_thought_chars=7, max_answer_chars=9, max_string_chars=11).source
+    assert "{0,6}" in source and "{0,8}" in source and '"maxLength": 11' in source
+    fitted = fitted_grammar(Toolbox([shout]), max_tokens=96).source  # 24 + 48 characters fit 96 tokens
+    assert "{0,23}" in fitted and "{0,47}" in fitted and '"maxLength": 48' in fitted
+    assert bounded({"type": "string", "enum": ["a"]}) == {"type": "string", "enum": ["a"]}
+    with pytest.raises(GptlabError, match="must be >= 1"):
+        action_grammar(Toolbox([shout]), max_thought_chars=0)
+
+
+def test_auto_picks_the_grammar_where_the_backend_enforces_one():
+    class GrammarLLM(ScriptedLLM):
+        supports_grammar = True
+
+    done = lambda prompt, i, call: "Final Answer: 4"  # noqa: E731
+    constrained, plain = GrammarLLM(done), ScriptedLLM(done)
+    assert run_agent(constrained, "2 + 2?", BOX, protocol="auto").answer == "4"
+    assert run_agent(plain, "2 + 2?", BOX, protocol="auto").answer == "4"
+    (call,) = constrained.calls
+    assert call["constraint"].kind == "lark" and '"Action: add\\nAction Input: "' in call["constraint"].source
+    assert "stop" not in call and "Action Input:" in call["prompt"][0]["content"]
+    assert plain.calls[0]["stop"] == ["\nObservation:", "Observation:"] and "constraint" not in plain.calls[0]
+    run_agent(constrained, "Hi", Toolbox([]), protocol="auto")  # no tools: free text protocol, no grammar
+    assert "constraint" not in constrained.calls[-1]
+    with pytest.raises(GptlabError, match="cannot enforce a grammar"):
+        run_agent(plain, "2 + 2?", BOX, protocol="grammar")
+
+
+def test_grammar_can_leave_only_the_final_answer_for_the_last_step(random_llm):
+    trace = Trace(None)
+    result = run_agent(random_llm, "What is 2 + 2?", Toolbox([add, shout]), max_steps=2, protocol="grammar",
+                       trace=trace, max_tokens=200, temperature=1.0, seed=0, answer_last_step=True)
+    replies = [e["reply"] for e in trace.events if e["event"] == "llm"]
+    assert result.finished and result.malformed == 0 and 1 <= len(replies) <= 2
+    assert "Final Answer: " in replies[-1] and "Action:" not in replies[-1]

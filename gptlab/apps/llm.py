@@ -126,6 +126,7 @@ class LLM(abc.ABC):
     supports_logprobs: bool  # False where the endpoint cannot score given text
     exact_token_count: bool  # False where count_tokens is an estimate (HTTP without the tokenizer)
     supports_tools: bool | None = False  # native tool calls: True, False, or None (unknown: HTTP)
+    supports_grammar: bool = False  # regex/Lark/choice constraints (not only JSON Schema): in process only
 
     @abc.abstractmethod
     def chat(self, messages: Messages, **sampling) -> list[Generation]:
@@ -189,6 +190,7 @@ class LocalLLM(LLM):
 
     supports_logprobs = True
     exact_token_count = True
+    supports_grammar = True
 
     def __init__(self, model_dir: str | os.PathLike, *, device: str = "cpu", dtype: str = "float32",
                  threads: int = 0, name: str | None = None, quantize: str | None = None):

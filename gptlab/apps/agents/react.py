@@ -11,8 +11,11 @@ Design decisions
   user message starting "Observation:" (every chat template has user turns; not every one has tool
   turns). "native" uses the backend's tool calls (`LLM.chat(..., tools=...)`: OpenAI `tools` over HTTP,
   gptlab's tool-call tokens in process): the call comes back structured and the output goes back as a
-  `tool` message. "auto" is native where the backend says it supports tools (or may: HTTP, which falls
-  back to text once if the server refuses `tools`), else text.
+  `tool` message. "grammar" is the text protocol with each reply constrained to one well-formed step
+  (grammar.py: a Lark grammar built from the toolbox), for backends that enforce grammars
+  (`LLM.supports_grammar`: LocalLLM). "auto" is native where the backend says it supports tools (or may:
+  HTTP, which falls back to text once if the server refuses `tools`), else grammar where the backend
+  supports it and there are tools, else text.
 - Malformed actions (text protocol) are repaired defensively: Action Input is read with
   `structured.parse_json` (fences, prose around the JSON, single quotes, trailing commas, truncation), a
   bare value for a tool with one required parameter becomes that parameter, a tool name is matched
@@ -31,7 +34,9 @@ Design decisions
   (its daemon thread is left to finish; tools with real work, like the sandboxed python tool, enforce
   their own limits) and the model observes a timeout error.
 - Budget: `max_steps` model calls. Reaching it without a final answer ends the run with finished=False
-  and a clear final message that says so; the trace keeps every step.
+  and a clear final message that says so; the trace keeps every step. With the grammar protocol,
+  `answer_last_step=True` constrains the last step to a final answer (the grammar without tools), so a
+  model that would keep calling tools must answer from what it has observed.
 """
 
 from __future__ import annotations
@@ -46,11 +51,12 @@ from ...common import GptlabError, get_logger
 from ...structured import parse_json
 from ...tools.base import Toolbox, ToolResult
 from ..llm import LLM
+from .grammar import fitted_grammar
 from .trace import Trace
 
 log = get_logger("agents")
 
-PROTOCOLS = ("text", "native", "auto")
+PROTOCOLS = ("text", "grammar", "native", "auto")
 MARKERS = ("Thought", "Action Input", "Action", "Observation", "Final Answer")
 
 FORMAT = """Use this format:
@@ -206,16 +212,21 @@ def _protocol(llm: LLM, protocol: str, toolbox: Toolbox) -> str:
     if protocol == "native" and getattr(llm, "supports_tools", False) is False:
         raise GptlabError(f"{llm.name} does not support native tool calls (its chat format has no tool tokens); "
                           "use --protocol text")
+    if protocol == "grammar" and not getattr(llm, "supports_grammar", False):
+        raise GptlabError(f"{llm.name} cannot enforce a grammar (over HTTP only JSON Schema is portable); "
+                          "use --protocol text")
     if protocol == "auto":
-        native = len(toolbox) and getattr(llm, "supports_tools", False) is not False
-        return "native" if native else "text"
+        if len(toolbox) and getattr(llm, "supports_tools", False) is not False:
+            return "native"
+        return "grammar" if len(toolbox) and getattr(llm, "supports_grammar", False) else "text"
     return protocol
 
 
 def run_agent(llm: LLM, task: str, toolbox: Toolbox, *, max_steps: int = 8, protocol: str = "auto",
               trace: Trace | None = None, agent: str = "agent", system: str = "", messages: list[dict] | None = None,
               max_tokens: int = 256, tool_timeout: float | None = 60.0, repair: bool = True,
-              max_observation_chars: int = 4000, workspace: str | None = None, **sampling) -> AgentResult:
+              max_observation_chars: int = 4000, workspace: str | None = None, answer_last_step: bool = False,
+              **sampling) -> AgentResult:
     """Run the loop on `task` (module docstring). `messages`: an existing context to continue (a team
     agent's memory; the task is appended as a user message); `system`: the agent's role, put before the
     protocol's instructions. Extra keywords go to `llm.chat` (temperature, seed ...)."""
@@ -234,17 +245,21 @@ def run_agent(llm: LLM, task: str, toolbox: Toolbox, *, max_steps: int = 8, prot
     trace.event("start", agent=agent, task=task, model=llm.name, protocol=chosen, tools=[t.name for t in toolbox],
                 max_steps=max_steps, workspace=workspace)
     if not context:
-        add({"role": "system", "content": text_system_prompt(system, toolbox) if chosen == "text" else
+        add({"role": "system", "content": text_system_prompt(system, toolbox) if chosen != "native" else
              (system.strip() or "You are a helpful assistant. Use the tools when they help.")})
     add({"role": "user", "content": task})
+    # the grammar ends each reply itself (after the JSON object or the answer line): no stop strings
+    steering = {"constraint": fitted_grammar(toolbox, max_tokens)} if chosen == "grammar" else \
+        {"stop": ["\nObservation:", "Observation:"]}
     while result.steps < max_steps:
         result.steps += 1
+        if chosen == "grammar" and answer_last_step and result.steps == max_steps:
+            steering = {"constraint": fitted_grammar(Toolbox([]), max_tokens)}  # only "Final Answer:" is left
         tools = toolbox.openai_specs() if chosen == "native" else None
         t0 = time.perf_counter()
         try:
-            stop = {} if tools else {"stop": ["\nObservation:", "Observation:"]}
-            (gen,) = llm.chat(context, tools=tools, max_tokens=max_tokens, **stop, **sampling) if tools else \
-                llm.chat(context, max_tokens=max_tokens, **stop, **sampling)
+            (gen,) = llm.chat(context, tools=tools, max_tokens=max_tokens, **sampling) if tools else \
+                llm.chat(context, max_tokens=max_tokens, **steering, **sampling)
         except GptlabError:
             if chosen == "native" and getattr(llm, "supports_tools", None) is False and protocol == "auto":
                 log.warning("%s refused tools; falling back to the text protocol", llm.name)
