@@ -272,22 +272,25 @@ def test_chat_gold_accuracy_end_to_end_with_tool_calls(tok):
     # the model is trained on FAKE tool outputs (the answer never depends on them), so the real output in
     # the transcript shows that the tool ran during generation
     assert c_good.conversation(0)[-2] == {"role": "tool", "content": c_good.answer_text}
+    # varied digits, so that the model learns the answer does not depend on them (with four repeated-digit
+    # outputs, a one-layer model copied digits of the unseen real output into its answer)
+    fakes = ("31415", "27182", "16180", "14142", "57721", "69314", "30102", "47712")
     fake_outputs = []
-    for fake in ("11111", "22222", "33333", "44444"):
+    for fake in fakes:
         fake_outputs.append(c_good.conversation(0))
         fake_outputs[-1][-2] = {"role": "tool", "content": fake}
     conversations = [a_good.conversation(0), a_bad.messages + wrong_text, *fake_outputs,
                      c_bad.messages + ignored_tool]
     model = tiny_gpt(tok, max_seq_len=512)  # the calculator's system prompt lists the tool's schema
     # trained like SFT: loss on what the assistant writes only (not on questions or tool outputs)
-    assert memorize(model, [render(tok, c).inputs_targets() for c in conversations], steps=150) < 0.05
+    assert memorize(model, [render(tok, c).inputs_targets() for c in conversations], steps=300) < 0.05
     result = gold_accuracy(model, tok, ["arithmetic", "calculator"], 2, mode="chat", max_new_tokens=100,
                            samples=2)
     assert {name: t["correct"] for name, t in result["tasks"].items()} == {"arithmetic": 1, "calculator": 1}
     calc_good = result["samples"][2]
     assert calc_good["correct"] and calc_good["gold"] == c_good.answer_text
     assert f"<|tool_call_end|><|tool_output_start|>{c_good.answer_text}<|tool_output_end|>" in calc_good["response"]
-    assert not any(fake in calc_good["response"] for fake in ("11111", "22222", "33333", "44444"))
+    assert not any(fake in calc_good["response"] for fake in fakes)
     assert calc_good["prompt"] == tok.decode(render_for_completion(tok, c_good.messages))
 
 
