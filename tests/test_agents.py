@@ -449,3 +449,38 @@ def test_grammar_can_leave_only_the_final_answer_for_the_last_step(random_llm):
     replies = [e["reply"] for e in trace.events if e["event"] == "llm"]
     assert result.finished and result.malformed == 0 and 1 <= len(replies) <= 2
     assert "Final Answer: " in replies[-1] and "Action:" not in replies[-1]
+
+
+def test_a_conversation_that_outgrows_the_context_ends_the_run_with_a_clear_answer(tmp_path):
+    """Step 1 fits, step 2 does not: the run ends (not raises) with the partial trace and says why."""
+    from gptlab.common import GptlabError
+    from gptlab.tools import Toolbox
+    from gptlab.tools.calculator import calculator
+
+    class SmallWindow:
+        name, supports_tools, supports_grammar, context_window = "small", False, False, 64
+
+        def __init__(self):
+            self.calls = 0
+
+        def chat(self, messages, **_):
+            from gptlab.apps.llm import Generation
+
+            self.calls += 1
+            if self.calls > 1:
+                raise GptlabError("prompt of 80 tokens does not fit the context window of small (64 tokens)")
+            return [Generation('Action: calculator\nAction Input: {"expression": "2+2"}', "stop", 10, 5)]
+
+        def count_tokens(self, text):
+            return len(text.split())
+
+    trace_path = tmp_path / "trace.jsonl"
+    result = run_agent(SmallWindow(), "2+2?", Toolbox([calculator]), max_steps=4, protocol="text",
+                       trace=Trace(trace_path))
+    assert not result.finished and result.steps == 1 and result.reason.startswith("context full")
+    assert "no longer fits the model's context window" in result.answer
+    assert result.tool_calls == 1 and '"final"' in trace_path.read_text()
+    first = SmallWindow()
+    first.calls = 1  # the very first prompt does not fit: that is the caller's error
+    with pytest.raises(GptlabError, match="does not fit"):
+        run_agent(first, "2+2?", Toolbox([calculator]), max_steps=4, protocol="text")

@@ -260,7 +260,11 @@ def run_agent(llm: LLM, task: str, toolbox: Toolbox, *, max_steps: int = 8, prot
         try:
             (gen,) = llm.chat(context, tools=tools, max_tokens=max_tokens, **sampling) if tools else \
                 llm.chat(context, max_tokens=max_tokens, **steering, **sampling)
-        except GptlabError:
+        except GptlabError as e:
+            if result.steps > 1 and "context window" in str(e):  # the run outgrew the model: end it, keep it
+                result.steps -= 1
+                result.reason = f"context full: {e}"
+                break
             if chosen == "native" and getattr(llm, "supports_tools", None) is False and protocol == "auto":
                 log.warning("%s refused tools; falling back to the text protocol", llm.name)
                 chosen = "text"
@@ -304,9 +308,12 @@ def run_agent(llm: LLM, task: str, toolbox: Toolbox, *, max_steps: int = 8, prot
                            agent, result, repairs=parsed.repairs)
         add({"role": "user", "content": "Observation: " + observation})
     if not result.finished:
-        result.reason = f"budget reached: {max_steps} steps without a final answer"
+        full = result.reason.startswith("context full")
+        why = "its conversation no longer fits the model's context window" if full else "the step budget"
+        if not full:
+            result.reason = f"budget reached: {max_steps} steps without a final answer"
         last = next((m["content"] for m in reversed(context) if m["role"] == "assistant" and m.get("content")), "")
-        result.answer = f"No final answer: the agent stopped after {max_steps} steps (the step budget). " + \
+        result.answer = f"No final answer: the agent stopped after {result.steps} steps ({why}). " + \
             (f"Its last reply was: {last[:500]}" if last else "")
     result.seconds = time.perf_counter() - start
     result.messages = context
