@@ -14,6 +14,16 @@ from gptlab.tokenizer import train_tokenizer
 torch.set_num_threads(1)
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module whose figures must not depend on it, restored after: commands run
+    in-process (`--threads`) may have changed the session's setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 MULTILINGUAL = [
     "Le cœur a ses raisons que la raison ne connaît point.",
     "天下大势，分久必合，合久必分。",

@@ -28,12 +28,7 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=16)
 SEEDED = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=16, seed=11)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

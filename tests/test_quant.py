@@ -27,12 +27,7 @@ PROMPTS = ["def decode(self, s):", "class JSONDecoder", "x"]
 BF16_EPS = 2.0 ** -8  # relative rounding of a bfloat16 value
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

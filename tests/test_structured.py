@@ -35,12 +35,7 @@ SCHEMA = {"type": "object",
           "required": ["ok", "n", "tag", "name", "xs"], "additionalProperties": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

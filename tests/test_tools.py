@@ -1,14 +1,12 @@
 """Built-in tools: calculator, files confined to the workspace, chart, search, make_toolbox, `gptlab tools`,
 and the one tool format shared by the calculator task and the server."""
 
-import hashlib
 import json
 import os
-import re
 
-import numpy as np
 import pytest
 
+from test_rag import HashingEmbedder
 from gptlab.apps.rag import RagIndex
 from gptlab.apps.toolset import BUILTIN_TOOLS, make_toolbox, search_tool
 from gptlab.cli import main
@@ -138,28 +136,12 @@ def test_search_over_a_folder_ranks_with_bm25(tmp_path):
     assert "k must be between 1 and 20" in box.call("search", {"query": "tax", "k": 50}).output
 
 
-class HashingEmbedder:
-    """Words hashed into 64 buckets: a deterministic stand-in for a sentence embedder."""
-
-    name, dim = "hashing-64", 64
-
-    def embed(self, texts):
-        out = np.zeros((len(texts), self.dim), np.float32)
-        for row, text in enumerate(texts):
-            for word in re.findall(r"\w+", text.lower()):
-                out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dim] += 1
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-
-    def count_tokens(self, text):
-        return len(text.split())
-
-
 def test_search_over_a_rag_index(tmp_path):
     folder = tmp_path / "docs"
     folder.mkdir()
     for name, text in DOCS.items():
         (folder / name).write_text(text)
-    index = RagIndex(tmp_path / "ix", HashingEmbedder(), create=True)
+    index = RagIndex(tmp_path / "ix", HashingEmbedder(dim=64), create=True)
     index.update([str(folder)], progress=False)
     output = Toolbox([search_tool(index=index)]).call("search", {"query": "welfare reform budget", "k": 1}).output
     assert output.startswith("[1] ") and "1990s.txt" in output.splitlines()[0], output
