@@ -39,6 +39,33 @@ def make_model_dir(path: Path, max_seq_len: int = 2048) -> Path:
     return save_model_dir(path, model, tok)
 
 
+def train_on_answers(examples: list[tuple[list[int], list[int]]], vocab_size: int,
+                     max_seq_len: int) -> tuple[GPT, float]:
+    """A 2-layer GPT trained (seed 0, AdamW, at most 400 full-batch steps, until the loss is < 0.01) on
+    (prompt ids, answer ids) pairs with the loss on the answers only: tiny models that reproduce scripted
+    replies (tool calls, answers after a tool's output) for the serving and agent tests. Returns (model in
+    eval mode, final loss)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16,
+                          intermediate_size=128, max_seq_len=max_seq_len))
+    width = max(len(prompt) + len(answer) for prompt, answer in examples)
+    inputs = torch.zeros(len(examples), width - 1, dtype=torch.long)
+    targets = torch.full_like(inputs, -1)  # loss on the answers only
+    for i, (prompt, answer) in enumerate(examples):
+        ids = prompt + answer
+        inputs[i, :len(ids) - 1] = torch.tensor(ids[:-1])
+        targets[i, len(prompt) - 1:len(ids) - 1] = torch.tensor(answer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(400):
+        _, loss = model(inputs, targets)
+        if loss.item() < 0.01:
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), loss.item()
+
+
 def load_engine(model_dir: Path) -> Engine:
     model, tok = load_model_dir(model_dir)
     return Engine(model.eval(), tok, strict_context=True)

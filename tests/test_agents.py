@@ -10,16 +10,14 @@ import re
 import time
 
 import pytest
-import torch
 
 from _scripted_llm import ScriptedLLM
-from _serve_helpers import LiveServer, make_model_dir
+from _serve_helpers import LiveServer, make_model_dir, train_on_answers
 from gptlab.apps.agents import Trace, load_team, neutralise, parse_reply, read_trace, render_text, run_agent, run_team, write_html
 from gptlab.apps.llm import open_llm
 from gptlab.chat import render_for_completion, tool_call_json
 from gptlab.checkpoint import load_model_dir, save_model_dir
 from gptlab.common import GptlabError, save_figure
-from gptlab.model import GPT, GPTConfig
 from gptlab.tools.calls import parse_tools, to_chat_messages
 from gptlab.tools import ToolResult, Toolbox, tool
 
@@ -203,25 +201,8 @@ def tool_model(tmp_path_factory):
     examples = [(render_for_completion(tok, to_chat_messages(start, offered)),
                  [sp("<|tool_call_start|>"), *tok.encode(tool_call_json(call)), sp("<|tool_call_end|>")]),
                 (render_for_completion(tok, after), [*tok.encode("It is 5."), sp("<|assistant_end|>")])]
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16,
-                          intermediate_size=128, max_seq_len=1024))
-    width = max(len(p) + len(a) for p, a in examples)
-    inputs = torch.zeros(len(examples), width - 1, dtype=torch.long)
-    targets = torch.full_like(inputs, -1)
-    for i, (prompt, answer) in enumerate(examples):
-        ids = prompt + answer
-        inputs[i, :len(ids) - 1] = torch.tensor(ids[:-1])
-        targets[i, len(prompt) - 1:len(ids) - 1] = torch.tensor(answer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    for _ in range(400):
-        _, loss = model(inputs, targets)
-        if loss.item() < 0.01:
-            break
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return save_model_dir(tmp_path_factory.mktemp("tool_model"), model.eval(), tok)
+    model, _ = train_on_answers(examples, tok.vocab_size, max_seq_len=1024)
+    return save_model_dir(tmp_path_factory.mktemp("tool_model"), model, tok)
 
 
 def test_native_tool_calls_over_http_and_in_process(tool_model, tmp_path):

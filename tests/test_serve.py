@@ -19,12 +19,11 @@ import openai
 import pytest
 import torch
 
-from _serve_helpers import LiveServer, free_port, load_engine, make_model_dir, serve_app
+from _serve_helpers import LiveServer, free_port, load_engine, make_model_dir, serve_app, train_on_answers
 from gptlab.chat import render_for_completion, tool_call_json
 from gptlab.checkpoint import load_model_dir
 from gptlab.infer.engine import Engine
 from gptlab.infer.sampling import SamplingParams
-from gptlab.model import GPT, GPTConfig
 from gptlab.serve.app import ServeConfig, create_app
 from gptlab.tools.calls import CALL_END, CALL_START, ToolCallParser, parse_tools, to_chat_messages
 from gptlab.tools import TOOLS_HEADER
@@ -355,28 +354,11 @@ def tool_engine(model_dir):
          [sp("<|tool_call_start|>"), *tok.encode(BAD_CALL_JSON), sp("<|tool_call_end|>")]),
         (render_for_completion(tok, after_output), [*tok.encode("It is sunny in Paris."), sp("<|assistant_end|>")]),
     ]
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16,
-                          intermediate_size=128, max_seq_len=512))
-    width = max(len(prompt) + len(answer) for prompt, answer in examples)
-    inputs = torch.zeros(len(examples), width - 1, dtype=torch.long)
-    targets = torch.full_like(inputs, -1)  # loss on the answers only
-    for i, (prompt, answer) in enumerate(examples):
-        ids = prompt + answer
-        inputs[i, :len(ids) - 1] = torch.tensor(ids[:-1])
-        targets[i, len(prompt) - 1:len(ids) - 1] = torch.tensor(answer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    for _ in range(400):
-        _, loss = model(inputs, targets)
-        if loss.item() < 0.01:
-            break
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    model, loss = train_on_answers(examples, tok.vocab_size, max_seq_len=512)
     engine = Engine(model.eval(), tok, strict_context=True)
     for prompt, answer in examples:  # the premise of the tests below: greedy decoding writes the answers
         out = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=len(answer), stop_token_ids=()))
-        assert out[0].token_ids == answer, f"training did not converge (loss {loss.item():.3f})"
+        assert out[0].token_ids == answer, f"training did not converge (loss {loss:.3f})"
     return engine
 
 
