@@ -223,7 +223,7 @@ def _recipe(cfg: SpeedrunConfig) -> Path:
     from .train.pretrain import pretrain
     from .train.reward import PRESETS as RM_PRESETS
     from .train.reward import train_reward_model
-    from .train.rl import PRESETS as RL_PRESETS
+    from .train.rl_config import PRESETS as RL_PRESETS
     from .train.rl import train_rl
     from .train.sft import PRESETS as SFT_PRESETS
     from .train.sft import sft

@@ -24,7 +24,8 @@ from gptlab.eval.gold import eval_examples
 from gptlab.train.metrics import read_metrics
 from gptlab.model import GPT, GPTConfig
 from gptlab.reward_model import RewardModel
-from gptlab.train.rl import RLConfig, train_rl
+from gptlab.train.rl import train_rl
+from gptlab.train.rl_config import RLConfig
 from gptlab.train.rl_objectives import (clipped_policy_loss, clipped_value_loss, gae, group_advantages, k3_kl,
                                         ppo_token_rewards, whiten)
 from gptlab.train.rl_rollouts import RLPrompt, Sample, action_forward, action_targets, pad_samples, select_groups
