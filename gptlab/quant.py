@@ -41,6 +41,8 @@ Design decisions
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,21 +83,84 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[:, None]
 
 
-def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                kernel_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., in) @ (scale * q).T (+ bias), in x's dtype. `kernel_scale`: `scale` already in KERNEL_DTYPE
-    (the fused decoder keeps one, saving a cast per call)."""
-    lead, k = x.shape[:-1], x.shape[-1]
-    if k % KERNEL_K_MULTIPLE:
-        y = F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
-    else:
-        s = kernel_scale if kernel_scale is not None else scale.to(KERNEL_DTYPE)
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, k).to(KERNEL_DTYPE), q, s)
-        y = y.view(*lead, q.shape[0]).to(x.dtype)
-    return y if bias is None else y + bias
+DYNAMIC_ENGINES = ("x86", "fbgemm")  # PyTorch quantized engines whose dynamic linear is fbgemm's (x86 CPUs)
+# full 8-bit activations: with VNNI fbgemm sums u8 x s8 products in int32 and cannot saturate (7 bits,
+# torch.ao's default for CPUs without VNNI, measured +2.8% bits per byte instead of +0.6%: docs/LOG.md)
+REDUCE_RANGE = False
 
 
-class QuantLinear(nn.Module):
+def int8_kernel_name(device: torch.device | str = "cpu") -> str:
+    """The int8 kernel for weights on `device` (module docstring): "fbgemm" on an x86 CPU with AVX512-VNNI
+    whose PyTorch quantized engine is fbgemm's, otherwise "int8pack" (ARM's qnnpack, older x86, GPUs)."""
+    fbgemm = (torch.device(device).type == "cpu" and torch.backends.quantized.engine in DYNAMIC_ENGINES
+              and torch.cpu.get_capabilities().get("avx512_vnni", False))
+    return "fbgemm" if fbgemm else "int8pack"
+
+
+def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor):
+    """fbgemm's packed form of the int8 rows (a copy, in its own layout); the zero points are 0 (symmetric)."""
+    with warnings.catch_warnings():  # torch 2.13 marks quantized tensor dtypes deprecated (docs/LOG.md)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        qweight = torch._make_per_channel_quantized_tensor(
+            q, scale.double(), torch.zeros(len(q), dtype=torch.long), 0)
+    return torch.ops.quantized.linear_prepack(qweight, None)
+
+
+def _fbgemm_linear(x: torch.Tensor, packed) -> torch.Tensor:
+    """x (M, in) float32 through fbgemm's dynamic int8 linear, activations quantized per row: the op
+    quantizes its whole input with one scale, so each row is first divided by its max |x| (then all rows
+    share the range [-1, 1]) and its output multiplied back (module docstring)."""
+    if len(x) == 1:
+        return torch.ops.quantized.linear_dynamic(x, packed, REDUCE_RANGE)
+    row_max = x.abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(x.dtype).tiny)
+    return torch.ops.quantized.linear_dynamic(x / row_max, packed, REDUCE_RANGE).mul_(row_max)
+
+
+class Int8Matmul:
+    """y = x (..., in) @ (scale * q).T (+ bias), in x's dtype, for one int8 weight q (out, in) with scales
+    (out,), through `int8_kernel_name()`'s kernel. Built once per weight: fbgemm packs a copy of the rows."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, kernel: str | None = None):
+        self.q, self.scale = q, scale
+        self.kernel = kernel or int8_kernel_name(q.device)
+        self.packed = _fbgemm_pack(q, scale) if self.kernel == "fbgemm" else None
+        self.kernel_scale = scale.to(KERNEL_DTYPE)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        rows = x.reshape(-1, k)
+        if self.packed is not None:
+            y = _fbgemm_linear(rows.float(), self.packed)
+        elif k % KERNEL_K_MULTIPLE:
+            y = F.linear(rows, self.q.to(x.dtype)) * self.scale.to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(rows.to(KERNEL_DTYPE), self.q, self.kernel_scale)
+        y = y.view(*lead, len(self.q)).to(x.dtype)
+        return y if bias is None else y + bias
+
+
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version
+
+
+class _Int8Weights(nn.Module):
+    """Base of the modules over int8 rows: `matmul()` is their `Int8Matmul`, built at first use and again
+    whenever the rows or scales are replaced or changed in place (loading a state dict, `.to(dtype)`)."""
+
+    def matmul(self) -> Int8Matmul:
+        q, scale = self.weight, self.weight_scale
+        key = (q.data_ptr(), scale.data_ptr(), scale.dtype, _version(q), _version(scale))
+        cached = self.__dict__.get("_matmul")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_matmul"] = (key, Int8Matmul(q, scale))
+        return cached[1]
+
+    def __getstate__(self):  # copies (deepcopy, pickling) build their own
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k != "_matmul"}
+
+
+class QuantLinear(_Int8Weights):
     """`nn.Linear` with an int8 weight (buffer `weight`, (out, in)) and per-output-channel float32 scales
     (buffer `weight_scale`); `bias` stays a floating-point parameter."""
 
@@ -115,10 +180,10 @@ class QuantLinear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_matmul(x, self.weight, self.weight_scale, self.bias)
+        return self.matmul()(x, self.bias)
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(_Int8Weights):
     """`nn.Embedding` over int8 rows with per-row scales; a lookup dequantizes only the rows it reads, into
     the scales' dtype (float32, or the model's dtype after `.to(dtype)`: scales are bf16-exact)."""
 
@@ -141,7 +206,7 @@ class QuantTiedHead(nn.Module):
         self.__dict__["table"] = table  # not a submodule: the embedding owns the rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_matmul(x, self.table.weight, self.table.weight_scale)
+        return self.table.matmul()(x)
 
 
 def projections(model: GPT) -> dict[str, nn.Module]:
