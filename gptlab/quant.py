@@ -1,33 +1,46 @@
-"""Weight-only int8 quantization for inference: `QuantLinear`, `QuantEmbedding`, `quantize_model`.
+"""int8 weights for inference: `QuantLinear`, `QuantEmbedding`, `quantize_model`, `Int8Matmul`.
 
 Design decisions
-- Weight-only int8, symmetric, one scale per output channel (row of the (out, in) weight):
+- int8 weights, symmetric, one scale per output channel (row of the (out, in) weight):
   w[o, i] ~= scale[o] * q[o, i], q = round(w / scale) in [-127, 127], scale = max_i |w[o, i]| / 127 (the
-  absmax rule of Dettmers et al. 2022, LLM.int8(), per row; as in PyTorch's and torchao's int8 weight-only
-  schemes). Activations stay floating point: a decode step at small batch is bound by reading the weights,
-  so 1 byte per weight instead of 4 is the point, not integer arithmetic. Every element's error is at most
-  scale / 2 (tested against a float64 reference).
-- Each scale is rounded *up* to a bfloat16 value before quantizing: the kernel takes its scales in the
-  activation dtype, and a bf16-exact scale makes the bf16 and fp32 scale the same number (no extra
+  absmax rule of Dettmers et al. 2022, LLM.int8(), per row; as in PyTorch's and torchao's int8 schemes).
+  A decode step at small batch is bound by reading the weights, so 1 byte per weight instead of 4 is the
+  point. Every element's error is at most scale / 2 (tested against a float64 reference).
+- Each scale is rounded *up* to a bfloat16 value before quantizing: the bf16 kernel takes its scales in
+  the activation dtype, and a bf16-exact scale makes the bf16 and fp32 scale the same number (no extra
   rounding), at the cost of steps at most one bf16 ulp (2^-7) coarser.
-- Kernel: `torch.ops.aten._weight_int8pack_mm` (PyTorch's own int8 weight-only matmul; (out, in) int8
-  weight, (out,) scales). On CPU it is vectorized only for bf16/fp16 activations: with fp32 activations
-  it runs a scalar loop, measured 8-30x slower than the fp32 matmul it replaces. So `QuantLinear` casts
-  activations to bfloat16 for the matmul and the result back; the quantized model thus also rounds each
-  projection's input and output to bf16 (the quality figures in bench/results/quant.md include this).
-  The kernel is only right when `in_features` is a multiple of 32 (torch 2.13 CPU: smaller or other
-  multiples gave wrong sums or crashed), so other widths take a plain dequantize-then-matmul path.
-- int4 is not offered: PyTorch's `_weight_int4pack_mm_for_cpu` (group size 32, bf16) measured as fast as
-  the int8 kernel on SmolLM2's layer shapes at batch 1 (~100 us for 3072 x 576 on a loaded 2-core
-  machine; the step there is bound by per-op overhead, not bytes), and torchao was not tried (see
-  docs/LOG.md, Session 10: quantized inference); int4 would cost quality for no measured speed.
-- Measured on SmolLM2-135M-Instruct (bench/results/quant.md): bits per byte +0.05% (1.0133 vs 1.0128 fp32);
-  weights read per decode step 134 MB vs 538; `gptlab sample` peak RSS 539 MB from an int8 model directory
-  vs 1034 fp32 and 946 in transformers. Decode, quietest run of a loaded 2-core AMD EPYC: int8 1.4x fp32 at
-  batch 1, 2.2x at batch 8; the kernel takes 77% of an int8 step and runs only 1.5x faster than the fp32
-  matmul (compute-bound), so the 4x fewer bytes do not become 4x the speed. PyTorch's fbgemm dynamic int8
-  linear measured 1.5-11x faster than this kernel per projection, but it rounds activations to int8 too and
-  its quantized dtypes are deprecated in torch 2.13 (docs/LOG.md): the candidate to measure next.
+- Two kernels over the same stored rows, picked per process (`int8_kernel_name`), chosen by measurement
+  (bench/bench_int8_kernels.py, bench/results/quant.md):
+  - "fbgemm", on x86 CPUs with AVX512-VNNI whose PyTorch quantized engine is fbgemm's (x86/fbgemm):
+    `quantized::linear_dynamic` over weights packed once by `quantized::linear_prepack` (what torch.ao
+    dynamic quantization runs). It quantizes the activations to uint8 at run time (asymmetric, one
+    scale for its whole input) and multiplies int8 x uint8 into int32 with VNNI. One scale per input
+    would let one row's range coarsen another's (batch rows, prefill positions), so each row is first
+    divided by its max |x| and its output multiplied back: activations are in effect quantized per
+    row (per token), as in LLM.int8()'s vector-wise scheme. Full 8-bit range (`reduce_range` off):
+    7 bits, torch.ao's default for CPUs whose u8 x s8 pair sums saturate int16 (no VNNI), measured
+    +2.8% bits per byte. On SmolLM2-135M's shapes, 1 thread, batch 1, it ran 1.5-3.6x faster than
+    the fp32 matmul it replaces and than "int8pack" (the 49152 x 576 head: 1.4 ms vs 6.6 fp32, 4.9
+    int8pack); 3-12x at batch 8. Cost: the packed weights are a second int8 copy, and torch 2.13
+    warns that the quantized tensor dtypes it goes through are deprecated (the warning is silenced
+    where the weights are packed; should they go, this path goes with them and "int8pack" remains).
+  - "int8pack", everywhere else (ARM's qnnpack, x86 without VNNI, GPUs): weight-only,
+    `aten._weight_int8pack_mm` with activations cast to bfloat16 around it (with fp32 activations it
+    runs a scalar loop, 8-30x slower than fp32), so it rounds each projection's input and output to
+    bf16. The kernel sums right only when `in_features` is a multiple of 32 (torch 2.13 CPU), so other
+    widths dequantize and use F.linear. Compute-bound on this EPYC: 1.1-1.4x fp32 at batch 1.
+  torch.compile cannot trace fbgemm's packed weights (an opaque object), so a compiled fused decoder
+  uses "int8pack" for its projections (infer/fused.py).
+- Not chosen (measured, docs/LOG.md): `torch._int_mm` (oneDNN) with activations quantized per row in
+  eager ops, slower than fbgemm at every shape (the head 3.9 ms: its weight is reordered each call);
+  torchao 0.18 from PyPI ships only CUDA kernels, and its CPU int8 configs run eager as dequantize +
+  fp32 mm (266 us for 3072 x 576 vs 135 fp32). int4: `_weight_int4pack_mm_for_cpu` (group 32, bf16)
+  ran like "int8pack" on the layer shapes and 1.3x slower than fbgemm's int8 on the head, so int4 would
+  cost quality for no speed here and is not offered.
+- GGUF (interop.py): imported Q4/Q8 blocks are dequantized to float32, then `--quantize int8`
+  requantizes per channel. No maintained CPU kernel here takes GGUF blocks as they are: fbgemm and
+  int8pack take one scale per output channel, not one per 32-weight block (Q8_0, Q4_1); int4pack takes
+  group-32 scales and zeros (Q4_1's shape) but measured no faster than int8 (above).
 - A tied head shares the embedding's int8 rows: the head's per-output-channel scales are exactly
   per-row scales of the embedding, so one int8 table + scales serves the lookup (`QuantEmbedding`
   dequantizes the gathered rows) and the head, as one fp32 table served both.
@@ -35,8 +48,9 @@ Design decisions
   wrappers, a reward model's head) is a `GptlabError` that names the modules.
 - On disk (checkpoint.py): gptlab.json carries `"format": 2` and `"quantization": {"method": ...,
   "bits": 8}`; a quantized layer stores `<name>.weight` (int8) and `<name>.weight_scale` (float32).
-  A reader from before quantization checks `format == 1` and refuses the directory with
-  "has format 2, expected 1"; this reader names a newer format as written by a newer gptlab.
+  The kernel is a run-time choice over those rows, so session 10's int8 directories and this one's are
+  the same files. A reader from before quantization checks `format == 1` and refuses the directory
+  with "has format 2, expected 1"; this reader names a newer format as written by a newer gptlab.
 """
 
 from __future__ import annotations
@@ -51,9 +65,9 @@ from .common import GptlabError
 from .model import GPT
 
 QUANT_METHODS = {"int8": 8}  # the --quantize names and their bits
-QUANT_METHOD_NAME = "int8-weight-only-per-channel"  # what gptlab.json records
-KERNEL_DTYPE = torch.bfloat16  # activations go through the int8 kernel in this dtype (module docstring)
-KERNEL_K_MULTIPLE = 32  # in_features the kernel sums right (module docstring)
+QUANT_METHOD_NAME = "int8-weight-only-per-channel"  # what gptlab.json records: the stored rows (module docstring)
+KERNEL_DTYPE = torch.bfloat16  # activations go through the int8pack kernel in this dtype (module docstring)
+KERNEL_K_MULTIPLE = 32  # in_features the int8pack kernel sums right (module docstring)
 QUANTIZE_ROWS = 2048  # rows quantized at a time (bounds the float temporaries of a 49k-row embedding)
 
 
@@ -129,13 +143,14 @@ class Int8Matmul:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         rows = x.reshape(-1, k)
-        if self.packed is not None:
-            y = _fbgemm_linear(rows.float(), self.packed)
+        if self.packed is not None:  # (`.to` only where needed: at batch 1 even a no-op call costs ~2% of a step)
+            y = _fbgemm_linear(rows if x.dtype == torch.float32 else rows.float(), self.packed)
         elif k % KERNEL_K_MULTIPLE:
             y = F.linear(rows, self.q.to(x.dtype)) * self.scale.to(x.dtype)
         else:
             y = torch.ops.aten._weight_int8pack_mm(rows.to(KERNEL_DTYPE), self.q, self.kernel_scale)
-        y = y.view(*lead, len(self.q)).to(x.dtype)
+        y = y.view(*lead, len(self.q))
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
         return y if bias is None else y + bias
 
 
@@ -271,5 +286,6 @@ def quantize_model(model: GPT, method: str = "int8") -> GPT:
 def add_quantize_arg(parser) -> None:
     """`--quantize int8`: the flag of every command that loads a model for inference (sample, chat, serve)."""
     parser.add_argument("--quantize", choices=sorted(QUANT_METHODS), default=None,
-                        help="quantize the weights as they load (int8: weight-only, per output channel; "
-                             "a quantized model directory loads quantized without it)")
+                        help="quantize the weights as they load (int8: per output channel; on x86 CPUs with "
+                             "AVX512-VNNI activations are also quantized per row at run time; a quantized "
+                             "model directory loads quantized without it)")
