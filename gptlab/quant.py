@@ -19,9 +19,9 @@ Design decisions
     divided by its max |x| and its output multiplied back: activations are in effect quantized per
     row (per token), as in LLM.int8()'s vector-wise scheme. Full 8-bit range (`reduce_range` off):
     7 bits, torch.ao's default for CPUs whose u8 x s8 pair sums saturate int16 (no VNNI), measured
-    +2.8% bits per byte. On SmolLM2-135M's shapes, 1 thread, batch 1, it ran 1.5-3.6x faster than
-    the fp32 matmul it replaces and than "int8pack" (the 49152 x 576 head: 1.4 ms vs 6.6 fp32, 4.9
-    int8pack); 3-12x at batch 8. Cost: the packed weights are a second int8 copy, and torch 2.13
+    +2.8% bits per byte. On SmolLM2-135M's shapes, 1 thread, batch 1, it ran 1.7-4.8x faster than
+    the fp32 matmul it replaces and 1.5-3.6x faster than "int8pack" (the 49152 x 576 head: 1.4 ms vs
+    6.6 fp32, 4.9 int8pack); at batch 8 2.5-13x and 2.4-5.5x. Cost: the packed weights are a second int8 copy, and torch 2.13
     warns that the quantized tensor dtypes it goes through are deprecated (the warning is silenced
     where the weights are packed; should they go, this path goes with them and "int8pack" remains).
   - "int8pack", everywhere else (ARM's qnnpack, x86 without VNNI, GPUs): weight-only,
@@ -32,7 +32,7 @@ Design decisions
   torch.compile cannot trace fbgemm's packed weights (an opaque object), so a compiled fused decoder
   uses "int8pack" for its projections (infer/fused.py).
 - Not chosen (measured, docs/LOG.md): `torch._int_mm` (oneDNN) with activations quantized per row in
-  eager ops, slower than fbgemm at every shape (the head 3.9 ms: its weight is reordered each call);
+  eager ops, slower than fbgemm at every shape (the head 3.9 ms; presumably its weight is reordered each call);
   torchao 0.18 from PyPI ships only CUDA kernels, and its CPU int8 configs run eager as dequantize +
   fp32 mm (266 us for 3072 x 576 vs 135 fp32). int4: `_weight_int4pack_mm_for_cpu` (group 32, bf16)
   ran like "int8pack" on the layer shapes and 1.3x slower than fbgemm's int8 on the head, so int4 would
@@ -41,6 +41,10 @@ Design decisions
   requantizes per channel. No maintained CPU kernel here takes GGUF blocks as they are: fbgemm and
   int8pack take one scale per output channel, not one per 32-weight block (Q8_0, Q4_1); int4pack takes
   group-32 scales and zeros (Q4_1's shape) but measured no faster than int8 (above).
+- Measured on SmolLM2-135M-Instruct (bench/results/quant.md, loaded 2-core AMD EPYC, 1 thread): bits per
+  byte +0.63% with fbgemm (1.0192 vs 1.0128 fp32; int8pack +0.05%); decode 2.2-2.7x fp32 at batch 1 and
+  3.5-3.9x at batch 8 (int8pack 2.3x and 1.8x in the same run); `gptlab sample` peak RSS from an int8
+  model directory 816 MB (the packed copies), vs 1079 fp32 and 946 in transformers.
 - A tied head shares the embedding's int8 rows: the head's per-output-channel scales are exactly
   per-row scales of the embedding, so one int8 table + scales serves the lookup (`QuantEmbedding`
   dequantizes the gathered rows) and the head, as one fp32 table served both.
