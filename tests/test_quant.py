@@ -76,18 +76,23 @@ def test_int8_matmul_against_float64(kernel, k):
     bias = torch.randn(24, generator=g)
     q, scale = quantize_rows(w)
     w64 = q.double() * scale.double()[:, None]
-    expected = x.double() @ w64.T + bias.double()
-    if kernel == "fbgemm":
-        row_max = x.double().abs().amax(dim=-1, keepdim=True)
-        bound = 2 * row_max / 255 * w64.abs().sum(dim=1) * (1 + 1e-4) + 1e-5
-    else:
-        bound = 2 * BF16_EPS * (x.double().abs() @ w64.abs().T) + 1e-6
+
+    def expected_and_bound(x):
+        expected = x.double() @ w64.T + bias.double()
+        if kernel == "fbgemm":
+            row_max = x.double().abs().amax(dim=-1, keepdim=True)
+            return expected, 2 * row_max / 255 * w64.abs().sum(dim=1) * (1 + 1e-4) + 1e-5
+        return expected, 2 * BF16_EPS * (x.double().abs() @ w64.abs().T) + 1e-6
+
     matmul = Int8Matmul(q, scale, kernel)
-    for batch in (x, x[:1, :1]):  # several rows, and one (fbgemm: the row is the whole input)
+    # several rows and one (fbgemm: the row is the whole input), 3-d and 2-d (the decode step's shape)
+    for batch in (x, x[:1, :1], x[0], x[0, :1]):
         got = matmul(batch, bias)
+        expected, bound = expected_and_bound(batch)
         assert got.shape == (*batch.shape[:-1], 24) and got.dtype == torch.float32
-        assert ((got.double() - expected[:len(batch), :batch.shape[1]]).abs() <= bound[:len(batch), :batch.shape[1]]).all()
+        assert ((got.double() - expected).abs() <= bound).all()
     # the bound is not loose enough to pass a wrong result: the float32 product without the weight's scales
+    expected, bound = expected_and_bound(x)
     assert not ((x.double() @ q.double().T + bias.double() - expected).abs() <= bound).all()
 
 
