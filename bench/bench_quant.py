@@ -3,6 +3,8 @@
 - read bandwidth: `x.sum()` over 1 GiB of float32 (bytes read / time, median of 5), at 1 and 2 threads;
   the cap on decode at batch 1 is that rate / bytes of weights a step reads (fused layout, embedding
   lookup excluded; the KV cache of a short generation is ~1% of it and left out).
+- modes: fp32, bf16, int8 (the kernel quant.py picks for this CPU), int8pack (int8 through its fallback
+  kernel, `_weight_int8pack_mm` with bf16 activations, for comparison), int8+bf16.
 - decode tokens/s: `Engine.generate`, greedy, a 32-token prompt repeated `batch` times, `--new-tokens` new
   tokens with no stop token, median of `--reps` after a warm-up call, the modes interleaved; prefill included.
 - bits per byte on held-out text (`--text`, a few KB): windows of `--window` tokens, no overlap, the
@@ -32,7 +34,8 @@ from gptlab.infer.engine import Engine
 from gptlab.infer.sampling import SamplingParams
 
 MODES = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.float32, "int8"),
-         "int8+bf16": (torch.bfloat16, "int8")}
+         "int8+bf16": (torch.bfloat16, "int8"), "int8pack": (torch.float32, "int8")}
+FALLBACK_ENGINE = "qnnpack"  # a quantized engine under which quant.py picks its int8pack kernel
 PROMPT = "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg"
 HF_JOB = """
 import sys, torch
@@ -130,6 +133,11 @@ def main() -> None:
     for mode in args.modes:
         dtype, quantize = MODES[mode]
         engines[mode] = Engine(*load_for_inference(args.model, dtype=dtype, quantize=quantize))
+        if mode == "int8pack":  # int8 through the fallback kernel: a model's int8 modules and the fused decoder
+            # pick their kernel when first used and keep it, so one call under the fallback engine fixes it
+            default_engine, torch.backends.quantized.engine = torch.backends.quantized.engine, FALLBACK_ENGINE
+            engines[mode].generate([[0, 1]], SamplingParams(max_new_tokens=2, temperature=0, stop_token_ids=()))
+            torch.backends.quantized.engine = default_engine
     tps = {b: decode_tps(engines, b, args.new_tokens, args.reps) for b in args.batches}
     for mode, engine in engines.items():
         weight_bytes = step_weight_bytes(engine)

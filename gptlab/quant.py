@@ -1,33 +1,50 @@
-"""Weight-only int8 quantization for inference: `QuantLinear`, `QuantEmbedding`, `quantize_model`.
+"""int8 weights for inference: `QuantLinear`, `QuantEmbedding`, `quantize_model`, `Int8Matmul`.
 
 Design decisions
-- Weight-only int8, symmetric, one scale per output channel (row of the (out, in) weight):
+- int8 weights, symmetric, one scale per output channel (row of the (out, in) weight):
   w[o, i] ~= scale[o] * q[o, i], q = round(w / scale) in [-127, 127], scale = max_i |w[o, i]| / 127 (the
-  absmax rule of Dettmers et al. 2022, LLM.int8(), per row; as in PyTorch's and torchao's int8 weight-only
-  schemes). Activations stay floating point: a decode step at small batch is bound by reading the weights,
-  so 1 byte per weight instead of 4 is the point, not integer arithmetic. Every element's error is at most
-  scale / 2 (tested against a float64 reference).
-- Each scale is rounded *up* to a bfloat16 value before quantizing: the kernel takes its scales in the
-  activation dtype, and a bf16-exact scale makes the bf16 and fp32 scale the same number (no extra
+  absmax rule of Dettmers et al. 2022, LLM.int8(), per row; as in PyTorch's and torchao's int8 schemes).
+  A decode step at small batch is bound by reading the weights, so 1 byte per weight instead of 4 is the
+  point. Every element's error is at most scale / 2 (tested against a float64 reference).
+- Each scale is rounded *up* to a bfloat16 value before quantizing: the bf16 kernel takes its scales in
+  the activation dtype, and a bf16-exact scale makes the bf16 and fp32 scale the same number (no extra
   rounding), at the cost of steps at most one bf16 ulp (2^-7) coarser.
-- Kernel: `torch.ops.aten._weight_int8pack_mm` (PyTorch's own int8 weight-only matmul; (out, in) int8
-  weight, (out,) scales). On CPU it is vectorized only for bf16/fp16 activations: with fp32 activations
-  it runs a scalar loop, measured 8-30x slower than the fp32 matmul it replaces. So `QuantLinear` casts
-  activations to bfloat16 for the matmul and the result back; the quantized model thus also rounds each
-  projection's input and output to bf16 (the quality figures in bench/results/quant.md include this).
-  The kernel is only right when `in_features` is a multiple of 32 (torch 2.13 CPU: smaller or other
-  multiples gave wrong sums or crashed), so other widths take a plain dequantize-then-matmul path.
-- int4 is not offered: PyTorch's `_weight_int4pack_mm_for_cpu` (group size 32, bf16) measured as fast as
-  the int8 kernel on SmolLM2's layer shapes at batch 1 (~100 us for 3072 x 576 on a loaded 2-core
-  machine; the step there is bound by per-op overhead, not bytes), and torchao was not tried (see
-  docs/LOG.md, Session 10: quantized inference); int4 would cost quality for no measured speed.
-- Measured on SmolLM2-135M-Instruct (bench/results/quant.md): bits per byte +0.05% (1.0133 vs 1.0128 fp32);
-  weights read per decode step 134 MB vs 538; `gptlab sample` peak RSS 539 MB from an int8 model directory
-  vs 1034 fp32 and 946 in transformers. Decode, quietest run of a loaded 2-core AMD EPYC: int8 1.4x fp32 at
-  batch 1, 2.2x at batch 8; the kernel takes 77% of an int8 step and runs only 1.5x faster than the fp32
-  matmul (compute-bound), so the 4x fewer bytes do not become 4x the speed. PyTorch's fbgemm dynamic int8
-  linear measured 1.5-11x faster than this kernel per projection, but it rounds activations to int8 too and
-  its quantized dtypes are deprecated in torch 2.13 (docs/LOG.md): the candidate to measure next.
+- Two kernels over the same stored rows, picked per process (`int8_kernel_name`), chosen by measurement
+  (bench/bench_int8_kernels.py, bench/results/quant.md):
+  - "fbgemm", on x86 CPUs with AVX512-VNNI whose PyTorch quantized engine is fbgemm's (x86/fbgemm):
+    `quantized::linear_dynamic` over weights packed once by `quantized::linear_prepack` (what torch.ao
+    dynamic quantization runs). It quantizes the activations to uint8 at run time (asymmetric, one
+    scale for its whole input) and multiplies int8 x uint8 into int32 with VNNI. One scale per input
+    would let one row's range coarsen another's (batch rows, prefill positions), so each row is first
+    divided by its max |x| and its output multiplied back: activations are in effect quantized per
+    row (per token), as in LLM.int8()'s vector-wise scheme. Full 8-bit range (`reduce_range` off):
+    7 bits, torch.ao's default for CPUs whose u8 x s8 pair sums saturate int16 (no VNNI), measured
+    +2.8% bits per byte. On SmolLM2-135M's shapes, 1 thread, batch 1, it ran 1.7-4.8x faster than
+    the fp32 matmul it replaces and 1.5-3.6x faster than "int8pack" (the 49152 x 576 head: 1.4 ms vs
+    6.6 fp32, 4.9 int8pack); at batch 8 2.5-13x and 2.4-5.5x. Cost: the packed weights are a second int8 copy, and torch 2.13
+    warns that the quantized tensor dtypes it goes through are deprecated (the warning is silenced
+    where the weights are packed; should they go, this path goes with them and "int8pack" remains).
+  - "int8pack", everywhere else (ARM's qnnpack, x86 without VNNI, GPUs): weight-only,
+    `aten._weight_int8pack_mm` with activations cast to bfloat16 around it (with fp32 activations it
+    runs a scalar loop, 8-30x slower than fp32), so it rounds each projection's input and output to
+    bf16. The kernel sums right only when `in_features` is a multiple of 32 (torch 2.13 CPU), so other
+    widths dequantize and use F.linear. Compute-bound on this EPYC: 1.1-1.4x fp32 at batch 1.
+  torch.compile cannot trace fbgemm's packed weights (an opaque object), so a compiled fused decoder
+  uses "int8pack" for its projections (infer/fused.py).
+- Not chosen (measured, docs/LOG.md): `torch._int_mm` (oneDNN) with activations quantized per row in
+  eager ops, slower than fbgemm at every shape (the head 3.9 ms; presumably its weight is reordered each call);
+  torchao 0.18 from PyPI ships only CUDA kernels, and its CPU int8 configs run eager as dequantize +
+  fp32 mm (266 us for 3072 x 576 vs 135 fp32). int4: `_weight_int4pack_mm_for_cpu` (group 32, bf16)
+  ran like "int8pack" on the layer shapes and 1.3x slower than fbgemm's int8 on the head, so int4 would
+  cost quality for no speed here and is not offered.
+- GGUF (interop.py): imported Q4/Q8 blocks are dequantized to float32, then `--quantize int8`
+  requantizes per channel. No maintained CPU kernel here takes GGUF blocks as they are: fbgemm and
+  int8pack take one scale per output channel, not one per 32-weight block (Q8_0, Q4_1); int4pack takes
+  group-32 scales and zeros (Q4_1's shape) but measured no faster than int8 (above).
+- Measured on SmolLM2-135M-Instruct (bench/results/quant.md, loaded 2-core AMD EPYC, 1 thread): bits per
+  byte +0.63% with fbgemm (1.0192 vs 1.0128 fp32; int8pack +0.05%); decode 2.2-2.7x fp32 at batch 1 and
+  3.5-3.9x at batch 8 (int8pack 2.3x and 1.8x in the same run); `gptlab sample` peak RSS from an int8
+  model directory 816 MB (the packed copies), vs 1079 fp32 and 946 in transformers.
 - A tied head shares the embedding's int8 rows: the head's per-output-channel scales are exactly
   per-row scales of the embedding, so one int8 table + scales serves the lookup (`QuantEmbedding`
   dequantizes the gathered rows) and the head, as one fp32 table served both.
@@ -35,11 +52,14 @@ Design decisions
   wrappers, a reward model's head) is a `GptlabError` that names the modules.
 - On disk (checkpoint.py): gptlab.json carries `"format": 2` and `"quantization": {"method": ...,
   "bits": 8}`; a quantized layer stores `<name>.weight` (int8) and `<name>.weight_scale` (float32).
-  A reader from before quantization checks `format == 1` and refuses the directory with
-  "has format 2, expected 1"; this reader names a newer format as written by a newer gptlab.
+  The kernel is a run-time choice over those rows, so session 10's int8 directories and this one's are
+  the same files. A reader from before quantization checks `format == 1` and refuses the directory
+  with "has format 2, expected 1"; this reader names a newer format as written by a newer gptlab.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +69,9 @@ from .common import GptlabError
 from .model import GPT
 
 QUANT_METHODS = {"int8": 8}  # the --quantize names and their bits
-QUANT_METHOD_NAME = "int8-weight-only-per-channel"  # what gptlab.json records
-KERNEL_DTYPE = torch.bfloat16  # activations go through the int8 kernel in this dtype (module docstring)
-KERNEL_K_MULTIPLE = 32  # in_features the kernel sums right (module docstring)
+QUANT_METHOD_NAME = "int8-weight-only-per-channel"  # what gptlab.json records: the stored rows (module docstring)
+KERNEL_DTYPE = torch.bfloat16  # activations go through the int8pack kernel in this dtype (module docstring)
+KERNEL_K_MULTIPLE = 32  # in_features the int8pack kernel sums right (module docstring)
 QUANTIZE_ROWS = 2048  # rows quantized at a time (bounds the float temporaries of a 49k-row embedding)
 
 
@@ -81,21 +101,90 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[:, None]
 
 
-def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                kernel_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., in) @ (scale * q).T (+ bias), in x's dtype. `kernel_scale`: `scale` already in KERNEL_DTYPE
-    (the fused decoder keeps one, saving a cast per call)."""
-    lead, k = x.shape[:-1], x.shape[-1]
-    if k % KERNEL_K_MULTIPLE:
-        y = F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
-    else:
-        s = kernel_scale if kernel_scale is not None else scale.to(KERNEL_DTYPE)
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, k).to(KERNEL_DTYPE), q, s)
-        y = y.view(*lead, q.shape[0]).to(x.dtype)
-    return y if bias is None else y + bias
+DYNAMIC_ENGINES = ("x86", "fbgemm")  # PyTorch quantized engines whose dynamic linear is fbgemm's (x86 CPUs)
+# full 8-bit activations: with VNNI fbgemm sums u8 x s8 products in int32 and cannot saturate (7 bits,
+# torch.ao's default for CPUs without VNNI, measured +2.8% bits per byte instead of +0.6%: docs/LOG.md)
+REDUCE_RANGE = False
 
 
-class QuantLinear(nn.Module):
+def int8_kernel_name(device: torch.device | str = "cpu") -> str:
+    """The int8 kernel for weights on `device` (module docstring): "fbgemm" on an x86 CPU with AVX512-VNNI
+    whose PyTorch quantized engine is fbgemm's, otherwise "int8pack" (ARM's qnnpack, older x86, GPUs)."""
+    fbgemm = (torch.device(device).type == "cpu" and torch.backends.quantized.engine in DYNAMIC_ENGINES
+              and torch.cpu.get_capabilities().get("avx512_vnni", False))
+    return "fbgemm" if fbgemm else "int8pack"
+
+
+def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor):
+    """fbgemm's packed form of the int8 rows (a copy, in its own layout); the zero points are 0 (symmetric)."""
+    with warnings.catch_warnings():  # torch 2.13 marks quantized tensor dtypes deprecated (docs/LOG.md)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        qweight = torch._make_per_channel_quantized_tensor(
+            q, scale.double(), torch.zeros(len(q), dtype=torch.long), 0)
+    return torch.ops.quantized.linear_prepack(qweight, None)
+
+
+def _fbgemm_linear(x: torch.Tensor, packed) -> torch.Tensor:
+    """x (M, in) float32 through fbgemm's dynamic int8 linear, activations quantized per row: the op
+    quantizes its whole input with one scale, so each row is first divided by its max |x| (then all rows
+    share the range [-1, 1]) and its output multiplied back (module docstring)."""
+    if len(x) == 1:
+        return torch.ops.quantized.linear_dynamic(x, packed, REDUCE_RANGE)
+    row_max = x.abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(x.dtype).tiny)
+    return torch.ops.quantized.linear_dynamic(x / row_max, packed, REDUCE_RANGE).mul_(row_max)
+
+
+class Int8Matmul:
+    """y = x (..., in) @ (scale * q).T (+ bias), in x's dtype, for one int8 weight q (out, in) with scales
+    (out,), through `int8_kernel_name()`'s kernel. Built once per weight: fbgemm packs a copy of the rows."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, kernel: str | None = None):
+        self.q, self.scale = q, scale
+        self.kernel = kernel or int8_kernel_name(q.device)
+        self.packed = _fbgemm_pack(q, scale) if self.kernel == "fbgemm" else None
+        self.kernel_scale = scale.to(KERNEL_DTYPE)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed is not None and x.dim() == 2 and x.dtype == torch.float32:
+            # the decode step's case, without the reshape, view and dtype checks below: a few eager
+            # calls each, paid ~120 times a step (the gain was too small to measure on the loaded machine)
+            y = _fbgemm_linear(x, self.packed)
+            return y if bias is None else y + bias
+        lead, k = x.shape[:-1], x.shape[-1]
+        rows = x.reshape(-1, k)
+        if self.packed is not None:
+            y = _fbgemm_linear(rows.float(), self.packed)
+        elif k % KERNEL_K_MULTIPLE:
+            y = F.linear(rows, self.q.to(x.dtype)) * self.scale.to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(rows.to(KERNEL_DTYPE), self.q, self.kernel_scale)
+        y = y.view(*lead, len(self.q))
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
+        return y if bias is None else y + bias
+
+
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version
+
+
+class _Int8Weights(nn.Module):
+    """Base of the modules over int8 rows: `matmul()` is their `Int8Matmul`, built at first use and again
+    whenever the rows or scales are replaced or changed in place (loading a state dict, `.to(dtype)`)."""
+
+    def matmul(self) -> Int8Matmul:
+        q, scale = self.weight, self.weight_scale
+        key = (q.data_ptr(), scale.data_ptr(), scale.dtype, _version(q), _version(scale))
+        cached = self.__dict__.get("_matmul")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_matmul"] = (key, Int8Matmul(q, scale))
+        return cached[1]
+
+    def __getstate__(self):  # copies (deepcopy, pickling) build their own
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k != "_matmul"}
+
+
+class QuantLinear(_Int8Weights):
     """`nn.Linear` with an int8 weight (buffer `weight`, (out, in)) and per-output-channel float32 scales
     (buffer `weight_scale`); `bias` stays a floating-point parameter."""
 
@@ -115,10 +204,10 @@ class QuantLinear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_matmul(x, self.weight, self.weight_scale, self.bias)
+        return self.matmul()(x, self.bias)
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(_Int8Weights):
     """`nn.Embedding` over int8 rows with per-row scales; a lookup dequantizes only the rows it reads, into
     the scales' dtype (float32, or the model's dtype after `.to(dtype)`: scales are bf16-exact)."""
 
@@ -141,7 +230,7 @@ class QuantTiedHead(nn.Module):
         self.__dict__["table"] = table  # not a submodule: the embedding owns the rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_matmul(x, self.table.weight, self.table.weight_scale)
+        return self.table.matmul()(x)
 
 
 def projections(model: GPT) -> dict[str, nn.Module]:
@@ -206,5 +295,6 @@ def quantize_model(model: GPT, method: str = "int8") -> GPT:
 def add_quantize_arg(parser) -> None:
     """`--quantize int8`: the flag of every command that loads a model for inference (sample, chat, serve)."""
     parser.add_argument("--quantize", choices=sorted(QUANT_METHODS), default=None,
-                        help="quantize the weights as they load (int8: weight-only, per output channel; "
-                             "a quantized model directory loads quantized without it)")
+                        help="quantize the weights as they load (int8: per output channel; on x86 CPUs with "
+                             "AVX512-VNNI activations are also quantized per row at run time; a quantized "
+                             "model directory loads quantized without it)")

@@ -19,8 +19,8 @@ from gptlab.infer.engine import Engine
 from gptlab.infer.sampling import SamplingParams
 from gptlab.lora import add_lora
 from gptlab.model import GPT, GPTConfig
-from gptlab.quant import (QuantEmbedding, QuantLinear, QuantTiedHead, dequantize_rows, int8_matmul, quantize_model,
-                          quantize_rows)
+from gptlab.quant import (Int8Matmul, QuantEmbedding, QuantLinear, QuantTiedHead, dequantize_rows, int8_kernel_name,
+                          quantize_model, quantize_rows)
 from gptlab.tokenizer import train_tokenizer
 
 PROMPTS = ["def decode(self, s):", "class JSONDecoder", "x"]
@@ -60,19 +60,55 @@ def test_quantize_rows_error_is_at_most_half_a_step():
     assert torch.equal(dequantize_rows(q, scale), q.float() * scale[:, None])
 
 
-@pytest.mark.parametrize("k", [64, 48], ids=["kernel", "fallback"])
-def test_int8_matmul_against_float64(k):
-    """The kernel rounds x and the result to bf16: within 2^-7 of sum |x| |w| of the float64 product."""
+# the kernels a test can run here: the one this CPU picks, and the fallback every CPU has
+KERNELS = sorted({int8_kernel_name(), "int8pack"})
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("k", [64, 48])
+def test_int8_matmul_against_float64(kernel, k):
+    """Against float64 on the dequantized weight. int8pack rounds x and the result to bf16: within 2^-7 of
+    sum |x| |w|. fbgemm quantizes each row of x to 8 bits over a range within [-max|x|, max|x|]: each
+    element off by at most one step, 2 max|x| / 255, so the result by at most that times sum |w|."""
     g = torch.Generator().manual_seed(k)
     x, w = torch.randn(5, 3, k, generator=g), torch.randn(24, k, generator=g)
+    x[0, 0] *= 100  # rows of very different ranges: each is quantized over its own
     bias = torch.randn(24, generator=g)
     q, scale = quantize_rows(w)
     w64 = q.double() * scale.double()[:, None]
-    expected = x.double() @ w64.T + bias.double()
-    bound = 2 * BF16_EPS * (x.double().abs() @ w64.abs().T) + 1e-6
-    got = int8_matmul(x, q, scale, bias)
-    assert got.shape == (5, 3, 24) and got.dtype == torch.float32
-    assert ((got.double() - expected).abs() <= bound).all()
+
+    def expected_and_bound(x):
+        expected = x.double() @ w64.T + bias.double()
+        if kernel == "fbgemm":
+            row_max = x.double().abs().amax(dim=-1, keepdim=True)
+            return expected, 2 * row_max / 255 * w64.abs().sum(dim=1) * (1 + 1e-4) + 1e-5
+        return expected, 2 * BF16_EPS * (x.double().abs() @ w64.abs().T) + 1e-6
+
+    matmul = Int8Matmul(q, scale, kernel)
+    # several rows and one (fbgemm: the row is the whole input), 3-d and 2-d (the decode step's shape)
+    for batch in (x, x[:1, :1], x[0], x[0, :1]):
+        got = matmul(batch, bias)
+        expected, bound = expected_and_bound(batch)
+        assert got.shape == (*batch.shape[:-1], 24) and got.dtype == torch.float32
+        assert ((got.double() - expected).abs() <= bound).all()
+    # the bound is not loose enough to pass a wrong result: the float32 product without the weight's scales
+    expected, bound = expected_and_bound(x)
+    assert not ((x.double() @ q.double().T + bias.double() - expected).abs() <= bound).all()
+
+
+def test_int8_kernel_choice(monkeypatch):
+    """fbgemm's dynamic linear wherever PyTorch's quantized engine is fbgemm's and the CPU has AVX512-VNNI
+    (without it fbgemm needs 7-bit activations: module docstring); the bf16 kernel everywhere else."""
+    engines = [e for e in torch.backends.quantized.supported_engines if e != "none"]
+    assert engines  # every CPU build has one (qnnpack on ARM, x86/fbgemm/onednn on x86)
+    for engine in engines:
+        monkeypatch.setattr(torch.backends.quantized, "engine", engine)
+        for vnni in (True, False):
+            monkeypatch.setattr(torch.cpu, "get_capabilities", lambda vnni=vnni: {"avx512_vnni": vnni})
+            expected = "fbgemm" if vnni and engine in ("x86", "fbgemm") else "int8pack"
+            assert int8_kernel_name() == expected, (engine, vnni)
+            assert int8_kernel_name("meta") == "int8pack"
+            assert Int8Matmul(torch.ones(4, 32, dtype=torch.int8), torch.ones(4)).kernel == expected
 
 
 def test_quantized_model_logits_close_to_float32(tok):
@@ -147,7 +183,7 @@ def test_int8_fused_decode_equals_forward_decode(tok):
     model = quantize_model(tiny_model(tok, 1)).requires_grad_(False)
     fused, plain = Engine(model, tok), Engine(model, tok, fused_decode=False)
     got = fused.generate(PROMPTS, greedy())
-    assert fused._decoder is not None and fused._decoder.head.scale is not None
+    assert fused._decoder is not None and fused._decoder.head.int8 is not None
     assert got == plain.generate(PROMPTS, greedy())
 
 

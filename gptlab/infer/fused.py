@@ -24,13 +24,14 @@ Design decisions
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..model import GPT, KVCache, apply_rotary, rotary_cos_sin
-from ..quant import KERNEL_DTYPE, QuantLinear, QuantTiedHead, int8_matmul, projections
+from ..quant import Int8Matmul, QuantLinear, QuantTiedHead, projections
 
 
 # ---- the decode step, re-laid out for one new token per row ----------------------------------------------
@@ -46,14 +47,14 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 @dataclass
 class _Projection:
     """One fused projection. Float: weight (in, out), contiguous, `x @ weight` (+ bias). int8 (quant.py):
-    weight (out, in) int8 rows with `scale` per output channel in the kernel's dtype."""
+    weight (out, in) int8 rows, multiplied through `int8` (the kernel's packed form of them)."""
     weight: torch.Tensor
     bias: torch.Tensor | None = None
-    scale: torch.Tensor | None = None
+    int8: Int8Matmul | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scale is not None:
-            return int8_matmul(x, self.weight, self.scale, self.bias, kernel_scale=self.scale)
+        if self.int8 is not None:
+            return self.int8(x, self.bias)
         return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
 
 
@@ -77,30 +78,38 @@ def _enclosing(parts: list[torch.Tensor], dim: int) -> torch.Tensor | None:
     return whole
 
 
-def _fuse(linears: list[nn.Module], share: bool) -> _Projection:
+def _fuse(linears: list[nn.Module], share: bool, int8_kernel: str | None = None) -> _Projection:
     """The projections `linears` side by side along their outputs, as one `_Projection`. `share`: point the
     modules' float weights at slices of the fused tensor (views, same values), so the model and the decoder
-    hold one copy; int8 weights are always shared (they are buffers, never trained)."""
+    hold one copy; int8 weights are always shared (they are buffers, never trained). `int8_kernel`: the
+    int8 kernel if not the one this CPU picks (quant.py)."""
     biases = [m.bias for m in linears]
     bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
-    if all(isinstance(m, QuantLinear) for m in linears):  # (out, in) rows, stacked
+    int8 = all(isinstance(m, QuantLinear) for m in linears)
+    if int8:  # (out, in) rows, stacked
         parts, dim = [m.weight for m in linears], 0
-        scale = torch.cat([m.weight_scale for m in linears]).to(KERNEL_DTYPE)
     else:  # (in, out) columns side by side
-        parts, dim, scale = [m.weight.detach().t() for m in linears], 1, None
-    weight = _enclosing(parts, dim) if share or scale is not None else None
+        parts, dim = [m.weight.detach().t() for m in linears], 1
+    weight = _enclosing(parts, dim) if share or int8 else None
     if weight is None:
         weight = torch.cat(parts, dim=dim)
-        if share or scale is not None:
+        if share or int8:
             start = 0
             for m, part in zip(linears, parts):
                 view = weight.narrow(dim, start, part.shape[dim])
-                if scale is not None:
+                if int8:
                     m.weight = view
                 else:
                     m.weight.data = view.t()
                 start += part.shape[dim]
-    return _Projection(weight, bias, scale)
+    if not int8:
+        return _Projection(weight, bias)
+    # one module: its own kernel object (packed once, also used by forward); several: one for the stack
+    if len(linears) == 1 and int8_kernel is None:
+        matmul = linears[0].matmul()
+    else:
+        matmul = Int8Matmul(weight, torch.cat([m.weight_scale for m in linears]), int8_kernel)
+    return _Projection(weight, bias, matmul)
 
 
 @dataclass
@@ -147,6 +156,10 @@ class FusedDecoder:
         self.n_qk = (c.n_head + c.n_kv_head) * c.head_dim
         # share the weights' storage with the model unless it is being trained (module docstring)
         share = not any(p.requires_grad for p in model.parameters())
+        # torch.compile cannot trace fbgemm's packed weights (an opaque ScriptObject): compiled, int8
+        # projections take the bf16 kernel, which it can (quant.py)
+        kernel = "int8pack" if compile else None
+        fuse = partial(_fuse, share=share, int8_kernel=kernel)
         with torch.no_grad():
             self.layers = []
             for block in model.model.layers:
@@ -157,16 +170,17 @@ class FusedDecoder:
                                          attn.k_norm.weight.expand(c.n_kv_head, -1)])
                 self.layers.append(_LayerWeights(
                     attn_norm=block.input_layernorm.weight.detach(),
-                    qkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj], share), qk_norm=qk_norm,
-                    o=_fuse([attn.o_proj], share), mlp_norm=block.post_attention_layernorm.weight.detach(),
-                    gate_up=_fuse([mlp.gate_proj, mlp.up_proj], share), down=_fuse([mlp.down_proj], share)))
+                    qkv=fuse([attn.q_proj, attn.k_proj, attn.v_proj]), qk_norm=qk_norm,
+                    o=fuse([attn.o_proj]), mlp_norm=block.post_attention_layernorm.weight.detach(),
+                    gate_up=fuse([mlp.gate_proj, mlp.up_proj]), down=fuse([mlp.down_proj])))
             self.embed = model.model.embed_tokens  # a lookup: the module itself (float or int8 rows)
             self.final_norm = model.model.norm.weight.detach()
             if isinstance(model.lm_head, QuantTiedHead):
                 table = model.lm_head.table
-                self.head = _Projection(table.weight, scale=table.weight_scale.to(KERNEL_DTYPE))
+                int8 = table.matmul() if kernel is None else Int8Matmul(table.weight, table.weight_scale, kernel)
+                self.head = _Projection(table.weight, int8=int8)
             else:  # a tied float head shares the embedding's parameter, which then becomes the view too
-                self.head = _fuse([model.lm_head], share)
+                self.head = fuse([model.lm_head])
             device = model.model.norm.weight.device
             cos, sin = rotary_cos_sin(torch.arange(c.max_seq_len, device=device)[:, None], model.rope)
             self.rotary = torch.stack([cos[:, 0, 0], sin[:, 0, 0]], dim=1)  # (window, 2, head_dim), a row per step
