@@ -3,6 +3,7 @@ semantically unrelated and random demonstration labels.
 
     gptlab lab icl --model smollm2-135m-instruct --n 12 --seeds 3 --out runs/icl
     gptlab lab icl --sweep runs/sweep --out runs/icl-sweep
+    gptlab lab icl --base-url http://127.0.0.1:8000/v1 [--model-name NAME] [--model DIR] --out runs/icl-served
 
 Design decisions
 - Three classification tasks, short inputs so that 32 demonstrations fit a small context: the task
@@ -32,6 +33,10 @@ Design decisions
   that names task, condition, k, seed and the question (its text, hashed: another --n is another
   question set, so an index would be wrong); a rerun asks only the missing ones. Results are
   rebuilt from the cache: results.json, results.md and PNGs.
+- Models: `--model M [M ...]` in process, `--base-url URL` one served model (the app layer's
+  `add_llm_args`/`llm_from_args`; over HTTP every label is scored by `LLM.logprobs`, so the server must
+  return prompt log-probabilities, as `gptlab serve` and vLLM do), or `--sweep DIR`. In-process models
+  report their parameter count, so the flipped-label plot has model size on its x axis.
 - `--sweep DIR`: the scaling sweep's layout, each run a model directory at DIR/runs/<name>/model and
   DIR/sweep.json listing the runs (with n_params). Runs listed without a model directory, and folders
   under runs/ that are not model directories, are listed and skipped, one line each.
@@ -496,10 +501,13 @@ def plot_flipped(models: list[dict], path: Path) -> None:
     save_figure(fig, path, dpi=80)
 
 
-def run(models: list[tuple[str, str, int | None]], cfg: IclConfig) -> dict:
+def run(models: list[tuple[str | None, str | None, int | None]], cfg: IclConfig, open_model=None) -> dict:
+    """Every (name, spec, n_params) of `models`, opened one at a time by `open_model(spec)` (default:
+    `open_llm`); a name or n_params of None is the LLM's own name and, in process, its parameter count."""
     from ..apps.llm import open_llm
     from ..eval.stats import wilson_interval
 
+    open_model = open_model or open_llm
     unknown = [t for t in cfg.tasks if t not in TASK_BUILDERS]
     if unknown:
         raise GptlabError(f"unknown icl task {unknown[0]!r} (known: {', '.join(TASK_BUILDERS)})")
@@ -509,7 +517,10 @@ def run(models: list[tuple[str, str, int | None]], cfg: IclConfig) -> dict:
                          "n": cfg.n, "seeds": cfg.seeds},
               "labels": {t.name: list(t.labels) for t in tasks}, "models": []}
     for name, spec, n_params in models:
-        llm = open_llm(spec)
+        llm = open_model(spec)
+        name = name or llm.name
+        engine = getattr(llm, "engine", None)
+        n_params = n_params or (engine.model.num_params() if engine is not None else None)
         result = run_model(llm, name, tasks, cfg)
         model = {"name": name, "n_params": n_params, "context_window": llm.context_window,
                  "table": summarise(result["curves"], cfg.n), "notes": result["notes"], "labels": report["labels"]}
@@ -532,9 +543,16 @@ def run(models: list[tuple[str, str, int | None]], cfg: IclConfig) -> dict:
 
 
 def _cmd_icl(args: argparse.Namespace) -> None:
-    if bool(args.model) == bool(args.sweep):
-        raise GptlabError("give --model M [M ...] or --sweep DIR (one of them)")
-    if args.model:
+    from ..apps.llm import llm_from_args
+
+    if args.sweep and (args.model or args.base_url) or not (args.sweep or args.model or args.base_url):
+        raise GptlabError("give --model M [M ...], --base-url URL or --sweep DIR (one of them)")
+    if args.base_url:
+        if args.model and len(args.model) > 1:
+            raise GptlabError("--base-url is one served model: give at most one --model (its directory, for the "
+                              "tokenizer)")
+        models = [(args.model_name, args.model[0] if args.model else None, None)]
+    elif args.model:
         from ..apps.models import resolve_model_dir
 
         models = [(model_name(m), str(resolve_model_dir(m)), None) for m in args.model]
@@ -544,20 +562,26 @@ def _cmd_icl(args: argparse.Namespace) -> None:
     ks = tuple(sorted({int(k) for k in args.ks.split(",")}))
     if any(k < 0 or k > POOL_SIZE for k in ks):
         raise GptlabError(f"--ks must lie in 0..{POOL_SIZE}, got {args.ks}")
-    cfg = IclConfig(args.out, tuple(t.strip() for t in args.tasks.split(",")), CONDITIONS, ks, args.n, args.seeds)
+    conditions = tuple(c.strip() for c in args.conditions.split(","))
+    if not conditions or any(c not in CONDITIONS for c in conditions):
+        raise GptlabError(f"--conditions must be among {', '.join(CONDITIONS)}, got {args.conditions!r}")
+    cfg = IclConfig(args.out, tuple(t.strip() for t in args.tasks.split(",")), conditions, ks, args.n, args.seeds)
     if cfg.n < 1 or cfg.seeds < 1:
         raise GptlabError("--n and --seeds must be >= 1")
-    report = run(models, cfg)
+    report = run(models, cfg, lambda spec: llm_from_args(args, spec))
     print(markdown(report))
     print(f"wrote {Path(args.out) / 'results.md'}, results.json and PNGs")
 
 
 def register_lab(commands) -> None:
     p = commands.add_parser("icl", help="in-context learning: accuracy vs demonstrations, true/flipped/unrelated/random labels")
-    p.add_argument("--model", nargs="+", default=None, help="model directories or registry names")
+    from ..apps.llm import add_llm_args
+
+    add_llm_args(p, several=True)
     p.add_argument("--sweep", default=None, help="a scaling sweep folder (runs/<name>/model + sweep.json)")
     p.add_argument("--out", required=True, help="folder for answers/, results.{md,json} and PNGs")
     p.add_argument("--tasks", default=",".join(TASK_BUILDERS), help="comma-separated (default: %(default)s)")
+    p.add_argument("--conditions", default=",".join(CONDITIONS), help="label conditions (default: %(default)s)")
     p.add_argument("--ks", default=",".join(map(str, KS)), help="demonstration counts (default: %(default)s)")
     p.add_argument("--n", type=int, default=12, help="questions per task (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=3, help="demonstration orderings (default: %(default)s)")
