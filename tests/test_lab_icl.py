@@ -166,3 +166,18 @@ def test_base_url_and_conditions_errors(model_dir, tmp_path, capsys):
     assert "one of them" in capsys.readouterr().err
     assert cli_main(["lab", "icl", "--model", str(model_dir), "--conditions", "true,upside-down", "--out", str(tmp_path)]) == 2
     assert "--conditions must be among" in capsys.readouterr().err
+
+
+def test_flipped_following_separates_a_constant_answer_from_following():
+    task = icl.sentiment_task(4)
+    answers = {}
+    for item in task.test:  # a model that always says label 0, whatever the demonstrations
+        for condition in ("true", "flipped"):
+            key = icl.answer_key(task.name, condition, 4, 0, item.text)
+            answers[key] = {"pred": 0}
+    follows, changed, total = icl.flipped_following(answers, [task], 4, 1)
+    assert (follows, changed, total) == (0.5, 0.0, 4)  # "follows" half by chance, changes nothing
+    for item in task.test:  # a model that answers the flipped mapping after flipped demonstrations
+        answers[icl.answer_key(task.name, "true", 4, 0, item.text)] = {"pred": item.label}
+        answers[icl.answer_key(task.name, "flipped", 4, 0, item.text)] = {"pred": 1 - item.label}
+    assert icl.flipped_following(answers, [task], 4, 1) == (1.0, 1.0, 4)

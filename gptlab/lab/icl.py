@@ -368,17 +368,22 @@ def summarise(curves: dict, n: int) -> dict:
     return table
 
 
-def flipped_following(answers: dict, tasks: list[IclTask], k: int, seeds: int) -> tuple[float, int]:
-    """(share of answers that follow the flipped mapping, answers) at k, pooled over tasks and seeds."""
-    follows = total = 0
+def flipped_following(answers: dict, tasks: list[IclTask], k: int, seeds: int) -> tuple[float, float, int]:
+    """(share of answers that follow the flipped mapping, share that differ from the answer to the same
+    question after the same demonstrations with true labels, answers) at k, pooled over tasks and seeds.
+    The second is 0 for a model that ignores the demonstrations' labels: a model that always says one label
+    "follows" the flipped mapping on 1/L of the questions by the first measure alone."""
+    follows = changed = total = 0
     for task in tasks:
         for seed in range(seeds):
             for item in task.test:
                 record = answers.get(answer_key(task.name, "flipped", k, seed, item.text))
                 if record is not None:
                     follows += record["pred"] == (item.label + 1) % len(task.labels)
+                    true = answers.get(answer_key(task.name, "true", k, seed, item.text))
+                    changed += true is not None and true["pred"] != record["pred"]
                     total += 1
-    return (follows / total if total else 0.0), total
+    return (follows / total if total else 0.0), (changed / total if total else 0.0), total
 
 
 # ---- models and sweeps ------------------------------------------------------------------------------------
@@ -443,7 +448,8 @@ def markdown(report: dict) -> str:
         if model.get("flipped_following"):
             f = model["flipped_following"]
             lines += [f"Flipped labels at k={f['k']}: {f['rate']:.2f} of {f['answers']} answers follow the flipped "
-                      f"mapping (95% CI {f['ci'][0]:.2f}-{f['ci'][1]:.2f}).", ""]
+                      f"mapping (95% CI {f['ci'][0]:.2f}-{f['ci'][1]:.2f}); {f['changed']:.2f} differ from the answer after "
+                      f"the same demonstrations with true labels.", ""]
         lines += [f"- {note}" for note in model["notes"]] + ([""] if model["notes"] else [])
     return "\n".join(lines)
 
@@ -527,8 +533,8 @@ def run(models: list[tuple[str | None, str | None, int | None]], cfg: IclConfig,
         k_flip = max([k for k in cfg.ks if k > 0 and all(str(k) in model["table"][t.name].get("flipped", {})
                                                          for t in tasks)], default=None)
         if k_flip is not None and "flipped" in cfg.conditions:
-            rate, answers = flipped_following(result["answers"], tasks, k_flip, cfg.seeds)
-            model["flipped_following"] = {"k": k_flip, "rate": rate, "answers": answers,
+            rate, changed, answers = flipped_following(result["answers"], tasks, k_flip, cfg.seeds)
+            model["flipped_following"] = {"k": k_flip, "rate": rate, "changed": changed, "answers": answers,
                                           "ci": list(wilson_interval(rate * answers, answers))}
         report["models"].append(model)
         plot_model(model, out / f"icl_{name}.png")
