@@ -1,12 +1,13 @@
 """`gptlab lab scaling`: a sweep of model sizes x token budgets on the default mixture, a fitted scaling law
 L(N, D) = E + A/N^alpha + B/D^beta, and a prediction checked against a larger run trained afterwards.
 
-    gptlab lab scaling --budget-minutes 40 --out runs/scaling            # CPU: 6 sizes x 3 token budgets
-    gptlab lab scaling --budget-minutes 60 --out runs/scaling-gpu --preset gpu
+    gptlab lab scaling --budget-minutes 60 --out runs/scaling            # CPU: 6 sizes x 3 token budgets
+    gptlab lab scaling --out runs/scaling-gpu --preset gpu                # no budget check
 
 Sweep folder layout (read by `gptlab lab emergence`, `gptlab lab probes`, `gptlab lab icl`):
-    SWEEP/sweep.json          {"format": 1, "preset", "budget_minutes", "tokenizer", "data_dir", "seq_len",
-                               "batch_tokens", "runs": [RUN, ...], "fit": {...}, "prediction": {...}}
+    SWEEP/sweep.json          {"format": 1, "preset", "preset_fields", "budget_minutes", "tokenizer", "data_dir",
+                               "seq_len", "batch_tokens", "runs": [RUN, ...], "fit": {"law", "intervals", "form",
+                               "backtest", ...}, "prediction": {"predicted", "interval", "measured", ...}}
                               RUN = {"name", "role": "fit" | "target", "depth", "width", "steps", "tokens",
                                      "n_params" (total, tied embedding counted once),
                                      "n_params_nonembedding", "flops" (model.flops_per_token x tokens),
