@@ -78,7 +78,10 @@ def test_plan_is_fixed_by_the_preset_and_the_budget_only_checked():
     assert target["flops"] >= 4 * max(r["flops"] for r in grid) > 0.9 * target["flops"] / 4 * 4
     assert shape_stats(MICRO, 2, 64, 400)["n_params"] > shape_stats(MICRO, 1, 64, 400)["n_params"]
     cpu = plan_sweep(PRESETS["cpu"], 1024)  # the CPU preset's plan, whatever the machine
-    assert len(cpu) == 19 and sorted({r["steps"] for r in cpu[:-1]}) == [128, 256, 512]
+    assert len(cpu) == 19 and [r["steps"] for r in cpu[:3]] == [128, 256, 512]
+    assert [r["steps"] for r in cpu[-4:-1]] == [64, 128, 256]  # the largest sizes: half the steps
+    largest = max(cpu[:-1], key=lambda r: r["flops"])
+    assert largest["name"] == "d3w192-256s" and 4 <= cpu[-1]["flops"] / largest["flops"] < 4.01
     seconds = {s: 1.0 for s in (*MICRO.shapes, MICRO.target_shape)}
     minutes = estimate_minutes(MICRO, runs, seconds)
     assert minutes == pytest.approx(sum(4.0 + r["steps"] + 2 / 3 for r in runs) / 60)

@@ -27,7 +27,10 @@ Design decisions
   (Hoffmann et al. 2022 found that a schedule longer than the run overstates the loss).
 - The plan is fixed by the preset, not by the machine: `base_steps` and the token levels (multiples of it)
   give every grid run's steps, and the target's steps follow from the compute ratio, so a rerun on another
-  machine trains the same runs and gets the same losses (up to float noise). `--budget-minutes` is only
+  machine trains the same runs and gets the same losses (up to float noise). The CPU preset's two largest
+  sizes train at half the steps of the others (64-256 against 128-512): larger models get fewer tokens, as
+  along an IsoFLOP line, so the grid's largest-compute run is smaller, the target (4x it) fits 2 loaded
+  cores, and the grid's longest budget is 65% of the target's tokens (32% in session 10's product grid). `--budget-minutes` is only
   checked: a few optimizer steps of every size are timed on this machine, and a budget below the plan's
   estimated time is refused, naming that minimum (the estimate is for the machine as loaded at that
   moment). The plan is written to sweep.json once, so a rerun continues it (another preset for an existing
@@ -83,7 +86,7 @@ SWEEP_FORMAT = 1
 class SweepPreset:
     shapes: tuple[tuple[int, int], ...]  # (depth, width) of the grid's models, smallest first
     target_shape: tuple[int, int]  # the prediction run's model, one size up
-    token_levels: tuple[int, ...]  # token budgets as multiples of the base step count
+    token_levels: tuple[int, ...]  # token budgets as multiples of base_steps
     seq_len: int
     batch_size: int
     vocab_size: int
@@ -92,14 +95,20 @@ class SweepPreset:
     base_steps: int  # the grid's shortest runs; the other token levels are multiples of it
     eval_batches: int
     target_compute_ratio: float = 4.0
+    top_shapes: int = 0  # the largest sizes that train at `top_levels` instead of `token_levels`
+    top_levels: tuple[int, ...] = ()
     device: str = "auto"
+
+    def levels(self, shape: tuple[int, int]) -> tuple[int, ...]:
+        large = self.top_shapes and shape in self.shapes[-self.top_shapes:]
+        return self.top_levels if large else self.token_levels
 
 
 PRESETS = {
     # 2 CPU cores: 53k to 1.3M non-embedding parameters, a 1k vocabulary, 1k-token batches
     "cpu": SweepPreset(shapes=((1, 64), (2, 64), (1, 128), (2, 128), (2, 192), (3, 192)), target_shape=(4, 192),
-                       token_levels=(1, 2, 4), seq_len=128, batch_size=8, vocab_size=1024, max_bytes=12_000_000,
-                       lr=3e-3, base_steps=128, eval_batches=32),
+                       token_levels=(2, 4, 8), top_shapes=2, top_levels=(1, 2, 4), seq_len=128, batch_size=8,
+                       vocab_size=1024, max_bytes=12_000_000, lr=3e-3, base_steps=64, eval_batches=32),
     # one GPU: 0.4M to 57M non-embedding parameters, the whole mixture, 64k-token batches
     "gpu": SweepPreset(shapes=((2, 128), (3, 192), (4, 256), (6, 384), (8, 512), (10, 640)), target_shape=(12, 768),
                        token_levels=(1, 2, 4, 8), seq_len=512, batch_size=128, vocab_size=8192, max_bytes=None,
@@ -161,7 +170,7 @@ def plan_sweep(preset: SweepPreset, vocab_size: int) -> list[dict[str, Any]]:
     then the target run with >= `target_compute_ratio` x the compute of the largest grid run."""
     stats = {s: shape_stats(preset, *s, vocab_size) for s in (*preset.shapes, preset.target_shape)}
     runs = [_run_record(preset, shape, preset.base_steps * level, stats[shape], "fit")
-            for shape in preset.shapes for level in preset.token_levels]
+            for shape in preset.shapes for level in preset.levels(shape)]
     largest = max(r["flops"] for r in runs)
     target_flops_per_step = stats[preset.target_shape]["flops_per_token"] * preset.batch_size * preset.seq_len
     target_steps = math.ceil(preset.target_compute_ratio * largest / target_flops_per_step)
@@ -180,7 +189,8 @@ def check_budget(budget_minutes: float, minutes: float, preset: SweepPreset) -> 
     if budget_minutes < minutes:
         raise GptlabError(f"--budget-minutes {budget_minutes:g} is too small for this sweep: it needs at least "
                           f"{math.ceil(minutes)} minutes on this machine as loaded now ({len(preset.shapes)} sizes x "
-                          f"{len(preset.token_levels)} token budgets from {preset.base_steps} steps, plus the "
+                          f"{len(preset.token_levels)} token budgets of {preset.base_steps} steps x "
+                          f"{'/'.join(map(str, preset.token_levels))}, plus the "
                           f"prediction run at {preset.target_compute_ratio:g}x the largest run's compute)")
 
 
@@ -259,7 +269,8 @@ def stored_preset(state: dict) -> SweepPreset:
     # sweeps planned from a budget (before base_steps existed): the shortest grid run is the base
     fields.setdefault("base_steps", min(r["steps"] for r in state["runs"] if r["role"] == "fit"))
     return SweepPreset(**{**fields, "shapes": tuple(map(tuple, fields["shapes"])),
-                          "target_shape": tuple(fields["target_shape"]), "token_levels": tuple(fields["token_levels"])})
+                          "target_shape": tuple(fields["target_shape"]), "token_levels": tuple(fields["token_levels"]),
+                          "top_levels": tuple(fields.get("top_levels", ()))})
 
 
 def save_state(sweep: Path, state: dict) -> None:
