@@ -445,8 +445,7 @@ def markdown(report: dict) -> str:
                          if str(k) in by_k else "-" for k in ks]
                 lines.append(f"| {condition} | " + " | ".join(cells) + " |")
             lines.append("")
-        if model.get("flipped_following"):
-            f = model["flipped_following"]
+        for f in model.get("flipped_by_k", {}).values():
             lines += [f"Flipped labels at k={f['k']}: {f['rate']:.2f} of {f['answers']} answers follow the flipped "
                       f"mapping (95% CI {f['ci'][0]:.2f}-{f['ci'][1]:.2f}); {f['changed']:.2f} differ from the answer after "
                       f"the same demonstrations with true labels.", ""]
@@ -481,7 +480,8 @@ def plot_model(model: dict, path: Path) -> None:
 
 
 def plot_flipped(models: list[dict], path: Path) -> None:
-    """Accuracy under flipped labels against model size (or order), one line per task at its largest k."""
+    """Against model size (or order): the share of answers that flipped demonstration labels changed, pooled
+    over tasks, one line per k (a model whose context stops earlier has no point at the larger k)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -489,20 +489,19 @@ def plot_flipped(models: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     xs = [m.get("n_params") or i + 1 for i, m in enumerate(models)]
-    for task in models[0]["table"]:
-        ys = []
-        for m in models:
-            by_k = m["table"].get(task, {}).get("flipped", {})
-            ys.append(by_k[max(by_k, key=int)]["mean"] if by_k else float("nan"))
-        ax.plot(xs, ys, marker="o", ls="-" if len(set(xs)) == len(xs) else "none", label=task)
+    ks = sorted({int(k) for m in models for k in m.get("flipped_by_k", {})})
+    for k in ks:
+        ys = [m.get("flipped_by_k", {}).get(str(k), {}).get("changed", float("nan")) for m in models]
+        ax.plot(xs, ys, marker="o", ls="-" if len(set(xs)) == len(xs) else "none", label=f"k={k}")
     if all(m.get("n_params") for m in models):
         ax.set_xscale("log")
         ax.set_xlabel("parameters")
     else:
         ax.set_xticks(xs, [m["name"] for m in models], rotation=30, fontsize=7)
-    ax.axhline(0.5, color="grey", ls=":", lw=1)
-    ax.set_ylabel("accuracy with flipped labels (largest k)")
-    ax.set_title("following flipped labels: lower = follows the demonstrations", fontsize=9)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("answers changed by flipped labels")
+    ax.set_title("following flipped labels: share of answers that differ from\nthe same demonstrations with "
+                 "true labels (0: labels ignored)", fontsize=8)
     ax.legend(fontsize=7)
     save_figure(fig, path, dpi=80)
 
@@ -530,12 +529,16 @@ def run(models: list[tuple[str | None, str | None, int | None]], cfg: IclConfig,
         result = run_model(llm, name, tasks, cfg)
         model = {"name": name, "n_params": n_params, "context_window": llm.context_window,
                  "table": summarise(result["curves"], cfg.n), "notes": result["notes"], "labels": report["labels"]}
-        k_flip = max([k for k in cfg.ks if k > 0 and all(str(k) in model["table"][t.name].get("flipped", {})
-                                                         for t in tasks)], default=None)
-        if k_flip is not None and "flipped" in cfg.conditions:
-            rate, changed, answers = flipped_following(result["answers"], tasks, k_flip, cfg.seeds)
-            model["flipped_following"] = {"k": k_flip, "rate": rate, "changed": changed, "answers": answers,
-                                          "ci": list(wilson_interval(rate * answers, answers))}
+        flip_ks = [k for k in cfg.ks if k > 0 and all(str(k) in model["table"][t.name].get("flipped", {})
+                                                      for t in tasks)]
+        if flip_ks and "flipped" in cfg.conditions:
+            # every k that all tasks reach: models of different context lengths compare at the same k
+            model["flipped_by_k"] = {}
+            for k in flip_ks:
+                rate, changed, answers = flipped_following(result["answers"], tasks, k, cfg.seeds)
+                model["flipped_by_k"][str(k)] = {"k": k, "rate": rate, "changed": changed, "answers": answers,
+                                                 "ci": list(wilson_interval(rate * answers, answers))}
+            model["flipped_following"] = model["flipped_by_k"][str(flip_ks[-1])]
         report["models"].append(model)
         plot_model(model, out / f"icl_{name}.png")
         del llm
