@@ -85,9 +85,9 @@ def test_plan_is_fixed_by_the_preset_and_the_budget_only_checked():
     seconds = {s: 1.0 for s in (*MICRO.shapes, MICRO.target_shape)}
     minutes = estimate_minutes(MICRO, runs, seconds)
     assert minutes == pytest.approx(sum(4.0 + r["steps"] + 2 / 3 for r in runs) / 60)
-    with pytest.raises(GptlabError, match=r"--budget-minutes 0.1 is too small.*at least \d+ minutes"):
-        check_budget(0.1, minutes, MICRO)
-    check_budget(minutes + 0.01, minutes, MICRO)
+    with pytest.raises(GptlabError, match=r"--budget-minutes 0.1 is too small.*at least \d+ minutes.*5 runs left"):
+        check_budget(0.1, minutes, runs)
+    check_budget(minutes + 0.01, minutes, runs)
 
 
 def test_backtest_picks_the_form_with_an_irreducible_term_when_the_runs_have_one():

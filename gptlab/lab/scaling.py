@@ -185,13 +185,12 @@ def estimate_minutes(preset: SweepPreset, runs: list[dict], step_seconds: dict[t
     return seconds / 60
 
 
-def check_budget(budget_minutes: float, minutes: float, preset: SweepPreset) -> None:
+def check_budget(budget_minutes: float, minutes: float, runs: list[dict]) -> None:
     if budget_minutes < minutes:
+        steps = [r["steps"] for r in runs]
         raise GptlabError(f"--budget-minutes {budget_minutes:g} is too small for this sweep: it needs at least "
-                          f"{math.ceil(minutes)} minutes on this machine as loaded now ({len(preset.shapes)} sizes x "
-                          f"{len(preset.token_levels)} token budgets of {preset.base_steps} steps x "
-                          f"{'/'.join(map(str, preset.token_levels))}, plus the "
-                          f"prediction run at {preset.target_compute_ratio:g}x the largest run's compute)")
+                          f"{math.ceil(minutes)} minutes on this machine as loaded now ({len(runs)} runs left, "
+                          f"{min(steps)} to {max(steps)} steps)")
 
 
 def _run_record(preset: SweepPreset, shape, steps: int, stats: dict, role: str) -> dict[str, Any]:
@@ -502,7 +501,7 @@ def run_sweep(out: str | Path, budget_minutes: float | None = None, preset_name:
         state["step_seconds"] = {f"d{d}w{w}": s for (d, w), s in seconds.items()}
         log.info("%d runs left, estimated %.1f minutes on this machine (step times %s)", len(left), minutes,
                  ", ".join(f"{k} {v:.3f}s" for k, v in state["step_seconds"].items()))
-        check_budget(budget_minutes, minutes, preset)
+        check_budget(budget_minutes, minutes, left)
     save_state(sweep, state)
     grid = [r for r in state["runs"] if r["role"] == "fit"]
     target = next(r for r in state["runs"] if r["role"] == "target")
