@@ -45,8 +45,9 @@ Design decisions
   decided by a backtest on the grid alone, before the target exists: each form is fitted without the grid's
   largest-compute runs and scored on them (the same kind of extrapolation as the target's: a larger model,
   more tokens); the form with the smaller mean absolute error is refitted on the whole grid and predicts.
-  Session 10's sweep (free E only) predicted +6.3% too high: E came out at 3.1 nats, far above what text
-  allows, and flattened the D curve.
+  Session 10's sweep (free E only) predicted +6.3% too high with E at 3.1 nats/token (1.8 bits per byte,
+  above Shannon's ~1 bit per character of English), which flattened the D curve; on session 11's grid the
+  free fit itself puts E at ~0 and both forms tie (docs/lab.md).
 - N is the total parameter count (Hoffmann et al. 2022; with a 1k-token vocabulary the embedding is a large
   share of a tiny model, and leaving it out bends the law, Pearce & Song 2024); the non-embedding count is
   recorded too (Kaplan et al. 2020's N). Compute is C = 6 N D for the frontier, as in the fitted law.
