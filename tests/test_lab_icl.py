@@ -1,6 +1,7 @@
 """In-context learning lab (gptlab.lab.icl): the tasks (balanced, demonstrations disjoint from questions), the
 label conditions, the prefix-reusing scorer against LLM.logprobs, the context stop, resuming from the answer
-cache, the sweep layout with missing and foreign runs, and the CLI. A tiny random-init model: these tests
+cache, the sweep layout with missing and foreign runs, a served model (--base-url) answering as in process,
+and the CLI. A tiny random-init model: these tests
 check the machinery, not the accuracy."""
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import shutil
 
 import pytest
 
-from _serve_helpers import make_model_dir
+from _serve_helpers import LiveServer, load_engine, make_model_dir
 from gptlab.apps.llm import LocalLLM
 from gptlab.cli import main as cli_main
 from gptlab.common import GptlabError
 from gptlab.lab import icl
+from gptlab.serve.app import create_app
+from gptlab.serve.state import ServeConfig
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +136,48 @@ def test_cli_errors(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
     with pytest.raises(GptlabError, match="unknown icl task"):
         icl.run([], icl.IclConfig(str(tmp_path), ("nope",)))
+
+
+def test_served_model_answers_as_in_process(model_dir, tmp_path):
+    args = ["--tasks", "sentiment", "--conditions", "true,flipped", "--ks", "0,2", "--n", "2", "--seeds", "1"]
+    assert cli_main(["lab", "icl", "--model", str(model_dir), "--threads", "1", "--out", str(tmp_path / "local"),
+                     *args]) == 0
+    live = LiveServer(create_app(load_engine(model_dir), ServeConfig(model_name="tiny-served")))
+    try:  # without the tokenizer: the server's own prompt log-probabilities, matched by text offsets
+        assert cli_main(["lab", "icl", "--base-url", live.url, "--out", str(tmp_path / "http"), *args]) == 0
+    finally:
+        live.stop()
+    local = json.loads((tmp_path / "local" / "results.json").read_text())["models"][0]
+    served = json.loads((tmp_path / "http" / "results.json").read_text())["models"][0]
+    assert served["name"] == "tiny-served" and served["n_params"] is None and local["n_params"] > 0
+    assert set(served["table"]["sentiment"]) == {"true", "flipped"}
+    answers = [{r["key"]: r["scores"] for r in map(json.loads, (tmp_path / where / "answers" / f"{name}.jsonl")
+                                                   .read_text().splitlines())}
+               for where, name in (("local", local["name"]), ("http", "tiny-served"))]
+    assert answers[0].keys() == answers[1].keys() and len(answers[0]) == 2 + 2 * 2  # k=0 shared, then k=2 each
+    for key, scores in answers[0].items():
+        assert answers[1][key] == pytest.approx(scores, abs=1e-3), key
+
+
+def test_base_url_and_conditions_errors(model_dir, tmp_path, capsys):
+    assert cli_main(["lab", "icl", "--base-url", "http://127.0.0.1:9", "--model", "a", "b", "--out", str(tmp_path)]) == 2
+    assert "one served model" in capsys.readouterr().err
+    assert cli_main(["lab", "icl", "--base-url", "http://x", "--sweep", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "one of them" in capsys.readouterr().err
+    assert cli_main(["lab", "icl", "--model", str(model_dir), "--conditions", "true,upside-down", "--out", str(tmp_path)]) == 2
+    assert "--conditions must be among" in capsys.readouterr().err
+
+
+def test_flipped_following_separates_a_constant_answer_from_following():
+    task = icl.sentiment_task(4)
+    answers = {}
+    for item in task.test:  # a model that always says label 0, whatever the demonstrations
+        for condition in ("true", "flipped"):
+            key = icl.answer_key(task.name, condition, 4, 0, item.text)
+            answers[key] = {"pred": 0}
+    follows, changed, total = icl.flipped_following(answers, [task], 4, 1)
+    assert (follows, changed, total) == (0.5, 0.0, 4)  # "follows" half by chance, changes nothing
+    for item in task.test:  # a model that answers the flipped mapping after flipped demonstrations
+        answers[icl.answer_key(task.name, "true", 4, 0, item.text)] = {"pred": item.label}
+        answers[icl.answer_key(task.name, "flipped", 4, 0, item.text)] = {"pred": 1 - item.label}
+    assert icl.flipped_following(answers, [task], 4, 1) == (1.0, 1.0, 4)

@@ -1,5 +1,6 @@
-"""The scaling lab: the fit recovers known constants (float64 reference), a micro sweep runs, resumes after a
-kill and keeps finished runs, a too-small budget and bad sweep folders get clear messages."""
+"""The scaling lab: the fit recovers known constants (float64 reference), the backtest picks the form that
+extrapolates, a micro sweep runs, resumes after a kill and keeps finished runs, the plan is fixed by the
+preset, a too-small budget and bad sweep folders get clear messages."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import pytest
 
 from _pretrain_data import make_dataset
 from gptlab.common import GptlabError
-from gptlab.lab.scaling import (SweepPreset, finished_runs, load_state, plan_sweep, run_sweep, shape_stats)
+from gptlab.lab.scaling import (PRESETS, SweepPreset, check_budget, choose_fit, estimate_minutes, finished_runs,
+                                load_state, plan_sweep, run_sweep, shape_stats)
 from gptlab.train.pretrain import PretrainConfig
 from gptlab.lab.scaling_fit import ScalingLaw, bootstrap_laws, fit_scaling_law, intervals, objective
 
@@ -24,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRUE = ScalingLaw(E=1.7, A=300.0, B=800.0, alpha=0.32, beta=0.27)
 SMALL_GRID = {"a": (2.0, 8.0), "b": (2.0, 8.0), "e": (0.0,), "alpha": (0.3,), "beta": (0.3,)}
 MICRO = SweepPreset(shapes=((1, 64), (2, 64)), target_shape=(3, 64), token_levels=(1, 2), seq_len=32,
-                    batch_size=4, vocab_size=400, max_bytes=None, lr=3e-3, min_steps=3, eval_batches=2, max_steps=4,
+                    batch_size=4, vocab_size=400, max_bytes=None, lr=3e-3, base_steps=4, eval_batches=2,
                     device="cpu")
 
 
@@ -69,15 +71,35 @@ def test_compute_optimal_allocation_minimises_loss_at_fixed_compute():
         assert TRUE.loss(n_opt * factor, c / 6 / (n_opt * factor)) > best
 
 
-def test_budget_too_small_names_the_minimum():
-    seconds = {s: 1.0 for s in (*MICRO.shapes, MICRO.target_shape)}
-    with pytest.raises(GptlabError, match=r"too small.*at least \d+ minutes"):
-        plan_sweep(MICRO, 0.1, 400, seconds)
-    runs = plan_sweep(MICRO, 5, 400, seconds)
+def test_plan_is_fixed_by_the_preset_and_the_budget_only_checked():
+    runs = plan_sweep(MICRO, 400)
     grid, target = runs[:-1], runs[-1]
-    assert len(grid) == 4 and target["role"] == "target"
-    assert target["flops"] >= 4 * max(r["flops"] for r in grid)
+    assert [r["steps"] for r in grid] == [4, 8, 4, 8] and target["role"] == "target"
+    assert target["flops"] >= 4 * max(r["flops"] for r in grid) > 0.9 * target["flops"] / 4 * 4
     assert shape_stats(MICRO, 2, 64, 400)["n_params"] > shape_stats(MICRO, 1, 64, 400)["n_params"]
+    cpu = plan_sweep(PRESETS["cpu"], 1024)  # the CPU preset's plan, whatever the machine
+    assert len(cpu) == 19 and [r["steps"] for r in cpu[:3]] == [128, 256, 512]
+    assert [r["steps"] for r in cpu[-4:-1]] == [64, 128, 256]  # the largest sizes: half the steps
+    largest = max(cpu[:-1], key=lambda r: r["flops"])
+    assert largest["name"] == "d3w192-256s" and 4 <= cpu[-1]["flops"] / largest["flops"] < 4.01
+    seconds = {s: 1.0 for s in (*MICRO.shapes, MICRO.target_shape)}
+    minutes = estimate_minutes(MICRO, runs, seconds)
+    assert minutes == pytest.approx(sum(4.0 + r["steps"] + 2 / 3 for r in runs) / 60)
+    with pytest.raises(GptlabError, match=r"--budget-minutes 0.1 is too small.*at least \d+ minutes.*5 runs left"):
+        check_budget(0.1, minutes, runs)
+    check_budget(minutes + 0.01, minutes, runs)
+
+
+def test_backtest_picks_the_form_with_an_irreducible_term_when_the_runs_have_one():
+    n, d = grid_points()
+    loss = TRUE.loss(n, d) * np.exp(np.random.default_rng(1).normal(0, 0.002, n.shape))
+    runs = [{"name": f"r{i}", "n_params": a, "tokens": b, "val_loss": c, "flops": 6 * a * b}
+            for i, (a, b, c) in enumerate(zip(n, d, loss))]
+    fit = choose_fit(runs, bootstrap=3, fit_grid=SMALL_GRID)
+    forms = fit["backtest"]["forms"]
+    assert fit["form"] == "E free" and forms["E free"]["mean_abs_error_pct"] < forms["no E"]["mean_abs_error_pct"]
+    assert forms["E free"]["mean_abs_error_pct"] < 0.5 and len(fit["backtest"]["held_out"]) == 2
+    assert fit["law"]["E"] > 0.5 and fit["runs"] == [r["name"] for r in runs]  # refitted on every run
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +109,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 def _sweep_command(out: Path, data_dir: Path) -> list[str]:
     script = ("import sys; from gptlab.lab.scaling import run_sweep; from test_lab_scaling import MICRO, SMALL_GRID; "
-              "run_sweep(sys.argv[1], 1, data_dir=sys.argv[2], preset=MICRO, bootstrap=5, fit_grid=SMALL_GRID)")
+              "run_sweep(sys.argv[1], None, data_dir=sys.argv[2], preset=MICRO, bootstrap=5, fit_grid=SMALL_GRID)")
     return [sys.executable, "-c", script, str(out), str(data_dir)]
 
 
@@ -106,7 +128,7 @@ def test_micro_sweep_resumes_after_a_kill(data_dir, tmp_path):
     assert first, "the sweep recorded no finished run before it was killed"
     kept = {r["name"]: (out / "runs" / r["name"] / "model" / "model.safetensors").stat().st_mtime_ns for r in first}
 
-    state = run_sweep(out, 1, data_dir=data_dir, preset=MICRO, bootstrap=5, fit_grid=SMALL_GRID)
+    state = run_sweep(out, 60, data_dir=data_dir, preset=MICRO, bootstrap=5, fit_grid=SMALL_GRID)
     assert all(r["done"] for r in state["runs"]) and len(state["runs"]) == 5
     for name, mtime in kept.items():  # finished runs were not trained again
         assert (out / "runs" / name / "model" / "model.safetensors").stat().st_mtime_ns == mtime
@@ -122,8 +144,9 @@ def test_micro_sweep_resumes_after_a_kill(data_dir, tmp_path):
     # the runs keep intermediate checkpoints for the probes across training
     assert len(list((out / "runs" / state["runs"][0]["name"] / "checkpoints").glob("step_*"))) >= 2
 
-    with pytest.raises(GptlabError, match="planned with"):  # another budget for the same folder
-        run_sweep(out, 0.7, data_dir=data_dir, preset=MICRO)
+    assert pred["run"] == state["runs"][-1]["name"] and state["fit"]["form"] in ("E free", "no E")
+    with pytest.raises(GptlabError, match="planned with --preset cpu"):  # another preset for the same folder
+        run_sweep(out, None, "gpu", data_dir=data_dir)
 
 
 def test_bad_sweep_folders(tmp_path, caplog):

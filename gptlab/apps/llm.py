@@ -197,12 +197,14 @@ def open_llm(model: str | None = None, base_url: str | None = None, model_name: 
     return HttpLLM(base_url, model_name=model_name, api_key=api_key, **kw)
 
 
-def add_llm_args(parser: argparse.ArgumentParser) -> None:
-    """The flags that choose an LLM: --model DIR|NAME, or --base-url URL [--model-name] [--api-key]."""
+def add_llm_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    """The flags that choose an LLM: --model DIR|NAME, or --base-url URL [--model-name] [--api-key].
+    `several`: --model takes one or more (a command that compares models opens each with `llm_from_args`)."""
     g = parser.add_argument_group("model (in process with --model, or a server with --base-url)")
-    g.add_argument("--model", default=None,
-                   help="model directory or registry name (`gptlab models list`); with --base-url: the served "
-                        "model's directory, for its tokenizer (exact token counts, chat log-probabilities)")
+    g.add_argument("--model", default=None, nargs="+" if several else None,
+                   help="model directory or registry name (`gptlab models list`)" + (" (one or more)" if several else "")
+                        + "; with --base-url: the served model's directory, for its tokenizer (exact token counts, "
+                          "chat log-probabilities)")
     g.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     g.add_argument("--model-name", default=None, help="model id on the server (default: the only one it serves)")
     g.add_argument("--api-key", default=None, help="API key for --base-url (default: $OPENAI_API_KEY)")
@@ -211,8 +213,10 @@ def add_llm_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", choices=["int8"], default=None, help="quantize --model's weights as they load")
 
 
-def llm_from_args(args: argparse.Namespace) -> LLM:
+def llm_from_args(args: argparse.Namespace, model: str | None = None) -> LLM:
+    """The LLM the flags choose; `model` replaces --model (one of several)."""
+    model = args.model if model is None else model
     if args.base_url is not None:
-        return open_llm(args.model, base_url=args.base_url, model_name=args.model_name, api_key=args.api_key)
-    return open_llm(args.model, model_name=args.model_name, device=args.device, threads=args.threads,
+        return open_llm(model, base_url=args.base_url, model_name=args.model_name, api_key=args.api_key)
+    return open_llm(model, model_name=args.model_name, device=args.device, threads=args.threads,
                     quantize=getattr(args, "quantize", None))

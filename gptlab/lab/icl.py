@@ -3,6 +3,7 @@ semantically unrelated and random demonstration labels.
 
     gptlab lab icl --model smollm2-135m-instruct --n 12 --seeds 3 --out runs/icl
     gptlab lab icl --sweep runs/sweep --out runs/icl-sweep
+    gptlab lab icl --base-url http://127.0.0.1:8000/v1 [--model-name NAME] [--model DIR] --out runs/icl-served
 
 Design decisions
 - Three classification tasks, short inputs so that 32 demonstrations fit a small context: the task
@@ -32,6 +33,10 @@ Design decisions
   that names task, condition, k, seed and the question (its text, hashed: another --n is another
   question set, so an index would be wrong); a rerun asks only the missing ones. Results are
   rebuilt from the cache: results.json, results.md and PNGs.
+- Models: `--model M [M ...]` in process, `--base-url URL` one served model (the app layer's
+  `add_llm_args`/`llm_from_args`; over HTTP every label is scored by `LLM.logprobs`, so the server must
+  return prompt log-probabilities, as `gptlab serve` and vLLM do), or `--sweep DIR`. In-process models
+  report their parameter count, so the flipped-label plot has model size on its x axis.
 - `--sweep DIR`: the scaling sweep's layout, each run a model directory at DIR/runs/<name>/model and
   DIR/sweep.json listing the runs (with n_params). Runs listed without a model directory, and folders
   under runs/ that are not model directories, are listed and skipped, one line each.
@@ -363,17 +368,22 @@ def summarise(curves: dict, n: int) -> dict:
     return table
 
 
-def flipped_following(answers: dict, tasks: list[IclTask], k: int, seeds: int) -> tuple[float, int]:
-    """(share of answers that follow the flipped mapping, answers) at k, pooled over tasks and seeds."""
-    follows = total = 0
+def flipped_following(answers: dict, tasks: list[IclTask], k: int, seeds: int) -> tuple[float, float, int]:
+    """(share of answers that follow the flipped mapping, share that differ from the answer to the same
+    question after the same demonstrations with true labels, answers) at k, pooled over tasks and seeds.
+    The second is 0 for a model that ignores the demonstrations' labels: a model that always says one label
+    "follows" the flipped mapping on 1/L of the questions by the first measure alone."""
+    follows = changed = total = 0
     for task in tasks:
         for seed in range(seeds):
             for item in task.test:
                 record = answers.get(answer_key(task.name, "flipped", k, seed, item.text))
                 if record is not None:
                     follows += record["pred"] == (item.label + 1) % len(task.labels)
+                    true = answers.get(answer_key(task.name, "true", k, seed, item.text))
+                    changed += true is not None and true["pred"] != record["pred"]
                     total += 1
-    return (follows / total if total else 0.0), total
+    return (follows / total if total else 0.0), (changed / total if total else 0.0), total
 
 
 # ---- models and sweeps ------------------------------------------------------------------------------------
@@ -435,10 +445,10 @@ def markdown(report: dict) -> str:
                          if str(k) in by_k else "-" for k in ks]
                 lines.append(f"| {condition} | " + " | ".join(cells) + " |")
             lines.append("")
-        if model.get("flipped_following"):
-            f = model["flipped_following"]
+        for f in model.get("flipped_by_k", {}).values():
             lines += [f"Flipped labels at k={f['k']}: {f['rate']:.2f} of {f['answers']} answers follow the flipped "
-                      f"mapping (95% CI {f['ci'][0]:.2f}-{f['ci'][1]:.2f}).", ""]
+                      f"mapping (95% CI {f['ci'][0]:.2f}-{f['ci'][1]:.2f}); {f['changed']:.2f} differ from the answer after "
+                      f"the same demonstrations with true labels.", ""]
         lines += [f"- {note}" for note in model["notes"]] + ([""] if model["notes"] else [])
     return "\n".join(lines)
 
@@ -470,7 +480,8 @@ def plot_model(model: dict, path: Path) -> None:
 
 
 def plot_flipped(models: list[dict], path: Path) -> None:
-    """Accuracy under flipped labels against model size (or order), one line per task at its largest k."""
+    """Against model size (or order): the share of answers that flipped demonstration labels changed, pooled
+    over tasks, one line per k (a model whose context stops earlier has no point at the larger k)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -478,28 +489,30 @@ def plot_flipped(models: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     xs = [m.get("n_params") or i + 1 for i, m in enumerate(models)]
-    for task in models[0]["table"]:
-        ys = []
-        for m in models:
-            by_k = m["table"].get(task, {}).get("flipped", {})
-            ys.append(by_k[max(by_k, key=int)]["mean"] if by_k else float("nan"))
-        ax.plot(xs, ys, marker="o", ls="-" if len(set(xs)) == len(xs) else "none", label=task)
+    ks = sorted({int(k) for m in models for k in m.get("flipped_by_k", {})})
+    for k in ks:
+        ys = [m.get("flipped_by_k", {}).get(str(k), {}).get("changed", float("nan")) for m in models]
+        ax.plot(xs, ys, marker="o", ls="-" if len(set(xs)) == len(xs) else "none", label=f"k={k}")
     if all(m.get("n_params") for m in models):
         ax.set_xscale("log")
         ax.set_xlabel("parameters")
     else:
         ax.set_xticks(xs, [m["name"] for m in models], rotation=30, fontsize=7)
-    ax.axhline(0.5, color="grey", ls=":", lw=1)
-    ax.set_ylabel("accuracy with flipped labels (largest k)")
-    ax.set_title("following flipped labels: lower = follows the demonstrations", fontsize=9)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("answers changed by flipped labels")
+    ax.set_title("following flipped labels: share of answers that differ from\nthe same demonstrations with "
+                 "true labels (0: labels ignored)", fontsize=8)
     ax.legend(fontsize=7)
     save_figure(fig, path, dpi=80)
 
 
-def run(models: list[tuple[str, str, int | None]], cfg: IclConfig) -> dict:
+def run(models: list[tuple[str | None, str | None, int | None]], cfg: IclConfig, open_model=None) -> dict:
+    """Every (name, spec, n_params) of `models`, opened one at a time by `open_model(spec)` (default:
+    `open_llm`); a name or n_params of None is the LLM's own name and, in process, its parameter count."""
     from ..apps.llm import open_llm
     from ..eval.stats import wilson_interval
 
+    open_model = open_model or open_llm
     unknown = [t for t in cfg.tasks if t not in TASK_BUILDERS]
     if unknown:
         raise GptlabError(f"unknown icl task {unknown[0]!r} (known: {', '.join(TASK_BUILDERS)})")
@@ -509,16 +522,23 @@ def run(models: list[tuple[str, str, int | None]], cfg: IclConfig) -> dict:
                          "n": cfg.n, "seeds": cfg.seeds},
               "labels": {t.name: list(t.labels) for t in tasks}, "models": []}
     for name, spec, n_params in models:
-        llm = open_llm(spec)
+        llm = open_model(spec)
+        name = name or llm.name
+        engine = getattr(llm, "engine", None)
+        n_params = n_params or (engine.model.num_params() if engine is not None else None)
         result = run_model(llm, name, tasks, cfg)
         model = {"name": name, "n_params": n_params, "context_window": llm.context_window,
                  "table": summarise(result["curves"], cfg.n), "notes": result["notes"], "labels": report["labels"]}
-        k_flip = max([k for k in cfg.ks if k > 0 and all(str(k) in model["table"][t.name].get("flipped", {})
-                                                         for t in tasks)], default=None)
-        if k_flip is not None and "flipped" in cfg.conditions:
-            rate, answers = flipped_following(result["answers"], tasks, k_flip, cfg.seeds)
-            model["flipped_following"] = {"k": k_flip, "rate": rate, "answers": answers,
-                                          "ci": list(wilson_interval(rate * answers, answers))}
+        flip_ks = [k for k in cfg.ks if k > 0 and all(str(k) in model["table"][t.name].get("flipped", {})
+                                                      for t in tasks)]
+        if flip_ks and "flipped" in cfg.conditions:
+            # every k that all tasks reach: models of different context lengths compare at the same k
+            model["flipped_by_k"] = {}
+            for k in flip_ks:
+                rate, changed, answers = flipped_following(result["answers"], tasks, k, cfg.seeds)
+                model["flipped_by_k"][str(k)] = {"k": k, "rate": rate, "changed": changed, "answers": answers,
+                                                 "ci": list(wilson_interval(rate * answers, answers))}
+            model["flipped_following"] = model["flipped_by_k"][str(flip_ks[-1])]
         report["models"].append(model)
         plot_model(model, out / f"icl_{name}.png")
         del llm
@@ -532,9 +552,16 @@ def run(models: list[tuple[str, str, int | None]], cfg: IclConfig) -> dict:
 
 
 def _cmd_icl(args: argparse.Namespace) -> None:
-    if bool(args.model) == bool(args.sweep):
-        raise GptlabError("give --model M [M ...] or --sweep DIR (one of them)")
-    if args.model:
+    from ..apps.llm import llm_from_args
+
+    if args.sweep and (args.model or args.base_url) or not (args.sweep or args.model or args.base_url):
+        raise GptlabError("give --model M [M ...], --base-url URL or --sweep DIR (one of them)")
+    if args.base_url:
+        if args.model and len(args.model) > 1:
+            raise GptlabError("--base-url is one served model: give at most one --model (its directory, for the "
+                              "tokenizer)")
+        models = [(args.model_name, args.model[0] if args.model else None, None)]
+    elif args.model:
         from ..apps.models import resolve_model_dir
 
         models = [(model_name(m), str(resolve_model_dir(m)), None) for m in args.model]
@@ -544,20 +571,26 @@ def _cmd_icl(args: argparse.Namespace) -> None:
     ks = tuple(sorted({int(k) for k in args.ks.split(",")}))
     if any(k < 0 or k > POOL_SIZE for k in ks):
         raise GptlabError(f"--ks must lie in 0..{POOL_SIZE}, got {args.ks}")
-    cfg = IclConfig(args.out, tuple(t.strip() for t in args.tasks.split(",")), CONDITIONS, ks, args.n, args.seeds)
+    conditions = tuple(c.strip() for c in args.conditions.split(","))
+    if not conditions or any(c not in CONDITIONS for c in conditions):
+        raise GptlabError(f"--conditions must be among {', '.join(CONDITIONS)}, got {args.conditions!r}")
+    cfg = IclConfig(args.out, tuple(t.strip() for t in args.tasks.split(",")), conditions, ks, args.n, args.seeds)
     if cfg.n < 1 or cfg.seeds < 1:
         raise GptlabError("--n and --seeds must be >= 1")
-    report = run(models, cfg)
+    report = run(models, cfg, lambda spec: llm_from_args(args, spec))
     print(markdown(report))
     print(f"wrote {Path(args.out) / 'results.md'}, results.json and PNGs")
 
 
 def register_lab(commands) -> None:
     p = commands.add_parser("icl", help="in-context learning: accuracy vs demonstrations, true/flipped/unrelated/random labels")
-    p.add_argument("--model", nargs="+", default=None, help="model directories or registry names")
+    from ..apps.llm import add_llm_args
+
+    add_llm_args(p, several=True)
     p.add_argument("--sweep", default=None, help="a scaling sweep folder (runs/<name>/model + sweep.json)")
     p.add_argument("--out", required=True, help="folder for answers/, results.{md,json} and PNGs")
     p.add_argument("--tasks", default=",".join(TASK_BUILDERS), help="comma-separated (default: %(default)s)")
+    p.add_argument("--conditions", default=",".join(CONDITIONS), help="label conditions (default: %(default)s)")
     p.add_argument("--ks", default=",".join(map(str, KS)), help="demonstration counts (default: %(default)s)")
     p.add_argument("--n", type=int, default=12, help="questions per task (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=3, help="demonstration orderings (default: %(default)s)")

@@ -1,12 +1,13 @@
 """`gptlab lab scaling`: a sweep of model sizes x token budgets on the default mixture, a fitted scaling law
 L(N, D) = E + A/N^alpha + B/D^beta, and a prediction checked against a larger run trained afterwards.
 
-    gptlab lab scaling --budget-minutes 40 --out runs/scaling            # CPU: 6 sizes x 3 token budgets
-    gptlab lab scaling --budget-minutes 60 --out runs/scaling-gpu --preset gpu
+    gptlab lab scaling --budget-minutes 60 --out runs/scaling            # CPU: 6 sizes x 3 token budgets
+    gptlab lab scaling --out runs/scaling-gpu --preset gpu                # no budget check
 
 Sweep folder layout (read by `gptlab lab emergence`, `gptlab lab probes`, `gptlab lab icl`):
-    SWEEP/sweep.json          {"format": 1, "preset", "budget_minutes", "tokenizer", "data_dir", "seq_len",
-                               "batch_tokens", "runs": [RUN, ...], "fit": {...}, "prediction": {...}}
+    SWEEP/sweep.json          {"format": 1, "preset", "preset_fields", "budget_minutes", "tokenizer", "data_dir",
+                               "seq_len", "batch_tokens", "runs": [RUN, ...], "fit": {"law", "intervals", "form",
+                               "backtest", ...}, "prediction": {"predicted", "interval", "measured", ...}}
                               RUN = {"name", "role": "fit" | "target", "depth", "width", "steps", "tokens",
                                      "n_params" (total, tied embedding counted once),
                                      "n_params_nonembedding", "flops" (model.flops_per_token x tokens),
@@ -24,17 +25,29 @@ Design decisions
   sweep's paths and sizes; the models differ in depth and width (`PretrainConfig.width`), and a run's
   token budget is its step count x the batch. The cosine schedule is stretched to each run's own length
   (Hoffmann et al. 2022 found that a schedule longer than the run overstates the loss).
-- The budget: before planning, a few optimizer steps of every size are timed on this machine; the base
-  step count is then the largest that fits `--budget-minutes` for the whole plan (the 6 x 3 grid and the
-  target run), with token budgets of 1x, 2x and 4x the base. A budget whose base falls below the preset's
-  minimum steps is refused, naming the minimum. The plan is written to sweep.json once, so a rerun continues
-  the same plan (a different budget or preset for an existing folder is an error).
+- The plan is fixed by the preset, not by the machine: `base_steps` and the token levels (multiples of it)
+  give every grid run's steps, and the target's steps follow from the compute ratio, so a rerun on another
+  machine trains the same runs and gets the same losses (up to float noise). The CPU preset's two largest
+  sizes train at half the steps of the others (64-256 against 128-512): larger models get fewer tokens, as
+  along an IsoFLOP line, so the grid's largest-compute run is smaller, the target (4x it) fits 2 loaded
+  cores, and the grid's longest budget is 65% of the target's tokens (32% in session 10's product grid). `--budget-minutes` is only
+  checked: a few optimizer steps of every size are timed on this machine, and a budget below the plan's
+  estimated time is refused, naming that minimum (the estimate is for the machine as loaded at that
+  moment). The plan is written to sweep.json once, so a rerun continues it (another preset for an existing
+  folder is an error; another budget is only checked again).
 - Resume: a run is done when its model directory exists; sweep.json is rewritten after every run. An
   interrupted run resumes from its newest valid checkpoint (pretraining's `--resume true`), or restarts
   cleanly when it has none.
 - The prediction (Kaplan et al. 2020 and Hoffmann et al. 2022 show that the law extrapolates): fit on the
   grid's runs only, record the predicted loss of the target run in sweep.json *before* training it, then
   train it and compare. The target is one size up with >= 4x the compute of the largest grid run.
+- Which form of the law predicts (`choose_fit`): with E (Chinchilla) or without (Kaplan et al. 2020) is
+  decided by a backtest on the grid alone, before the target exists: each form is fitted without the grid's
+  largest-compute runs and scored on them (the same kind of extrapolation as the target's: a larger model,
+  more tokens); the form with the smaller mean absolute error is refitted on the whole grid and predicts.
+  Session 10's sweep (free E only) predicted +6.3% too high with E at 3.1 nats/token (1.8 bits per byte,
+  above Shannon's ~1 bit per character of English), which flattened the D curve; on session 11's grid the
+  free fit itself puts E at ~0 and both forms tie (docs/lab.md).
 - N is the total parameter count (Hoffmann et al. 2022; with a 1k-token vocabulary the embedding is a large
   share of a tiny model, and leaving it out bends the law, Pearce & Song 2024); the non-embedding count is
   recorded too (Kaplan et al. 2020's N). Compute is C = 6 N D for the frontier, as in the fitted law.
@@ -74,28 +87,33 @@ SWEEP_FORMAT = 1
 class SweepPreset:
     shapes: tuple[tuple[int, int], ...]  # (depth, width) of the grid's models, smallest first
     target_shape: tuple[int, int]  # the prediction run's model, one size up
-    token_levels: tuple[int, ...]  # token budgets as multiples of the base step count
+    token_levels: tuple[int, ...]  # token budgets as multiples of base_steps
     seq_len: int
     batch_size: int
     vocab_size: int
     max_bytes: int | None  # text read from the mixture for the tokenizer and the dataset
     lr: float
-    min_steps: int  # the smallest base step count worth fitting
+    base_steps: int  # the grid's shortest runs; the other token levels are multiples of it
     eval_batches: int
     target_compute_ratio: float = 4.0
-    max_steps: int | None = None  # cap on the base step count (budget beyond it is left unused)
+    top_shapes: int = 0  # the largest sizes that train at `top_levels` instead of `token_levels`
+    top_levels: tuple[int, ...] = ()
     device: str = "auto"
+
+    def levels(self, shape: tuple[int, int]) -> tuple[int, ...]:
+        large = self.top_shapes and shape in self.shapes[-self.top_shapes:]
+        return self.top_levels if large else self.token_levels
 
 
 PRESETS = {
     # 2 CPU cores: 53k to 1.3M non-embedding parameters, a 1k vocabulary, 1k-token batches
     "cpu": SweepPreset(shapes=((1, 64), (2, 64), (1, 128), (2, 128), (2, 192), (3, 192)), target_shape=(4, 192),
-                       token_levels=(1, 2, 4), seq_len=128, batch_size=8, vocab_size=1024, max_bytes=12_000_000,
-                       lr=3e-3, min_steps=30, eval_batches=32),
+                       token_levels=(2, 4, 8), top_shapes=2, top_levels=(1, 2, 4), seq_len=128, batch_size=8,
+                       vocab_size=1024, max_bytes=12_000_000, lr=3e-3, base_steps=64, eval_batches=32),
     # one GPU: 0.4M to 57M non-embedding parameters, the whole mixture, 64k-token batches
     "gpu": SweepPreset(shapes=((2, 128), (3, 192), (4, 256), (6, 384), (8, 512), (10, 640)), target_shape=(12, 768),
                        token_levels=(1, 2, 4, 8), seq_len=512, batch_size=128, vocab_size=8192, max_bytes=None,
-                       lr=2e-3, min_steps=50, eval_batches=32),
+                       lr=2e-3, base_steps=300, eval_batches=32),
 }
 
 
@@ -148,35 +166,32 @@ def time_steps(preset: SweepPreset, shapes, vocab_size: int, steps: int = 3) -> 
 RUN_OVERHEAD_S = 4.0  # per run beyond its steps: loading the data, saving checkpoints, the loss plot
 
 
-def plan_sweep(preset: SweepPreset, budget_minutes: float, vocab_size: int,
-               step_seconds: dict[tuple[int, int], float]) -> list[dict[str, Any]]:
-    """The runs: every grid shape at every token level of the largest base step count that fits the
-    budget, then the target run. A GptlabError names the minimum budget when the base is too small."""
+def plan_sweep(preset: SweepPreset, vocab_size: int) -> list[dict[str, Any]]:
+    """The runs, fixed by the preset: every grid shape at every token level (multiples of `base_steps`),
+    then the target run with >= `target_compute_ratio` x the compute of the largest grid run."""
     stats = {s: shape_stats(preset, *s, vocab_size) for s in (*preset.shapes, preset.target_shape)}
-    largest = max(preset.shapes, key=lambda s: stats[s]["flops_per_token"])
-    # target steps per base step: >= ratio x the compute of the largest grid run
-    target_per_base = (preset.target_compute_ratio * stats[largest]["flops_per_token"] * max(preset.token_levels)
-                       / stats[preset.target_shape]["flops_per_token"])
-    eval_fraction = preset.eval_batches / 3  # an eval batch is a forward only: about 1/3 of a step
-    seconds_per_base = (sum(level * step_seconds[s] for s in preset.shapes for level in preset.token_levels)
-                        + target_per_base * step_seconds[preset.target_shape])
-    fixed = sum(RUN_OVERHEAD_S + eval_fraction * step_seconds[s] for s in preset.shapes for _ in preset.token_levels)
-    fixed += RUN_OVERHEAD_S + eval_fraction * step_seconds[preset.target_shape]
-    base = int((budget_minutes * 60 - fixed) / seconds_per_base)
-    base = min(base, preset.max_steps or base)
-    if base < preset.min_steps:
-        minimum = (fixed + preset.min_steps * seconds_per_base) / 60
-        raise GptlabError(f"--budget-minutes {budget_minutes:g} is too small for this sweep: it needs at least "
-                          f"{math.ceil(minimum)} minutes on this machine ({len(preset.shapes)} sizes x "
-                          f"{len(preset.token_levels)} token budgets of >= {preset.min_steps} steps, plus the "
-                          f"prediction run at {preset.target_compute_ratio:g}x the largest run's compute)")
-    runs = []
-    for shape in preset.shapes:
-        for level in preset.token_levels:
-            runs.append(_run_record(preset, shape, base * level, stats[shape], "fit"))
-    runs.append(_run_record(preset, preset.target_shape, math.ceil(base * target_per_base),
-                            stats[preset.target_shape], "target"))
+    runs = [_run_record(preset, shape, preset.base_steps * level, stats[shape], "fit")
+            for shape in preset.shapes for level in preset.levels(shape)]
+    largest = max(r["flops"] for r in runs)
+    target_flops_per_step = stats[preset.target_shape]["flops_per_token"] * preset.batch_size * preset.seq_len
+    target_steps = math.ceil(preset.target_compute_ratio * largest / target_flops_per_step)
+    runs.append(_run_record(preset, preset.target_shape, target_steps, stats[preset.target_shape], "target"))
     return runs
+
+
+def estimate_minutes(preset: SweepPreset, runs: list[dict], step_seconds: dict[tuple[int, int], float]) -> float:
+    """Wall minutes of the runs at the measured step times (an eval batch is a forward: ~1/3 of a step)."""
+    seconds = sum(RUN_OVERHEAD_S + (r["steps"] + preset.eval_batches / 3) * step_seconds[r["depth"], r["width"]]
+                  for r in runs)
+    return seconds / 60
+
+
+def check_budget(budget_minutes: float, minutes: float, runs: list[dict]) -> None:
+    if budget_minutes < minutes:
+        steps = [r["steps"] for r in runs]
+        raise GptlabError(f"--budget-minutes {budget_minutes:g} is too small for this sweep: it needs at least "
+                          f"{math.ceil(minutes)} minutes on this machine as loaded now ({len(runs)} runs left, "
+                          f"{min(steps)} to {max(steps)} steps)")
 
 
 def _run_record(preset: SweepPreset, shape, steps: int, stats: dict, role: str) -> dict[str, Any]:
@@ -249,9 +264,13 @@ def load_state(sweep: Path) -> dict:
 
 
 def stored_preset(state: dict) -> SweepPreset:
-    fields = state["preset_fields"]
+    known = {f.name for f in dataclasses.fields(SweepPreset)}
+    fields = {k: v for k, v in state["preset_fields"].items() if k in known}
+    # sweeps planned from a budget (before base_steps existed): the shortest grid run is the base
+    fields.setdefault("base_steps", min(r["steps"] for r in state["runs"] if r["role"] == "fit"))
     return SweepPreset(**{**fields, "shapes": tuple(map(tuple, fields["shapes"])),
-                          "target_shape": tuple(fields["target_shape"]), "token_levels": tuple(fields["token_levels"])})
+                          "target_shape": tuple(fields["target_shape"]), "token_levels": tuple(fields["token_levels"]),
+                          "top_levels": tuple(fields.get("top_levels", ()))})
 
 
 def save_state(sweep: Path, state: dict) -> None:
@@ -291,12 +310,44 @@ def finished_runs(sweep: str | Path, roles: tuple[str, ...] = ("fit", "target"))
 # ---- fit, prediction, figures ----------------------------------------------------------------------------
 
 
-def fit_runs(runs: list[dict], bootstrap: int = 100, grid: dict = INIT_GRID) -> dict[str, Any]:
-    n, d, loss = (np.array([r[k] for r in runs], dtype=np.float64) for k in ("n_params", "tokens", "val_loss"))
-    law = fit_scaling_law(n, d, loss, grid)
-    laws = bootstrap_laws(n, d, loss, law, samples=bootstrap)
+FORMS = {"E free": True, "no E": False}  # the law with and without its irreducible term (scaling_fit)
+BACKTEST_RUNS = 2  # the grid's largest-compute runs that the backtest holds out
+
+
+def _arrays(runs: list[dict]) -> tuple[np.ndarray, ...]:
+    return tuple(np.array([r[k] for r in runs], dtype=np.float64) for k in ("n_params", "tokens", "val_loss"))
+
+
+def fit_runs(runs: list[dict], bootstrap: int = 100, grid: dict = INIT_GRID, with_e: bool = True) -> dict[str, Any]:
+    n, d, loss = _arrays(runs)
+    law = fit_scaling_law(n, d, loss, grid, with_e)
+    laws = bootstrap_laws(n, d, loss, law, samples=bootstrap, with_e=with_e)
     return {"law": law.to_dict(), "intervals": intervals(laws), "runs": [r["name"] for r in runs],
             "bootstrap_laws": [x.to_dict() for x in laws]}
+
+
+def backtest(grid: list[dict], fit_grid: dict = INIT_GRID) -> dict[str, Any]:
+    """Each form fitted without the grid's BACKTEST_RUNS largest-compute runs, its error on them (percent
+    of the measured loss): the check of extrapolation the grid can make on its own (module docstring)."""
+    ordered = sorted(grid, key=lambda r: r["flops"])
+    held = ordered[-min(BACKTEST_RUNS, len(grid) - 2):]
+    n, d, loss = _arrays([r for r in ordered if r not in held])
+    out = {"held_out": [r["name"] for r in held], "forms": {}}
+    for form, with_e in FORMS.items():
+        law = fit_scaling_law(n, d, loss, fit_grid, with_e)
+        errors = {r["name"]: 100 * (float(law.loss(r["n_params"], r["tokens"])) - r["val_loss"]) / r["val_loss"]
+                  for r in held}
+        out["forms"][form] = {"errors_pct": errors, "mean_abs_error_pct": float(np.mean(np.abs(list(errors.values()))))}
+    return out
+
+
+def choose_fit(grid: list[dict], bootstrap: int = 100, fit_grid: dict = INIT_GRID) -> dict[str, Any]:
+    """The form with the smaller backtest error, fitted on the whole grid (with its bootstrap)."""
+    test = backtest(grid, fit_grid)
+    form = min(FORMS, key=lambda f: test["forms"][f]["mean_abs_error_pct"])
+    log.info("backtest on %s: %s; predicting with %s", ", ".join(test["held_out"]),
+             ", ".join(f"{f} {v['mean_abs_error_pct']:.2f}%" for f, v in test["forms"].items()), form)
+    return {**fit_runs(grid, bootstrap, fit_grid, FORMS[form]), "form": form, "backtest": test}
 
 
 def predict(fit: dict, run: dict, grid: list[dict]) -> dict[str, Any]:
@@ -386,14 +437,20 @@ def plot_results(state: dict, out: Path) -> list[Path]:
 def write_report(state: dict, out: Path) -> Path:
     fit, pred = state["fit"], state.get("prediction") or {}
     law = ScalingLaw(**fit["law"])
-    lines = [f"# Scaling sweep ({state['preset']} preset, {state['budget_minutes']:g}-minute budget)", "",
+    lines = [f"# Scaling sweep ({state['preset']} preset)", "",
              "| run | role | N (total) | N (non-emb.) | tokens | FLOPs | val loss | wall s |", "|---|---|---|---|---|---|---|---|"]
     for r in state["runs"]:
         loss = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
         lines.append(f"| {r['name']} | {r['role']} | {r['n_params']:,} | {r['n_params_nonembedding']:,} | "
                      f"{r['tokens']:,} | {r['flops']:.3g} | {loss} | {r['wall_s'] or '-'} |")
-    lines += ["", f"Fit on the {len(fit['runs'])} grid runs (Huber on log-loss, bootstrap 5-95% over runs):", "",
-              "| constant | value | 5% | 95% |", "|---|---|---|---|"]
+    if fit.get("backtest"):
+        test = fit["backtest"]
+        lines += ["", f"Backtest on the grid alone (fitted without {', '.join(test['held_out'])}, error on them): "
+                  + "; ".join(f"{form}: " + ", ".join(f"{e:+.2f}%" for e in v["errors_pct"].values())
+                              + f" (mean |error| {v['mean_abs_error_pct']:.2f}%)" for form, v in test["forms"].items())
+                  + f". Predicting with: {fit['form']}."]
+    lines += ["", f"Fit on the {len(fit['runs'])} grid runs (form: {fit.get('form', 'E free')}; Huber on log-loss, "
+              "bootstrap 5-95% over runs):", "", "| constant | value | 5% | 95% |", "|---|---|---|---|"]
     for k, v in fit["law"].items():
         lo, hi = fit["intervals"][k]
         lines.append(f"| {k} | {v:.4g} | {lo:.4g} | {hi:.4g} |")
@@ -415,9 +472,11 @@ def write_report(state: dict, out: Path) -> Path:
 # ---- the command -----------------------------------------------------------------------------------------
 
 
-def run_sweep(out: str | Path, budget_minutes: float, preset_name: str = "cpu", data_dir: str | Path | None = None,
-              preset: SweepPreset | None = None, bootstrap: int = 100, fit_grid: dict = INIT_GRID) -> dict:
+def run_sweep(out: str | Path, budget_minutes: float | None = None, preset_name: str = "cpu",
+              data_dir: str | Path | None = None, preset: SweepPreset | None = None, bootstrap: int = 100,
+              fit_grid: dict = INIT_GRID) -> dict:
     """Plan (or continue) the sweep in `out`, train every run, fit, predict, train the target, plot.
+    `budget_minutes`: refuse to start when the runs left need more on this machine (None: no check).
     `data_dir`: a prepared dataset to use (its tokenizer.json in or beside it) instead of preparing the default
     mixture; `preset` overrides the named preset and `fit_grid` the fit's initialisations (tests pass micro ones)."""
     preset = preset or PRESETS[preset_name]
@@ -425,24 +484,26 @@ def run_sweep(out: str | Path, budget_minutes: float, preset_name: str = "cpu", 
     sweep.mkdir(parents=True, exist_ok=True)
     if (sweep / SWEEP_FILE).is_file():
         state = load_state(sweep)
-        if state["preset"] != preset_name or state["budget_minutes"] != budget_minutes:
-            raise GptlabError(f"{sweep} holds a sweep planned with --preset {state['preset']} --budget-minutes "
-                              f"{state['budget_minutes']:g}: rerun with those to continue it, or choose another --out")
+        if state["preset"] != preset_name:
+            raise GptlabError(f"{sweep} holds a sweep planned with --preset {state['preset']}: rerun with it to "
+                              f"continue, or choose another --out")
         preset = stored_preset(state)  # the plan's own settings, even if the preset has changed since
     else:
         tok_path, data_dir = existing_data(Path(data_dir)) if data_dir else prepare_data(sweep, preset)
-        vocab = Tokenizer.load(tok_path).vocab_size
-        shapes = (*preset.shapes, preset.target_shape)
-        seconds = time_steps(preset, shapes, vocab)
-        runs = plan_sweep(preset, budget_minutes, vocab, seconds)
         state = {"format": SWEEP_FORMAT, "preset": preset_name, "budget_minutes": budget_minutes,
                  "preset_fields": dataclasses.asdict(preset), "tokenizer": str(tok_path), "data_dir": str(data_dir),
                  "seq_len": preset.seq_len, "batch_tokens": preset.batch_size * preset.seq_len,
-                 "step_seconds": {f"d{d}w{w}": s for (d, w), s in seconds.items()}, "runs": runs,
-                 "fit": None, "prediction": None}
-        save_state(sweep, state)
-        log.info("planned %d runs (base %d steps); step times measured: %s", len(runs), runs[0]["steps"],
+                 "runs": plan_sweep(preset, Tokenizer.load(tok_path).vocab_size), "fit": None, "prediction": None}
+    left = [r for r in state["runs"] if not r["done"]]
+    if budget_minutes is not None and left:
+        vocab = Tokenizer.load(state["tokenizer"]).vocab_size
+        seconds = time_steps(preset, sorted({(r["depth"], r["width"]) for r in left}), vocab)
+        minutes = estimate_minutes(preset, left, seconds)
+        state["step_seconds"] = {f"d{d}w{w}": s for (d, w), s in seconds.items()}
+        log.info("%d runs left, estimated %.1f minutes on this machine (step times %s)", len(left), minutes,
                  ", ".join(f"{k} {v:.3f}s" for k, v in state["step_seconds"].items()))
+        check_budget(budget_minutes, minutes, left)
+    save_state(sweep, state)
     grid = [r for r in state["runs"] if r["role"] == "fit"]
     target = next(r for r in state["runs"] if r["role"] == "target")
     with tqdm(total=len(state["runs"]), initial=sum(r["done"] for r in state["runs"]), unit="run",
@@ -454,7 +515,7 @@ def run_sweep(out: str | Path, budget_minutes: float, preset_name: str = "cpu", 
                 save_state(sweep, state)
                 bar.update(1)
         if state["prediction"] is None:  # fit and predict before the target run exists
-            state["fit"] = fit_runs(grid, bootstrap, fit_grid)
+            state["fit"] = choose_fit(grid, bootstrap, fit_grid)
             state["prediction"] = {**predict(state["fit"], target, grid), "measured": None, "error_pct": None}
             save_state(sweep, state)
             log.info("predicted final val loss of %s: %.4f", target["name"], state["prediction"]["predicted"])
@@ -473,7 +534,7 @@ def run_sweep(out: str | Path, budget_minutes: float, preset_name: str = "cpu", 
 
 
 def _cmd(args: argparse.Namespace) -> None:
-    if args.budget_minutes <= 0:
+    if args.budget_minutes is not None and args.budget_minutes <= 0:
         raise GptlabError("--budget-minutes must be positive")
     run_sweep(args.out, args.budget_minutes, args.preset, args.data_dir, bootstrap=args.bootstrap)
 
@@ -481,7 +542,9 @@ def _cmd(args: argparse.Namespace) -> None:
 def register_lab(commands) -> None:
     p = commands.add_parser("scaling", help="a sweep of sizes x tokens, a fitted scaling law and a checked prediction",
                             description=__doc__.splitlines()[0])
-    p.add_argument("--budget-minutes", type=float, required=True, help="training time for the whole sweep")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="refuse to start if the runs left need more minutes on this machine, as measured now "
+                        "(the plan itself is fixed by the preset; default: no check)")
     p.add_argument("--out", required=True, help="the sweep folder (resumable; layout in the module docstring)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu (tiny) or gpu (default: cpu)")
     p.add_argument("--data-dir", help="a prepared dataset to train on, tokenizer.json in or beside it (default: "

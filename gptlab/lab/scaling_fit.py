@@ -14,6 +14,10 @@ Design decisions
   runs the intervals are wide; they say how much the constants can be trusted, which is the point.
 - Compute-optimal allocation for C = 6 N D (Hoffmann et al. eq. 4): N_opt = G (C/6)^(beta/(alpha+beta)),
   D_opt = (C/6) / N_opt, with G = (alpha A / (beta B))^(1/(alpha+beta)).
+- Two forms: with the irreducible term E (Chinchilla) and without it (E = 0: pure power laws in N and D, as
+  in Kaplan et al. 2020, whose laws have no constant). When every run is far above E, E trades off against
+  B and beta and a free E can bend the D curve flat too early; which form extrapolates better is decided
+  on the sweep's own runs (`gptlab.lab.scaling.choose_fit`), not assumed.
 - float64 throughout (numpy); tests check the fit against synthetic data drawn from known constants.
 """
 
@@ -26,6 +30,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 HUBER_DELTA = 1e-3  # Hoffmann et al. 2022, appendix D.2
+NO_E = -40.0  # log E pinned here for the form without an irreducible term (exp(-40) ~ 4e-18: no effect)
 INIT_GRID = {  # initialisations: every combination (a coarse subset of Chinchilla's grid, sized for seconds)
     "a": (0.0, 5.0, 10.0),
     "b": (0.0, 5.0, 10.0),
@@ -80,21 +85,24 @@ def objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_loss:
     return float(value.sum()), grad
 
 
-def _minimise(start: np.ndarray, args: tuple) -> tuple[float, np.ndarray]:
+def _minimise(start: np.ndarray, args: tuple, with_e: bool = True) -> tuple[float, np.ndarray]:
     # exponents kept non-negative: a negative one would make loss grow with size, which no run shows
-    bounds = [(None, None), (None, None), (None, None), (0.0, 3.0), (0.0, 3.0)]
+    e_bounds = (None, None) if with_e else (NO_E, NO_E)
+    bounds = [(None, None), (None, None), e_bounds, (0.0, 3.0), (0.0, 3.0)]
+    if not with_e:
+        start = np.array([*start[:2], NO_E, *start[3:]])
     result = minimize(objective, start, args=args, jac=True, method="L-BFGS-B", bounds=bounds,
                       options={"maxiter": 1000, "ftol": 1e-14, "gtol": 1e-10})
     return float(result.fun), result.x
 
 
-def _best(starts: list[np.ndarray], args: tuple) -> np.ndarray:
-    return min((_minimise(s, args) for s in starts), key=lambda r: r[0])[1]
+def _best(starts: list[np.ndarray], args: tuple, with_e: bool = True) -> np.ndarray:
+    return min((_minimise(s, args, with_e) for s in starts), key=lambda r: r[0])[1]
 
 
-def _law(theta: np.ndarray) -> ScalingLaw:
+def _law(theta: np.ndarray, with_e: bool = True) -> ScalingLaw:
     a, b, e, alpha, beta = theta
-    return ScalingLaw(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha),
+    return ScalingLaw(E=float(np.exp(e)) if with_e else 0.0, A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha),
                       beta=float(beta))
 
 
@@ -107,26 +115,30 @@ def _args(n, d, loss) -> tuple:
     return np.log(n), np.log(d), np.log(loss)
 
 
-def fit_scaling_law(n, d, loss, grid: dict[str, tuple[float, ...]] = INIT_GRID) -> ScalingLaw:
-    """The best fit over a grid of initialisations of (a, b, e, alpha, beta) (module docstring)."""
+def fit_scaling_law(n, d, loss, grid: dict[str, tuple[float, ...]] = INIT_GRID, with_e: bool = True) -> ScalingLaw:
+    """The best fit over a grid of initialisations of (a, b, e, alpha, beta) (module docstring);
+    `with_e=False` fits the form without the irreducible term (E = 0)."""
     args = _args(n, d, loss)
     starts = [np.array(p, dtype=np.float64) for p in itertools.product(*(grid[k] for k in INIT_GRID))]
-    return _law(_best(starts, args))
+    if not with_e:  # e is pinned: its grid values would only repeat the same starts
+        starts = list({tuple(p[:2]) + (NO_E,) + tuple(p[3:]): p for p in starts}.values())
+    return _law(_best(starts, args, with_e), with_e)
 
 
-def bootstrap_laws(n, d, loss, law: ScalingLaw, samples: int = 100, seed: int = 0) -> list[ScalingLaw]:
+def bootstrap_laws(n, d, loss, law: ScalingLaw, samples: int = 100, seed: int = 0,
+                   with_e: bool = True) -> list[ScalingLaw]:
     """Fits to the runs resampled with replacement. Each refit starts from the full-data optimum `law` and
     one generic point (a full grid per sample would take minutes); samples with a single N or D are
     skipped (they cannot identify an exponent)."""
     log_n, log_d, log_loss = _args(n, d, loss)
     rng = np.random.default_rng(seed)
-    centre = np.array([np.log(law.A), np.log(law.B), np.log(law.E), law.alpha, law.beta])
+    centre = np.array([np.log(law.A), np.log(law.B), np.log(law.E) if with_e else NO_E, law.alpha, law.beta])
     starts = [centre, np.array([5.0, 5.0, 0.0, 0.4, 0.4])]
     laws = []
     for _ in range(samples):
         pick = rng.integers(0, len(log_n), len(log_n))
         if len(set(log_n[pick])) > 1 and len(set(log_d[pick])) > 1:
-            laws.append(_law(_best(starts, (log_n[pick], log_d[pick], log_loss[pick]))))
+            laws.append(_law(_best(starts, (log_n[pick], log_d[pick], log_loss[pick]), with_e), with_e))
     return laws
 
 
