@@ -48,7 +48,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--rows", type=int, default=48, help="rows kept running")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=60, help="steps timed")
+    ap.add_argument("--warmup", type=int, default=0, help="steps run first, untimed (the batch fills up)")
     ap.add_argument("--prompt-tokens", type=int, nargs=2, default=[20, 300])
     ap.add_argument("--new-tokens", type=int, nargs=2, default=[8, 64])
     ap.add_argument("--threads", type=int, default=1)
@@ -65,7 +66,7 @@ def main() -> None:
     words = [i for i in range(vocab) if i not in stops]
 
     # enough requests for the whole run: every step drains about rows / mean(new tokens) of them
-    n_pool = args.rows + int(args.steps * args.rows * 2 / sum(args.new_tokens)) + 8
+    n_pool = args.rows + int((args.warmup + args.steps) * args.rows * 2 / sum(args.new_tokens)) + 8
     pool = []
     for i in range(n_pool):
         prompt = [rng.choice(words) for _ in range(rng.randint(*args.prompt_tokens))]
@@ -73,19 +74,29 @@ def main() -> None:
         pool.append(engine.prefill([prompt], params, first_index=i))
     pool.reverse()
 
-    totals = {"join": 0.0, "keep": 0.0, "_decode": 0.0}
+    totals = {"join": 0.0, "keep": 0.0, "_decode": 0.0, "_move_to_new_storage": 0.0}
     timed(DecodeBatch, "join", totals)
     timed(DecodeBatch, "keep", totals)
     timed(engine, "_decode", totals)
+    if hasattr(DecodeBatch, "_move_to_new_storage"):  # the version with spare storage: how often it moves
+        timed(DecodeBatch, "_move_to_new_storage", totals)
     batch, outputs, lengths = None, {}, []
+    joins = moves = 0
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:  # the batch is full: from here on, the steady state
+            totals.update((k, 0.0) for k in totals)
+            joins = moves = 0
+            start = time.perf_counter()
         while pool and (batch is None or len(batch.rows) < args.rows):
             new = pool.pop()
             if batch is None:
                 batch = new
             else:
+                storage = getattr(batch, "_storage", None)
                 batch.join(new)
+                joins += 1
+                moves += storage is None or batch._storage is not storage if hasattr(batch, "_storage") else 1
         if batch is None:
             break
         lengths.append(batch.cache.length)
@@ -96,13 +107,14 @@ def main() -> None:
         if not batch.rows:
             batch = None
     wall = time.perf_counter() - start
-    other = wall - sum(totals.values())
+    other = wall - sum(v for k, v in totals.items() if k != "_move_to_new_storage")
     load = os.getloadavg()[0]
     print(f"{args.steps} steps at {args.rows} rows, {Path(args.model).name}, {args.threads} thread(s), load average "
           f"{load:.1f}: {wall * 1000 / args.steps:.1f} ms a step; forward {totals['_decode'] * 1000 / args.steps:.1f}, "
           f"join {totals['join'] * 1000 / args.steps:.1f}, keep {totals['keep'] * 1000 / args.steps:.1f}, other "
           f"{other * 1000 / args.steps:.1f} ms a step; join + keep = {(totals['join'] + totals['keep']) / wall:.0%} of "
-          f"the time; cache length mean {sum(lengths) / len(lengths):.0f} slots, "
+          f"the time; {joins} joins, {moves} of them copying every row "
+          f"({totals['_move_to_new_storage'] * 1000 / args.steps:.1f} ms a step); cache length mean {sum(lengths) / len(lengths):.0f} slots, "
           f"{sum(map(len, outputs.values()))} tokens")
     if args.tokens_out:
         Path(args.tokens_out).write_text(json.dumps({str(k): v for k, v in sorted(outputs.items())}))
