@@ -114,7 +114,8 @@ def main() -> None:
           f"join {totals['join'] * 1000 / args.steps:.1f}, keep {totals['keep'] * 1000 / args.steps:.1f}, other "
           f"{other * 1000 / args.steps:.1f} ms a step; join + keep = {(totals['join'] + totals['keep']) / wall:.0%} of "
           f"the time; {joins} joins, {moves} of them copying every row "
-          f"({totals['_move_to_new_storage'] * 1000 / args.steps:.1f} ms a step); cache length mean {sum(lengths) / len(lengths):.0f} slots, "
+          f"({totals['_move_to_new_storage'] * 1000 / args.steps:.1f} ms a step); cache length mean "
+          f"{sum(lengths) / len(lengths):.0f} slots, "
           f"{sum(map(len, outputs.values()))} tokens")
     if args.tokens_out:
         Path(args.tokens_out).write_text(json.dumps({str(k): v for k, v in sorted(outputs.items())}))

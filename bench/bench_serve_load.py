@@ -12,15 +12,17 @@ in alternation (on, off, off, on, ...) so other load on the machine hits both al
 - Self-consistency: one request with n = k (temperature 1, seeded) of a fresh prompt of the same length,
   streamed: TTFT (first text of any choice) and the time to the last token, `--sc-reps` times.
 `load`: one server (cache on, `--max-queue`); N clients stream requests for `--seconds` s: half share a
-system prompt, half are unique (`--unique-tokens`); a fraction (`--drop-fraction`) hang up after a few text chunks. A 429
-makes the client wait its Retry-After and go on. Every request ends as exactly one of done (its [DONE]
-arrived), dropped (by the client, on purpose), refused (429) or error (any other status, an error
-event, a broken stream); a request still unanswered `--drain-seconds` after the end is lost (must be 0).
-Reported: those counts, generated tokens/s, TTFT and inter-token latency (ITL) p50/p99, the server's RSS
-before and after (VmRSS; VmHWM peak), and /metrics after the run (aborted requests, rows still running).
+system prompt, half are unique (`--unique-tokens` long); a fraction (`--drop-fraction`) hang up after a
+few text chunks. A 429 makes the client wait its Retry-After and go on. Every request ends as exactly one
+of done (its [DONE] arrived), dropped (by the client, on purpose), refused (429) or error (any other
+status, an error event, a broken stream); a request still unanswered `--drain-seconds` after the end is
+lost (must be 0). Reported: those counts, generated tokens/s, TTFT and inter-token latency (ITL) p50/p99,
+the server's RSS before, during (ten samples) and after the run (VmRSS; VmHWM peak), the tracebacks in its
+stderr, and /metrics after the run (aborted requests, rows still running).
 
     python bench/bench_serve_load.py prefix --concurrency 1 8 32 --requests-per-client 3 --out bench/results/prefix_cache.md
     python bench/bench_serve_load.py load --clients 200 --seconds 300 --out bench/results/load.md
+    python bench/bench_serve_load.py load --model MODEL_DIR --clients 200 --load-prefix-tokens 120  # 256-token context
 """
 
 from __future__ import annotations

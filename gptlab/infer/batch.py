@@ -10,13 +10,14 @@ Design decisions
   right-aligns both caches (more left padding for the shorter one) so every row keeps its own positions.
 - Spare room for joins (`_Storage`): copying the whole batch's keys/values at every admission, every
   departure and every trim of leading padding made a serving step pay for several copies of a cache that
-  is mostly unchanged (`bench/bench_batch_churn.py`, SmolLM2, 48 rows: join + keep took 74% of a step). The first `join` moves the
-  cache into storage with rows and slots to spare, and the batch's cache and key mask become views of it:
-  a later join writes only the newcomers' rows (a longer newcomer reuses slots that trimming freed on
-  the left), `keep` fills the holes left by departed rows with rows from the end (row order changes:
-  `keep` returns it) and trimming moves the view's start. Storage is reallocated (one copy of the filled
-  part) only when a join does not fit. Batches that never join (`generate`, `stream_batch`) keep plain
-  contiguous caches, the layout a compiled decode step was traced with.
+  is mostly unchanged (`bench/bench_batch_churn.py`, 48 rows: join + keep took 74% of a SmolLM2 step, 85%
+  of the speedrun model's). The first `join` moves the cache into storage with rows and slots to spare,
+  and the batch's cache and key mask become views of it: a later join writes only the newcomers' rows (a
+  longer newcomer reuses slots that trimming freed on the left), `keep` fills the holes left by departed
+  rows with rows from the end (row order changes: `keep` returns it) and trimming moves the view's start.
+  Storage is reallocated (one copy of the filled part) only when a join does not fit. Batches that never
+  join (`generate`, `stream_batch`) keep plain contiguous caches, the layout a compiled decode step was
+  traced with.
 - Stops: a stop token (default `<|endoftext|>` and `<|assistant_end|>`) ends a row and is not part of the
   output; a stop string is matched on decoded text and the text is cut before it. `token_ids` are the
   tokens the model produced (no stop token; a stop string's tokens stay, since a token can straddle it).
