@@ -18,8 +18,9 @@ from gptlab.model import GPT, GPTConfig
 WINDOW = 128
 
 
-@pytest.fixture(scope="module")
-def engine(small_tokenizer, one_torch_thread):
+@pytest.fixture(scope="module", params=[True, False], ids=["fused", "forward"])
+def engine(request, small_tokenizer, one_torch_thread):
+    """Decode steps through the fused decoder and through `GPT.forward` (KVCache.update on the views)."""
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=small_tokenizer.vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
                        head_dim=16, intermediate_size=128, max_seq_len=WINDOW)
@@ -28,7 +29,7 @@ def engine(small_tokenizer, one_torch_thread):
         for p in model.parameters():
             if p.dim() > 1:
                 p.mul_(20)
-    return Engine(model, small_tokenizer, prefix_cache=False)
+    return Engine(model, small_tokenizer, prefix_cache=False, fused_decode=request.param)
 
 
 def request(rng: random.Random, engine: Engine, prompt_len: int, new: int) -> tuple[list[int], SamplingParams]:
