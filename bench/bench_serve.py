@@ -78,7 +78,10 @@ class Server:
         cmd = [sys.executable, "-m", "gptlab.cli", "serve", "--model", str(model_dir), "--port", str(port),
                "--max-batch", str(max_batch), "--threads", str(threads), "--prefill-chunk-tokens",
                str(prefill_chunk_tokens), "--log-level", "warning", "--model-name", "bench", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # stderr to a file, not a pipe: nobody reads a pipe during a long run, and a full one (64 KiB of
+        # warnings) would block the server's next write
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -87,7 +90,7 @@ class Server:
             except httpx.TransportError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"server did not start: {self.proc.stderr.read()}")
+                raise SystemExit(f"server did not start: {self.stderr()}")
             time.sleep(0.2)
 
     def peak_rss_mib(self, field: str = "VmHWM") -> float:
@@ -97,9 +100,15 @@ class Server:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
+    def stderr(self) -> str:
+        """What the server wrote to stderr so far (warnings, tracebacks)."""
+        self.log.seek(0)
+        return self.log.read()
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(60)
+        self.log.close()
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, stats: dict) -> None:

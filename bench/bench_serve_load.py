@@ -12,15 +12,17 @@ in alternation (on, off, off, on, ...) so other load on the machine hits both al
 - Self-consistency: one request with n = k (temperature 1, seeded) of a fresh prompt of the same length,
   streamed: TTFT (first text of any choice) and the time to the last token, `--sc-reps` times.
 `load`: one server (cache on, `--max-queue`); N clients stream requests for `--seconds` s: half share a
-system prompt, half are unique; a fraction (`--drop-fraction`) hang up after a few text chunks. A 429
-makes the client wait its Retry-After and go on. Every request ends as exactly one of done (its [DONE]
-arrived), dropped (by the client, on purpose), refused (429) or error (any other status, an error
-event, a broken stream); a request still unanswered `--drain-seconds` after the end is lost (must be 0).
-Reported: those counts, generated tokens/s, TTFT and inter-token latency (ITL) p50/p99, the server's RSS
-before and after (VmRSS; VmHWM peak), and /metrics after the run (aborted requests, rows still running).
+system prompt, half are unique (`--unique-tokens` long); a fraction (`--drop-fraction`) hang up after a
+few text chunks. A 429 makes the client wait its Retry-After and go on. Every request ends as exactly one
+of done (its [DONE] arrived), dropped (by the client, on purpose), refused (429) or error (any other
+status, an error event, a broken stream); a request still unanswered `--drain-seconds` after the end is
+lost (must be 0). Reported: those counts, generated tokens/s, TTFT and inter-token latency (ITL) p50/p99,
+the server's RSS before, during (ten samples) and after the run (VmRSS; VmHWM peak), the tracebacks in its
+stderr, and /metrics after the run (aborted requests, rows still running).
 
     python bench/bench_serve_load.py prefix --concurrency 1 8 32 --requests-per-client 3 --out bench/results/prefix_cache.md
     python bench/bench_serve_load.py load --clients 200 --seconds 300 --out bench/results/load.md
+    python bench/bench_serve_load.py load --model MODEL_DIR --clients 200 --load-prefix-tokens 120  # 256-token context
 """
 
 from __future__ import annotations
@@ -181,9 +183,15 @@ def run_prefix(args, model_dir: Path, tok: Tokenizer) -> list[str]:
 
 
 # ---- load test -------------------------------------------------------------------------------------------
-async def load_test(url: str, tok: Tokenizer, args) -> dict:
+def unique_prompt(tok: Tokenizer, rng: random.Random, n_tokens: int) -> str:
+    """About `n_tokens` tokens of randomly drawn stdlib words (every word is at least one token)."""
+    return tok.decode(tok.encode(" ".join(rng.sample(WORDS, n_tokens)))[:n_tokens])
+
+
+async def load_test(url: str, tok: Tokenizer, args, rss_mib) -> dict:
     system = text_of_tokens(tok, 31_337, args.load_prefix_tokens)
     results: list[dict] = []
+    rss_series: list[tuple[float, float]] = []  # (seconds since start, server VmRSS MiB)
     sent = 0
     async with new_client(args.clients) as client:
         start = time.perf_counter()
@@ -196,7 +204,7 @@ async def load_test(url: str, tok: Tokenizer, args) -> dict:
                     messages = [{"role": "system", "content": system},
                                 {"role": "user", "content": "Explain " + " ".join(rng.sample(WORDS, 6))}]
                 else:
-                    messages = [{"role": "user", "content": " ".join(rng.sample(WORDS, rng.randint(20, 120)))}]
+                    messages = [{"role": "user", "content": unique_prompt(tok, rng, rng.randint(*args.unique_tokens))}]
                 drop = rng.randint(1, 5) if rng.random() < args.drop_fraction else None
                 sent += 1
                 r = await stream_chat(client, url, messages, args.max_tokens, drop_after=drop)
@@ -204,13 +212,19 @@ async def load_test(url: str, tok: Tokenizer, args) -> dict:
                 if r["outcome"] == "refused":
                     await asyncio.sleep(r["retry_after"])
 
+        async def sample_rss():  # is the server's memory bounded while the load goes on?
+            while True:
+                rss_series.append((time.perf_counter() - start, rss_mib()))
+                await asyncio.sleep(args.seconds / 10)
+
+        sampler = asyncio.create_task(sample_rss())
         tasks = [asyncio.create_task(client_loop(k)) for k in range(args.clients)]
         done, pending = await asyncio.wait(tasks, timeout=args.seconds + args.drain_seconds)
-        for task in pending:
+        for task in [*pending, sampler]:
             task.cancel()
         wall = time.perf_counter() - start
     s = summarise(results, min(wall, args.seconds + args.drain_seconds))
-    s.update(sent=sent, lost=sent - len(results), unfinished_clients=len(pending))
+    s.update(sent=sent, lost=sent - len(results), unfinished_clients=len(pending), rss_series=rss_series)
     return s
 
 
@@ -232,17 +246,20 @@ def run_load(args, model_dir: Path, tok: Tokenizer) -> list[str]:
     try:
         asyncio.run(shared_prefix_scenario(server.url, "warm-up", 1, 1, 4))
         rss_before = server.peak_rss_mib("VmRSS")
-        s = asyncio.run(load_test(server.url, tok, args))
+        s = asyncio.run(load_test(server.url, tok, args, lambda: server.peak_rss_mib("VmRSS")))
         time.sleep(1.0)
         rss_after, rss_peak = server.peak_rss_mib("VmRSS"), server.peak_rss_mib("VmHWM")
         m = scrape(server.url)
+        tracebacks = server.stderr().count("Traceback")
     finally:
         server.stop()
+    series = ", ".join(f"{t:.0f} s {r:.0f}" for t, r in s["rss_series"])
     served = {k: v for k, v in m.items() if k.startswith("gptlab_requests_total")}
     print(f"load: {args.clients} clients for {args.seconds:.0f} s: sent {s['sent']}, done {s['done']}, dropped "
           f"{s['dropped']}, refused (429) {s['refused']}, errors {s['error']} {s['details']}, LOST {s['lost']}; "
           f"{s['tok_s']:.1f} tok/s; TTFT p50 {s['ttft50']:.0f} ms p99 {s['ttft99']:.0f}; ITL p50 {s['itl50']:.1f} ms "
-          f"p99 {s['itl99']:.1f}; RSS {rss_before:.0f} -> {rss_after:.0f} MiB (peak {rss_peak:.0f})", flush=True)
+          f"p99 {s['itl99']:.1f}; RSS {rss_before:.0f} -> {rss_after:.0f} MiB (peak {rss_peak:.0f}); RSS over time "
+          f"{series}; server tracebacks {tracebacks}", flush=True)
     print("server:", served, "aborted", m["gptlab_requests_aborted_total"], "running", m["gptlab_running_rows"],
           "queue", m["gptlab_queue_requests"], "prefix hits", m["gptlab_prefix_cache_hits_total"], "of",
           m["gptlab_prefix_cache_queries_total"], flush=True)
@@ -256,7 +273,8 @@ def run_load(args, model_dir: Path, tok: Tokenizer) -> list[str]:
             f"{m['gptlab_requests_aborted_total']:.0f}; rows still running {m['gptlab_running_rows']:.0f}, requests "
             f"waiting {m['gptlab_queue_requests']:.0f}; prefix cache hit {m['gptlab_prefix_cache_hits_total']:.0f} of "
             f"{m['gptlab_prefix_cache_queries_total']:.0f} prompt tokens, {m['gptlab_prefix_cache_evictions_total']:.0f} "
-            f"blocks evicted, {m['gptlab_prefix_cache_bytes'] / 2**20:.1f} MiB held."
+            f"blocks evicted, {m['gptlab_prefix_cache_bytes'] / 2**20:.1f} MiB held. Server RSS during the run "
+            f"(s since start: MiB): {series}. Tracebacks in the server's stderr: {tracebacks}."
             + (f" Errors: {s['details']}." if s["details"] else "")]
 
 
@@ -282,6 +300,8 @@ def main() -> None:
     ap.add_argument("--drain-seconds", type=float, default=120)
     ap.add_argument("--max-queue", type=int, default=128)
     ap.add_argument("--load-prefix-tokens", type=int, default=300)
+    ap.add_argument("--unique-tokens", type=int, nargs=2, default=[20, 200], metavar=("MIN", "MAX"),
+                    help="length range of the unique prompts (tokens; keep them inside the model's context)")
     ap.add_argument("--drop-fraction", type=float, default=0.1)
     ap.add_argument("--out", default=None, help="write a markdown report here")
     args = ap.parse_args()

@@ -341,8 +341,7 @@ class Engine:
             if row.finish_reason is None:
                 alive.append(i)
         if len(alive) < len(batch.rows):
-            batch.keep(alive)
-            tokens = tokens[alive]
+            tokens = tokens[batch.keep(alive)]  # keep may reorder the rows (batch.py)
         if batch.rows:
             for row in batch.rows:  # the next masks, computed beside the forward pass (constraints.py)
                 if row.constraint is not None:
