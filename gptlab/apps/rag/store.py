@@ -18,7 +18,13 @@ Design decisions
 - `rag.json` records the embedder's name and dimension and the chunking parameters at creation; any later
   open with another embedder (name or dimension) is a GptlabError naming both.
 - Vector search is exact (flat) below `ann_threshold` chunks, where it takes milliseconds; past it an
-  IVF-HNSW (scalar-quantised) cosine index is (re)built after an update that changed rows.
+  IVF_SQ cosine index (k-means partitions, LanceDB's default sqrt(rows) of them, vectors kept as 8-bit
+  scalar codes) is (re)built after an update that changed rows. Not IVF-HNSW-SQ (session 10's choice):
+  LanceDB's default target partition for it is ~1M rows, so below that it builds one HNSW graph over the
+  whole table (m 20, ef_construction 300), which took 917 s at 100k chunks and 154 s at 20k on the loaded
+  2-core machine, against 5 s for IVF_SQ at 20k (7.8 s at 100k) with the same recall@10 (0.99 at 20k,
+  0.97 at 100k, both 1.000 with refine_factor 5). Not IVF_PQ: 360 s to train 48 sub-quantisers at 20k,
+  recall@10 0.84 (0.96 re-ranked). bench/bench_rag_ann_build.py holds the comparison.
 - BM25 (bm25s, English stopwords, no stemming) is built in memory on the first BM25/hybrid query from the
   table's text column and cached until the table changes: simpler than keeping a second on-disk index in
   sync (the rebuild's cost is not measured yet; the latency table in bench/results/rag.md excludes it).
@@ -53,6 +59,9 @@ TABLE = "chunks"
 RETRIEVERS = ("bm25", "vector", "hybrid")
 RRF_K = 60
 ANN_THRESHOLD = 20_000
+ANN_KINDS = {"ivf_hnsw_sq": "IvfHnswSq", "ivf_hnsw_pq": "IvfHnswPq", "ivf_pq": "IvfPq", "ivf_sq": "IvfSq",
+             "ivf_rq": "IvfRq", "ivf_flat": "IvfFlat"}
+DEFAULT_ANN = "ivf_sq"
 _TEXT_COLUMNS = ["id", "file", "doc", "title", "start", "end", "text"]
 
 
@@ -90,6 +99,20 @@ class IndexStats:
                 f"{len(self.empty)} empty; "
                 f"{self.chunks_embedded} chunks embedded in {self.seconds:.1f}s ({rate:.1f} chunks/s); "
                 f"index holds {self.total_chunks} chunks")
+
+
+def ann_config(kind: str, rows: int, num_partitions: int | None = None, num_sub_vectors: int | None = None):
+    """A LanceDB cosine ANN index config of `kind` (one of ANN_KINDS) for a table of `rows` vectors."""
+    import lancedb.index as lance_index
+
+    if kind not in ANN_KINDS:
+        raise GptlabError(f"ANN index kind must be one of {', '.join(ANN_KINDS)}, got {kind!r}")
+    options = {"distance_type": "cosine"}
+    if num_partitions:
+        options["num_partitions"] = num_partitions
+    if num_sub_vectors and kind in ("ivf_pq", "ivf_hnsw_pq"):
+        options["num_sub_vectors"] = num_sub_vectors
+    return getattr(lance_index, ANN_KINDS[kind])(**options)
 
 
 def _sql_list(values) -> str:
@@ -276,12 +299,12 @@ class RagIndex:
             return
         self.build_ann()
 
-    def build_ann(self) -> None:
-        """(Re)build the IVF-HNSW (scalar-quantised) cosine index over the vectors."""
-        from lancedb.index import IvfHnswSq
-
-        log.info("building the ANN index over %d chunks", len(self))
-        self.table.create_index("vector", config=IvfHnswSq(distance_type="cosine"), replace=True)
+    def build_ann(self, config=None) -> None:
+        """(Re)build the cosine ANN index over the vectors (`config`: a lancedb.index config, default
+        `ann_config(DEFAULT_ANN, rows)`)."""
+        count = len(self)
+        log.info("building the ANN index over %d chunks", count)
+        self.table.create_index("vector", config=config or ann_config(DEFAULT_ANN, count), replace=True)
 
     # ---- retrieval ------------------------------------------------------------------------------------------
     def _bm25_state(self):
