@@ -116,7 +116,7 @@ def exact_top_k(queries: np.ndarray, data: np.ndarray, k: int = K) -> np.ndarray
 
 def query_script(folder: Path, queries_file: Path, count: int, nprobes: int | None, refine: int | None) -> str:
     return f"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
@@ -132,7 +132,9 @@ for i in range(len(queries)):
     hits = index.search(f"q:{{i}}", k={K}, retriever="vector")
     times.append(time.perf_counter() - t)
     ids.append([int(h.id[1:]) for h in hits])
-print(json.dumps({{"times": times, "ids": ids, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so it would report the bench's own peak
+hwm_kb = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+print(json.dumps({{"times": times, "ids": ids, "rss_mb": hwm_kb / 1024}}))
 """
 
 

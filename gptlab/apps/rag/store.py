@@ -62,6 +62,11 @@ ANN_THRESHOLD = 20_000
 ANN_KINDS = {"ivf_hnsw_sq": "IvfHnswSq", "ivf_hnsw_pq": "IvfHnswPq", "ivf_pq": "IvfPq", "ivf_sq": "IvfSq",
              "ivf_rq": "IvfRq", "ivf_flat": "IvfFlat"}
 DEFAULT_ANN = "ivf_sq"
+# IVF partitions probed per query, and the re-ranking of refine_factor * k candidates by their full float32
+# vectors: at 1M synthetic chunks recall@10 0.965 -> 1.000 for +4 ms p50 (13 -> 18 ms, load ~6), and the
+# hits' cosines become exact rather than 8-bit estimates (the "I don't know" gate compares them to 0.30)
+ANN_NPROBES = 20
+ANN_REFINE_FACTOR = 5
 _TEXT_COLUMNS = ["id", "file", "doc", "title", "start", "end", "text"]
 
 
@@ -164,8 +169,8 @@ class RagIndex:
         self._table = None
         self._bm25_cache = None  # (table version, bm25s.BM25, rows as a list of dicts), built on first use
         # ANN search knobs (None: LanceDB's defaults); bench/bench_rag_scale.py measures recall vs latency
-        self.ann_nprobes: int | None = None
-        self.ann_refine_factor: int | None = None
+        self.ann_nprobes: int | None = ANN_NPROBES
+        self.ann_refine_factor: int | None = ANN_REFINE_FACTOR
 
     # ---- plumbing ----------------------------------------------------------------------------------------
     @property
@@ -374,8 +379,8 @@ class RagIndex:
             scored = [(rows[i], score) for i, score in fused]
         else:
             scored = rankings[retriever][:k]
-        # the vector ranking already carries each hit's cosine (past the ANN threshold, the scalar-quantised
-        # index's estimate, within ~0.01); look up only the others (BM25-only hits)
+        # the vector ranking already carries each hit's cosine (past the ANN threshold, exact after the
+        # refine step; without it, the scalar-quantised estimate, within ~0.01); look up only BM25-only hits
         similarity = {row["id"]: cosine for row, cosine in rankings.get("vector", [])}
         similarity.update(self._similarities([row["id"] for row, _ in scored if row["id"] not in similarity],
                                              query_vector))
