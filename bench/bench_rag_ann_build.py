@@ -54,7 +54,7 @@ def main() -> None:
         sub_vectors = int(numbers[1]) if len(numbers) > 1 else None
         load = os.getloadavg()[0]
         t = time.perf_counter()
-        index.build_ann(ann_config(kind, args.n, partitions, sub_vectors))
+        index.build_ann(ann_config(kind, partitions, sub_vectors))
         build_s = time.perf_counter() - t
         name = index.table.list_indices()[0].name
         stats = index.table.index_stats(name)

@@ -198,7 +198,7 @@ def main() -> None:
                      f"{recall(flat['ids'], exact):.3f} | {flat['rss_mb']:.0f} |")
         t = time.perf_counter()
         load_build = os.getloadavg()[0]
-        index.build_ann(ann_config(args.ann, n))
+        index.build_ann(ann_config(args.ann))
         ann_s = time.perf_counter() - t
         disk_ann = du(folder)
         results[n] = {"write_s": write_s, "ann_build_s": ann_s, "disk_flat": disk_flat, "disk_ann": disk_ann,

@@ -245,7 +245,7 @@ def test_past_the_threshold_an_ivf_sq_index_is_built_and_finds_each_chunk(tmp_pa
         for hit in hits:
             assert hit.similarity == pytest.approx(float(np.dot(vectors[hit.text], vectors[sentence])), abs=1e-5)
     with pytest.raises(GptlabError, match="ANN index kind must be one of"):
-        ann_config("hnsw", 1000)
+        ann_config("hnsw")
 
 
 def test_embedder_mismatch_is_a_clear_error(index, tmp_path):

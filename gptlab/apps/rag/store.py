@@ -106,8 +106,9 @@ class IndexStats:
                 f"index holds {self.total_chunks} chunks")
 
 
-def ann_config(kind: str, rows: int, num_partitions: int | None = None, num_sub_vectors: int | None = None):
-    """A LanceDB cosine ANN index config of `kind` (one of ANN_KINDS) for a table of `rows` vectors."""
+def ann_config(kind: str = DEFAULT_ANN, num_partitions: int | None = None, num_sub_vectors: int | None = None):
+    """A LanceDB cosine ANN index config of `kind` (one of ANN_KINDS); None: LanceDB's default for a setting
+    (sqrt(rows) partitions; dim / 16 PQ sub-vectors)."""
     import lancedb.index as lance_index
 
     if kind not in ANN_KINDS:
@@ -306,10 +307,9 @@ class RagIndex:
 
     def build_ann(self, config=None) -> None:
         """(Re)build the cosine ANN index over the vectors (`config`: a lancedb.index config, default
-        `ann_config(DEFAULT_ANN, rows)`)."""
-        count = len(self)
-        log.info("building the ANN index over %d chunks", count)
-        self.table.create_index("vector", config=config or ann_config(DEFAULT_ANN, count), replace=True)
+        `ann_config()`)."""
+        log.info("building the ANN index over %d chunks", len(self))
+        self.table.create_index("vector", config=config or ann_config(), replace=True)
 
     # ---- retrieval ------------------------------------------------------------------------------------------
     def _bm25_state(self):
