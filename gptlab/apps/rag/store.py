@@ -27,7 +27,8 @@ Design decisions
   recall@10 0.84 (0.96 re-ranked). bench/bench_rag_ann_build.py holds the comparison.
 - BM25 (bm25s, English stopwords, no stemming) is built in memory on the first BM25/hybrid query from the
   table's text column and cached until the table changes: simpler than keeping a second on-disk index in
-  sync (the rebuild's cost is not measured yet; the latency table in bench/results/rag.md excludes it).
+  sync (the rebuild took 18.9 s at 100k chunks on the loaded machine, bench/results/rag_scale.md; the latency
+  table in bench/results/rag.md excludes it).
 - Hybrid = reciprocal rank fusion (Cormack, Clarke & Buettcher, SIGIR 2009): score(d) = sum over the
   rankings r of 1 / (60 + rank_r(d)), ranks from 1, each ranking cut at `depth` (default max(50, 4k)).
   RRF needs no score calibration between BM25's unbounded scores and cosines.
