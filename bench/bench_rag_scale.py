@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gptlab.apps.rag.store import RagIndex  # noqa: E402
+from gptlab.apps.rag.store import ANN_KINDS, DEFAULT_ANN, RagIndex, ann_config  # noqa: E402
 
 DIM = 384
 CLUSTERS = 2000
@@ -76,26 +76,53 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def build(folder: Path, data: np.ndarray, words: list[str]) -> RagIndex:
+def build(folder: Path, data: np.ndarray, words: list[str], batch: int = 50_000) -> RagIndex:
+    """The table through `RagIndex._write` (the store's own write path), `batch` rows per commit. Rows go in
+    as Arrow record batches, as LanceDB takes them, so that the bench measures the store, not dict building."""
+    import pyarrow as pa
+
     index = RagIndex(folder, PreparedEmbedder(), create=True, ann_threshold=10**12)  # ANN built by hand below
-    batch = 50_000
     for start in range(0, len(data), batch):
-        rows = [{"id": f"c{i}", "file": f"/synthetic/{i // 1000}.txt", "file_hash": "0", "doc": str(i // 1000),
-                 "title": "", "start": 0, "end": len(words[i]), "text": words[i], "vector": data[i]}
-                for i in range(start, min(len(data), start + batch))]
+        ids = np.arange(start, min(len(data), start + batch))
+        flat = pa.array(data[ids].reshape(-1), pa.float32())
+        rows = pa.table({"id": [f"c{i}" for i in ids], "file": [f"/synthetic/{i // 1000}.txt" for i in ids],
+                         "file_hash": ["0"] * len(ids), "doc": [str(i // 1000) for i in ids],
+                         "title": [""] * len(ids), "start": np.zeros(len(ids), np.int64),
+                         "end": np.array([len(words[i]) for i in ids], np.int64),
+                         "text": [words[i] for i in ids],
+                         "vector": pa.FixedSizeListArray.from_arrays(flat, DIM)})
         index._write(rows, [])
     return index
 
 
-def query_script(folder: Path, queries_file: Path, ann: bool, nprobes: int | None, refine: int | None) -> str:
+def make_queries(data: np.ndarray, count: int) -> np.ndarray:
+    """Perturbed copies of random stored vectors (each has real near neighbours), unit length."""
+    rng = np.random.default_rng(1)
+    queries = data[rng.integers(0, len(data), count)]
+    queries = queries + 0.3 * rng.standard_normal(queries.shape).astype(np.float32) / np.sqrt(DIM)
+    return queries / np.linalg.norm(queries, axis=1, keepdims=True)
+
+
+def exact_top_k(queries: np.ndarray, data: np.ndarray, k: int = K) -> np.ndarray:
+    """The reference: exact top-k by float32 dot product (= cosine for unit vectors), ids best first."""
+    blocks = []
+    for start in range(0, len(queries), 25):  # 25 x 1M scores at a time: bounded memory
+        scores = queries[start:start + 25] @ data.T
+        top = np.argpartition(-scores, k, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
+        blocks.append(np.take_along_axis(top, order, axis=1))
+    return np.concatenate(blocks)
+
+
+def query_script(folder: Path, queries_file: Path, count: int, nprobes: int | None, refine: int | None) -> str:
     return f"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from bench_rag_scale import PreparedEmbedder
 from gptlab.apps.rag.store import RagIndex
-queries = np.load({str(queries_file)!r})
+queries = np.load({str(queries_file)!r})[:{count}]
 index = RagIndex({str(folder)!r}, PreparedEmbedder(queries))
 index.ann_nprobes, index.ann_refine_factor = {nprobes!r}, {refine!r}
 index.search("q:0", k={K}, retriever="vector")  # open the table, warm caches
@@ -105,17 +132,20 @@ for i in range(len(queries)):
     hits = index.search(f"q:{{i}}", k={K}, retriever="vector")
     times.append(time.perf_counter() - t)
     ids.append([int(h.id[1:]) for h in hits])
-print(json.dumps({{"times": times, "ids": ids, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so it would report the bench's own peak
+hwm_kb = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+print(json.dumps({{"times": times, "ids": ids, "rss_mb": hwm_kb / 1024}}))
 """
 
 
-def run_queries(folder, queries_file, ann, nprobes=None, refine=None) -> dict:
-    out = subprocess.run([sys.executable, "-c", query_script(folder, queries_file, ann, nprobes, refine)],
+def run_queries(folder, queries_file, count=QUERIES, nprobes=None, refine=None) -> dict:
+    out = subprocess.run([sys.executable, "-c", query_script(folder, queries_file, count, nprobes, refine)],
                          capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def recall(found: list[list[int]], exact: np.ndarray) -> float:
+    """Mean overlap of each query's found ids with its exact top-K (queries beyond len(found) unused)."""
     return float(np.mean([len(set(f) & set(e)) / K for f, e in zip(found, exact.tolist())]))
 
 
@@ -128,6 +158,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--nprobes", default="20,50", help="ANN settings to sweep (IVF partitions probed)")
     parser.add_argument("--refine", type=int, default=0, help="also try this refine_factor (0: none)")
+    parser.add_argument("--ann", default=DEFAULT_ANN, choices=list(ANN_KINDS), help="ANN index kind (default %(default)s)")
+    parser.add_argument("--flat-queries", type=int, default=QUERIES,
+                        help="queries for the exact scan (fewer at 1M, where each takes ~1 s)")
+    parser.add_argument("--keep", action="store_true", help="keep each table in --work (default: delete)")
     parser.add_argument("--bm25-max", type=int, default=100_000, help="measure the BM25 rebuild up to this size")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", default="bench/results/rag_scale.md")
@@ -137,7 +171,8 @@ def main() -> None:
     load = os.getloadavg()[0]
     lines = ["# RAG index at scale (`RagIndex`, LanceDB, synthetic 384-dim clustered vectors)", "",
              f"Command: `python bench/bench_rag_scale.py --sizes {args.sizes} --nprobes {args.nprobes}"
-             f"{' --refine ' + str(args.refine) if args.refine else ''}`", "",
+             f"{' --refine ' + str(args.refine) if args.refine else ''} --ann {args.ann} "
+             f"--flat-queries {args.flat_queries}`", "",
              f"Machine: {os.cpu_count()}-core CPU; load average {load:.1f} at start. Queries: {QUERIES}, k={K}, "
              "vector retriever; latency includes everything `RagIndex.search` does. Recall@10 = overlap with "
              "exact numpy top-10.", "",
@@ -148,31 +183,30 @@ def main() -> None:
         folder = work / f"n{n}"
         shutil.rmtree(folder, ignore_errors=True)
         data = vectors(n, seed=0)
-        rng = np.random.default_rng(1)
-        queries = data[rng.integers(0, n, QUERIES)] + 0.3 * rng.standard_normal((QUERIES, DIM)).astype(np.float32) / np.sqrt(DIM)
-        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        queries = make_queries(data, QUERIES)
         queries_file = work / f"queries{n}.npy"
         np.save(queries_file, queries)
-        exact = np.argsort(-(queries @ data.T), axis=1)[:, :K]
+        exact = exact_top_k(queries, data)
         words = texts(n, seed=0)
         t = time.perf_counter()
         index = build(folder, data, words)
         write_s = time.perf_counter() - t
         del data
         disk_flat = du(folder)
-        flat = run_queries(folder, queries_file, ann=False)
-        lines.append(f"| {n:,} | exact (flat) | {pct(flat['times'], 50):.1f} | {pct(flat['times'], 99):.1f} | "
+        flat = run_queries(folder, queries_file, count=args.flat_queries)
+        lines.append(f"| {n:,} | exact (flat, {len(flat['times'])} queries) | {pct(flat['times'], 50):.1f} | {pct(flat['times'], 99):.1f} | "
                      f"{recall(flat['ids'], exact):.3f} | {flat['rss_mb']:.0f} |")
         t = time.perf_counter()
-        index.build_ann()
+        load_build = os.getloadavg()[0]
+        index.build_ann(ann_config(args.ann))
         ann_s = time.perf_counter() - t
         disk_ann = du(folder)
         results[n] = {"write_s": write_s, "ann_build_s": ann_s, "disk_flat": disk_flat, "disk_ann": disk_ann,
                       "flat": flat}
         for nprobes in [int(p) for p in args.nprobes.split(",")]:
             for refine in [None] + ([args.refine] if args.refine else []):
-                r = run_queries(folder, queries_file, ann=True, nprobes=nprobes, refine=refine)
-                label = f"IVF-HNSW-SQ nprobes={nprobes}" + (f" refine={refine}" if refine else "")
+                r = run_queries(folder, queries_file, nprobes=nprobes, refine=refine)
+                label = f"{args.ann} nprobes={nprobes}" + (f" refine={refine}" if refine else "")
                 lines.append(f"| {n:,} | {label} | {pct(r['times'], 50):.1f} | {pct(r['times'], 99):.1f} | "
                              f"{recall(r['ids'], exact):.3f} | {r['rss_mb']:.0f} |")
                 results[n][label] = r
@@ -182,12 +216,13 @@ def main() -> None:
             index._bm25_state()
             bm25 = f"; BM25 (bm25s) in-memory rebuild {time.perf_counter() - t:.1f} s"
         facts.append(f"- {n:,} chunks: LanceDB writes {write_s:.1f} s ({n / write_s:,.0f} chunks/s), ANN build "
-                     f"{ann_s:.1f} s; disk {disk_flat / 2**20:,.0f} MB without the ANN index, "
+                     f"{ann_s:.1f} s (load average {load_build:.1f} at its start); disk {disk_flat / 2**20:,.0f} MB without the ANN index, "
                      f"{disk_ann / 2**20:,.0f} MB with it ({disk_ann / 2**20 / (n / 100_000):,.0f} MB per 100k "
                      f"chunks){bm25}")
         print("\n".join(lines + [""] + facts), flush=True)
         Path(args.out).write_text("\n".join(lines + ["", *facts, "", "(run in progress: later sizes follow)"]) + "\n")
-        shutil.rmtree(folder, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
     text = "\n".join(lines + ["", *facts, "", f"Load average at end: {os.getloadavg()[0]:.1f}; bench process "
                               f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB "
                               "(holds the vectors and exact scores)."]) + "\n"

@@ -18,10 +18,17 @@ Design decisions
 - `rag.json` records the embedder's name and dimension and the chunking parameters at creation; any later
   open with another embedder (name or dimension) is a GptlabError naming both.
 - Vector search is exact (flat) below `ann_threshold` chunks, where it takes milliseconds; past it an
-  IVF-HNSW (scalar-quantised) cosine index is (re)built after an update that changed rows.
+  IVF_SQ cosine index (k-means partitions, LanceDB's default sqrt(rows) of them, vectors kept as 8-bit
+  scalar codes) is (re)built after an update that changed rows. Not IVF-HNSW-SQ (session 10's choice):
+  LanceDB's default target partition for it is ~1M rows, so below that it builds one HNSW graph over the
+  whole table (m 20, ef_construction 300), which took 917 s at 100k chunks and 154 s at 20k on the loaded
+  2-core machine, against 5 s for IVF_SQ at 20k (7.8 s at 100k) with the same recall@10 (0.99 at 20k,
+  0.97 at 100k, both 1.000 with refine_factor 5). Not IVF_PQ: 360 s to train 48 sub-quantisers at 20k,
+  recall@10 0.84 (0.96 re-ranked). bench/bench_rag_ann_build.py holds the comparison.
 - BM25 (bm25s, English stopwords, no stemming) is built in memory on the first BM25/hybrid query from the
   table's text column and cached until the table changes: simpler than keeping a second on-disk index in
-  sync (the rebuild's cost is not measured yet; the latency table in bench/results/rag.md excludes it).
+  sync (the rebuild took 18.9 s at 100k chunks on the loaded machine, bench/results/rag_scale.md; the latency
+  table in bench/results/rag.md excludes it).
 - Hybrid = reciprocal rank fusion (Cormack, Clarke & Buettcher, SIGIR 2009): score(d) = sum over the
   rankings r of 1 / (60 + rank_r(d)), ranks from 1, each ranking cut at `depth` (default max(50, 4k)).
   RRF needs no score calibration between BM25's unbounded scores and cosines.
@@ -53,6 +60,14 @@ TABLE = "chunks"
 RETRIEVERS = ("bm25", "vector", "hybrid")
 RRF_K = 60
 ANN_THRESHOLD = 20_000
+ANN_KINDS = {"ivf_hnsw_sq": "IvfHnswSq", "ivf_hnsw_pq": "IvfHnswPq", "ivf_pq": "IvfPq", "ivf_sq": "IvfSq",
+             "ivf_rq": "IvfRq", "ivf_flat": "IvfFlat"}
+DEFAULT_ANN = "ivf_sq"
+# IVF partitions probed per query, and the re-ranking of refine_factor * k candidates by their full float32
+# vectors: at 1M synthetic chunks recall@10 0.965 -> 1.000 for +4 ms p50 (13 -> 18 ms, load ~6), and the
+# hits' cosines become exact rather than 8-bit estimates (the "I don't know" gate compares them to 0.30)
+ANN_NPROBES = 20
+ANN_REFINE_FACTOR = 5
 _TEXT_COLUMNS = ["id", "file", "doc", "title", "start", "end", "text"]
 
 
@@ -90,6 +105,21 @@ class IndexStats:
                 f"{len(self.empty)} empty; "
                 f"{self.chunks_embedded} chunks embedded in {self.seconds:.1f}s ({rate:.1f} chunks/s); "
                 f"index holds {self.total_chunks} chunks")
+
+
+def ann_config(kind: str = DEFAULT_ANN, num_partitions: int | None = None, num_sub_vectors: int | None = None):
+    """A LanceDB cosine ANN index config of `kind` (one of ANN_KINDS); None: LanceDB's default for a setting
+    (sqrt(rows) partitions; dim / 16 PQ sub-vectors)."""
+    import lancedb.index as lance_index
+
+    if kind not in ANN_KINDS:
+        raise GptlabError(f"ANN index kind must be one of {', '.join(ANN_KINDS)}, got {kind!r}")
+    options = {"distance_type": "cosine"}
+    if num_partitions:
+        options["num_partitions"] = num_partitions
+    if num_sub_vectors and kind in ("ivf_pq", "ivf_hnsw_pq"):
+        options["num_sub_vectors"] = num_sub_vectors
+    return getattr(lance_index, ANN_KINDS[kind])(**options)
 
 
 def _sql_list(values) -> str:
@@ -141,8 +171,8 @@ class RagIndex:
         self._table = None
         self._bm25_cache = None  # (table version, bm25s.BM25, rows as a list of dicts), built on first use
         # ANN search knobs (None: LanceDB's defaults); bench/bench_rag_scale.py measures recall vs latency
-        self.ann_nprobes: int | None = None
-        self.ann_refine_factor: int | None = None
+        self.ann_nprobes: int | None = ANN_NPROBES
+        self.ann_refine_factor: int | None = ANN_REFINE_FACTOR
 
     # ---- plumbing ----------------------------------------------------------------------------------------
     @property
@@ -276,12 +306,11 @@ class RagIndex:
             return
         self.build_ann()
 
-    def build_ann(self) -> None:
-        """(Re)build the IVF-HNSW (scalar-quantised) cosine index over the vectors."""
-        from lancedb.index import IvfHnswSq
-
+    def build_ann(self, config=None) -> None:
+        """(Re)build the cosine ANN index over the vectors (`config`: a lancedb.index config, default
+        `ann_config()`)."""
         log.info("building the ANN index over %d chunks", len(self))
-        self.table.create_index("vector", config=IvfHnswSq(distance_type="cosine"), replace=True)
+        self.table.create_index("vector", config=config or ann_config(), replace=True)
 
     # ---- retrieval ------------------------------------------------------------------------------------------
     def _bm25_state(self):
@@ -351,8 +380,8 @@ class RagIndex:
             scored = [(rows[i], score) for i, score in fused]
         else:
             scored = rankings[retriever][:k]
-        # the vector ranking already carries each hit's cosine (past the ANN threshold, the scalar-quantised
-        # index's estimate, within ~0.01); look up only the others (BM25-only hits)
+        # the vector ranking already carries each hit's cosine (past the ANN threshold, exact after the
+        # refine step; without it, the scalar-quantised estimate, within ~0.01); look up only BM25-only hits
         similarity = {row["id"]: cosine for row, cosine in rankings.get("vector", [])}
         similarity.update(self._similarities([row["id"] for row, _ in scored if row["id"] not in similarity],
                                              query_vector))
