@@ -28,6 +28,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import jsonschema
 import torch
@@ -130,7 +131,6 @@ def mask_walk(llm, args) -> list[str]:
     each schema's grammar walked for up to --max-new-tokens steps, each step's token drawn (seeded) from
     the allowed ones, timing `mask_constrained_logits` (bitmask, unpack, apply to 49k logits) per step."""
     import random
-    from types import SimpleNamespace
 
     from gptlab.infer.batch import TextStream
 
@@ -179,15 +179,34 @@ def compile_times(llm) -> list[str]:
 def validity(llm, args) -> list[str]:
     engine = llm.engine
     jobs = [(name, prompt) for name in SCHEMAS for prompt in PROMPTS[name][:args.prompts]]
-    ids = [chat_ids(llm.tokenizer, SCHEMAS[name], prompt, "schema") for name, prompt in jobs]
-    start = time.perf_counter()
-    constrained, free = [], []
-    for k in range(0, len(jobs), args.batch):
-        constrained += engine.generate(ids[k:k + args.batch], [
-            SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0,
-                           constraint=Constraint.json_schema(SCHEMAS[name])) for name, _ in jobs[k:k + args.batch]])
-        free += engine.generate(ids[k:k + args.batch], SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0))
+    # replies are cached per (schema, prompt, arm, max_new_tokens) in --validity-cache, so an interrupted
+    # run resumes (greedy decoding: a cached reply is the one a rerun would produce)
+    cache_path = Path(args.validity_cache)
+    cached = {}
+    if cache_path.exists():
+        for line in cache_path.read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)
+            cached[(r["schema"], r["prompt"], r["arm"], r["max_new_tokens"])] = SimpleNamespace(**r)
+    start, generated = time.perf_counter(), 0
+    for arm in ("constrained", "free"):
+        todo = [job for job in jobs if (*job, arm, args.max_new_tokens) not in cached]
+        for k in range(0, len(todo), args.batch):
+            chunk = todo[k:k + args.batch]
+            ids = [chat_ids(llm.tokenizer, SCHEMAS[name], prompt, "schema") for name, prompt in chunk]
+            params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0,
+                                     constraint=Constraint.json_schema(SCHEMAS[name]) if arm == "constrained" else None)
+                      for name, _ in chunk]
+            with cache_path.open("a", encoding="utf-8") as f:
+                for (name, prompt), reply in zip(chunk, engine.generate(ids, params)):
+                    record = {"schema": name, "prompt": prompt, "arm": arm, "max_new_tokens": args.max_new_tokens,
+                              "text": reply.text, "finish_reason": reply.finish_reason}
+                    cached[(name, prompt, arm, args.max_new_tokens)] = SimpleNamespace(**record)
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            generated += len(chunk)
+            print(f"validity: {arm} {k + len(chunk)}/{len(todo)}, {time.perf_counter() - start:.0f} s", flush=True)
     seconds = time.perf_counter() - start
+    constrained = [cached[(*job, "constrained", args.max_new_tokens)] for job in jobs]
+    free = [cached[(*job, "free", args.max_new_tokens)] for job in jobs]
 
     def valid(value, name) -> bool:
         return jsonschema.validators.validator_for(SCHEMAS[name])(SCHEMAS[name]).is_valid(value)
@@ -215,7 +234,8 @@ def validity(llm, args) -> list[str]:
     n = len(jobs)
     finished = n - len(cut)
     return [f"{n} requests ({len(SCHEMAS)} schemas x {args.prompts} prompts), greedy, max_new_tokens "
-            f"{args.max_new_tokens}, batches of {args.batch}: {seconds:.0f} s", "",
+            f"{args.max_new_tokens}, batches of {args.batch}: {generated} replies per arm generated now in "
+            f"{seconds:.0f} s, the rest from {cache_path.name}", "",
             "| arm | parsed | schema-valid |", "|---|---|---|"] + [
         f"| {label} | {counts[arm][0]}/{n} | {counts[arm][1]}/{n} ({counts[arm][1] / n:.0%}) |"
         for arm, label in (("constrained", "constrained decoding"), ("json.loads", "unconstrained + json.loads"),
@@ -303,6 +323,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=21, help="rows per generate call in the validity section")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--corpus", default=str(DATA / "json_replies.jsonl"))
+    parser.add_argument("--validity-cache", default=str(DATA / "validity_replies.jsonl"),
+                        help="the validity section's replies (resumable)")
     parser.add_argument("--sections", default="partial,corpus,compile,walk,speed,validity")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
