@@ -340,6 +340,23 @@ class ConstraintState:
         return self.matcher.is_stopped()
 
 
+def _word_masks(words: int, limit: int, stop_ids, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, stops) as uint32 words, made once per (words, limit, stop ids, width): `keep` clears the ids
+    from `limit` on (the end pseudo id, padding ids, ids the model lacks) and the stop ids; `stops` has the
+    stop ids, OR-ed in where the grammar may end."""
+    key = ("words", words, limit, frozenset(stop_ids), width)
+    masks = _SHARED.get(key)
+    if masks is None:
+        bits = np.zeros(32 * words, dtype=bool)
+        bits[:limit] = True
+        stops = np.zeros(32 * words, dtype=bool)
+        stops[[t for t in stop_ids if t < min(width, 32 * words)]] = True
+        bits[stops] = False
+        pack = lambda b: np.packbits(b, bitorder="little").view(np.uint32)  # noqa: E731 (host order: little-endian)
+        masks = _SHARED[key] = (pack(bits), pack(stops))
+    return masks
+
+
 def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int) -> dict[int, str]:
     """Set to -inf, in place, every logit a constrained row's grammar does not allow; `rows` are the batch's
     rows (`Row.constraint`, `Row.stop_ids`). A row's stop tokens are allowed where its grammar may end.
@@ -348,21 +365,25 @@ def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int
     error while the rest of the batch goes on.
 
     Cost (measured, bench/results/structured.md): the work is done on the packed int32 bitmask (stop
-    tokens, ids past the model's vocabulary, the dead-end test are word operations), then unpacked once
-    (numpy.unpackbits) and applied with one torch.where into the logits. llguidance.torch's
-    apply_token_bitmask_inplace is not used: it is a torch.compile kernel (a C++ build on first use on CPU)."""
+    tokens and ids past the model's vocabulary are two word operations with masks made once, the dead-end
+    test a scan of the words), then it is unpacked once (numpy.unpackbits) and applied with one torch.where
+    into the logits. llguidance.torch's apply_token_bitmask_inplace is not used: it is a torch.compile
+    kernel (a minute of C++ build on first use on CPU, and again for each new batch size)."""
     constrained = [i for i, row in enumerate(rows) if row.constraint is not None]
     states = [rows[i].constraint for i in constrained]
     words = states[0].words
-    bitmask = np.empty((len(states), words), dtype=np.int32)
-    late = [k for k, state in enumerate(states) if not state.take_prefetched(bitmask[k])]
-    if late:  # rows with no mask prefetched (overlap off, or a row just joined): computed now, in one call
-        bitmask[late] = _fill_masks([states[k].matcher for k in late], np.empty((len(late), words), dtype=np.int32))
+    job = states[0]._job
+    if job is not None and len(job.buffer) == len(states) and all(s._job is job and s._row == k
+                                                                  for k, s in enumerate(states)):
+        bitmask = job.future.result()  # the usual step: this batch's rows, prefetched together, in order
+        for state in states:
+            state._job = None
+    else:
+        bitmask = np.empty((len(states), words), dtype=np.int32)
+        late = [k for k, state in enumerate(states) if not state.take_prefetched(bitmask[k])]
+        if late:  # rows with no mask prefetched (overlap off, or a row just joined): computed now, in one call
+            bitmask[late] = _fill_masks([states[k].matcher for k in late], np.empty((len(late), words), dtype=np.int32))
     bits32 = bitmask.view(np.uint32)  # bit j of word w is token 32 w + j
-    limit = min(states[0].vocab_size, n_real_tokens)  # the end pseudo id, padding ids, ids the model lacks: off
-    if limit < 32 * words:
-        bits32[:, limit // 32] &= np.uint32((1 << (limit % 32)) - 1)
-        bits32[:, limit // 32 + 1:] = 0
     width = logits.shape[-1]
     failed: dict[int, str] = {}
     for k, (i, state) in enumerate(zip(constrained, states)):
@@ -371,14 +392,10 @@ def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int
         except GptlabError as e:
             failed[i] = str(e)
             continue
-        accepting = state.accepting
-        for t in rows[i].stop_ids:
-            if t < min(width, 32 * words):
-                word, bit = divmod(t, 32)
-                if accepting:
-                    bits32[k, word] |= np.uint32(1 << bit)
-                else:
-                    bits32[k, word] &= np.uint32(~(1 << bit) & 0xFFFFFFFF)
+        keep_words, stop_words = _word_masks(words, min(state.vocab_size, n_real_tokens), rows[i].stop_ids, width)
+        bits32[k] &= keep_words
+        if state.accepting:
+            bits32[k] |= stop_words
         if not bits32[k].any():
             failed[i] = (f"constraint {state.constraint.describe()} admits no token this row can produce "
                          f"after {rows[i].stream.text[-40:]!r} (it may need a stop token or an id past the model's "
@@ -387,14 +404,16 @@ def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int
     if not keep:
         return failed
     # little-endian hosts (x86, ARM): bit j of a 32-bit word is bit j % 8 of its byte j // 8
-    allowed = np.unpackbits(bitmask[keep].view(np.uint8), axis=1, count=min(width, 32 * words),
-                            bitorder="little").view(bool)
+    packed = bitmask if len(keep) == len(states) else bitmask[keep]
+    allowed = np.unpackbits(packed.view(np.uint8), axis=1, count=min(width, 32 * words), bitorder="little").view(bool)
     if allowed.shape[1] < width:  # a model with more ids than the tokenizer: those are never allowed
         allowed = np.pad(allowed, ((0, 0), (0, width - allowed.shape[1])))
     import torch  # here, not at the top: the HTTP LLM client builds Constraints without torch
 
     allowed_t = torch.from_numpy(allowed).to(logits.device)
-    minus_inf = _shared(f"-inf {logits.device}", lambda: torch.tensor(-float("inf"), device=logits.device))
+    minus_inf = _SHARED.get(logits.device)
+    if minus_inf is None:
+        minus_inf = _shared(logits.device, lambda: torch.tensor(-float("inf"), device=logits.device))
     if len(keep) == len(rows):  # torch.where into the logits: measured faster than masked_fill on CPU
         torch.where(allowed_t, logits, minus_inf, out=logits)
     else:
