@@ -396,7 +396,7 @@ def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int
         bits32[k] &= keep_words
         if state.accepting:
             bits32[k] |= stop_words
-        if not bits32[k].any():
+        if not np.count_nonzero(bits32[k]):
             failed[i] = (f"constraint {state.constraint.describe()} admits no token this row can produce "
                          f"after {rows[i].stream.text[-40:]!r} (it may need a stop token or an id past the model's "
                          f"vocabulary)")
