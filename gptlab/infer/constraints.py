@@ -33,9 +33,9 @@ Design decisions
 - Mask cost: a row's mask is llguidance's int32 bitmask (one bit per token id), computed into a preallocated
   buffer; the fix-ups (stop tokens, ids past the model's vocabulary, "no token allowed") are word
   operations on it, and it is unpacked once and applied with one torch.where (`mask_constrained_logits`).
-  The next step's masks of all the batch's constrained rows are computed in one llguidance `LLExecutor`
-  call, in a worker thread, while the model runs its forward pass (`prefetch_masks`): the mask depends
-  only on the tokens already sampled, never on the logits.
+  The next step's masks of all the batch's constrained rows are computed in one job in a worker thread
+  while the model runs its forward pass (`prefetch_masks`): the mask depends only on the tokens already
+  sampled, never on the logits.
 - Compile cache: compiling is building an `LLMatcher` (grammar -> lexer + parser tables); the result is kept
   in an LRU (`GrammarCache`, 64 entries, keyed by tokenizer hash + constraint) and each row gets a
   `deep_copy` of it. The llguidance tokenizer (a token trie, ~0.3 s for a 49k vocabulary) is cached per
@@ -255,7 +255,7 @@ def _one_line(message: str, limit: int = 300) -> str:
 
 GRAMMARS = GrammarCache()
 OVERLAP_MASKS = True  # compute masks beside the forward pass (`prefetch_masks`); the benchmark toggles it
-_SHARED: dict = {}  # made once: the worker thread, llguidance's executor, a -inf scalar tensor per device
+_SHARED: dict = {}  # made once: the worker thread, a -inf scalar tensor per device, word masks
 _SHARED_LOCK = threading.Lock()
 
 
@@ -267,14 +267,14 @@ def _shared(key: str, make):
 
 
 def _fill_masks(matchers: list, bitmask: np.ndarray) -> np.ndarray:
-    """Every matcher's next-token bitmask into row k of `bitmask` (int32, C-contiguous), in one call to
-    llguidance's LLExecutor (`llguidance.numpy.fill_next_token_bitmask_par`'s call, on our preallocated
-    buffer): the Rust side computes the rows without the GIL."""
-    import llguidance
-
-    executor = _shared("executor", llguidance.LLExecutor)
-    executor.unsafe_compute_mask_ptr([(m, k) for k, m in enumerate(matchers)], bitmask.ctypes.data,
-                                     bitmask.shape[1] * 4, bitmask.shape[0])
+    """Every matcher's next-token bitmask into row k of `bitmask` (int32, C-contiguous), matcher by matcher
+    (llguidance's `fill_next_token_bitmask` call; each drops the GIL). Not llguidance's batch `LLExecutor`
+    (`fill_next_token_bitmask_par`): measured in the engine on the shared 2-core machine, handing a step's
+    masks to it cost 2.3 ms median per step at batch 1 (waking its thread pool) against 0.1 ms this way,
+    and no less at batch 8 (bench/results/structured.md, session 11)."""
+    size = bitmask.shape[1] * 4
+    for k, matcher in enumerate(matchers):
+        matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data + k * size, size)
     return bitmask
 
 
