@@ -129,8 +129,8 @@ def mask_and_speed(llm, args) -> list[str]:
 def mask_walk(llm, args) -> list[str]:
     """The masking step alone, without the model (so a loaded machine's forward-pass swings stay out):
     each schema's grammar walked for up to --max-new-tokens steps, each step's token drawn (seeded) from
-    the allowed ones. Per step, timed apart: llguidance computing the bitmask (`_fill_masks`, the LLExecutor
-    call, run in the worker thread as the engine does and waited for) and gptlab applying it
+    the allowed ones. Per step, timed apart: llguidance computing the bitmask (`_fill_masks`, one
+    call per matcher, run in the worker thread as the engine does and waited for) and gptlab applying it
     (`mask_constrained_logits`: fix-ups on the packed words, unpack, torch.where into 49k logits)."""
     import random
 
@@ -167,7 +167,7 @@ def mask_walk(llm, args) -> list[str]:
         constraints_module._fill_masks = real_fill
     total = [c + a for c, a in zip(compute, apply)]
     lines = ["| measure (per token) | steps | mean µs | median µs | p99 µs |", "|---|---|---|---|---|"]
-    for label, times in (("llguidance computes the bitmask (LLExecutor, worker thread)", compute),
+    for label, times in (("llguidance computes the bitmask (worker thread)", compute),
                          ("gptlab applies it (fix-ups, unpack, torch.where)", apply),
                          ("mask step, both", total)):
         ordered = sorted(times)
