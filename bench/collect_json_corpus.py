@@ -3,11 +3,14 @@
 Every (schema, prompt) of bench/data/structured_schemas.json is asked in three styles (the JSON Schema in the
 system prompt, its keys in words, or just "answer in JSON"), sampled at temperature 0.7 (seeded) so the
 corpus is varied. Replies that `json.loads` rejects are appended to the JSONL output, one
-{"schema", "prompt", "style", "reply", "finish_reason"} object per line; a rerun skips what is already
-there (resumable: the machine is shared and runs get interrupted). bench_structured.py's defensive-parsing
-section reads the file.
+{"schema", "prompt", "style", "reply", "finish_reason", "model"} object per line (lines without "model" are
+SmolLM2's); a rerun skips what is already there (resumable per model: the machine is shared and runs get
+interrupted). bench_structured.py's defensive-parsing section reads the file. Any gptlab model directory
+works (the speedrun's SFT and RL models too: a request whose prompt plus --max-new-tokens does not fit the
+model's context window is skipped and counted).
 
     python bench/collect_json_corpus.py --out bench/data/json_replies.jsonl --max-new-tokens 64 --batch 30
+    python bench/collect_json_corpus.py --model /work/sr_final/runs/default/sft/model --label speedrun-sft
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def chat_ids(tokenizer, schema: dict, prompt: str, style: str) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--label", default="smollm2", help="the model's name in the corpus")
     parser.add_argument("--out", default=str(DATA / "json_replies.jsonl"))
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=30)
@@ -74,16 +78,20 @@ def main() -> None:
     entries = json.loads((DATA / "structured_schemas.json").read_text())
     jobs = [(e["name"], e["schema"], prompt, style) for style in STYLES for e in entries for prompt in e["prompts"]]
     out = Path(args.out)
-    done_file = out.with_suffix(".done")  # requests already asked (malformed or not), for resuming
+    done_file = out.with_suffix(f".{args.label}.done")  # requests already asked (malformed or not), for resuming
     done = int(done_file.read_text()) if done_file.exists() else args.first
     jobs = jobs[done:args.limit]
-    started = time.perf_counter()
+    started, too_long = time.perf_counter(), 0
     for k in range(0, len(jobs), args.batch):
         chunk = jobs[k:k + args.batch]
         ids = [chat_ids(llm.tokenizer, schema, prompt, style) for _, schema, prompt, style in chunk]
+        fits = [len(i) + args.max_new_tokens <= llm.engine.window for i in ids]
+        too_long += fits.count(False)
+        chunk = [job for job, ok in zip(chunk, fits) if ok]
+        ids = [i for i, ok in zip(ids, fits) if ok]
         params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.7, seed=done + k + j)
                   for j in range(len(chunk))]
-        replies = llm.engine.generate(ids, params)
+        replies = llm.engine.generate(ids, params) if ids else []
         with out.open("a", encoding="utf-8") as f:
             for (name, _, prompt, style), reply in zip(chunk, replies):
                 try:
@@ -92,9 +100,12 @@ def main() -> None:
                 except json.JSONDecodeError:
                     pass
                 f.write(json.dumps({"schema": name, "prompt": prompt, "style": style, "reply": reply.text,
-                                    "finish_reason": reply.finish_reason}, ensure_ascii=False) + "\n")
-        done_file.write_text(str(done + k + len(chunk)))
-        print(f"{done + k + len(chunk)} requests, {time.perf_counter() - started:.0f} s", flush=True)
+                                    "finish_reason": reply.finish_reason, "model": args.label},
+                                   ensure_ascii=False) + "\n")
+        asked = done + min(k + args.batch, len(jobs))
+        done_file.write_text(str(asked))
+        print(f"{asked} requests ({too_long} skipped: too long for the context window), "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,50 @@ def test_unconstrained_rows_unchanged_by_constrained_neighbours(engine):
         assert re.fullmatch("[a-c]{5,40}", batched[2].text)
 
 
+def test_packed_mask_matches_llguidance_bit_by_bit(tok):
+    """mask_constrained_logits (word operations on the packed bitmask, one unpack, one torch.where) against
+    a per-id reference read from llguidance's own compute_bitmask bytes, prefetched and in line, with
+    padding ids past the model's vocabulary, stop tokens allowed exactly where the grammar may end, and an
+    unconstrained neighbour left untouched."""
+    from types import SimpleNamespace
+
+    from gptlab.infer import constraints
+    from gptlab.infer.batch import TextStream
+
+    n_real, width = tok.vocab_size - 3, tok.vocab_size + 5  # the model lacks 3 ids and pads 5 more
+    stop = tok.vocab_size - 10
+    generator = torch.Generator().manual_seed(0)
+    for overlap in (True, False):
+        constraints.OVERLAP_MASKS = overlap
+        try:
+            states = [constraints.ConstraintState(c, tok) for c in (Constraint.json_schema(SCHEMA),
+                                                                    Constraint.regex("[a-c]{2,9}"))]
+            rows = [SimpleNamespace(constraint=states[0], stop_ids={stop}, stream=TextStream()),
+                    SimpleNamespace(constraint=None, stop_ids={stop}, stream=TextStream()),
+                    SimpleNamespace(constraint=states[1], stop_ids={stop}, stream=TextStream())]
+            for step in range(12):
+                constraints.prefetch_masks(states)
+                logits = torch.randn(3, width, generator=generator)
+                before = logits.clone()
+                assert constraints.mask_constrained_logits(logits, rows, n_real) == {}
+                assert torch.equal(logits[1], before[1])
+                for state, k in zip(states, (0, 2)):
+                    packed = state.matcher.deep_copy().compute_bitmask()
+                    expected = {t for t in range(min(tok.vocab_size, n_real)) if packed[t // 8] >> (t % 8) & 1}
+                    expected = (expected | {stop}) if state.accepting else (expected - {stop})
+                    finite = set(torch.isfinite(logits[k]).nonzero()[:, 0].tolist())
+                    assert finite == expected and finite
+                    assert torch.equal(logits[k, sorted(finite)], before[k, sorted(finite)])
+                    choice = sorted(finite - {stop})
+                    if not choice or state.consume(choice[step * 7 % len(choice)]):
+                        break
+                else:
+                    continue
+                break
+        finally:
+            constraints.OVERLAP_MASKS = True
+
+
 def test_constrained_rows_join_and_leave_a_running_batch(engine):
     """The continuous-batching path: each row carries its own matcher through DecodeBatch.join / keep."""
     regex = SamplingParams(max_new_tokens=40, temperature=0, constraint=Constraint.regex("[a-z]{3}-[0-9]{3,9}"))

@@ -3,6 +3,7 @@ their checkers, everything renders in the chat format; hand-written edge cases p
 calculator; the registry and the mixture sampler."""
 
 import dataclasses
+import json
 import operator
 import random
 import re
@@ -338,6 +339,18 @@ def test_calculator_tool_is_safe_and_exact():
     assert run('{"name": "calculator", "arguments": {"expression": "12 * 34"}}') == "408"
     assert run({"name": "calculator", "arguments": '{"expression": "1+1"}'}) == "2"
     assert run("{not json") == "error: tool call is not valid JSON"
+    assert run("I would call the calculator.") == "error: tool call is not valid JSON"
+    # a small model's malformed call still runs, as the server would run it (tools/base.py docstring)
+    for malformed in ('{"name": "calculator", "arguments": {"expression": "6 * 7",}}',
+                      "{'name': 'calculator', 'arguments': {'expression': '6 * 7'}}",
+                      '```json\n{"name": "calculator", "arguments": {"expression": "6 * 7"}}\n```',
+                      '{"name": "calculator", "arguments": {"expression": "6 * 7"}'):
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(malformed)
+        assert run(malformed) == "42"
+    assert run({"name": "calculator", "arguments": "{'expression': '6 * 7'}"}) == "42"
+    assert run({"name": "calculator", "arguments": "six times seven"}).startswith("error: arguments of 'calculator' are not valid JSON")
+    assert run('["calculator", {"expression": "1"}]').startswith("error: tool call ")
     assert run('{"name": "shell", "arguments": {}}').startswith("error: unknown tool 'shell'")
     assert run('{"name": "calculator", "arguments": {"expr": "1"}}').startswith("error: wrong arguments")
     assert run('{"name": "calculator", "arguments": {"expression": "1/0"}}') == "error: calculator: division by zero"

@@ -30,6 +30,12 @@ Design decisions
   small model can emit newlines until max_new_tokens (a known failure of grammar-constrained small
   models); here every token is content. JSON Schema is checked first against its metaschema with
   `jsonschema` (the error names the path), then compiled.
+- Mask cost: a row's mask is llguidance's int32 bitmask (one bit per token id), computed into a preallocated
+  buffer; the fix-ups (stop tokens, ids past the model's vocabulary, "no token allowed") are word
+  operations on it, and it is unpacked once and applied with one torch.where (`mask_constrained_logits`).
+  The next step's masks of all the batch's constrained rows are computed in one job in a worker thread
+  while the model runs its forward pass (`prefetch_masks`): the mask depends only on the tokens already
+  sampled, never on the logits.
 - Compile cache: compiling is building an `LLMatcher` (grammar -> lexer + parser tables); the result is kept
   in an LRU (`GrammarCache`, 64 entries, keyed by tokenizer hash + constraint) and each row gets a
   `deep_copy` of it. The llguidance tokenizer (a token trie, ~0.3 s for a 49k vocabulary) is cached per
@@ -44,7 +50,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
@@ -248,17 +254,48 @@ def _one_line(message: str, limit: int = 300) -> str:
 
 
 GRAMMARS = GrammarCache()
-OVERLAP_MASKS = True  # compute masks beside the forward pass (`ConstraintState.prefetch`); the benchmark toggles it
-_POOL: list[ThreadPoolExecutor] = []
-_POOL_LOCK = threading.Lock()
-_MINUS_INF: dict = {}  # a -inf scalar tensor per device, made once
+OVERLAP_MASKS = True  # compute masks beside the forward pass (`prefetch_masks`); the benchmark toggles it
+_SHARED: dict = {}  # made once: the worker thread, a -inf scalar tensor per device, word masks
+_SHARED_LOCK = threading.Lock()
 
 
-def _mask_pool() -> ThreadPoolExecutor:
-    with _POOL_LOCK:
-        if not _POOL:
-            _POOL.append(ThreadPoolExecutor(max_workers=2, thread_name_prefix="gptlab-mask"))
-        return _POOL[0]
+def _shared(key: str, make):
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = make()
+        return _SHARED[key]
+
+
+def _fill_masks(matchers: list, bitmask: np.ndarray) -> np.ndarray:
+    """Every matcher's next-token bitmask into row k of `bitmask` (int32, C-contiguous), matcher by matcher
+    (llguidance's `fill_next_token_bitmask` call; each drops the GIL). Not llguidance's batch `LLExecutor`
+    (`fill_next_token_bitmask_par`): measured in the engine on the shared 2-core machine, handing a step's
+    masks to it cost 2.3 ms median per step at batch 1 (waking its thread pool) against 0.1 ms this way,
+    and no less at batch 8 (bench/results/structured.md, session 11)."""
+    size = bitmask.shape[1] * 4
+    for k, matcher in enumerate(matchers):
+        matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data + k * size, size)
+    return bitmask
+
+
+class _MaskJob:
+    """The next masks of several rows, computed together in the worker thread into one buffer."""
+
+    def __init__(self, states: list):
+        self.buffer = np.empty((len(states), states[0].words), dtype=np.int32)
+        pool = _shared("pool", lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptlab-mask"))
+        self.future = pool.submit(_fill_masks, [s.matcher for s in states], self.buffer)
+
+
+def prefetch_masks(states: list) -> None:
+    """Start computing these rows' next masks in the worker thread. The engine calls this right before the
+    model's forward pass, which the masks do not depend on, so the two overlap (llguidance computes
+    without the GIL); `mask_constrained_logits` then only waits for what is not done yet."""
+    states = [s for s in states if s._job is None and not s.matcher.is_stopped()]
+    if OVERLAP_MASKS and states:
+        job = _MaskJob(states)
+        for k, state in enumerate(states):
+            state._job, state._row = job, k
 
 
 # ---- per-row state and masking -------------------------------------------------------------------------
@@ -269,32 +306,25 @@ class ConstraintState:
         self.constraint = constraint
         self.matcher = cache.matcher(tokenizer, constraint)
         self.vocab_size = tokenizer.vocab_size
-        self._next: Future | None = None  # the next step's mask, being computed (`prefetch`)
+        self.words = (self.vocab_size + 1 + 31) // 32  # 32-bit words of the bitmask (+ 1: the end pseudo id)
+        self._job: _MaskJob | None = None  # the next mask, being computed (`prefetch_masks`), at row `_row`
+        self._row = 0
 
-    def _check(self, when: str) -> None:
+    def check(self, when: str) -> None:
         if self.matcher.is_error():
             raise GptlabError(f"constraint {self.constraint.describe()} failed {when}: "
                               f"{_one_line(self.matcher.get_error())}")
 
-    def _compute(self, out: np.ndarray) -> np.ndarray:
-        self.matcher.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
-        self._check("computing the next-token mask")
-        return out
-
     def prefetch(self) -> None:
-        """Start computing the next mask in a worker thread (the engine calls this right before the
-        model's forward pass, which the mask does not depend on; llguidance releases the GIL)."""
-        if OVERLAP_MASKS and self._next is None and not self.matcher.is_stopped():
-            words = (self.vocab_size + 1 + 31) // 32
-            self._next = _mask_pool().submit(self._compute, np.zeros(words, dtype=np.int32))
+        prefetch_masks([self])
 
-    def fill_bitmask(self, out: np.ndarray) -> None:
-        """Write the grammar's allowed-token bitmask (one bit per id, plus the end bit) into `out`."""
-        if self._next is not None:
-            pending, self._next = self._next, None
-            out[:] = pending.result()
-        else:
-            self._compute(out)
+    def take_prefetched(self, out: np.ndarray) -> bool:
+        """Copy the prefetched mask (waiting for it) into `out`; False when none was prefetched."""
+        if self._job is None:
+            return False
+        job, self._job = self._job, None
+        out[:] = job.future.result()[self._row]
+        return True
 
     @property
     def accepting(self) -> bool:
@@ -302,12 +332,29 @@ class ConstraintState:
 
     def consume(self, token: int) -> bool:
         """Feed a sampled (non-stop) token; True when the grammar is complete (admits nothing more)."""
-        if self._next is not None:  # a mask still computing must not race the matcher's update
-            self._next.exception()
-            self._next = None
+        if self._job is not None:  # a mask still computing must not race the matcher's update
+            self._job.future.exception()
+            self._job = None
         if not self.matcher.consume_token(token):
-            self._check(f"on token {token}")
+            self.check(f"on token {token}")
         return self.matcher.is_stopped()
+
+
+def _word_masks(words: int, limit: int, stop_ids, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, stops) as uint32 words, made once per (words, limit, stop ids, width): `keep` clears the ids
+    from `limit` on (the end pseudo id, padding ids, ids the model lacks) and the stop ids; `stops` has the
+    stop ids, OR-ed in where the grammar may end."""
+    key = ("words", words, limit, frozenset(stop_ids), width)
+    masks = _SHARED.get(key)
+    if masks is None:
+        bits = np.zeros(32 * words, dtype=bool)
+        bits[:limit] = True
+        stops = np.zeros(32 * words, dtype=bool)
+        stops[[t for t in stop_ids if t < min(width, 32 * words)]] = True
+        bits[stops] = False
+        pack = lambda b: np.packbits(b, bitorder="little").view(np.uint32)  # noqa: E731 (host order: little-endian)
+        masks = _SHARED[key] = (pack(bits), pack(stops))
+    return masks
 
 
 def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int) -> dict[int, str]:
@@ -315,45 +362,61 @@ def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int
     rows (`Row.constraint`, `Row.stop_ids`). A row's stop tokens are allowed where its grammar may end.
     Returns {batch position: error} for the rows whose constraint failed or admits no token they can
     produce (a dead end): their logits are left as they were, and the caller ends those rows with the
-    error while the rest of the batch goes on."""
+    error while the rest of the batch goes on.
+
+    Cost (measured, bench/results/structured.md): the work is done on the packed int32 bitmask (stop
+    tokens and ids past the model's vocabulary are two word operations with masks made once, the dead-end
+    test a scan of the words), then it is unpacked once (numpy.unpackbits) and applied with one torch.where
+    into the logits. llguidance.torch's apply_token_bitmask_inplace is not used: it is a torch.compile
+    kernel (a minute of C++ build on first use on CPU, and again for each new batch size)."""
     constrained = [i for i, row in enumerate(rows) if row.constraint is not None]
-    vocab = rows[constrained[0]].constraint.vocab_size
-    words = (vocab + 1 + 31) // 32  # + 1: the end pseudo id
-    bitmask = np.zeros((len(constrained), words), dtype=np.int32)
+    states = [rows[i].constraint for i in constrained]
+    words = states[0].words
+    job = states[0]._job
+    if job is not None and len(job.buffer) == len(states) and all(s._job is job and s._row == k
+                                                                  for k, s in enumerate(states)):
+        bitmask = job.future.result()  # the usual step: this batch's rows, prefetched together, in order
+        for state in states:
+            state._job = None
+    else:
+        bitmask = np.empty((len(states), words), dtype=np.int32)
+        late = [k for k, state in enumerate(states) if not state.take_prefetched(bitmask[k])]
+        if late:  # rows with no mask prefetched (overlap off, or a row just joined): computed now, in one call
+            bitmask[late] = _fill_masks([states[k].matcher for k in late], np.empty((len(late), words), dtype=np.int32))
+    bits32 = bitmask.view(np.uint32)  # bit j of word w is token 32 w + j
+    width = logits.shape[-1]
     failed: dict[int, str] = {}
-    for k, i in enumerate(constrained):
+    for k, (i, state) in enumerate(zip(constrained, states)):
         try:
-            rows[i].constraint.fill_bitmask(bitmask[k])
+            state.check("computing the next-token mask")
         except GptlabError as e:
             failed[i] = str(e)
-    # bit j of 32-bit word w is token 32 w + j; on little-endian hosts (x86, ARM) that is bit j % 8 of byte 4 w + j // 8
-    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little").view(bool)
-    width = logits.shape[-1]
-    if bits.shape[1] >= width:
-        allowed = bits[:, :width]
-    else:
-        allowed = np.zeros((len(constrained), width), dtype=bool)
-        allowed[:, :bits.shape[1]] = bits
-    allowed[:, min(vocab, n_real_tokens):] = False  # the end pseudo id, padding ids, ids the model lacks
-    for k, i in enumerate(constrained):
-        row = rows[i]
-        stops = [t for t in row.stop_ids if t < width]
-        allowed[k, stops] = row.constraint.accepting
-        if i not in failed and not allowed[k].any():
-            text = row.stream.text[-40:]
-            failed[i] = (f"constraint {row.constraint.constraint.describe()} admits no token this row can produce "
-                         f"after {text!r} (it may need a stop token or an id past the model's vocabulary)")
-        if i in failed:
-            allowed[k] = True
+            continue
+        keep_words, stop_words = _word_masks(words, min(state.vocab_size, n_real_tokens), rows[i].stop_ids, width)
+        bits32[k] &= keep_words
+        if state.accepting:
+            bits32[k] |= stop_words
+        if not np.count_nonzero(bits32[k]):
+            failed[i] = (f"constraint {state.constraint.describe()} admits no token this row can produce "
+                         f"after {rows[i].stream.text[-40:]!r} (it may need a stop token or an id past the model's "
+                         f"vocabulary)")
+    keep = [k for k, i in enumerate(constrained) if i not in failed]
+    if not keep:
+        return failed
+    # little-endian hosts (x86, ARM): bit j of a 32-bit word is bit j % 8 of its byte j // 8
+    packed = bitmask if len(keep) == len(states) else bitmask[keep]
+    allowed = np.unpackbits(packed.view(np.uint8), axis=1, count=min(width, 32 * words), bitorder="little").view(bool)
+    if allowed.shape[1] < width:  # a model with more ids than the tokenizer: those are never allowed
+        allowed = np.pad(allowed, ((0, 0), (0, width - allowed.shape[1])))
     import torch  # here, not at the top: the HTTP LLM client builds Constraints without torch
 
     allowed_t = torch.from_numpy(allowed).to(logits.device)
-    minus_inf = _MINUS_INF.get(logits.device)
+    minus_inf = _SHARED.get(logits.device)
     if minus_inf is None:
-        minus_inf = _MINUS_INF[logits.device] = torch.tensor(-float("inf"), device=logits.device)
-    if len(constrained) == len(rows):  # torch.where into the logits: measured faster than masked_fill on CPU
+        minus_inf = _shared(logits.device, lambda: torch.tensor(-float("inf"), device=logits.device))
+    if len(keep) == len(rows):  # torch.where into the logits: measured faster than masked_fill on CPU
         torch.where(allowed_t, logits, minus_inf, out=logits)
     else:
-        index = torch.tensor(constrained, device=logits.device)
+        index = torch.tensor([constrained[k] for k in keep], device=logits.device)
         logits[index] = torch.where(allowed_t, logits[index], minus_inf)
     return failed

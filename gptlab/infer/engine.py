@@ -48,7 +48,7 @@ from ..common import GptlabError, get_logger
 from ..model import GPT, KVCache
 from ..tokenizer import Tokenizer
 from .batch import Completion, DecodeBatch, Row, StreamEvent, TextStream
-from .constraints import ConstraintState, mask_constrained_logits
+from .constraints import ConstraintState, mask_constrained_logits, prefetch_masks
 from .fused import FusedDecoder, weights_key
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, SamplingTensors, apply_repetition_penalty, sample_tokens
@@ -343,9 +343,8 @@ class Engine:
         if len(alive) < len(batch.rows):
             tokens = tokens[batch.keep(alive)]  # keep may reorder the rows (batch.py)
         if batch.rows:
-            for row in batch.rows:  # the next masks, computed beside the forward pass (constraints.py)
-                if row.constraint is not None:
-                    row.constraint.prefetch()
+            # the next masks, computed beside the forward pass (constraints.py)
+            prefetch_masks([row.constraint for row in batch.rows if row.constraint is not None])
             if batch.seen is not None:
                 batch.seen.scatter_(1, tokens[:, None], True)
             batch.logits = self._decode(tokens, batch.cache, batch.next_pos, batch.key_mask)

@@ -36,6 +36,11 @@ Design decisions
   text. A model trained on gptlab's tasks thus sees at serving and agent time exactly what it trained on.
 - A call as gptlab's chat format writes it (`{"name": ..., "arguments": {...}}` between the tool-call
   tokens) runs through `Toolbox.call_written`, the one dispatcher of rollouts, eval and agents.
+- Calls are read defensively (`structured.parse_json`: a fence, a trailing comma, single quotes, Python
+  literals, a missing closing brace are repaired), as the server reads a call (`tools.calls.parse_call`):
+  a rollout, an eval and an agent then run exactly the calls a served model's users would get run, so RL
+  rewards and eval scores measure the deployed behaviour rather than a stricter one. The call must still
+  be one JSON object naming a tool: prose, a list, or an object without a "name" is an error observation.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from typing import Any
 import pydantic
 
 from ..common import GptlabError, get_logger
+from ..structured import parse_json
 
 log = get_logger("tools")
 
@@ -217,10 +223,10 @@ class Toolbox:
         """Run a call as the chat format writes it, `{"name": ..., "arguments": {...}}` (JSON text or parsed);
         never raises (module docstring)."""
         if isinstance(call, str):
-            try:
-                call = json.loads(call)
-            except json.JSONDecodeError:
+            parsed = parse_json(call, {"type": "object"})
+            if not parsed.ok:
                 return ToolResult(False, "error: tool call is not valid JSON")
+            call = parsed.value
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return ToolResult(False, 'error: tool call must be {"name": ..., "arguments": {...}}')
         return self.call(call["name"], call.get("arguments"))
@@ -238,10 +244,10 @@ class Toolbox:
         if arguments is None or arguments == "":
             arguments = {}
         if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError as e:
-                return failed(f"arguments of {name!r} are not valid JSON ({e.msg} at character {e.pos})")
+            parsed = parse_json(arguments)
+            if not parsed.found or (parsed.repairs and not isinstance(parsed.value, dict)):  # a repair must give an object
+                return failed(f"arguments of {name!r} are not valid JSON (no JSON object in {arguments[:40]!r})")
+            arguments = parsed.value
         if not isinstance(arguments, dict):
             return failed(f"arguments of {name!r} must be a JSON object, got {type(arguments).__name__}")
         try:
