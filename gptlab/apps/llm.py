@@ -56,13 +56,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..common import GptlabError
-from .llm_base import LLM, Generation, Messages, SamplingOptions, _check_continuations, _fits, _streaming_options
+from .llm_base import (LLM, ContextOverflow, Generation, Messages, SamplingOptions, _check_continuations, _fits,
+                       _streaming_options)
 from .llm_http import HttpLLM
 
 # the interface lives in llm_base and the HTTP backend in llm_http (file size); this module is where users
 # import all of it from
-__all__ = ["LLM", "Generation", "Messages", "SamplingOptions", "LocalLLM", "HttpLLM", "open_llm", "add_llm_args",
-           "llm_from_args"]
+__all__ = ["LLM", "ContextOverflow", "Generation", "Messages", "SamplingOptions", "LocalLLM", "HttpLLM", "open_llm",
+           "add_llm_args", "llm_from_args"]
 
 
 # ---- in-process backend ---------------------------------------------------------------------------------
