@@ -5,6 +5,9 @@ window is a ScriptedLLM's (tokens = words) checked with the backends' own `_fits
 
 from __future__ import annotations
 
+import re
+from fractions import Fraction
+
 import pytest
 
 from _scripted_llm import ScriptedLLM
@@ -104,3 +107,24 @@ def test_prompt_eval_reports_questions_over_the_window_and_goes_on(tmp_path):
     calls = len(llm.calls)
     prompt_eval(llm, cfg)  # over-context questions are cached like answers: nothing is retried
     assert len(llm.calls) == calls
+
+
+def test_tree_of_thoughts_states_the_value_its_expression_reaches():
+    """A model that proposes dead ends first and calls every state 'sure' ends on a leaf that is not 24;
+    the answer names that leaf's real value (the text must not claim 24 for it)."""
+    task = prompt_task("game24")
+    example = task.examples("test", 1)[0]
+
+    def model(prompt, index, call):
+        if "possible next steps" in str(prompt):
+            return "\n".join(reversed(game24_model(prompt, index, call).splitlines()))
+        return "sure"
+
+    sample, _ = tree_of_thoughts(Prompter(ScriptedLLM(model)), task, example, TotConfig(breadth=1, depth=3, evaluations=1))
+    expression, stated = re.fullmatch(r"The answer is (.+) = (\S+)\.", sample.text).groups()
+    assert Fraction(stated.strip("()")) == _evaluate(expression) != 24 and sample.score == 0.0
+
+
+def _evaluate(expression: str) -> Fraction:
+    """Exact value of a Game of 24 expression (operands made Fractions, then Python's own precedence)."""
+    return eval(re.sub(r"(\d+)", r"Fraction(\1)", expression), {"Fraction": Fraction})

@@ -34,7 +34,6 @@ from typing import Any
 
 from ..common import GptlabError
 from ..tasks import Example
-from .games import TARGET
 from .llm_base import ContextOverflow
 from .prompting import Prompter, PromptTask, Sample, final_answer_span, named_label
 
@@ -165,9 +164,11 @@ class Game24Search:
         return _numbers(state)
 
     def answer_text(self, example: Example, state) -> str:
-        expression = state[0][1] if len(state) == 1 else ""
+        if len(state) != 1:
+            return "No solution found."
+        value, expression = state[0]
         expression = expression[1:-1] if expression.startswith("(") and expression.endswith(")") else expression
-        return f"The answer is {expression} = {TARGET}." if expression else "No solution found."
+        return f"The answer is {expression} = {_show(value)}."  # the value reached, 24 or not
 
 
 # ---------------------------------------------------------------------------------------------------------
