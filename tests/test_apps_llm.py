@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from _serve_helpers import free_port, make_model_dir
-from gptlab.apps.llm import HttpLLM, LocalLLM, add_llm_args, llm_from_args, open_llm
+from gptlab.apps.llm import ContextOverflow, HttpLLM, LocalLLM, add_llm_args, llm_from_args, open_llm
 from gptlab.checkpoint import load_model_dir
 from gptlab.common import GptlabError
 
@@ -136,11 +136,11 @@ def test_logprobs_equal_in_both_backends_and_obey_the_chain_rule(local, http, ht
 def test_context_window_overflow_and_clamping(local, http, http_tok):
     long_chat = [{"role": "user", "content": "text " * 400}]
     for llm in (local, http_tok):  # checked on the client side, with both numbers
-        with pytest.raises(GptlabError, match=rf"prompt of \d+ tokens does not fit the context window of tiny \({WINDOW}"):
+        with pytest.raises(ContextOverflow, match=rf"prompt of \d+ tokens does not fit the context window of tiny \({WINDOW}"):
             llm.chat(long_chat)
-    with pytest.raises(GptlabError, match=rf"\(400\): prompt of \d+ tokens does not fit the context window of {WINDOW}"):
+    with pytest.raises(ContextOverflow, match=rf"\(400\): prompt of \d+ tokens does not fit the context window of {WINDOW}"):
         http.chat(long_chat)  # no tokenizer: the server's check
-    with pytest.raises(GptlabError, match=rf"\(400\): prompt of \d+ tokens does not fit"):
+    with pytest.raises(GptlabError, match=r"\(400\): prompt of \d+ tokens does not fit"):
         http.logprobs("text " * 400, [" end"])
     assert http.supports_logprobs  # a text too long is not a server that cannot score
     # a prompt that fits gets max_tokens clamped to the room left, identically

@@ -11,11 +11,12 @@ Design decisions
   and text prompts with `Engine.encode` (leading `<|endoftext|>`), exactly as `gptlab serve` does, and
   seeds choice i with seed + i as the server does; so greedy output (and seeded sampling) is equal
   through both backends (tested against a real `gptlab serve` subprocess).
-- Context window: a prompt that does not fit (prompt tokens >= window) is a GptlabError naming both
-  numbers; `max_tokens` is clamped to what is left after the prompt (the generation then ends with
+- Context window: a prompt that does not fit (prompt tokens >= window) is a ContextOverflow (a
+  GptlabError callers can catch to shorten the prompt) naming both numbers; `max_tokens` is clamped to what is left after the prompt (the generation then ends with
   finish_reason "length"), so a caller never has to budget output tokens exactly. Over HTTP the prompt is
   measured, and max_tokens clamped, only when the client knows the model's tokenizer (see below);
-  otherwise the server's own limit applies and its 400 becomes the GptlabError.
+  otherwise the server's own limit applies and its 400 (code context_length_exceeded) becomes the
+  ContextOverflow.
 - The HTTP client knows the model's tokenizer when given its directory (`open_llm(model=DIR_OR_NAME,
   base_url=URL)`: "the server at URL serves this model"). Then `count_tokens` is exact and scoring sends
   token ids, which is exact parity with the engine. Without it, `count_tokens` is an ESTIMATE,
@@ -56,13 +57,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..common import GptlabError
-from .llm_base import LLM, Generation, Messages, SamplingOptions, _check_continuations, _fits, _streaming_options
+from .llm_base import (LLM, ContextOverflow, Generation, Messages, SamplingOptions, _check_continuations, _fits,
+                       _streaming_options)
 from .llm_http import HttpLLM
 
 # the interface lives in llm_base and the HTTP backend in llm_http (file size); this module is where users
 # import all of it from
-__all__ = ["LLM", "Generation", "Messages", "SamplingOptions", "LocalLLM", "HttpLLM", "open_llm", "add_llm_args",
-           "llm_from_args"]
+__all__ = ["LLM", "ContextOverflow", "Generation", "Messages", "SamplingOptions", "LocalLLM", "HttpLLM", "open_llm",
+           "add_llm_args", "llm_from_args"]
 
 
 # ---- in-process backend ---------------------------------------------------------------------------------

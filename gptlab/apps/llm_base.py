@@ -123,9 +123,14 @@ def _check_continuations(continuations) -> list[str]:
     return list(continuations)
 
 
+class ContextOverflow(GptlabError):
+    """A prompt longer than the model's context window: callers that can shorten their prompt (fewer
+    demonstrations) or skip the question catch this one, not every GptlabError."""
+
+
 def _fits(name: str, window: int, prompt_tokens: int, max_tokens: int) -> int:
-    """max_tokens clamped to the room the prompt leaves; GptlabError if the prompt itself does not fit."""
+    """max_tokens clamped to the room the prompt leaves; ContextOverflow if the prompt itself does not fit."""
     if prompt_tokens >= window:
-        raise GptlabError(f"prompt of {prompt_tokens} tokens does not fit the context window of {name} "
+        raise ContextOverflow(f"prompt of {prompt_tokens} tokens does not fit the context window of {name} "
                           f"({window} tokens, and at least 1 must stay free for the answer)")
     return min(max_tokens, window - prompt_tokens)

@@ -11,7 +11,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..common import GptlabError, get_logger, read_json
-from .llm_base import LLM, Generation, Messages, SamplingOptions, _check_continuations, _fits, _streaming_options
+from .llm_base import (LLM, ContextOverflow, Generation, Messages, SamplingOptions, _check_continuations, _fits,
+                       _streaming_options)
 
 log = get_logger("llm")
 
@@ -70,6 +71,8 @@ class HttpLLM(LLM):
             return GptlabError(f"{self.base_url}: {_one_line(e)}")
         body = e.body if isinstance(e.body, dict) else {}
         message = _one_line(body.get("message") or e.message)
+        if getattr(e, "code", None) == "context_length_exceeded":  # a caller may shorten the prompt and retry
+            return ContextOverflow(f"{self.base_url} rejected the request ({e.status_code}): {message}")
         if e.status_code == 401:
             return GptlabError(f"{self.base_url} refused the API key (401): {message}; pass --api-key or set "
                                "OPENAI_API_KEY")

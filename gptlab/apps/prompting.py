@@ -38,6 +38,11 @@ Design decisions
   (`eval.report.parse_choice_item`), each alternative scored as a continuation with `llm.logprobs`;
   `normalise="bytes"` divides by the continuation's UTF-8 length (lm-evaluation-harness `acc_norm`), so a
   long alternative is not punished for its length, "tokens" by its token count.
+- Context window: a prompt with demonstrations that does not fit the model's window drops demonstrations
+  from the end until it fits (`Prompter.generate_fitting`; the sample records how many it kept), since a
+  tiny model (the speedrun's 256 tokens) cannot take three worked examples. A question that does not fit
+  alone raises `ContextOverflow`, which `gptlab prompt eval` reports per question instead of stopping. A
+  chain of thought that fills the window gets no answer-extraction call (no room): it is graded as it is.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from ..eval.gold import STYLES, distinct_examples, draw_shots, eval_examples, sh
 from ..tasks import TASKS, Example
 from ..tasks.checks import final_number, find_json_object, fold
 from .games import GAME24, extract_expression
+from .llm_base import ContextOverflow
 
 FORMATS = ("chat", "qa", "assistant")
 COT_TRIGGER = "Let's think step by step."
@@ -257,6 +263,7 @@ class Sample:
     score: float
     completion_tokens: int
     prompt_tokens: int
+    shots: int | None = None  # demonstrations the prompt kept (None: none were asked for)
 
 
 class Prompter:
@@ -293,6 +300,20 @@ class Prompter:
             return self.llm.complete(prompt, stop=list(STYLES[self.format].stops), **kw)
         return self.llm.chat(prompt, **kw)
 
+    def generate_fitting(self, question: str, shots: Sequence[tuple[str, str]] = (), instruction: str = "",
+                         system: str = "", answer_prefix: str = "", **sampling) -> tuple[Any, list, int]:
+        """(prompt, generations, demonstrations kept): `render` + `generate` with as many of `shots` as
+        fit the context window, dropping them from the end on ContextOverflow (the question alone must fit)."""
+        kept = list(shots)
+        while True:
+            prompt = self.render(question, kept, instruction, system, answer_prefix)
+            try:
+                return prompt, self.generate(prompt, **sampling), len(kept)
+            except ContextOverflow:
+                if not kept:
+                    raise
+                kept.pop()
+
     def follow_up(self, prompt: str | list[dict], reply: str, request: str, max_tokens: int = 32) -> Any:
         """One greedy continuation after `reply`: a new user turn in chat, the next words of a document."""
         if isinstance(prompt, str):
@@ -311,16 +332,21 @@ def answer(prompter: Prompter, task: PromptTask, example: Example, *, instructio
     """n graded replies to `example` (one call with n=n). With `cot`, the reply reasons first; a chain
     that ends with no answer of the task's kind gets Kojima's second call ("Therefore, the answer is")."""
     prefix = COT_TRIGGER if cot and not prompter.chat else ""
-    prompt = prompter.render(example.question, shots, instruction, _system_text(example), COT_TRIGGER if cot else "")
+    prompt, gens, kept = prompter.generate_fitting(example.question, shots, instruction, _system_text(example),
+                                                   COT_TRIGGER if cot else "", n=n, temperature=temperature, seed=seed)
     samples = []
-    for gen in prompter.generate(prompt, n=n, temperature=temperature, seed=seed):
+    for gen in gens:
         text, tokens, prompt_tokens = f"{prefix} {gen.text.strip()}".strip(), gen.completion_tokens, gen.prompt_tokens
         if cot and final_answer_span(text) is None and task.key(example, text) is None:
             request = ANSWER_TRIGGER if not prompter.chat else "What is the final answer? Reply 'The answer is X.'"
-            extra = prompter.follow_up(prompt, gen.text if not prompter.chat else text, request)
-            text = f"{text}\n{ANSWER_TRIGGER} {extra.text.strip()}"
-            tokens, prompt_tokens = tokens + extra.completion_tokens, prompt_tokens + extra.prompt_tokens
-        samples.append(Sample(text, task.key(example, text), task.grade(example, text), tokens, prompt_tokens))
+            try:
+                extra = prompter.follow_up(prompt, gen.text if not prompter.chat else text, request)
+                text = f"{text}\n{ANSWER_TRIGGER} {extra.text.strip()}"
+                tokens, prompt_tokens = tokens + extra.completion_tokens, prompt_tokens + extra.prompt_tokens
+            except ContextOverflow:  # the chain filled the window: no room to ask for its answer
+                pass
+        samples.append(Sample(text, task.key(example, text), task.grade(example, text), tokens, prompt_tokens,
+                              kept if shots else None))
     return samples
 
 

@@ -22,6 +22,10 @@ Design decisions
   question index, question) and a fingerprint of everything that changes the answer (model name, format,
   max tokens, shots, seed and the technique's own settings). A rerun skips what is done, so an
   interrupted run loses at most the question in flight; a changed setting recomputes only what it changes.
+- Context window: few-shot prompts keep as many demonstrations as fit (`Prompter.generate_fitting`; the
+  table notes the mean kept); a question whose prompt does not fit the model's window even alone is
+  recorded as over context (with the error), left out of its row's n and counted in the row's "over
+  context" column, and the run goes on: a 256-token model must not stop the table, nor hide what it missed.
 - Self-consistency's time per question at k < max(k) is the measured time of the max(k)-sample call
   scaled by k / max(k) (one batched call draws them all); its tokens are counted exactly per sample.
 """
@@ -38,6 +42,7 @@ from typing import Any
 from ..common import GptlabError, atomic_write_json, atomic_write_text, get_logger, iter_jsonl, save_figure
 from ..config import add_config_args, build_config, option
 from ..eval.stats import wilson_interval
+from .llm_base import ContextOverflow
 from .prompting import (Program, Prompter, PromptTask, Sample, answer, check_your_work, choose_label, majority,
                         prompt_task, self_consistency, shot_pairs)
 from .prompt_search import program_task
@@ -125,8 +130,9 @@ class AnswerCache:
 
 
 def _sample_record(sample: Sample) -> dict[str, Any]:
-    return {"text": sample.text, "answer": sample.key, "correct": sample.score,
-            "completion_tokens": sample.completion_tokens, "prompt_tokens": sample.prompt_tokens}
+    record = {"text": sample.text, "answer": sample.key, "correct": sample.score,
+              "completion_tokens": sample.completion_tokens, "prompt_tokens": sample.prompt_tokens}
+    return record if sample.shots is None else {**record, "shots": sample.shots}
 
 
 def run_technique(technique: str, prompter: Prompter, task: PromptTask, example, index: int,
@@ -163,7 +169,8 @@ def run_technique(technique: str, prompter: Prompter, task: PromptTask, example,
                         max_tokens=min(cfg.max_tokens, 160))
         sample, stats = tree_of_thoughts(prompter, task, example, tot)
         return {**_sample_record(sample), "calls": stats.calls, "proposed": stats.proposed,
-                "rejected": stats.rejected, "levels": stats.levels}
+                "rejected": stats.rejected, "levels": stats.levels, "shots_dropped": stats.shots_dropped,
+                "over_context": stats.over_context}
     if technique == "prompt":
         return _sample_record(answer(prompter, task, example, instruction=program.instruction, shots=program.demos,
                                      cot=program.cot)[0])
@@ -185,8 +192,15 @@ def summarise(records: list[dict], ks: list[int]) -> list[dict[str, Any]]:
     """Table rows (technique, task, n, accuracy, Wilson interval, tokens and seconds per question) from
     answer records, with self-consistency expanded into one row per k, and a pooled row per technique."""
     groups: dict[tuple[str, str], list[dict]] = {}
+    over: dict[tuple[str, str], int] = {}
     for r in records:
-        if r["technique"] == "self-consistency":
+        if "overflow" in r:
+            sc = r["technique"] == "self-consistency"
+            techniques = [f"self-consistency@{k}" for k in ks] if sc else [r["technique"]]
+            for technique in techniques:
+                over[technique, r["task"]] = over.get((technique, r["task"]), 0) + 1
+                groups.setdefault((technique, r["task"]), [])
+        elif r["technique"] == "self-consistency":
             kmax = len(r["samples"])
             for k in (k for k in ks if k <= kmax):
                 first = r["samples"][:k]
@@ -203,13 +217,19 @@ def summarise(records: list[dict], ks: list[int]) -> list[dict[str, Any]]:
         pooled = [r for _, rs in per_task for r in rs]
         for task, rs in per_task + ([("all (pooled)", pooled)] if len(per_task) > 1 else []):
             n, correct = len(rs), sum(r["correct"] for r in rs)
-            low, high = wilson_interval(correct, n)
-            row = {"technique": technique, "task": task, "n": n, "correct": correct, "accuracy": correct / n,
-                   "wilson_low": low, "wilson_high": high,
-                   "tokens_per_question": sum(r["completion_tokens"] for r in rs) / n,
-                   "seconds_per_question": sum(r["seconds"] for r in rs) / n}
-            if "agreement" in rs[0]:
+            skipped = (sum(over.get((technique, t), 0) for t, _ in per_task) if task == "all (pooled)"
+                       else over.get((technique, task), 0))
+            row = {"technique": technique, "task": task, "n": n, "correct": correct, "over_context": skipped}
+            if n:  # every question over context: no accuracy to report
+                low, high = wilson_interval(correct, n)
+                row.update(accuracy=correct / n, wilson_low=low, wilson_high=high,
+                           tokens_per_question=sum(r["completion_tokens"] for r in rs) / n,
+                           seconds_per_question=sum(r["seconds"] for r in rs) / n)
+            if n and "agreement" in rs[0]:
                 row["mean_agreement"] = sum(r["agreement"] for r in rs) / n
+            kept = [r["shots"] for r in rs if "shots" in r]
+            if kept:
+                row["mean_shots_kept"] = sum(kept) / len(kept)
             rows.append(row)
     return rows
 
@@ -219,12 +239,22 @@ def render_markdown(result: dict[str, Any]) -> str:
              f"Format {result['format']}; {result['n']} test questions per task; seed {result['seed']}; "
              f"max {result['max_tokens']} tokens per reply. Accuracy with its 95% Wilson interval; tokens are "
              "completion tokens per question (every call the technique makes).", "",
-             "| technique | task | n | accuracy | 95% interval | tokens/question | s/question |",
-             "|---|---|---|---|---|---|---|"]
+             "| technique | task | n | accuracy | 95% interval | tokens/question | s/question | over context |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['technique']} | {r['task']} | {r['n']} | {100 * r['accuracy']:.1f}% | "
-                     f"{100 * r['wilson_low']:.1f}-{100 * r['wilson_high']:.1f}% | {r['tokens_per_question']:.0f} | "
-                     f"{r['seconds_per_question']:.2f} |")
+        if r["n"]:
+            figures = (f"{100 * r['accuracy']:.1f}% | {100 * r['wilson_low']:.1f}-{100 * r['wilson_high']:.1f}% | "
+                       f"{r['tokens_per_question']:.0f} | {r['seconds_per_question']:.2f}")
+        else:
+            figures = "- | - | - | -"
+        lines.append(f"| {r['technique']} | {r['task']} | {r['n']} | {figures} | {r['over_context']} |")
+    if any(r["over_context"] for r in result["rows"]):
+        lines += ["", "Over context: questions whose prompt did not fit the model's context window even without "
+                      "demonstrations; they are not in n (the error is in answers.jsonl)."]
+    cut = [r for r in result["rows"] if r.get("mean_shots_kept", result["config"]["shots"]) < result["config"]["shots"]]
+    if cut:
+        lines += ["", f"Demonstrations dropped to fit the window ({result['config']['shots']} asked; mean kept): "
+                  + ", ".join(f"{r['technique']} on {r['task']} {r['mean_shots_kept']:.1f}" for r in cut) + "."]
     if result["skipped"]:
         lines += ["", "Skipped (technique does not apply): " + ", ".join(f"{t} on {k}" for t, k in result["skipped"]) + "."]
     lines += ["", "Self-consistency rows at k < max(k) vote over the first k samples of one draw; their seconds "
@@ -241,6 +271,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
+    rows = [r for r in rows if r["n"]]  # a row with every question over context has no point to draw
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     sc = [r for r in rows if r["technique"].startswith("self-consistency@")]
     for task in dict.fromkeys(r["task"] for r in sc):
@@ -315,7 +346,11 @@ def prompt_eval(llm: Any, cfg: PromptEvalConfig, command: str = "") -> dict[str,
     for technique, task, fmt, index, example in todo:
         bar.set_description(f"{technique} {task.name}")
         start = time.perf_counter()
-        record = run_technique(technique, prompters[fmt], task, example, index, cfg, ks, program)
+        try:
+            record = run_technique(technique, prompters[fmt], task, example, index, cfg, ks, program)
+        except ContextOverflow as e:
+            log.warning("%s on %s question %d: over the context window (%s)", technique, task.name, index, e)
+            record = {"overflow": str(e), "correct": 0.0, "completion_tokens": 0, "prompt_tokens": 0}
         cache.add({"technique": technique, "task": task.name, "index": index, "question": example.question,
                    "fingerprint": fingerprints[technique], "gold": example.answer_text,
                    "seconds": time.perf_counter() - start, **record})

@@ -18,6 +18,10 @@ Design decisions
   (the best state when none is final).
 - Prompts are questions rendered by the same `Prompter` as every other technique, so tree of thoughts runs
   on chat and document formats alike; tokens of every call are counted.
+- Context window: the worked examples of the Game of 24 prompts are dropped from the end where they do not
+  fit (`Prompter.generate_fitting`, counted in `shots_dropped`); a state whose propose or value prompt
+  does not fit even alone (long reasoning in a small window) is not expanded / valued 0 and counted in
+  `over_context`. Only the root not fitting ends the search (ContextOverflow).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 
 from ..common import GptlabError
 from ..tasks import Example
-from .games import TARGET
+from .llm_base import ContextOverflow
 from .prompting import Prompter, PromptTask, Sample, final_answer_span, named_label
 
 VALUE_WEIGHTS = {"sure": 20.0, "likely": 1.0, "impossible": 0.001}
@@ -53,6 +57,8 @@ class TotStats:
     prompt_tokens: int = 0
     proposed: int = 0
     rejected: int = 0  # proposed steps that were malformed or wrong
+    shots_dropped: int = 0  # worked examples left out of prompts to fit the context window
+    over_context: int = 0  # states not expanded or valued because their prompt did not fit
     levels: list[list[tuple[str, float]]] = field(default_factory=list)  # (state, value) kept per level
 
 
@@ -63,9 +69,10 @@ class _Caller:
         self.prompter, self.stats, self.config = prompter, stats, config
 
     def ask(self, question: str, shots: Sequence[tuple[str, str]] = (), n: int = 1, temperature: float = 0.0) -> list[str]:
-        gens = self.prompter.generate(self.prompter.render(question, shots), n=n, temperature=temperature,
-                                      max_tokens=self.config.max_tokens)
+        _, gens, kept = self.prompter.generate_fitting(question, shots, n=n, temperature=temperature,
+                                                       max_tokens=self.config.max_tokens)
         self.stats.calls += 1
+        self.stats.shots_dropped += len(shots) - kept
         self.stats.completion_tokens += sum(g.completion_tokens for g in gens)
         self.stats.prompt_tokens += sum(g.prompt_tokens for g in gens)
         return [g.text for g in gens]
@@ -157,9 +164,11 @@ class Game24Search:
         return _numbers(state)
 
     def answer_text(self, example: Example, state) -> str:
-        expression = state[0][1] if len(state) == 1 else ""
+        if len(state) != 1:
+            return "No solution found."
+        value, expression = state[0]
         expression = expression[1:-1] if expression.startswith("(") and expression.endswith(")") else expression
-        return f"The answer is {expression} = {TARGET}." if expression else "No solution found."
+        return f"The answer is {expression} = {_show(value)}."  # the value reached, 24 or not
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,15 +241,31 @@ def tree_of_thoughts(prompter: Prompter, task: PromptTask, example: Example,
         key = search.key(state)
         if key not in values:
             question, shots = search.value_question(example, state)
-            values[key] = state_value(caller.ask(question, shots, n=config.evaluations,
-                                                 temperature=config.temperature if config.evaluations > 1 else 0.0))
+            try:
+                values[key] = state_value(caller.ask(question, shots, n=config.evaluations,
+                                                     temperature=config.temperature if config.evaluations > 1 else 0.0))
+            except ContextOverflow:
+                stats.over_context += 1
+                values[key] = 0.0
         return values[key]
 
-    frontier = [search.initial(example)]
+    def expand(state: Any) -> list:
+        if search.is_final(state):
+            return [state]
+        try:
+            return search.expand(caller, example, state, config)
+        except ContextOverflow:
+            if state == root:
+                raise
+            stats.over_context += 1
+            return []
+
+    root = search.initial(example)
+    frontier = [root]
     for _ in range(config.depth):
         children = []
         for state in frontier:
-            children += [state] if search.is_final(state) else search.expand(caller, example, state, config)
+            children += expand(state)
         if not children:
             break
         unique = list({search.key(c): c for c in children}.values())
