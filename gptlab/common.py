@@ -157,6 +157,39 @@ def iter_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[str, Any]]:
                 raise GptlabError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
 
 
+class AnswerCache:
+    """A resumable job's finished answers: a JSONL file appended one record at a time (opened, written and
+    closed per record, so a kill loses at most the answer being written), keyed by the record's `key_fields`.
+    A rerun reads it back and asks only what is missing. A last line cut off by a kill is dropped with a
+    warning (that answer is asked again); any other unreadable line is an error naming file and line, since
+    skipping it would silently lose work."""
+
+    def __init__(self, path: str | os.PathLike, key_fields: tuple[str, ...]):
+        self.path, self.key_fields = Path(path), tuple(key_fields)
+        self.done: dict[tuple, dict] = {}
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data[:data.rfind(b"\n") + 1]
+            get_logger("cache").warning("%s: dropping an unfinished last line (%d bytes)", self.path, len(data) - len(keep))
+            self.path.write_bytes(keep)
+        for where, record in iter_jsonl(self.path, "answer cache"):
+            if not isinstance(record, dict) or not set(self.key_fields) <= set(record):
+                raise GptlabError(f"{where}: not an answer record with fields {list(self.key_fields)} "
+                                  f"(delete the file to start over)")
+            self.done[self.key(record)] = record
+
+    def key(self, record: dict) -> tuple:
+        return tuple(record[k] for k in self.key_fields)
+
+    def add(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.done[self.key(record)] = record
+
+
 HF_PREFIX = "hf:"
 
 

@@ -120,3 +120,34 @@ def test_prompt_file_and_command_line_errors(tmp_path, capsys):
         load_program(bad)
     assert main(["prompt", "search", "--task", "arithmetic", "--data", "x.jsonl", "--model", "m"]) == 2
     assert "exactly one of --task" in capsys.readouterr().err
+
+
+def test_search_resumes_from_its_answers_after_an_interruption(sums_file, tmp_path):
+    """A search killed part way (the LLM raising on its 30th call) and rerun with the same --out asks only
+    what it had not answered, and ends with the result of an uninterrupted search."""
+    cfg = PromptSearchConfig(data=str(sums_file), metric="exact", budget=5, train=8, dev=6, test=8, max_demos=2,
+                             instructions=1, progress=False)
+    task = data_task(sums_file, "exact")
+    whole_llm = ScriptedLLM(sums_model)
+    whole = prompt_search(whole_llm, task, PromptSearchConfig(**{**cfg.__dict__, "out": str(tmp_path / "whole")}))
+
+    def dies_at_30(prompt, index, call):
+        if call == 30:
+            raise KeyboardInterrupt
+        return sums_model(prompt, index, call)
+
+    out = str(tmp_path / "cut")
+    with pytest.raises(KeyboardInterrupt):
+        prompt_search(ScriptedLLM(dies_at_30), task, PromptSearchConfig(**{**cfg.__dict__, "out": out}))
+    answered = len((tmp_path / "cut" / "answers.jsonl").read_text().splitlines())
+    assert answered == 28  # one proposal call, then one line per graded reply, the 30th call lost
+    resumed_llm = ScriptedLLM(sums_model)
+    resumed = prompt_search(resumed_llm, task, PromptSearchConfig(**{**cfg.__dict__, "out": out}))
+    assert len(resumed_llm.calls) == len(whole_llm.calls) - answered  # the proposal again, then only new questions
+    for key in ("winner", "winner_test", "baseline_test", "demo_pool", "instructions"):
+        assert resumed[key] == whole[key], key
+    assert [c["dev"] for c in resumed["candidates"]] == [c["dev"] for c in whole["candidates"]]
+    # a finished search rerun asks nothing but the instruction proposal
+    again_llm = ScriptedLLM(sums_model)
+    assert prompt_search(again_llm, task, PromptSearchConfig(**{**cfg.__dict__, "out": out}))["winner"] == whole["winner"]
+    assert len(again_llm.calls) == 1

@@ -8,7 +8,9 @@ candidate on a dev split, and reports the winner on a held-out test split it nev
 
 Writes `prompt.json` (the winning program, reusable by `gptlab prompt eval --prompt`), `search.json` and
 `search.md` (every candidate's dev score; winner and zero-shot baseline on the test split, with 95% Wilson
-intervals) and `search_curve.png` (dev score per candidate and best so far).
+intervals), `search_curve.png` (dev score per candidate and best so far) and `answers.jsonl` (every
+graded reply as it is made: a rerun with the same --out resumes; only the LLM's instruction proposals are
+asked again, and with a seed they come out the same in process).
 
 Design decisions (the anchors are DSPy's optimizers; this is our own, smaller code)
 - Instructions come from two sources: hand-written templates, and the LLM itself, shown a few train
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -43,7 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..common import GptlabError, atomic_write_json, atomic_write_text, get_logger, iter_jsonl, save_figure
+from ..common import AnswerCache, GptlabError, atomic_write_json, atomic_write_text, get_logger, iter_jsonl, save_figure
 from ..config import option
 from ..tasks import Example
 from ..eval.stats import wilson_interval
@@ -200,22 +203,44 @@ def propose_instructions(prompter: Prompter, train: list[Example], n: int, seed:
     return out
 
 
-def bootstrap_demos(prompter: Prompter, task: PromptTask, train: list[Example], k: int) -> list[dict[str, str]]:
+def bootstrap_demos(prompter: Prompter, task: PromptTask, train: list[Example], k: int,
+                    cache: AnswerCache) -> list[dict[str, str]]:
     """Demos from the model's own correct zero-shot replies on train questions, gold answers filling up
     to k when too few are correct."""
-    demos = []
-    for example in train:
-        sample = answer(prompter, task, example)[0]
-        if sample.score >= 1.0:
-            demos.append({"question": example.question, "answer": sample.text.strip(), "source": "bootstrapped"})
+    baseline = Program(task.name, "", [], prompter.format)
+    demos = [{"question": example.question, "answer": reply["text"].strip(), "source": "bootstrapped"}
+             for example, reply in zip(train, replies(prompter, task, baseline, train, "train", cache))
+             if reply["score"] >= 1.0]
     labelled = [{"question": e.question, "answer": e.answer_text, "source": "labelled"}
                 for e in train if e.question not in {d["question"] for d in demos}]
     return demos + labelled[:max(0, k - len(demos))]
 
 
-def score(prompter: Prompter, task: PromptTask, program: Program, examples: list[Example]) -> list[float]:
-    return [answer(prompter, task, e, instruction=program.instruction, shots=program.demos, cot=program.cot)[0].score
-            for e in examples]
+SEARCH_KEY = ("split", "program", "index", "question")  # answers.jsonl
+
+
+def replies(prompter: Prompter, task: PromptTask, program: Program, examples: list[Example], split: str,
+            cache: AnswerCache) -> list[dict[str, Any]]:
+    """The program's graded greedy reply to each example ({"text", "score"}), each asked once: answers.jsonl
+    under --out keeps them, so a rerun with the same --out resumes where it stopped. A program is known by
+    a hash of what changes its replies (model, reply budget, format, instruction, demos, chain of thought)."""
+    identity = {"model": prompter.llm.name, "max_tokens": prompter.max_tokens, "format": prompter.format,
+                "instruction": program.instruction, "demos": [list(d) for d in program.demos], "cot": program.cot}
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    out = []
+    for index, example in enumerate(examples):
+        key = (split, fingerprint, index, example.question)
+        if key not in cache.done:
+            sample = answer(prompter, task, example, instruction=program.instruction, shots=program.demos,
+                            cot=program.cot)[0]
+            cache.add(dict(zip(SEARCH_KEY, key), text=sample.text, score=sample.score))
+        out.append(cache.done[key])
+    return out
+
+
+def score(prompter: Prompter, task: PromptTask, program: Program, examples: list[Example], split: str,
+          cache: AnswerCache) -> list[float]:
+    return [reply["score"] for reply in replies(prompter, task, program, examples, split, cache)]
 
 
 def candidates(task_name: str, fmt: str, instructions: list[str], pool: list[dict[str, str]], budget: int,
@@ -255,16 +280,17 @@ def prompt_search(llm: Any, task: PromptTask, cfg: PromptSearchConfig, command: 
     if not dev or not test:
         raise GptlabError(f"task {task.name}: the dev and test splits need examples (dev {len(dev)}, test {len(test)})")
     instructions = list(dict.fromkeys(TEMPLATES + propose_instructions(prompter, train, cfg.instructions, cfg.seed)))
-    pool = bootstrap_demos(prompter, task, train, cfg.max_demos)
+    cache = AnswerCache(Path(cfg.out) / "answers.jsonl", SEARCH_KEY)
+    pool = bootstrap_demos(prompter, task, train, cfg.max_demos, cache)
     programs = candidates(task.name, cfg.format, instructions, pool, cfg.budget, cfg.max_demos, cfg.seed)
     scored = []
     for program in tqdm(programs, disable=not cfg.progress, unit="program", desc="dev"):
-        dev_scores = score(prompter, task, program, dev)
+        dev_scores = score(prompter, task, program, dev, "dev", cache)
         scored.append((program, _interval(dev_scores)))
     best_index = max(range(len(scored)), key=lambda i: (scored[i][1]["score"], -i))
     winner, winner_dev = scored[best_index]
-    baseline_test = _interval(score(prompter, task, scored[0][0], test))
-    winner_test = baseline_test if best_index == 0 else _interval(score(prompter, task, winner, test))
+    baseline_test = _interval(score(prompter, task, scored[0][0], test, "test", cache))
+    winner_test = baseline_test if best_index == 0 else _interval(score(prompter, task, winner, test, "test", cache))
     winner.notes.update({"dev": winner_dev, "test": winner_test, "baseline_test": baseline_test, "model": llm.name,
                          "candidate": best_index, "data": cfg.data, "metric": cfg.metric if cfg.data else None})
     out = Path(cfg.out)

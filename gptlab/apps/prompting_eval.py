@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..common import GptlabError, atomic_write_json, atomic_write_text, get_logger, iter_jsonl, save_figure
+from ..common import AnswerCache, GptlabError, atomic_write_json, atomic_write_text, get_logger, save_figure
 from ..config import add_config_args, build_config, option
 from ..eval.stats import wilson_interval
 from .llm_base import ContextOverflow
@@ -98,35 +98,7 @@ def load_program(path: str | Path) -> Program:
     return Program.from_json(data, str(path))
 
 
-class AnswerCache:
-    """answers.jsonl: finished questions, appended one line at a time (see the module docstring)."""
-
-    KEY = ("technique", "task", "index", "question", "fingerprint")
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.done: dict[tuple, dict] = {}
-        if not path.exists():
-            return
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):  # a run killed mid-line: drop the partial line, redo that question
-            keep = data[:data.rfind(b"\n") + 1]
-            log.warning("%s: dropping an unfinished last line (%d bytes)", path, len(data) - len(keep))
-            path.write_bytes(keep)
-        for where, record in iter_jsonl(path, "answer cache"):
-            if not isinstance(record, dict) or not set(self.KEY) <= set(record):
-                raise GptlabError(f"{where}: not an answer record (delete the file to start over)")
-            self.done[self.key(record)] = record
-
-    @classmethod
-    def key(cls, record: dict) -> tuple:
-        return tuple(record[k] for k in cls.KEY)
-
-    def add(self, record: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.done[self.key(record)] = record
+ANSWER_KEY = ("technique", "task", "index", "question", "fingerprint")  # answers.jsonl
 
 
 def _sample_record(sample: Sample) -> dict[str, Any]:
@@ -335,7 +307,7 @@ def prompt_eval(llm: Any, cfg: PromptEvalConfig, command: str = "") -> dict[str,
     if program is not None:
         jobs.append(("prompt", tasks.get(program.task) or program_task(program), program.format))
     out = Path(cfg.out)
-    cache = AnswerCache(out / "answers.jsonl")
+    cache = AnswerCache(out / "answers.jsonl", ANSWER_KEY)
     work = [(technique, task, fmt, i, example) for technique, task, fmt in jobs
             for i, example in enumerate(task.examples("test", cfg.n, cfg.seed))]
     fingerprints = {t: _fingerprint(t, llm.name, cfg, ks, program) for t, _, _ in jobs}

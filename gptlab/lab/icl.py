@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import random
 import statistics
@@ -54,7 +53,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..common import GptlabError, atomic_write_json, atomic_write_text, get_logger, read_json, save_figure
+from ..common import AnswerCache, GptlabError, atomic_write_json, atomic_write_text, get_logger, read_json, save_figure
 
 log = get_logger("lab.icl")
 
@@ -285,36 +284,12 @@ def answer_key(task: str, condition: str, k: int, seed: int, question: str) -> s
     return f"{task}|{condition}|{k}|{seed}|{digest}"
 
 
-class AnswerCache:
-    """One model's answers, a JSONL file appended (and flushed) per answer."""
-
-    def __init__(self, path: Path):
-        self.path, self.answers = path, {}
-        if path.is_file():
-            for number, line in enumerate(path.read_text("utf-8").splitlines(), 1):
-                try:
-                    record = json.loads(line)
-                    self.answers[record["key"]] = record
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    log.warning("%s:%d: unreadable answer line (an interrupted write?); it is asked again", path, number)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = path.open("a", encoding="utf-8")
-
-    def add(self, record: dict) -> None:
-        self.answers[record["key"]] = record
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def run_model(llm, model_name: str, tasks: list[IclTask], cfg: IclConfig) -> dict:
     """Ask every missing question; return {"curves": {task: {condition: {k: [per-seed accuracy]}}}, "notes",
     "answers": every cached answer by key}."""
     from tqdm import tqdm
 
-    cache = AnswerCache(Path(cfg.out) / "answers" / f"{model_name}.jsonl")
+    cache = AnswerCache(Path(cfg.out) / "answers" / f"{model_name}.jsonl", ("key",))
     results: dict = {}
     notes: list[str] = []
     total = len(tasks) * len(cfg.conditions) * len(cfg.ks) * cfg.seeds * cfg.n
@@ -337,11 +312,11 @@ def run_model(llm, model_name: str, tasks: list[IclTask], cfg: IclConfig) -> dic
                         correct = 0
                         for item, prompt in zip(task.test, prompts):
                             key = answer_key(task.name, condition, k, seed, item.text)
-                            if key not in cache.answers:
+                            if (key,) not in cache.done:
                                 scores = score(prompt, words)
                                 cache.add({"key": key, "scores": scores, "gold": item.label,
                                            "pred": max(range(len(scores)), key=scores.__getitem__)})
-                            correct += cache.answers[key]["pred"] == item.label
+                            correct += cache.done[key,]["pred"] == item.label
                             bar.update(1)
                         curves.setdefault(k, []).append(correct / cfg.n)
             if stopped:
@@ -352,8 +327,7 @@ def run_model(llm, model_name: str, tasks: list[IclTask], cfg: IclConfig) -> dic
                 log.warning("%s", notes[-1])
     finally:
         bar.close()
-        cache.close()
-    return {"curves": results, "notes": notes, "answers": cache.answers}
+    return {"curves": results, "notes": notes, "answers": {key: record for (key,), record in cache.done.items()}}
 
 
 def summarise(curves: dict, n: int) -> dict:
