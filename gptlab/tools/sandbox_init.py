@@ -104,6 +104,12 @@ def build_root(config: dict) -> None:
     mount("sandbox", ROOT, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
     for name, text in links.items():
         os.symlink(text, f"{ROOT}/{name}")
+    # the private /tmp and /workspace before the binds: an interpreter or venv that lives under /tmp (a
+    # checkout in /tmp) is then bound on top of the new /tmp instead of hidden under it
+    for name, size in (("tmp", config["tmp_bytes"]), ("workspace", config["workspace_bytes"])):
+        make_dirs(f"{ROOT}/{name}")
+        mount("sandbox", f"{ROOT}/{name}", "tmpfs", MS_NOSUID | MS_NODEV,
+              f"size={size},nr_inodes={config['max_files']},mode=700,uid={INSIDE_ID},gid={INSIDE_ID}")
     for target, fd in sorted(binds.items()):  # sorted: a folder before anything bound inside it
         make_dirs(f"{ROOT}/{target}")
         bind_read_only(f"/proc/self/fd/{fd}", f"{ROOT}/{target}")
@@ -114,10 +120,6 @@ def build_root(config: dict) -> None:
         mount(f"/proc/self/fd/{fd}", f"{ROOT}/dev/{name}", None, MS_BIND)
         os.close(fd)
     os.symlink("/proc/self/fd", f"{ROOT}/dev/fd")
-    for name, size in (("tmp", config["tmp_bytes"]), ("workspace", config["workspace_bytes"])):
-        make_dirs(f"{ROOT}/{name}")
-        mount("sandbox", f"{ROOT}/{name}", "tmpfs", MS_NOSUID | MS_NODEV,
-              f"size={size},nr_inodes={config['max_files']},mode=700,uid={INSIDE_ID},gid={INSIDE_ID}")
     make_dirs(f"{ROOT}/proc")
     try:
         mount("proc", f"{ROOT}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
