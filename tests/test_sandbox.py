@@ -230,3 +230,28 @@ def test_unsafe_local_is_explicit(workspace):
     assert result.ok and result.output == str(workspace)
     with pytest.raises(GptlabError, match="does not exist"):
         Sandbox(workspace / "missing")
+
+
+def test_an_interpreter_that_lives_under_tmp_still_runs(sandbox, tmp_path_factory):
+    """A checkout (and its venv) under /tmp: the sandbox's private /tmp must not hide the interpreter (a
+    fresh-clone CI run in /tmp failed every sandbox test with 'cannot start python' before the fix)."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = Path(tempfile.mkdtemp(dir="/tmp", prefix="gptlab-venv-"))
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(root / "venv")],
+                       check=True, capture_output=True, timeout=120)
+        workspace = tmp_path_factory.mktemp("tmp_venv_workspace")
+        code = ("import sys; from pathlib import Path; from gptlab.tools.sandbox import Limits, Sandbox; "
+                f"r = Sandbox(Path({str(workspace)!r}), Limits(wall_seconds=10)).run('import sys; print(sys.prefix)'); "
+                "print(r.exit_code, r.output.strip())")
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        done = subprocess.run([str(root / "venv" / "bin" / "python"), "-c", code], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == ["0", str(root / "venv")], done.stdout + done.stderr[-2000:]
+    finally:
+        subprocess.run(["rm", "-rf", str(root)], check=False)
