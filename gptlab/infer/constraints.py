@@ -378,8 +378,8 @@ def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int
     Cost (measured, bench/results/structured.md): the work is done on the packed int32 bitmask (stop
     tokens and ids past the model's vocabulary are two word operations with masks made once, the dead-end
     test a scan of the words), then each mask byte is looked up in a 256 x 8 table of biases and the biases
-    are added into the logits in place. llguidance.torch's apply_token_bitmask_inplace is not used: it is a torch.compile
-    kernel (a minute of C++ build on first use on CPU, and again for each new batch size)."""
+    are added into the logits in place. llguidance.torch's apply_token_bitmask_inplace is not used: it is a
+    torch.compile kernel (a minute of C++ build on first use on CPU, and again for each new batch size)."""
     constrained = [i for i, row in enumerate(rows) if row.constraint is not None]
     states = [rows[i].constraint for i in constrained]
     words = states[0].words
@@ -427,7 +427,8 @@ def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int
         bias = np.pad(bias, ((0, 0), (0, width - bias.shape[1])), constant_values=-np.inf)
     import torch  # here, not at the top: the HTTP LLM client builds Constraints without torch
 
-    bias_t = torch.from_numpy(np.ascontiguousarray(bias)).to(device=logits.device, dtype=logits.dtype)
+    # the slice to `width` is a strided view: torch reads it as it is (no copy on CPU)
+    bias_t = torch.from_numpy(bias).to(device=logits.device, dtype=logits.dtype)
     if len(keep) == len(rows):
         logits.add_(bias_t)
     else:
