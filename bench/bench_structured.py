@@ -6,10 +6,14 @@ The schemas and prompts are bench/data/structured_schemas.json: 21 JSON Schemas 
 prompts each.
 
 1. Mask time per token and decode tokens/s at batch 1 and 8, in one run: constrained rows (a different
-   schema per row) with the next mask computed in a worker thread beside the forward pass (the engine's
-   default), the same without that overlap, and unconstrained rows of exactly the same lengths (stop
-   tokens off). Mask time = the engine's masking step (`mask_constrained_logits`: waiting for / computing
-   llguidance's bitmask, unpacking it, applying it to the logits). Decode steps only (prefill excluded).
+   schema per row) as the engine runs them (next mask computed in a worker thread beside the forward pass,
+   accept-first sampling: the mask applied only to a row whose sampled token it refuses), the same with
+   the mask applied to every row before sampling (session 11's engine), and unconstrained rows of exactly
+   the same lengths (stop tokens off). Mask time = everything the engine does for the constraints in a
+   decode step's critical path (`Engine._mask_first` + `Engine._resample_rejected`: waiting for the
+   prefetched bitmask, fix-ups, bit tests, and on refused tokens the mask applied and the row sampled
+   again), per row-token; "redrawn" = share of constrained row-steps whose first draw was refused.
+   Decode steps only (prefill excluded).
 2. Grammar compile time: the first request for each schema (fresh cache) and a cached one (a copy of the
    compiled matcher); the llguidance tokenizer build (once per tokenizer) separately.
 3. Validity: chat requests (greedy; the JSON Schema in the system prompt) for --prompts prompts of every
@@ -37,11 +41,11 @@ from collect_json_corpus import chat_ids
 from gptlab.apps.llm import open_llm
 from gptlab.structured import is_partial_of, parse_json, parse_partial
 from gptlab.infer import constraints as constraints_module
-from gptlab.infer import engine as engine_module
 from gptlab.infer.constraints import Constraint, GrammarCache
 from gptlab.infer.sampling import SamplingParams
 
 DATA = Path(__file__).parent / "data"
+ACCEPT_FIRST = SamplingParams.__dict__["accept_first"]  # the property, restored after the "mask every row" arm
 ENTRIES = json.loads((DATA / "structured_schemas.json").read_text())
 SCHEMAS = {e["name"]: e["schema"] for e in ENTRIES}
 PROMPTS = {e["name"]: e["prompts"] for e in ENTRIES}
@@ -65,7 +69,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def mask_and_speed(llm, args) -> list[str]:
-    """Section 1: per arm and batch size, mask µs per token (mean, p99) and decode tokens/s."""
+    """Section 1: per arm and batch size, mask µs per token (mean, p99), redrawn share, decode tokens/s."""
     engine = llm.engine
     mask_times, forward_times = [], []
 
@@ -77,14 +81,14 @@ def mask_and_speed(llm, args) -> list[str]:
             return result
         return timed
 
-    real_mask = engine_module.mask_constrained_logits
-    engine_module.mask_constrained_logits = timing(real_mask, mask_times)
+    engine._mask_first = timing(engine._mask_first, mask_times)
+    engine._resample_rejected = timing(engine._resample_rejected, mask_times)
     engine._decode = timing(engine._decode, forward_times)
     names = list(SCHEMAS)
     rows = []
     try:
         for batch_size in (1, 8):
-            results = {"constrained, mask beside the forward pass": [], "constrained, mask in line": [],
+            results = {"constrained, accept-first (default)": [], "constrained, mask every row first": [],
                        "unconstrained, same lengths": []}
             for rep in range(args.reps):
                 # from the 7th schema on: the first ones close in a handful of tokens
@@ -92,14 +96,15 @@ def mask_and_speed(llm, args) -> list[str]:
                 ids = [chat_ids(llm.tokenizer, SCHEMAS[n], PROMPTS[n][0], "schema") for n in chosen]
                 lengths = None
                 for arm in results:
+                    SamplingParams.accept_first = ACCEPT_FIRST if "accept-first" in arm else property(lambda _: False)
                     if arm.startswith("constrained"):
-                        constraints_module.OVERLAP_MASKS = "beside" in arm
                         params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0,
                                                  constraint=Constraint.json_schema(SCHEMAS[n])) for n in chosen]
                     else:
                         params = [SamplingParams(max_new_tokens=n, temperature=0, stop_token_ids=()) for n in lengths]
                     mask_times.clear()
                     forward_times.clear()
+                    counted = engine.constrained_tokens, engine.constrained_resampled
                     batch = engine.prefill(ids, params)
                     all_rows, seconds = list(batch.rows), 0.0
                     while batch.rows:
@@ -108,68 +113,79 @@ def mask_and_speed(llm, args) -> list[str]:
                         seconds += time.perf_counter() - start
                     lengths = lengths or [len(r.token_ids) for r in all_rows]
                     tokens = sum(len(r.token_ids) for r in all_rows)
-                    # per token: a batch step masks every constrained row at once
-                    per_token = [t / batch_size for t in mask_times]
-                    results[arm].append((tokens, seconds, sum(forward_times), per_token))
+                    # per row-token: one step's two calls, shared by the batch's constrained rows
+                    steps = [(a + b) / batch_size for a, b in zip(mask_times[::2], mask_times[1::2])]
+                    redrawn = (engine.constrained_resampled - counted[1], engine.constrained_tokens - counted[0])
+                    results[arm].append((tokens, seconds, sum(forward_times), steps, redrawn))
             for arm, runs in results.items():
                 tokens = sum(r[0] for r in runs)
                 seconds, forward = sum(r[1] for r in runs), sum(r[2] for r in runs)
                 masks = [t * 1e6 for r in runs for t in r[3]]
                 mask = f"{statistics.mean(masks):.0f} | {percentile(masks, 0.99):.0f}" if masks else "- | -"
-                rows.append(f"| {batch_size} | {arm} | {mask} | {tokens / seconds:.1f} | {seconds / tokens * 1e3:.1f} | "
-                            f"{(seconds - forward) / tokens * 1e3:.2f} | {tokens} |")
+                refused, checked = sum(r[4][0] for r in runs), sum(r[4][1] for r in runs)
+                redrawn = f"{refused}/{checked}" if checked else "-"
+                rows.append(f"| {batch_size} | {arm} | {mask} | {redrawn} | {tokens / seconds:.1f} | "
+                            f"{seconds / tokens * 1e3:.1f} | {(seconds - forward) / tokens * 1e3:.2f} | {tokens} |")
     finally:
-        engine_module.mask_constrained_logits = real_mask
-        constraints_module.OVERLAP_MASKS = True
-        del engine._decode
-    return ["| batch | arm | mask µs/token mean | p99 | decode tokens/s | ms per token | of which outside the "
-            "forward pass | tokens |", "|---|---|---|---|---|---|---|---|", *rows]
+        SamplingParams.accept_first = ACCEPT_FIRST
+        for name in ("_mask_first", "_resample_rejected", "_decode"):
+            delattr(engine, name)
+    return ["| batch | arm | mask µs/token mean | p99 | redrawn | decode tokens/s | ms per token | of which outside "
+            "the forward pass | tokens |", "|---|---|---|---|---|---|---|---|---|", *rows]
 
 
 def mask_walk(llm, args) -> list[str]:
     """The masking step alone, without the model (so a loaded machine's forward-pass swings stay out):
     each schema's grammar walked for up to --max-new-tokens steps, each step's token drawn (seeded) from
     the allowed ones. Per step, timed apart: llguidance computing the bitmask (`_fill_masks`, one
-    call per matcher, run in the worker thread as the engine does and waited for) and gptlab applying it
-    (`mask_constrained_logits`: fix-ups on the packed words, unpack, torch.where into 49k logits)."""
+    call per matcher and the fix-ups, run in the worker thread as the engine does and waited for),
+    taking it and one token's bit test (`StepMasks` + `allows`: every constrained step pays it), and applying the mask
+    to the 49k logits (`StepMasks.apply`: paid only on a step whose first draw the grammar refuses)."""
     import random
 
     from gptlab.infer.batch import TextStream
 
     engine = llm.engine
-    rng, compute, apply = random.Random(0), [], []
+    rng, compute, check, apply = random.Random(0), [], [], []
     real_fill = constraints_module._fill_masks
 
-    def timed_fill(matchers, bitmask):
+    def timed_fill(states, bitmask):
         start = time.perf_counter()
-        result = real_fill(matchers, bitmask)
+        result = real_fill(states, bitmask)
         compute.append((time.perf_counter() - start) * 1e6)
         return result
 
     constraints_module._fill_masks = timed_fill
     try:
         for name, schema in SCHEMAS.items():
-            state = constraints_module.ConstraintState(Constraint.json_schema(schema), llm.tokenizer)
+            state = constraints_module.ConstraintState(Constraint.json_schema(schema), llm.tokenizer,
+                                                       engine.default_stop_ids, engine.n_real_tokens)
             row = SimpleNamespace(constraint=state, stop_ids=engine.default_stop_ids, stream=TextStream())
             fresh = torch.randn(1, engine.n_real_tokens)
             for _ in range(args.max_new_tokens):
                 logits = fresh.clone()
                 constraints_module.prefetch_masks([state])
                 state._job.future.result()
+                first_draw = int(logits[0].argmax())  # sampling's work, done with or without constraints
                 start = time.perf_counter()
-                engine_module.mask_constrained_logits(logits, [row], engine.n_real_tokens)
-                apply.append((time.perf_counter() - start) * 1e6)
+                masks = constraints_module.StepMasks([row])
+                masks.allows(0, first_draw)
+                middle = time.perf_counter()
+                masks.apply(logits, masks.live)
+                apply.append((time.perf_counter() - middle) * 1e6)
+                check.append((middle - start) * 1e6)
                 allowed = torch.isfinite(logits[0]).nonzero()[:, 0].tolist()
                 allowed = [t for t in allowed if t not in row.stop_ids]
                 if not allowed or state.consume(rng.choice(allowed)):
                     break
     finally:
         constraints_module._fill_masks = real_fill
-    total = [c + a for c, a in zip(compute, apply)]
     lines = ["| measure (per token) | steps | mean µs | median µs | p99 µs |", "|---|---|---|---|---|"]
-    for label, times in (("llguidance computes the bitmask (worker thread)", compute),
-                         ("gptlab applies it (fix-ups, unpack, torch.where)", apply),
-                         ("mask step, both", total)):
+    for label, times in (("llguidance computes the bitmask + fix-ups (worker thread, beside the forward pass)", compute),
+                         ("gptlab: take the mask, bit test of the sampled token (every step)", check),
+                         ("gptlab: mask applied to the logits (only when the first draw is refused)", apply),
+                         ("all three (session 11's engine paid this on every step)",
+                          [c + k + a for c, k, a in zip(compute, check, apply)])):
         ordered = sorted(times)
         lines.append(f"| {label} | {len(times)} | {statistics.mean(times):.0f} | {ordered[len(ordered) // 2]:.0f} | "
                      f"{percentile(times, 0.99):.0f} |")

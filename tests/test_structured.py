@@ -112,7 +112,7 @@ def test_unconstrained_rows_unchanged_by_constrained_neighbours(engine):
 
 
 def test_packed_mask_matches_llguidance_bit_by_bit(tok):
-    """mask_constrained_logits (word operations on the packed bitmask, one unpack, one torch.where) against
+    """mask_constrained_logits (word operations on the packed bitmask, one byte-table gather and add) against
     a per-id reference read from llguidance's own compute_bitmask bytes, prefetched and in line, with
     padding ids past the model's vocabulary, stop tokens allowed exactly where the grammar may end, and an
     unconstrained neighbour left untouched."""
@@ -127,8 +127,8 @@ def test_packed_mask_matches_llguidance_bit_by_bit(tok):
     for overlap in (True, False):
         constraints.OVERLAP_MASKS = overlap
         try:
-            states = [constraints.ConstraintState(c, tok) for c in (Constraint.json_schema(SCHEMA),
-                                                                    Constraint.regex("[a-c]{2,9}"))]
+            states = [constraints.ConstraintState(c, tok, {stop}, n_real, width)
+                      for c in (Constraint.json_schema(SCHEMA), Constraint.regex("[a-c]{2,9}"))]
             rows = [SimpleNamespace(constraint=states[0], stop_ids={stop}, stream=TextStream()),
                     SimpleNamespace(constraint=None, stop_ids={stop}, stream=TextStream()),
                     SimpleNamespace(constraint=states[1], stop_ids={stop}, stream=TextStream())]
@@ -136,7 +136,7 @@ def test_packed_mask_matches_llguidance_bit_by_bit(tok):
                 constraints.prefetch_masks(states)
                 logits = torch.randn(3, width, generator=generator)
                 before = logits.clone()
-                assert constraints.mask_constrained_logits(logits, rows, n_real) == {}
+                assert constraints.mask_constrained_logits(logits, rows) == {}
                 assert torch.equal(logits[1], before[1])
                 for state, k in zip(states, (0, 2)):
                     packed = state.matcher.deep_copy().compute_bitmask()
@@ -153,6 +153,68 @@ def test_packed_mask_matches_llguidance_bit_by_bit(tok):
                 break
         finally:
             constraints.OVERLAP_MASKS = True
+
+
+def test_accept_first_greedy_matches_masking_first(engine, monkeypatch):
+    """Greedy rows sample accept-first (the mask applied only when the argmax is refused); the outputs must
+    be token for token those of masking every row before sampling."""
+    from gptlab.infer.sampling import SamplingParams as Params
+
+    constraints = [Constraint.json_schema(SCHEMA), Constraint.regex(r"[0-9]{3}-[a-z]{2,4}"),
+                   Constraint.choice(["alpha", "beta", "gamma delta"])]
+    params = [SamplingParams(max_new_tokens=120, temperature=0, constraint=c) for c in constraints] * 2
+    prompts = [p for p in PROMPTS[:2] for _ in constraints]
+    before = engine.constrained_resampled
+    accept_first = engine.generate(prompts, params)
+    assert engine.constrained_resampled > before  # the fallback really ran
+    monkeypatch.setattr(Params, "accept_first", property(lambda self: False))
+    assert engine.generate(prompts, params) == accept_first
+
+
+def test_accept_first_sampling_draws_the_masked_distribution(tok):
+    """Sampling a constrained row accept-first (draw from the unmasked logits; when the token is refused,
+    mask and draw again) must give the masked distribution p(a) / p(allowed). The first token of 3,000 rows
+    (seeds 0..2999) against the exact masked softmax of the model's logits: every token's frequency within
+    5 standard errors, and both the accepted and the redrawn path taken."""
+    torch.manual_seed(1)
+    config = GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16,
+                       intermediate_size=128, max_seq_len=64)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4)  # a spread-out but not uniform next-token distribution
+    engine = Engine(model, tok)
+    prompt = PROMPTS[1]
+    probe = engine.prefill([prompt], SamplingParams(max_new_tokens=1, temperature=0))
+    probs = probe.logits[0].double().softmax(dim=-1)
+    # choices: the most likely whole-token texts until they hold ~40% of the mass (the grammar also
+    # allows their prefixes' tokens), so a good share of the draws is refused
+    options, mass = [], 0.0
+    for t in probs.argsort(descending=True).tolist():
+        text = tok.decode([t])
+        if t in engine.default_stop_ids or not text.strip() or "\ufffd" in text or text in options:
+            continue
+        options.append(text)
+        mass += float(probs[t])
+        if mass >= 0.4:
+            break
+    constraint = Constraint.choice(options)
+    packed = GRAMMARS.matcher(tok, constraint).compute_bitmask()  # llguidance's own first mask
+    allowed = [t for t in range(tok.vocab_size) if packed[t // 8] >> (t % 8) & 1]
+    target = probs[allowed] / probs[allowed].sum()
+    n = 3000
+    before = (engine.constrained_tokens, engine.constrained_resampled)
+    batch = engine.prefill([prompt] * n, SamplingParams(max_new_tokens=1, temperature=1.0, seed=0,
+                                                        constraint=constraint))
+    first = [event.token_id for event in engine.step(batch)]
+    assert engine.constrained_tokens - before[0] == n
+    redrawn = engine.constrained_resampled - before[1]
+    assert 0.2 * n < redrawn < 0.9 * n, redrawn
+    counts = torch.bincount(torch.tensor(first), minlength=tok.vocab_size).double() / n
+    assert set(first) <= set(allowed)
+    sigma = (target * (1 - target) / n).sqrt()
+    assert ((counts[allowed] - target).abs() <= 5 * sigma + 1 / n).all()
 
 
 def test_constrained_rows_join_and_leave_a_running_batch(engine):

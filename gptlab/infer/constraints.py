@@ -32,8 +32,18 @@ Design decisions
   `jsonschema` (the error names the path), then compiled.
 - Mask cost: a row's mask is llguidance's int32 bitmask (one bit per token id), computed into a preallocated
   buffer; the fix-ups (stop tokens, ids past the model's vocabulary, "no token allowed") are word
-  operations on it, and it becomes additive logit biases (0 or -inf) through a 256-entry byte table, one
-  gather and one in-place add (`mask_constrained_logits`).
+  operations on it (`StepMasks`). Turning it into additive logit biases (0 or -inf, a 256-entry byte table,
+  one gather and one in-place add over the whole vocabulary: `StepMasks.apply`) is the expensive part
+  (memory traffic: ~100-200 us a row on SmolLM2's 49k vocabulary), so the engine samples accept-first:
+  it samples from the unmasked logits, tests the token's bit, and masks and samples that row again only
+  when the token is not allowed. This is exact, not an approximation. Greedy: if the argmax is allowed it
+  is the argmax of the masked logits. Sampling from p with allowed set A: P(token a) = p(a) (accepted at
+  once) + (1 - p(A)) p(a) / p(A) (rejected, then drawn from the masked distribution with fresh, independent
+  randomness) = p(a) / p(A), the masked distribution. Repetition penalty and temperature commute with the
+  mask (they keep -inf at -inf); top-k and top-p do not (the k best tokens are not the k best allowed
+  ones), so rows using them are masked before sampling as before. A small model asked for JSON mostly
+  wants an allowed token: on the structured benchmark the second draw happens on a minority of steps
+  (bench/results/structured.md gives the measured rate).
   The next step's masks of all the batch's constrained rows are computed in one job in a worker thread
   while the model runs its forward pass (`prefetch_masks`): the mask depends only on the tokens already
   sampled, never on the logits.
@@ -277,16 +287,32 @@ def _byte_biases() -> np.ndarray:
     return table
 
 
-def _fill_masks(matchers: list, bitmask: np.ndarray) -> np.ndarray:
-    """Every matcher's next-token bitmask into row k of `bitmask` (int32, C-contiguous), matcher by matcher
-    (llguidance's `fill_next_token_bitmask` call; each drops the GIL). Not llguidance's batch `LLExecutor`
-    (`fill_next_token_bitmask_par`): measured in the engine on the shared 2-core machine, handing a step's
-    masks to it cost 2.3 ms median per step at batch 1 (waking its thread pool) against 0.1 ms this way,
-    and no less at batch 8 (bench/results/structured.md, session 11)."""
+def _fill_masks(states: list, bitmask: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
+    """Every row's final next-token mask into row k of `bitmask` (int32, C-contiguous), row by row:
+    llguidance's `fill_next_token_bitmask` call (it drops the GIL), then the row's fix-ups on the packed
+    words (ids past the model's vocabulary and stop ids cleared; stop ids set where the grammar may end)
+    and the dead-end test. Returns the mask and, per row, None or why the row cannot go on (its matcher
+    failed, or nothing is allowed). Done here, in the worker thread beside the forward pass, the fix-ups
+    also read the words while they are in this core's cache (measured on the main thread after the
+    hand-over: ~10-15 us a row of cross-core cache misses, the largest part of its constrained work).
+    Not llguidance's batch `LLExecutor` (`fill_next_token_bitmask_par`): measured in the engine on the
+    shared 2-core machine, handing a step's masks to it cost 2.3 ms median per step at batch 1 (waking its
+    thread pool) against 0.1 ms this way, and no less at batch 8 (bench/results/structured.md, session 11)."""
     size = bitmask.shape[1] * 4
-    for k, matcher in enumerate(matchers):
-        matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data + k * size, size)
-    return bitmask
+    bits32 = bitmask.view(np.uint32)  # bit j of word w is token 32 w + j
+    problems: list[str | None] = []
+    for k, state in enumerate(states):
+        state.matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data + k * size, size)
+        if state.matcher.is_error():
+            problems.append(f"constraint {state.constraint.describe()} failed computing the next-token mask: "
+                            f"{_one_line(state.matcher.get_error())}")
+            continue
+        bits32[k] &= state.keep_words
+        if state.matcher.is_accepting():
+            bits32[k] |= state.stop_words
+        problems.append(None if np.count_nonzero(bits32[k]) else
+                        f"constraint {state.constraint.describe()} admits no token this row can produce")
+    return bitmask, problems
 
 
 class _MaskJob:
@@ -295,7 +321,7 @@ class _MaskJob:
     def __init__(self, states: list):
         self.buffer = np.empty((len(states), states[0].words), dtype=np.int32)
         pool = _shared("pool", lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptlab-mask"))
-        self.future = pool.submit(_fill_masks, [s.matcher for s in states], self.buffer)
+        self.future = pool.submit(_fill_masks, states, self.buffer)
 
 
 def prefetch_masks(states: list) -> None:
@@ -313,11 +339,16 @@ def prefetch_masks(states: list) -> None:
 class ConstraintState:
     """One row's matcher: the mask of allowed tokens before each step, and the tokens it sampled."""
 
-    def __init__(self, constraint: Constraint, tokenizer, cache: GrammarCache = GRAMMARS):
+    def __init__(self, constraint: Constraint, tokenizer, stop_ids=frozenset(), n_real_tokens: int | None = None,
+                 width: int | None = None, cache: GrammarCache = GRAMMARS):
+        """`stop_ids`: the row's stop tokens (allowed where the grammar may end); `n_real_tokens`: ids the
+        model really has (others never allowed); `width`: the logits' width (default: the tokenizer's)."""
         self.constraint = constraint
         self.matcher = cache.matcher(tokenizer, constraint)
         self.vocab_size = tokenizer.vocab_size
         self.words = (self.vocab_size + 1 + 31) // 32  # 32-bit words of the bitmask (+ 1: the end pseudo id)
+        limit = min(self.vocab_size, self.vocab_size if n_real_tokens is None else n_real_tokens)
+        self.keep_words, self.stop_words = _word_masks(self.words, limit, stop_ids, width or self.vocab_size)
         self._job: _MaskJob | None = None  # the next mask, being computed (`prefetch_masks`), at row `_row`
         self._row = 0
 
@@ -329,13 +360,15 @@ class ConstraintState:
     def prefetch(self) -> None:
         prefetch_masks([self])
 
-    def take_prefetched(self, out: np.ndarray) -> bool:
-        """Copy the prefetched mask (waiting for it) into `out`; False when none was prefetched."""
+    def take_prefetched(self, out: np.ndarray) -> tuple[bool, str | None]:
+        """Copy the prefetched mask (waiting for it) into `out`: (False, None) when none was prefetched,
+        else (True, the row's problem or None)."""
         if self._job is None:
-            return False
+            return False, None
         job, self._job = self._job, None
-        out[:] = job.future.result()[self._row]
-        return True
+        bitmask, problems = job.future.result()
+        out[:] = bitmask[self._row]
+        return True, problems[self._row]
 
     @property
     def accepting(self) -> bool:
@@ -368,70 +401,88 @@ def _word_masks(words: int, limit: int, stop_ids, width: int) -> tuple[np.ndarra
     return masks
 
 
-def mask_constrained_logits(logits: torch.Tensor, rows: list, n_real_tokens: int) -> dict[int, str]:
-    """Set to -inf, in place, every logit a constrained row's grammar does not allow; `rows` are the batch's
-    rows (`Row.constraint`, `Row.stop_ids`). A row's stop tokens are allowed where its grammar may end.
-    Returns {batch position: error} for the rows whose constraint failed or admits no token they can
-    produce (a dead end): their logits are left as they were, and the caller ends those rows with the
-    error while the rest of the batch goes on.
+class StepMasks:
+    """One decode step's masks of a batch's constrained rows (`rows` are all the batch's rows; a row's
+    `constraint` is its ConstraintState or None): the final bitmasks the worker thread prefetched (or
+    computes the missing ones now) and the rows whose constraint failed or admits no token they can
+    produce (`failed`: {batch position: error}; the caller ends those rows with the error while the rest
+    of the batch goes on). Then `allows` tests one token against a row's mask (a bit test) and `apply`
+    sets the disallowed logits of some rows to -inf (the engine's accept-first sampling, module docstring,
+    needs `apply` only on the steps where the sampled token was not allowed)."""
 
-    Cost (measured, bench/results/structured.md): the work is done on the packed int32 bitmask (stop
-    tokens and ids past the model's vocabulary are two word operations with masks made once, the dead-end
-    test a scan of the words), then each mask byte is looked up in a 256 x 8 table of biases and the biases
-    are added into the logits in place. llguidance.torch's apply_token_bitmask_inplace is not used: it is a
-    torch.compile kernel (a minute of C++ build on first use on CPU, and again for each new batch size)."""
-    constrained = [i for i, row in enumerate(rows) if row.constraint is not None]
-    states = [rows[i].constraint for i in constrained]
-    words = states[0].words
-    job = states[0]._job
-    if job is not None and len(job.buffer) == len(states) and all(s._job is job and s._row == k
-                                                                  for k, s in enumerate(states)):
-        bitmask = job.future.result()  # the usual step: this batch's rows, prefetched together, in order
-        for state in states:
-            state._job = None
-    else:
-        bitmask = np.empty((len(states), words), dtype=np.int32)
-        late = [k for k, state in enumerate(states) if not state.take_prefetched(bitmask[k])]
-        if late:  # rows with no mask prefetched (overlap off, or a row just joined): computed now, in one call
-            bitmask[late] = _fill_masks([states[k].matcher for k in late], np.empty((len(late), words), dtype=np.int32))
-    bits32 = bitmask.view(np.uint32)  # bit j of word w is token 32 w + j
-    width = logits.shape[-1]
-    failed: dict[int, str] = {}
-    for k, (i, state) in enumerate(zip(constrained, states)):
-        try:
-            state.check("computing the next-token mask")
-        except GptlabError as e:
-            failed[i] = str(e)
-            continue
-        keep_words, stop_words = _word_masks(words, min(state.vocab_size, n_real_tokens), rows[i].stop_ids, width)
-        bits32[k] &= keep_words
-        if state.accepting:
-            bits32[k] |= stop_words
-        if not np.count_nonzero(bits32[k]):
-            failed[i] = (f"constraint {state.constraint.describe()} admits no token this row can produce "
-                         f"after {rows[i].stream.text[-40:]!r} (it may need a stop token or an id past the model's "
-                         f"vocabulary)")
-    keep = [k for k, i in enumerate(constrained) if i not in failed]
-    if not keep:
-        return failed
-    # little-endian hosts (x86, ARM): bit j of a 32-bit word is bit j % 8 of its byte j // 8, so byte b of
-    # the mask covers tokens 8b..8b+7, and a 256 x 8 table turns each byte into the 8 additive biases (0 or
-    # -inf) of its tokens in one gather. Adding the bias is exact: x + 0.0 is x and x + -inf is -inf.
-    # Measured on SmolLM2's 49k vocabulary (1 thread, quiet): 15 us a row, against 51 us for unpacking to
-    # bools and torch.where, and 93 us for masked_fill.
-    packed = bitmask if len(keep) == len(states) else bitmask[keep]
-    bias = np.take(_byte_biases(), packed.view(np.uint8), axis=0).reshape(len(keep), -1)
-    if bias.shape[1] >= width:
-        bias = bias[:, :width]
-    else:  # a model with more ids than the tokenizer: those are never allowed
-        bias = np.pad(bias, ((0, 0), (0, width - bias.shape[1])), constant_values=-np.inf)
-    import torch  # here, not at the top: the HTTP LLM client builds Constraints without torch
+    def __init__(self, rows: list):
+        self.positions = [i for i, row in enumerate(rows) if row.constraint is not None]
+        states = [rows[i].constraint for i in self.positions]
+        job = states[0]._job
+        if job is not None and len(job.buffer) == len(states) and all(s._job is job and s._row == k
+                                                                      for k, s in enumerate(states)):
+            bitmask, problems = job.future.result()  # the usual step: this batch's rows, prefetched together
+            for state in states:
+                state._job = None
+        else:
+            bitmask = np.empty((len(states), states[0].words), dtype=np.int32)
+            problems = [None] * len(states)
+            late = []
+            for k, state in enumerate(states):
+                taken, problems[k] = state.take_prefetched(bitmask[k])
+                if not taken:
+                    late.append(k)
+            if late:  # rows with no mask prefetched (overlap off, or a row just joined): computed now, in one call
+                fresh, late_problems = _fill_masks([states[k] for k in late],
+                                                   np.empty((len(late), states[0].words), dtype=np.int32))
+                bitmask[late] = fresh
+                for k, problem in zip(late, late_problems):
+                    problems[k] = problem
+        self.bitmask = bitmask
+        self.row_of = {i: k for k, i in enumerate(self.positions)}  # batch position -> row of `bitmask`
+        self.failed = {i: f"{problem} after {rows[i].stream.text[-40:]!r}" + (
+                           "" if "failed" in problem else
+                           " (it may need a stop token or an id past the model's vocabulary)")
+                       for i, problem in zip(self.positions, problems) if problem is not None}
+        self.live = [i for i in self.positions if i not in self.failed]  # rows to mask or check
 
-    # the slice to `width` is a strided view: torch reads it as it is (no copy on CPU)
-    bias_t = torch.from_numpy(bias).to(device=logits.device, dtype=logits.dtype)
-    if len(keep) == len(rows):
-        logits.add_(bias_t)
-    else:
-        index = torch.tensor([constrained[k] for k in keep], device=logits.device)
-        logits.index_add_(0, index, bias_t)
-    return failed
+    def allows(self, position: int, token: int) -> bool:
+        """Does the mask of the row at batch `position` allow `token`?"""
+        word = token >> 5
+        words = self.bitmask.view(np.uint32)[self.row_of[position]]
+        return word < len(words) and bool((int(words[word]) >> (token & 31)) & 1)
+
+    def apply(self, logits: torch.Tensor, positions: list[int]) -> None:
+        """Set to -inf, in place, every logit that the masks of the rows at these batch positions (live
+        rows) do not allow.
+
+        Cost (measured, bench/results/structured.md): each mask byte is looked up in a 256 x 8 table of
+        biases and the biases are added into the logits in place. llguidance.torch's
+        apply_token_bitmask_inplace is not used: it is a torch.compile kernel (a minute of C++ build on
+        first use on CPU, and again for each new batch size)."""
+        if not positions:
+            return
+        width = logits.shape[-1]
+        rows = [self.row_of[i] for i in positions]
+        packed = self.bitmask if len(rows) == len(self.bitmask) else self.bitmask[rows]
+        # little-endian hosts (x86, ARM): bit j of a 32-bit word is bit j % 8 of its byte j // 8, so byte b of
+        # the mask covers tokens 8b..8b+7, and a 256 x 8 table turns each byte into the 8 additive biases (0
+        # or -inf) of its tokens in one gather. Adding the bias is exact: x + 0.0 is x and x + -inf is -inf.
+        # Measured on SmolLM2's 49k vocabulary (1 thread, quiet): 15 us a row, against 51 us for unpacking
+        # to bools and torch.where, and 93 us for masked_fill.
+        bias = np.take(_byte_biases(), packed.view(np.uint8), axis=0).reshape(len(rows), -1)
+        if bias.shape[1] >= width:
+            bias = bias[:, :width]
+        else:  # a model with more ids than the tokenizer: those are never allowed
+            bias = np.pad(bias, ((0, 0), (0, width - bias.shape[1])), constant_values=-np.inf)
+        import torch  # here, not at the top: the HTTP LLM client builds Constraints without torch
+
+        # the slice to `width` is a strided view: torch reads it as it is (no copy on CPU)
+        bias_t = torch.from_numpy(bias).to(device=logits.device, dtype=logits.dtype)
+        if len(positions) == logits.shape[0]:
+            logits.add_(bias_t)
+        else:
+            logits.index_add_(0, torch.tensor(positions, device=logits.device), bias_t)
+
+
+def mask_constrained_logits(logits: torch.Tensor, rows: list) -> dict[int, str]:
+    """Mask every live constrained row's logits at once (`StepMasks` then `apply`); returns the failed rows
+    ({batch position: error}), whose logits are left as they were."""
+    masks = StepMasks(rows)
+    masks.apply(logits, masks.live)
+    return masks.failed

@@ -48,7 +48,7 @@ from ..common import GptlabError, get_logger
 from ..model import GPT, KVCache
 from ..tokenizer import Tokenizer
 from .batch import Completion, DecodeBatch, Row, StreamEvent, TextStream
-from .constraints import ConstraintState, mask_constrained_logits, prefetch_masks
+from .constraints import ConstraintState, StepMasks, prefetch_masks
 from .fused import FusedDecoder, weights_key
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, SamplingTensors, apply_repetition_penalty, sample_tokens
@@ -96,6 +96,8 @@ class Engine:
         self.model = model
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache else None
         self.prefill_tokens_computed = 0  # prompt tokens run through the model by prefills, ever
+        # constrained row-steps sampled accept-first, ever, and those whose token the grammar refused
+        self.constrained_tokens = self.constrained_resampled = 0
         self.fused_decode, self.compile = fused_decode, compile
         self._decoder: FusedDecoder | None = None
         self.tokenizer = tokenizer
@@ -206,7 +208,8 @@ class Engine:
                     generator.manual_seed(p.seed + r)
             stop_ids = self.default_stop_ids if p.stop_token_ids is None else frozenset(p.stop_token_ids)
             # compiled (or taken from the grammar cache) before any model work, so a bad grammar fails fast
-            constraint = ConstraintState(p.constraint, self.tokenizer) if p.constraint is not None else None
+            constraint = None if p.constraint is None else ConstraintState(
+                p.constraint, self.tokenizer, stop_ids, self.n_real_tokens, self.model.config.vocab_size)
             if constraint is not None:
                 constraint.prefetch()  # the first mask, computed beside the prefill
             rows.append(Row(first_index + r, p, len(ids), stop_ids, min(p.max_new_tokens, self.window - len(ids)),
@@ -326,10 +329,12 @@ class Engine:
     def step(self, batch: DecodeBatch) -> list[StreamEvent]:
         """Sample one token per row, emit its text, drop rows that finished, and run the model on the
         new tokens of the rest (so `batch.logits` is ready for the next step)."""
-        failed = {}
-        if any(row.constraint is not None for row in batch.rows):  # grammar masks on those rows only
-            failed = mask_constrained_logits(batch.logits, batch.rows, self.n_real_tokens)
+        masks = self._mask_first(batch) if any(row.constraint is not None for row in batch.rows) else None
         tokens = sample_tokens(batch.logits, batch.sampling, [r.generator for r in batch.rows], batch.seen)
+        failed = {}
+        if masks is not None:
+            failed = masks.failed
+            tokens = self._resample_rejected(batch, masks, tokens)
         events, alive = [], []
         for i, (row, token) in enumerate(zip(batch.rows, tokens.tolist())):
             if i in failed:  # a dead end: this row ends with the error, the others go on
@@ -350,6 +355,30 @@ class Engine:
             batch.logits = self._decode(tokens, batch.cache, batch.next_pos, batch.key_mask)
             batch.next_pos += 1
         return events
+
+    def _mask_first(self, batch: DecodeBatch) -> StepMasks:
+        """This step's grammar masks (constraints.py). Rows whose top-k or top-p must see only allowed tokens
+        are masked now; the others sample accept-first (`_resample_rejected`; constraints.py says why that
+        is exact)."""
+        masks = StepMasks(batch.rows)
+        masks.apply(batch.logits, [i for i in masks.live if not batch.rows[i].params.accept_first])
+        return masks
+
+    def _resample_rejected(self, batch: DecodeBatch, masks: StepMasks, tokens: torch.Tensor) -> torch.Tensor:
+        """Rows whose sampled token their grammar does not allow: mask their logits and sample them again
+        (each with its own generator, so fresh randomness)."""
+        sampled = tokens.tolist()
+        rejected = [i for i in masks.live if not masks.allows(i, sampled[i])]
+        self.constrained_tokens += len(masks.live)
+        self.constrained_resampled += len(rejected)
+        if not rejected:
+            return tokens
+        masks.apply(batch.logits, rejected)
+        rows = [batch.rows[i] for i in rejected]
+        index = torch.tensor(rejected, device=tokens.device)
+        again = sample_tokens(batch.logits[index], SamplingTensors.from_params([r.params for r in rows], tokens.device),
+                              [r.generator for r in rows], None if batch.seen is None else batch.seen[index])
+        return tokens.index_copy(0, index, again)
 
     def _advance(self, row: Row, token: int) -> str:
         """Record one sampled token for a row; return the text it releases."""

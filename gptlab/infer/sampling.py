@@ -59,6 +59,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
+    @property
+    def accept_first(self) -> bool:
+        """May a constrained row sample first and mask only a refused token (constraints.py)? Exact when every
+        logit processing step it uses keeps a masked (-inf) logit masked: greedy, temperature, repetition
+        penalty; not top-k or top-p, whose kept set depends on the tokens the mask removes."""
+        return self.greedy or (self.top_k == 0 and self.top_p == 1)
+
 
 # ---- logit processing (public so tests can check each against a hand computation) -----------------------
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
