@@ -5,6 +5,7 @@ that blocks are evicted, and after the weights change; the work saved is counted
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json.decoder
 from concurrent.futures import ThreadPoolExecutor
@@ -88,6 +89,63 @@ def test_chunked_prefill_over_cached_prefixes_and_stored_blocks_stay_unwritten(m
         if key in on.prefix_cache._blocks:
             block = on.prefix_cache._blocks[key]
             assert torch.equal(block.k, k) and torch.equal(block.v, v)
+
+
+def test_finished_rows_store_their_reply_for_the_next_turn(model, tok):
+    """A finished row's prompt + generated tokens are stored: the next turn, which sends the reply back,
+    computes only what follows it, with the same output as with the cache off."""
+    on, off = Engine(model, tok), Engine(model, tok, prefix_cache=False)
+    B = on.prefix_cache.block_tokens
+    lengths = [24, 40, 33]  # rows finishing at different steps of one batch
+    params = [SamplingParams(temperature=0, max_new_tokens=n, stop_token_ids=()) for n in lengths]
+    first = on.generate(PROMPTS[:3], params)
+    assert [c.token_ids for c in first] == token_ids(off, PROMPTS[:3], params)
+    tail = on.encode("\n# and then: why not")[1:]  # no second BOS
+    for prompt, reply in zip(PROMPTS[:3], first):
+        ids = on.encode(prompt) + reply.token_ids + tail
+        # every full block of the prompt and the reply but its last token (sampled, never run) is cached
+        cached = (len(ids) - len(tail) - 1) // B * B
+        computed = on.prefill_tokens_computed
+        assert token_ids(on, [ids], GREEDY) == token_ids(off, [ids], GREEDY)
+        assert on.prefill_tokens_computed - computed == len(ids) - cached
+        assert token_ids(on, [ids], SEEDED) == token_ids(off, [ids], SEEDED)
+
+
+def test_rows_of_a_joined_batch_store_the_right_slots(model, tok):
+    """Rows that joined a running batch (padding, shifted slots, holes filled by later rows) store exactly
+    their own keys/values: each stored block matches a fresh prefill of the same tokens."""
+    on, fresh = Engine(model, tok), Engine(model, tok, prefix_cache=False)
+    B = on.prefix_cache.block_tokens
+    batch = on.prefill(PROMPTS[:2], [SamplingParams(temperature=0, max_new_tokens=n, stop_token_ids=()) for n in (20, 45)])
+    rows = list(batch.rows)
+    for _ in range(5):
+        on.step(batch)
+    newcomers = on.prefill([SOURCE[600:700], PROMPTS[4]],
+                           [SamplingParams(temperature=0, max_new_tokens=n, stop_token_ids=()) for n in (30, 12)])
+    rows += newcomers.rows
+    batch.join(newcomers)
+    while batch.rows:
+        on.step(batch)
+    for row in rows:
+        ids = list(row.prompt_ids) + row.token_ids[:-1]
+        blocks = on.prefix_cache.match(ids + [0])
+        assert len(blocks) == len(ids) // B
+        reference = fresh.prefill([ids], GREEDY).cache
+        for n, block in enumerate(blocks):
+            torch.testing.assert_close(block.k, reference.k[:, 0, :, n * B:(n + 1) * B], rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(block.v, reference.v[:, 0, :, n * B:(n + 1) * B], rtol=1e-3, atol=1e-3)
+
+
+def test_an_inference_model_keeps_its_cache_after_the_decoder_is_built(model, tok):
+    """A model that requires no grad has its parameters re-pointed into the fused decoder's layout at the
+    first prefill; that must not count as changed weights (it emptied the cache at the second prefill)."""
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    engine = Engine(frozen, tok)
+    engine.generate([PROMPTS[0]], GREEDY)
+    computed = engine.prefill_tokens_computed
+    engine.generate([PROMPTS[0]], GREEDY)
+    assert engine.prefill_tokens_computed - computed < engine.prefix_cache.block_tokens
+    assert engine.prefix_cache.stats.cleared == 0
 
 
 def test_tiny_budget_evicts_and_never_fails(model, tok):

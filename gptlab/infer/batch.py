@@ -112,6 +112,7 @@ class Row:
     finish_reason: str | None = None
     stop: str | int | None = None
     error: str | None = None
+    prompt_ids: tuple[int, ...] = ()  # the prompt as prefilled (the prefix cache stores a finished row's blocks)
 
     def completion(self) -> Completion:
         return Completion(self.stream.text, list(self.token_ids), self.finish_reason or "length",

@@ -31,7 +31,11 @@ Design decisions
   cached prefix into its row instead of computing them, and first computes once any prefix that several
   of its prompts share; only the remaining columns run through the model. Computing a prompt's suffix
   over cached keys/values is what chunked prefill already does, so outputs are the same with the cache
-  on or off (tested token for token, greedy and seeded sampling).
+  on or off (tested token for token, greedy and seeded sampling). A finished row's reply is stored too
+  (`_store_finished`: its prompt + generated tokens, from its cache row), so the next turn of a chat or an
+  agent, which sends the reply back, computes only what follows it. Those keys/values were computed one
+  token at a time by the decode step rather than by a prefill: the same math, equal up to float rounding
+  (tested: each stored block against a fresh prefill, and next-turn outputs token for token).
 """
 
 from __future__ import annotations
@@ -142,12 +146,13 @@ class Engine:
         made (checked once per prefill, so a model trained between generate calls, as in RL, never
         decodes with stale weights or reuses stale keys/values)."""
         key = weights_key(self.model)
+        if self.fused_decode and (self._decoder is None or self._decoder.weights_key != key):
+            self._decoder = FusedDecoder(self.model, self.compile) if FusedDecoder.supports(self.model) else None
+            # building it may point an inference model's parameters into its fused layout (fused.py): the
+            # key after that is the one later prefills see (before, the cache was emptied at the second one)
+            key = weights_key(self.model)
         if self.prefix_cache is not None:
             self.prefix_cache.check_weights(key)
-        if not self.fused_decode:
-            return
-        if self._decoder is None or self._decoder.weights_key != key:
-            self._decoder = FusedDecoder(self.model, self.compile) if FusedDecoder.supports(self.model) else None
 
     def _decode(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
                 key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -213,7 +218,7 @@ class Engine:
             if constraint is not None:
                 constraint.prefetch()  # the first mask, computed beside the prefill
             rows.append(Row(first_index + r, p, len(ids), stop_ids, min(p.max_new_tokens, self.window - len(ids)),
-                            TextStream(p.stop), generator, constraint))
+                            TextStream(p.stop), generator, constraint, prompt_ids=tuple(ids)))
             seqs.append(ids)
         capacity = max(map(len, seqs)) + max(row.max_new for row in rows)
         computed_before = self.prefill_tokens_computed
@@ -346,6 +351,8 @@ class Engine:
             if row.finish_reason is None:
                 alive.append(i)
         if len(alive) < len(batch.rows):
+            if self.prefix_cache is not None:
+                self._store_finished(batch, [i for i in range(len(batch.rows)) if i not in set(alive)])
             tokens = tokens[batch.keep(alive)]  # keep may reorder the rows (batch.py)
         if batch.rows:
             # the next masks, computed beside the forward pass (constraints.py)
@@ -355,6 +362,19 @@ class Engine:
             batch.logits = self._decode(tokens, batch.cache, batch.next_pos, batch.key_mask)
             batch.next_pos += 1
         return events
+
+    def _store_finished(self, batch: DecodeBatch, finished: list[int]) -> None:
+        """Keep the full blocks of finished rows' prompt + generated tokens in the prefix cache, so a next
+        turn that sends the reply back (chat, an agent's next step) finds it cached instead of computing it
+        again. A row's real tokens are the last ones of its cache row: its prompt, then the generated tokens
+        that went through the model (not the last one sampled); the key mask counts them."""
+        end = batch.cache.length
+        for i in finished:
+            row = batch.rows[i]
+            held = end if batch.key_mask is None else int(batch.key_mask[i, :end].sum())
+            ids = row.prompt_ids + tuple(row.token_ids[:held - row.prompt_len])
+            if len(ids) == held and held >= self.prefix_cache.block_tokens:
+                self.prefix_cache.store(ids, batch.cache.k[:, i, :, end - held:end], batch.cache.v[:, i, :, end - held:end])
 
     def _mask_first(self, batch: DecodeBatch) -> StepMasks:
         """This step's grammar masks (constraints.py). Rows whose top-k or top-p must see only allowed tokens

@@ -1,4 +1,5 @@
-"""Automatic prefix caching: keys/values of prompt prefixes seen before, reused by later prefills.
+"""Automatic prefix caching: keys/values of prompt prefixes seen before (and of finished replies: the
+engine stores a finished row's prompt + generated tokens), reused by later prefills.
 
 Applications send the same long prefix again and again (a system prompt, few-shot examples, a tool list, a
 RAG preamble; self-consistency asks k samples of one prompt). vLLM's automatic prefix caching and SGLang's
