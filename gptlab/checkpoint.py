@@ -276,7 +276,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu", dtype: 
         raise GptlabError(f"cannot read weights {weights}: {e}") from None
     model = model_from_state(config, state, str(weights), quantized=quantized)
     # the model now holds the only references: quantizing frees each float weight as it replaces it (with
-    # `state` alive, `gptlab sample --quantize int8` on SmolLM2 peaked at 1,107-1,160 MB; 948-982 without)
+    # `state` alive, `gptlab sample --quantize int8` on SmolLM2 peaked at 1,107-1,160 MB; 948-995 without)
     del state
     if quantize is not None:
         quantize_model(model, quantize)
