@@ -98,7 +98,9 @@ def bits_per_byte(engine: Engine, text: str, window: int) -> float:
 
 
 def peak_rss_mb(cmd: list[str]) -> float:
-    out = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, check=True)
+    """Maximum resident set size of `cmd` (/usr/bin/time -v, kbytes / 1000), on one thread like HF_JOB."""
+    out = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1)) / 1e3
 
 

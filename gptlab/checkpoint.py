@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import random
 import re
@@ -64,7 +65,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from torch import nn
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from .common import (GptlabError, atomic_write_bytes, atomic_write_json, fsync_dir, get_logger, json_bytes,
@@ -202,7 +204,7 @@ def model_from_state(config: GPTConfig, state: dict[str, torch.Tensor], source: 
     `quantized`: `state` holds int8 weights and scales (quant.py), loaded into a quantized skeleton."""
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    with torch.device("meta"):
+    with torch.device("meta"), _NoRandomInit():
         model = GPT(config)
         if quantized:
             quantize_model(model)
@@ -219,10 +221,25 @@ def model_from_state(config: GPTConfig, state: dict[str, torch.Tensor], source: 
     return model
 
 
+class _NoRandomInit(torch.overrides.TorchFunctionMode):
+    """`Tensor.normal_` and `nn.init.normal_` do nothing inside it: for a skeleton built on the meta device,
+    whose tensors hold no values to fill. torch 2.13's meta kernel for normal_ is a Python decomposition whose
+    first call imports torch._dynamo and sympy: 50 MB of RSS that `gptlab sample` otherwise never needs, and
+    1.2-1.6 s of its first load (bench/results/quant.md). Meta tensors draw nothing from the CPU generator, so
+    skipping them leaves the RNG state as it was."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.normal_, nn.init.normal_):
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                   quantize: str | None = None) -> tuple[GPT, Tokenizer]:
+                   quantize: str | None = None, *, head_in_out: bool = False) -> tuple[GPT, Tokenizer]:
     """Load a model directory, after verifying its checksums (if it has a SHA256SUMS). `quantize` ("int8"):
-    quantize the weights as they load (quant.py); a quantized directory loads quantized either way."""
+    quantize the weights as they load (quant.py); a quantized directory loads quantized either way.
+    `head_in_out`: read the output head's float weight (the embedding table when tied) into the (in, out)
+    layout the fused decoder multiplies with (`_read_weights`; `load_for_inference` sets it)."""
     path = Path(path)
     verify_checksums(path, "model")
     meta = read_json(path / "gptlab.json", "model config")
@@ -250,35 +267,83 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu", dtype: 
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise GptlabError(f"weights not found: {weights}")
+    head = None
+    if head_in_out and not quantized and quantize is None:  # an int8 head is int8 rows, not a float matmul
+        head = "model.embed_tokens.weight" if config.tie_embeddings else "lm_head.weight"
     try:
-        state = _read_weights(weights)
+        state = _read_weights(weights, head)
     except (SafetensorError, OSError, ValueError) as e:
         raise GptlabError(f"cannot read weights {weights}: {e}") from None
     model = model_from_state(config, state, str(weights), quantized=quantized)
+    # the model now holds the only references: quantizing frees each float weight as it replaces it (with
+    # `state` alive, `gptlab sample --quantize int8` on SmolLM2 peaked at 1,107-1,160 MB; 948-995 without)
+    del state
     if quantize is not None:
         quantize_model(model, quantize)
     _apply_imported_chat_format(path, tokenizer)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def _read_weights(path: Path, in_out: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file in the process's own memory, read with pread(2) (safetensors >= 0.8)
     rather than memory-mapped: a memory-mapped file stays mapped while any one of its tensors lives (a norm
     weight), so the pages of weights the fused decoder has already re-laid out stayed resident too. Measured
-    with `gptlab sample` on SmolLM2-135M: 525 MB of the file still resident after the first step, the whole
-    gap to transformers' peak RSS (bench/results/quant.md). Older safetensors memory-map."""
+    with `gptlab sample` on SmolLM2-135M: 525 MB of the file still resident after the first step
+    (bench/results/quant.md). Older safetensors memory-map.
+
+    `in_out`: the name of a 2-d (out, in) weight to read into an (in, out)-contiguous tensor, returned as its
+    (out, in) transposed view (`_read_transposed`): the layout in which the fused decoder's head multiplies
+    fast (x @ W at one row: 5 ms for SmolLM2's 49152 x 576 head vs 10 ms through the (out, in) layout, one
+    thread; infer/fused.py). Read so, the decoder finds the weight in place; read as stored, it had to copy
+    it while the original still lived (+113 MB of peak RSS for SmolLM2's tied table, bench/results/quant.md)."""
     try:
-        return load_file(path, backend="pread")
+        with safe_open(path, framework="pt", backend="pread") as f:
+            names = list(f.keys())
+            state = {name: f.get_tensor(name) for name in names if name != in_out}
     except TypeError:  # safetensors < 0.8 has no backend argument
         return load_file(path)
+    if in_out in names:
+        state[in_out] = _read_transposed(path, in_out)
+    return state
+
+
+def _read_transposed(path: Path, name: str, rows_per_read: int = 1024) -> torch.Tensor:
+    """Tensor `name` (2-d) of safetensors file `path` as the transposed view of an (in, out)-contiguous copy,
+    read `rows_per_read` rows at a time into a small buffer and written transposed into place, so nothing
+    larger than the result and the buffer is ever held. Reads the format's header itself (8-byte little-endian
+    length, JSON); safetensors' own slice reader reads the whole tensor for every slice (measured with its
+    pread backend: 113 MB more peak for one 1024-row slice). 0.11 s for SmolLM2's table, about the time of
+    a plain read (0.10 s)."""
+    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+    with open(path, "rb", buffering=0) as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        info = json.loads(f.read(header_len))[name]
+        dtype = dtypes.get(info["dtype"])
+        rows, cols = info["shape"] if len(info["shape"]) == 2 else (0, 0)
+        begin, end = info["data_offsets"]
+        size = dtype.itemsize if dtype is not None else 0
+        if dtype is None or rows * cols == 0 or end - begin != rows * cols * size:
+            raise ValueError(f"{name}: {info} is not a 2-d float tensor")
+        out = torch.empty(cols, rows, dtype=dtype)
+        buffer = torch.empty(rows_per_read * cols * size, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        row_bytes = cols * size
+        for start in range(0, rows, rows_per_read):
+            n = min(rows_per_read, rows - start)
+            offset = 8 + header_len + begin + start * row_bytes
+            if os.preadv(f.fileno(), [view[:n * row_bytes]], offset) != n * row_bytes:
+                raise ValueError(f"{name}: the file ends inside its data")
+            out[:, start:start + n] = buffer[:n * row_bytes].view(dtype).view(n, cols).t()
+    return out.t()
 
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                        quantize: str | None = None) -> tuple[GPT, Tokenizer]:
     """`load_model_dir` for a model that will only run inference (sample, chat, serve, LocalLLM): no parameter
     requires grad, which lets the engine's fused decoder share the weights' storage instead of copying them
-    (infer/fused.py)."""
-    model, tokenizer = load_model_dir(path, device, dtype, quantize)
+    (infer/fused.py), and the head's weight is read in the decoder's layout (`head_in_out`), so the decoder
+    copies nothing of it either."""
+    model, tokenizer = load_model_dir(path, device, dtype, quantize, head_in_out=True)
     return model.requires_grad_(False), tokenizer
 
 

@@ -228,6 +228,22 @@ def test_flipped_weights_are_named_by_load_model_dir_and_the_cli(model_dir, tmp_
     assert any(not torch.equal(v, original[k]) for k, v in damaged.state_dict().items())
 
 
+def test_loading_a_model_does_not_import_the_compiler(model_dir):
+    """The meta-device skeleton is not randomly initialised: torch's meta normal_ imports torch._dynamo and
+    sympy (50 MB of RSS in `gptlab sample`, checkpoint.py `_NoRandomInit`). In a fresh process, as in sample."""
+    script = ("import sys, torch; before = 'torch._dynamo' in sys.modules\n"
+              "from gptlab.checkpoint import load_for_inference, load_model_dir\n"
+              f"load_for_inference({str(model_dir)!r}); load_model_dir({str(model_dir)!r})\n"
+              "print(before, 'torch._dynamo' in sys.modules, 'sympy' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    before, dynamo, sympy = proc.stdout.split()
+    if before == "True":
+        pytest.skip("this torch imports torch._dynamo with torch itself")
+    assert (dynamo, sympy) == ("False", "False")
+
+
 def test_edited_or_missing_files_are_named(model_dir, tmp_path):
     def damaged_copy(name: str) -> Path:
         copy = tmp_path / name

@@ -211,6 +211,26 @@ def test_decoder_shares_the_weights_of_a_model_not_being_trained(tok, tmp_path):
     assert trained.model.layers[0].mlp.up_proj.weight.data_ptr() == before
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_inference_load_reads_the_head_in_the_decoders_layout(tok, tmp_path, tied):
+    """load_for_inference reads the head's weight (the embedding table when tied) (in, out)-contiguous, so the
+    fused decoder multiplies with it where it lies: no copy of it is made when the engine starts."""
+    save_model_dir(tmp_path / "m", tiny_model(tok, 4, tie_embeddings=tied), tok)
+    plain, _ = load_model_dir(tmp_path / "m")  # for training: weights as stored
+    model, _ = load_for_inference(tmp_path / "m")
+    head = model.lm_head.weight
+    assert (head is model.model.embed_tokens.weight) == tied
+    assert plain.lm_head.weight.is_contiguous() and head.t().is_contiguous() and not head.is_contiguous()
+    assert torch.equal(head, plain.lm_head.weight)
+    assert torch.equal(model.model.embed_tokens.weight, plain.model.embed_tokens.weight)
+    storage = head.untyped_storage().data_ptr()
+    engine = Engine(model, tok)
+    assert engine.generate(PROMPTS, greedy()) == Engine(plain, tok, fused_decode=False).generate(PROMPTS, greedy())
+    assert engine._decoder.head.weight.untyped_storage().data_ptr() == storage == head.untyped_storage().data_ptr()
+    bf16, _ = load_for_inference(tmp_path / "m", dtype=torch.bfloat16)  # the dtype cast keeps the layout
+    assert bf16.lm_head.weight.t().is_contiguous() and bf16.lm_head.weight.dtype == torch.bfloat16
+
+
 def test_cli_quantize_and_sample_flags(tok, tmp_path, capsys):
     save_model_dir(tmp_path / "m", tiny_model(tok, 3), tok)
     assert cli_main(["quantize", "--model", str(tmp_path / "m"), "--bits", "8", "--out", str(tmp_path / "q")]) == 0

@@ -83,8 +83,9 @@ class Engine:
     strict_context: reject (GptlabError) prompts that do not fit the context window instead of cutting
     them from the left. add_bos: text prompts start with `<|endoftext|>` (the token that opens every
     training document); token-id prompts are always used as given. fused_decode: run decode steps with a
-    `FusedDecoder` (faster at small batch, holds a second copy of the weights; models it does not support,
-    e.g. with LoRA layers, decode through `model.forward` either way). compile: torch.compile that step
+    `FusedDecoder` (faster at small batch; it shares the weights of a model that requires no grad and copies
+    those of one being trained, fused.py; models it does not support, e.g. with LoRA layers, decode through
+    `model.forward` either way). compile: torch.compile that step
     (the first single-row step and the first batched step each compile, seconds to a minute; it pays off
     for long generations with fixed weights, not when the weights change between calls, as in RL).
     prefix_cache: reuse the keys/values of prompt prefixes seen before and of identical prompts in one call

@@ -13,9 +13,12 @@ Design decisions
   `checkpoint.load_for_inference`, which sample, chat, serve and LocalLLM use): the decoder builds its
   fused layout once and points the model's parameters at slices of it (`param.data = view`; same Parameter
   objects and values, (out, in) shape, transposed strides), so `GPT.forward` (prefill, scoring) reads the
-  same storage. With the weights read into the process's memory rather than memory-mapped
-  (checkpoint.py), `gptlab sample` on SmolLM2-135M peaks at 1.09x the RSS of the same job in transformers,
-  1.51x before (bench/results/quant.md). A model that requires grad keeps a separate copy: a
+  same storage. `load_for_inference` also reads the head's weight (the tied embedding table) already in
+  the decoder's (in, out) layout, so building the decoder copies nothing of it: a copy made here, while
+  the original still lived, was 113 MB of SmolLM2's peak. With that, the weights read into the process's
+  memory rather than memory-mapped, and no torch._dynamo import at load (checkpoint.py), `gptlab sample` on
+  SmolLM2-135M peaks at 0.98x the RSS of the same job in transformers (session 12, 1 thread; 1.12x
+  before, 1.51x before sharing: bench/results/quant.md). A model that requires grad keeps a separate copy: a
   trainer's optimizer, compiled graphs and sharding expect its own contiguous parameters. A decoder built
   again over weights already laid out this way (a second Engine, a rebuild) finds them in place and copies
   nothing (`_enclosing`). int8 models (quant.py) are always shared: their weights are buffers, never trained.
