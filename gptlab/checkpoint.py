@@ -330,8 +330,8 @@ def _read_transposed(path: Path, name: str, rows_per_read: int = 1024) -> torch.
         row_bytes = cols * size
         for start in range(0, rows, rows_per_read):
             n = min(rows_per_read, rows - start)
-            offset = 8 + header_len + begin + start * row_bytes
-            if os.preadv(f.fileno(), [view[:n * row_bytes]], offset) != n * row_bytes:
+            f.seek(8 + header_len + begin + start * row_bytes)  # seek + readinto, not os.preadv: not on macOS
+            if f.readinto(view[:n * row_bytes]) != n * row_bytes:
                 raise ValueError(f"{name}: the file ends inside its data")
             out[:, start:start + n] = buffer[:n * row_bytes].view(dtype).view(n, cols).t()
     return out.t()
