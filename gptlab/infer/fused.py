@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import GPT, KVCache, apply_rotary, rotary_cos_sin
+from ..model import GPT, KVCache, rotary_cos_sin
 from ..quant import Int8Matmul, QuantLinear, QuantTiedHead, projections
 
 
@@ -44,6 +44,18 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype)
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """`model.apply_rotary(x, cos, sin)` for x (B, heads, D), with `signed_sin` = sin with its first half
+    negated: the rotated half cat(-x2, x1) * sin is then (x2, x1) * signed_sin, the same bits ((-a) b =
+    a (-b)), and (x2, x1) is one flip of x seen as (.., 2, D/2): 4 ops a layer instead of 9 (slices, neg,
+    cat and the float32 casts, no-ops in float32 but still dispatched)."""
+    B, N, D = x.shape
+    swapped = x.view(B, N, 2, D // 2).flip(2).view(B, N, D)
+    if x.dtype == torch.float32:
+        return x * cos + swapped * signed_sin
+    return (x.float() * cos + swapped.float() * signed_sin).to(x.dtype)
+
+
 @dataclass
 class _Projection:
     """One fused projection. Float: weight (in, out), contiguous, `x @ weight` (+ bias). int8 (quant.py):
@@ -55,7 +67,8 @@ class _Projection:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8 is not None:
             return self.int8(x, self.bias)
-        return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
+        # mm, not `@`: matmul's dispatch to mm costs 3 more ops a call (resolve_conj), ~120 calls a step
+        return torch.mm(x, self.weight) if self.bias is None else torch.addmm(self.bias, x, self.weight)
 
 
 def _enclosing(parts: list[torch.Tensor], dim: int) -> torch.Tensor | None:
@@ -136,9 +149,14 @@ class FusedDecoder:
       state dict are untouched; whether the model shares this storage or keeps its own copy is in the
       module docstring (`Engine(fused_decode=False)` decodes through `model.forward` instead).
     - Rotary cos/sin are computed once for every position of the window and indexed per step (same
-      float32 values as `rotary_cos_sin`), q and k are normed/rotated together, RMSNorm is one call.
-    - The new keys/values are written into the preallocated `KVCache` slot in place; attention is one
-      SDPA call over the filled slots (mask only when some row has padding, as in `GPT.forward`).
+      float32 values as `rotary_cos_sin`), q and k are normed/rotated together (`_rotate`), RMSNorm is
+      one call.
+    - The new keys/values are written into the preallocated `KVCache` slot in place, through per-layer
+      views made once a step; attention is one SDPA call over the filled slots (mask only when some row
+      has padding, as in `GPT.forward`).
+    - Eager, every op counts: a SmolLM2-135M step at batch 1 was ~1,215 top-level op calls (~4,400 with
+      their nested ones) around 121 matmuls; the layout above makes it ~800, with the same logits bit for
+      bit (docs/LOG.md, session 12).
     - compile=True: the same step with static shapes (attention over the whole cache capacity, later
       slots masked) through torch.compile, which fuses the elementwise ops between the matmuls into a few
       generated kernels; on CUDA the step is also captured as a CUDA graph (4.4 -> 1.3 ms a step at batch
@@ -183,7 +201,9 @@ class FusedDecoder:
                 self.head = fuse([model.lm_head])
             device = model.model.norm.weight.device
             cos, sin = rotary_cos_sin(torch.arange(c.max_seq_len, device=device)[:, None], model.rope)
-            self.rotary = torch.stack([cos[:, 0, 0], sin[:, 0, 0]], dim=1)  # (window, 2, head_dim), a row per step
+            cos, sin = cos[:, 0, 0], sin[:, 0, 0]
+            signed_sin = torch.cat([-sin[:, :c.head_dim // 2], sin[:, c.head_dim // 2:]], dim=1)  # `_rotate`
+            self.rotary = torch.stack([cos, signed_sin], dim=1)  # (window, 2, head_dim), a row per step
             self._layer_index = torch.arange(c.n_layer, device=device)[:, None]
         self.weights_key = weights_key(model)  # after sharing: the views are the model's weights from now on
         # dynamic=False: nothing becomes symbolic unless marked (batch and capacity, in `step`); dynamo's
@@ -256,24 +276,34 @@ class FusedDecoder:
         would be baked into the graph, one compilation per step)."""
         c = self.config
         B, H, KV, D = tokens.shape[0], c.n_head, c.n_kv_head, c.head_dim
-        cos, sin = self.rotary[positions][:, :, None].unbind(1)  # (B, 1, D) each, broadcast over heads
+        cos, signed_sin = self.rotary[positions][:, :, None].unbind(1)  # (B, 1, D) each, broadcast over heads
+        eager = isinstance(slot, int)
+        if eager:
+            # every layer's view of the new slot and of the filled slots, made once a step (4 unbinds): a
+            # layer then writes with one copy_ and reads with no op, instead of 2 selects and a slice per
+            # tensor; a plain slice copy, since indexing with tensors costs 5-20x more in eager
+            new_k, new_v = cache_k[:, :, :, slot].unbind(0), cache_v[:, :, :, slot].unbind(0)
+            keys, values = cache_k[:, :, :, :n_keys].unbind(0), cache_v[:, :, :, :n_keys].unbind(0)
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(_rms_norm(x, layer.attn_norm, c.norm_eps))
-            qk = qkv[:, :self.n_qk].view(B, H + KV, D)
+            qk, v = layer.qkv(_rms_norm(x, layer.attn_norm, c.norm_eps)).split([self.n_qk, KV * D], dim=1)
+            qk = qk.view(B, H + KV, D)
             if layer.qk_norm is not None:
                 qk = _rms_norm(qk, layer.qk_norm, c.norm_eps)
-            qk = apply_rotary(qk, cos, sin)
-            k, v = qk[:, H:], qkv[:, self.n_qk:].view(B, KV, D)
-            if isinstance(slot, int):  # a plain slice copy; indexing with tensors costs 5-20x more in eager
-                cache_k[i, :, :, slot], cache_v[i, :, :, slot] = k, v
+            q, k = _rotate(qk, cos, signed_sin).split([H, KV], dim=1)
+            v = v.view(B, KV, D)
+            if eager:
+                new_k[i].copy_(k)
+                new_v[i].copy_(v)
+                layer_keys, layer_values = keys[i], values[i]
             else:
                 # written through the whole cache tensor, not the view `cache_k[i]`: inductor then stores
                 # into the slot in place, where a mutated view made it copy the layer's cache every step
                 layer_index = self._layer_index[i]
                 cache_k[layer_index, :, :, slot], cache_v[layer_index, :, :, slot] = k[None], v[None]
-            y = F.scaled_dot_product_attention(qk[:, :H, None], cache_k[i, :, :, :n_keys],
-                                               cache_v[i, :, :, :n_keys], attn_mask=mask, enable_gqa=KV != H)
+                layer_keys, layer_values = cache_k[i, :, :, :n_keys], cache_v[i, :, :, :n_keys]
+            y = F.scaled_dot_product_attention(q.unsqueeze(2), layer_keys, layer_values, attn_mask=mask,
+                                               enable_gqa=KV != H)
             x = x + layer.o(y.view(B, H * D))
             gate, up = layer.gate_up(_rms_norm(x, layer.mlp_norm, c.norm_eps)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
