@@ -35,12 +35,19 @@ from ..quant import Int8Matmul, QuantLinear, QuantTiedHead, projections
 
 
 # ---- the decode step, re-laid out for one new token per row ----------------------------------------------
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`model.RMSNorm` over the last dim in one call where that is exact (float32 and a (dim,) weight:
-    F.rms_norm gives the same bits); otherwise as the module does it: normalise in float32, round to the
-    input's dtype, then scale (`weight` may then be (heads, dim), one row per head)."""
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scalars: tuple[torch.Tensor, torch.Tensor]
+              ) -> torch.Tensor:
+    """`model.RMSNorm` over the last dim. float32 and a (dim,) weight: the ops of CPU `F.rms_norm` (a
+    composite: square, mean, + eps, rsqrt, times x, times weight) written out, the same bits (checked on
+    3,000 random rows and a model's logits), with the mean as a sum divided by the width and eps as
+    `scalars` = (width, eps), 0-dim float32 tensors made once: a Python number is wrapped into a tensor
+    and cast on every call, and `mean` divides that way. 7.5 us of CPU time a call against 10.4 for
+    `F.rms_norm` (1 x 576, 1 thread, medians of 20 x 5,000 calls), 61 calls a SmolLM2 step. Otherwise as
+    the module does it: normalise in float32, round to the input's dtype, then scale (`weight` may then be
+    (heads, dim), one row per head)."""
     if x.dtype == torch.float32 and weight.dim() == 1:
-        return F.rms_norm(x, weight.shape, weight, eps)
+        width, eps_tensor = scalars
+        return (x * (x * x).sum(-1, keepdim=True).div_(width).add_(eps_tensor).rsqrt_()).mul_(weight)
     return weight * F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype)
 
 
@@ -205,6 +212,8 @@ class FusedDecoder:
             signed_sin = torch.cat([-sin[:, :c.head_dim // 2], sin[:, c.head_dim // 2:]], dim=1)  # `_rotate`
             self.rotary = torch.stack([cos, signed_sin], dim=1)  # (window, 2, head_dim), a row per step
             self._layer_index = torch.arange(c.n_layer, device=device)[:, None]
+            self._norm_scalars = (torch.tensor(float(c.n_embd), device=device),  # `_rms_norm`
+                                  torch.tensor(c.norm_eps, device=device))
         self.weights_key = weights_key(model)  # after sharing: the views are the model's weights from now on
         # dynamic=False: nothing becomes symbolic unless marked (batch and capacity, in `step`); dynamo's
         # automatic dynamic shapes would otherwise turn the config's sizes symbolic once a second model
@@ -276,6 +285,7 @@ class FusedDecoder:
         would be baked into the graph, one compilation per step)."""
         c = self.config
         B, H, KV, D = tokens.shape[0], c.n_head, c.n_kv_head, c.head_dim
+        norm = self._norm_scalars
         cos, signed_sin = self.rotary[positions][:, :, None].unbind(1)  # (B, 1, D) each, broadcast over heads
         eager = isinstance(slot, int)
         if eager:
@@ -286,10 +296,10 @@ class FusedDecoder:
             keys, values = cache_k[:, :, :, :n_keys].unbind(0), cache_v[:, :, :, :n_keys].unbind(0)
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            qk, v = layer.qkv(_rms_norm(x, layer.attn_norm, c.norm_eps)).split([self.n_qk, KV * D], dim=1)
+            qk, v = layer.qkv(_rms_norm(x, layer.attn_norm, c.norm_eps, norm)).split([self.n_qk, KV * D], dim=1)
             qk = qk.view(B, H + KV, D)
             if layer.qk_norm is not None:
-                qk = _rms_norm(qk, layer.qk_norm, c.norm_eps)
+                qk = _rms_norm(qk, layer.qk_norm, c.norm_eps, norm)
             q, k = _rotate(qk, cos, signed_sin).split([H, KV], dim=1)
             v = v.view(B, KV, D)
             if eager:
@@ -305,9 +315,9 @@ class FusedDecoder:
             y = F.scaled_dot_product_attention(q.unsqueeze(2), layer_keys, layer_values, attn_mask=mask,
                                                enable_gqa=KV != H)
             x = x + layer.o(y.view(B, H * D))
-            gate, up = layer.gate_up(_rms_norm(x, layer.mlp_norm, c.norm_eps)).chunk(2, dim=-1)
+            gate, up = layer.gate_up(_rms_norm(x, layer.mlp_norm, c.norm_eps, norm)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
-        return self.head(_rms_norm(x, self.final_norm, c.norm_eps))
+        return self.head(_rms_norm(x, self.final_norm, c.norm_eps, norm))
 
 
 def weights_key(model: nn.Module) -> tuple:
