@@ -98,11 +98,10 @@ def _enclosing(parts: list[torch.Tensor], dim: int) -> torch.Tensor | None:
     return whole
 
 
-def _fuse(linears: list[nn.Module], share: bool, int8_kernel: str | None = None) -> _Projection:
+def _fuse(linears: list[nn.Module], share: bool) -> _Projection:
     """The projections `linears` side by side along their outputs, as one `_Projection`. `share`: point the
     modules' float weights at slices of the fused tensor (views, same values), so the model and the decoder
-    hold one copy; int8 weights are always shared (they are buffers, never trained). `int8_kernel`: the
-    int8 kernel if not the one this CPU picks (quant.py)."""
+    hold one copy; int8 weights are always shared (they are buffers, never trained)."""
     biases = [m.bias for m in linears]
     bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
     int8 = all(isinstance(m, QuantLinear) for m in linears)
@@ -125,10 +124,10 @@ def _fuse(linears: list[nn.Module], share: bool, int8_kernel: str | None = None)
     if not int8:
         return _Projection(weight, bias)
     # one module: its own kernel object (packed once, also used by forward); several: one for the stack
-    if len(linears) == 1 and int8_kernel is None:
+    if len(linears) == 1:
         matmul = linears[0].matmul()
     else:
-        matmul = Int8Matmul(weight, torch.cat([m.weight_scale for m in linears]), int8_kernel)
+        matmul = Int8Matmul(weight, torch.cat([m.weight_scale for m in linears]))
     return _Projection(weight, bias, matmul)
 
 
@@ -181,10 +180,7 @@ class FusedDecoder:
         self.n_qk = (c.n_head + c.n_kv_head) * c.head_dim
         # share the weights' storage with the model unless it is being trained (module docstring)
         share = not any(p.requires_grad for p in model.parameters())
-        # torch.compile cannot trace fbgemm's packed weights (an opaque ScriptObject): compiled, int8
-        # projections take the bf16 kernel, which it can (quant.py)
-        kernel = "int8pack" if compile else None
-        fuse = partial(_fuse, share=share, int8_kernel=kernel)
+        fuse = partial(_fuse, share=share)
         with torch.no_grad():
             self.layers = []
             for block in model.model.layers:
@@ -202,8 +198,7 @@ class FusedDecoder:
             self.final_norm = model.model.norm.weight.detach()
             if isinstance(model.lm_head, QuantTiedHead):
                 table = model.lm_head.table
-                int8 = table.matmul() if kernel is None else Int8Matmul(table.weight, table.weight_scale, kernel)
-                self.head = _Projection(table.weight, int8=int8)
+                self.head = _Projection(table.weight, int8=table.matmul())
             else:  # a tied float head shares the embedding's parameter, which then becomes the view too
                 self.head = fuse([model.lm_head])
             device = model.model.norm.weight.device
