@@ -33,8 +33,9 @@ Design decisions
   `Int8Matmul` calls the kernel through a custom op, `gptlab::fbgemm_linear`, which names the packed
   weights by a number (a registry of live `Int8Matmul`s, a constant of the graph) instead of holding
   them. A compiled fused decoder (infer/fused.py) thus keeps fbgemm, where it used "int8pack" before:
-  SmolLM2-135M, batch 1, 1 thread, loaded machine: 66-76 tok/s against 59-61 eager (int8pack compiled:
-  39.4 quiet); first call ~50 s (~10 s with inductor's cache warm). Compiled and eager int8 tokens
+  SmolLM2-135M, 1 thread, loaded machine (load 4-6), three runs at batch 1: 51-76 tok/s against 48-61
+  eager (+6 to +25%; int8pack compiled: 39.4 quiet), at batch 8 none (203 vs 218); first call ~50 s
+  (~10 s with inductor's cache warm). Compiled and eager int8 tokens
   differ: fbgemm quantizes its input at run time, so the last-bit rounding differences of compiled code
   move its output by quantization steps (one ulp added to its inputs moves SmolLM2's logits by 1.4 at
   the median step, int8 vs fp32 by 2.0). Not worse for it: bits per byte through the compiled step,
