@@ -29,8 +29,18 @@ Design decisions
     runs a scalar loop, 8-30x slower than fp32), so it rounds each projection's input and output to
     bf16. The kernel sums right only when `in_features` is a multiple of 32 (torch 2.13 CPU), so other
     widths dequantize and use F.linear. Compute-bound on this EPYC: 1.1-1.4x fp32 at batch 1.
-  torch.compile cannot trace fbgemm's packed weights (an opaque object), so a compiled fused decoder
-  uses "int8pack" for its projections (infer/fused.py).
+  torch.compile cannot trace fbgemm's packed weights (an opaque ScriptObject), so under compilation
+  `Int8Matmul` calls the kernel through an op of ours, `gptlab::fbgemm_linear`, which names the packed
+  weights by a number (a registry of live `Int8Matmul`s, a constant of the graph) instead of holding
+  them. A compiled fused decoder (infer/fused.py) thus keeps fbgemm, where it used "int8pack" before:
+  SmolLM2-135M, 1 thread, loaded machine (load 4-6), three runs at batch 1: 51-76 tok/s against 48-61
+  eager (+6 to +25%; int8pack compiled: 39.4 quiet), at batch 8 none (203 vs 218); first call ~50 s
+  (~10 s with inductor's cache warm). Compiled and eager int8 tokens
+  differ: fbgemm quantizes its input at run time, so the last-bit rounding differences of compiled code
+  move its output by quantization steps (one ulp added to its inputs moves SmolLM2's logits by 1.4 at
+  the median step, int8 vs fp32 by 2.0). Not worse for it: bits per byte through the compiled step,
+  0.9347, lie among eager draws with one ulp of noise added (0.9347-0.9352; eager as is 0.9324)
+  (docs/LOG.md, session 12).
 - Not chosen (measured, docs/LOG.md): `torch._int_mm` (oneDNN) with activations quantized per row in
   eager ops, slower than fbgemm at every shape (the head 3.9 ms; presumably its weight is reordered each call);
   torchao 0.18 from PyPI ships only CUDA kernels, and its CPU int8 configs run eager as dequantize +
@@ -59,7 +69,9 @@ Design decisions
 
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -134,22 +146,53 @@ def _fbgemm_linear(x: torch.Tensor, packed) -> torch.Tensor:
     return torch.ops.quantized.linear_dynamic(x / row_max, packed, REDUCE_RANGE).mul_(row_max)
 
 
+_PACKED: weakref.WeakValueDictionary[int, "Int8Matmul"] = weakref.WeakValueDictionary()  # handle -> live fbgemm matmul
+_HANDLES = itertools.count()
+
+
+def _fbgemm_linear_op(x: torch.Tensor, handle: int) -> torch.Tensor:
+    """`_fbgemm_linear` over the packed weights of the `Int8Matmul` numbered `handle`: an op torch.compile
+    can put in its graph (the handle is a constant of the graph), where it cannot trace the packed weights
+    themselves, an opaque ScriptObject (dynamo: "Missing as_proxy()"). Registered as a plain CPU kernel
+    of a `torch.library.Library` rather than with `torch.library.custom_op`, whose wrapper added 8.8 us
+    of CPU a call to the bare 15-16 us of a 64 x 576 projection, against 2.4 for this (121 calls a SmolLM2
+    step)."""
+    return _fbgemm_linear(x, _PACKED[handle].packed)
+
+
+_LIBRARY = torch.library.Library("gptlab", "FRAGMENT")  # kept alive: the registration lives as long as it
+_LIBRARY.define("fbgemm_linear(Tensor x, int handle) -> Tensor")
+_LIBRARY.impl("fbgemm_linear", _fbgemm_linear_op, "CPU")
+
+
+@torch.library.register_fake("gptlab::fbgemm_linear", lib=_LIBRARY)
+def _(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], len(_PACKED[handle].q))
+
+
 class Int8Matmul:
     """y = x (..., in) @ (scale * q).T (+ bias), in x's dtype, for one int8 weight q (out, in) with scales
-    (out,), through `int8_kernel_name()`'s kernel. Built once per weight: fbgemm packs a copy of the rows."""
+    (out,), through `int8_kernel_name()`'s kernel. Built once per weight: fbgemm packs a copy of the rows.
+    Under torch.compile the fbgemm kernel is called through the custom op `gptlab::fbgemm_linear`."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, kernel: str | None = None):
         self.q, self.scale = q, scale
         self.kernel = kernel or int8_kernel_name(q.device)
         self.packed = _fbgemm_pack(q, scale) if self.kernel == "fbgemm" else None
         self.kernel_scale = scale.to(KERNEL_DTYPE)
+        self.handle = next(_HANDLES)
+        if self.packed is not None:
+            _PACKED[self.handle] = self
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.packed is not None and x.dim() == 2 and x.dtype == torch.float32:
+        if self.kernel == "fbgemm" and x.dim() == 2 and x.dtype == torch.float32:
             # the decode step's case, without the reshape, view and dtype checks below: measured 33-35 us
             # against 39-45 us a call for a 1728 x 576 projection at batch 1 (1 thread, quiet), paid ~120
             # times a SmolLM2 step
-            y = _fbgemm_linear(x, self.packed)
+            if torch.compiler.is_compiling():
+                y = torch.ops.gptlab.fbgemm_linear(x, self.handle)
+            else:
+                y = _fbgemm_linear(x, self.packed)
             return y if bias is None else y + bias
         lead, k = x.shape[:-1], x.shape[-1]
         rows = x.reshape(-1, k)

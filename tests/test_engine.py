@@ -13,15 +13,17 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gptlab.checkpoint import save_model_dir
 from gptlab.cli import main as cli_main
 from gptlab.common import GptlabError
 from gptlab.infer.batch import TextStream
 from gptlab.infer.engine import Engine, default_batch_size
+from gptlab.infer.fused import _rms_norm, _rotate
 from gptlab.infer.sampling import SamplingParams, apply_repetition_penalty, filter_top_k, filter_top_p
 from gptlab.lora import add_lora
-from gptlab.model import GPT, GPTConfig
+from gptlab.model import GPT, GPTConfig, apply_rotary, rotary_cos_sin
 from gptlab.tokenizer import train_tokenizer
 
 MULTILINGUAL = "naïve café, Grüße aus Köln; 日本語のテキスト; emoji 🙂🚀; Ελληνικά; русский текст\n"
@@ -258,6 +260,27 @@ def test_fused_decode_equals_forward_decode(variant, tok):
         plain.step(b)
         scale = b.logits.abs().max()
         assert scale > 1 and (a.logits - b.logits).abs().max() <= 1e-5 * scale
+
+
+def test_fused_norm_and_rotary_give_the_models_bits(tok):
+    """The decoder's RMSNorm and rotary, written with fewer op calls (fused.py), give exactly the bits of
+    F.rms_norm and model.apply_rotary: rows of very different scales, a strided q/k view as the step
+    slices it from the fused projection's output, float32 and bfloat16."""
+    g = torch.Generator().manual_seed(0)
+    rope = tiny_model(tok, 0).rope
+    scalars = (torch.tensor(64.0), torch.tensor(1e-5))
+    for B in (1, 3):
+        for _ in range(20):
+            x = torch.randn(B, 64, generator=g) * 10.0 ** torch.randint(-4, 4, (B, 1), generator=g)
+            w = torch.randn(64, generator=g)
+            assert torch.equal(_rms_norm(x, w, 1e-5, scalars), F.rms_norm(x, (64,), w, 1e-5))
+        cos, sin = (t[:, :, 0] for t in rotary_cos_sin(torch.randint(0, 90, (B, 1), generator=g), rope))
+        signed_sin = torch.cat([-sin[..., :8], sin[..., 8:]], dim=-1)
+        qkv = torch.randn(B, 8 * 16, generator=g)
+        qk = qkv[:, :6 * 16].view(B, 6, 16)  # strided when B > 1, as in the step
+        assert torch.equal(_rotate(qk, cos, signed_sin), apply_rotary(qk, cos, sin))
+        half = qk.to(torch.bfloat16)
+        assert torch.equal(_rotate(half, cos, signed_sin), apply_rotary(half, cos, sin))
 
 
 def test_fused_decoder_follows_weight_updates(tok):

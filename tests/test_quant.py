@@ -187,6 +187,29 @@ def test_int8_fused_decode_equals_forward_decode(tok):
     assert got == plain.generate(PROMPTS, greedy())
 
 
+@pytest.mark.skipif(int8_kernel_name() != "fbgemm", reason="fbgemm's dynamic int8 linear needs x86 + AVX512-VNNI")
+def test_fbgemm_custom_op_and_compiled_int8_decode(tok):
+    """torch.compile reaches fbgemm's packed weights through the op `gptlab::fbgemm_linear` (quant.py): the
+    op gives the eager kernel's bits, passes torch.library's checks, compiles alone to the same bits, and a
+    compiled int8 decoder runs it (rows leave at different steps: the batched and the single-row graph).
+    Tokens are not compared with eager decoding: fbgemm quantizes its input at run time, so the rounding
+    differences of compiled code elsewhere in the step move its output by quantization steps (docs/LOG.md)."""
+    g = torch.Generator().manual_seed(0)
+    q, scale = quantize_rows(torch.randn(24, 64, generator=g))
+    matmul = Int8Matmul(q, scale)
+    for x in (torch.randn(1, 64, generator=g), torch.randn(3, 64, generator=g)):
+        expected = matmul(x)
+        assert torch.equal(torch.ops.gptlab.fbgemm_linear(x, matmul.handle), expected)
+        torch.library.opcheck(torch.ops.gptlab.fbgemm_linear.default, (x, matmul.handle))
+        assert torch.equal(torch.compile(matmul, fullgraph=True)(x), expected)
+    model = quantize_model(tiny_model(tok, 4, n_layer=1)).requires_grad_(False)
+    engine = Engine(model, tok, compile=True)
+    params = [greedy(n) for n in (9, 4)]
+    got = engine.generate(PROMPTS[:2], params)
+    assert [len(c.token_ids) for c in got] == [9, 4]
+    assert engine._decoder._compiled is not None
+
+
 def test_decoder_shares_the_weights_of_a_model_not_being_trained(tok, tmp_path):
     save_model_dir(tmp_path / "m", tiny_model(tok, 2), tok)
     model, _ = load_for_inference(tmp_path / "m")

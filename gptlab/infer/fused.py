@@ -33,18 +33,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import GPT, KVCache, apply_rotary, rotary_cos_sin
+from ..model import GPT, KVCache, rotary_cos_sin
 from ..quant import Int8Matmul, QuantLinear, QuantTiedHead, projections
 
 
 # ---- the decode step, re-laid out for one new token per row ----------------------------------------------
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`model.RMSNorm` over the last dim in one call where that is exact (float32 and a (dim,) weight:
-    F.rms_norm gives the same bits); otherwise as the module does it: normalise in float32, round to the
-    input's dtype, then scale (`weight` may then be (heads, dim), one row per head)."""
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scalars: tuple[torch.Tensor, torch.Tensor]
+              ) -> torch.Tensor:
+    """`model.RMSNorm` over the last dim. float32 and a (dim,) weight: the ops of CPU `F.rms_norm` (a
+    composite: square, mean, + eps, rsqrt, times x, times weight) written out, the same bits (checked on
+    3,000 random rows and a model's logits), with the mean as a sum divided by the width and eps as
+    `scalars` = (width, eps), 0-dim float32 tensors made once: a Python number is wrapped into a tensor
+    and cast on every call, and `mean` divides that way. 7.5 us of CPU time a call against 10.4 for
+    `F.rms_norm` (1 x 576, 1 thread, medians of 20 x 5,000 calls), 61 calls a SmolLM2 step. Otherwise as
+    the module does it: normalise in float32, round to the input's dtype, then scale (`weight` may then be
+    (heads, dim), one row per head)."""
     if x.dtype == torch.float32 and weight.dim() == 1:
-        return F.rms_norm(x, weight.shape, weight, eps)
+        width, eps_tensor = scalars
+        return (x * (x * x).sum(-1, keepdim=True).div_(width).add_(eps_tensor).rsqrt_()).mul_(weight)
     return weight * F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """`model.apply_rotary(x, cos, sin)` for x (B, heads, D), with `signed_sin` = sin with its first half
+    negated: the rotated half cat(-x2, x1) * sin is then (x2, x1) * signed_sin, the same bits ((-a) b =
+    a (-b)), and (x2, x1) is one flip of x seen as (.., 2, D/2): 4 ops a layer instead of 9 (slices, neg,
+    cat and the float32 casts, no-ops in float32 but still dispatched)."""
+    B, N, D = x.shape
+    swapped = x.view(B, N, 2, D // 2).flip(2).view(B, N, D)
+    if x.dtype == torch.float32:
+        return x * cos + swapped * signed_sin
+    return (x.float() * cos + swapped.float() * signed_sin).to(x.dtype)
 
 
 @dataclass
@@ -58,7 +77,8 @@ class _Projection:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8 is not None:
             return self.int8(x, self.bias)
-        return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
+        # mm, not `@`: matmul's dispatch to mm costs 3 more ops a call (resolve_conj), ~120 calls a step
+        return torch.mm(x, self.weight) if self.bias is None else torch.addmm(self.bias, x, self.weight)
 
 
 def _enclosing(parts: list[torch.Tensor], dim: int) -> torch.Tensor | None:
@@ -81,11 +101,10 @@ def _enclosing(parts: list[torch.Tensor], dim: int) -> torch.Tensor | None:
     return whole
 
 
-def _fuse(linears: list[nn.Module], share: bool, int8_kernel: str | None = None) -> _Projection:
+def _fuse(linears: list[nn.Module], share: bool) -> _Projection:
     """The projections `linears` side by side along their outputs, as one `_Projection`. `share`: point the
     modules' float weights at slices of the fused tensor (views, same values), so the model and the decoder
-    hold one copy; int8 weights are always shared (they are buffers, never trained). `int8_kernel`: the
-    int8 kernel if not the one this CPU picks (quant.py)."""
+    hold one copy; int8 weights are always shared (they are buffers, never trained)."""
     biases = [m.bias for m in linears]
     bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
     int8 = all(isinstance(m, QuantLinear) for m in linears)
@@ -108,10 +127,10 @@ def _fuse(linears: list[nn.Module], share: bool, int8_kernel: str | None = None)
     if not int8:
         return _Projection(weight, bias)
     # one module: its own kernel object (packed once, also used by forward); several: one for the stack
-    if len(linears) == 1 and int8_kernel is None:
+    if len(linears) == 1:
         matmul = linears[0].matmul()
     else:
-        matmul = Int8Matmul(weight, torch.cat([m.weight_scale for m in linears]), int8_kernel)
+        matmul = Int8Matmul(weight, torch.cat([m.weight_scale for m in linears]))
     return _Projection(weight, bias, matmul)
 
 
@@ -139,9 +158,14 @@ class FusedDecoder:
       state dict are untouched; whether the model shares this storage or keeps its own copy is in the
       module docstring (`Engine(fused_decode=False)` decodes through `model.forward` instead).
     - Rotary cos/sin are computed once for every position of the window and indexed per step (same
-      float32 values as `rotary_cos_sin`), q and k are normed/rotated together, RMSNorm is one call.
-    - The new keys/values are written into the preallocated `KVCache` slot in place; attention is one
-      SDPA call over the filled slots (mask only when some row has padding, as in `GPT.forward`).
+      float32 values as `rotary_cos_sin`), q and k are normed/rotated together (`_rotate`), RMSNorm is
+      one call.
+    - The new keys/values are written into the preallocated `KVCache` slot in place, through per-layer
+      views made once a step; attention is one SDPA call over the filled slots (mask only when some row
+      has padding, as in `GPT.forward`).
+    - Eager, every op counts: a SmolLM2-135M step at batch 1 was ~1,215 top-level op calls (~4,400 with
+      their nested ones) around 121 matmuls; the layout above makes it ~800, with the same logits bit for
+      bit (docs/LOG.md, session 12).
     - compile=True: the same step with static shapes (attention over the whole cache capacity, later
       slots masked) through torch.compile, which fuses the elementwise ops between the matmuls into a few
       generated kernels; on CUDA the step is also captured as a CUDA graph (4.4 -> 1.3 ms a step at batch
@@ -159,10 +183,7 @@ class FusedDecoder:
         self.n_qk = (c.n_head + c.n_kv_head) * c.head_dim
         # share the weights' storage with the model unless it is being trained (module docstring)
         share = not any(p.requires_grad for p in model.parameters())
-        # torch.compile cannot trace fbgemm's packed weights (an opaque ScriptObject): compiled, int8
-        # projections take the bf16 kernel, which it can (quant.py)
-        kernel = "int8pack" if compile else None
-        fuse = partial(_fuse, share=share, int8_kernel=kernel)
+        fuse = partial(_fuse, share=share)
         with torch.no_grad():
             self.layers = []
             for block in model.model.layers:
@@ -180,14 +201,17 @@ class FusedDecoder:
             self.final_norm = model.model.norm.weight.detach()
             if isinstance(model.lm_head, QuantTiedHead):
                 table = model.lm_head.table
-                int8 = table.matmul() if kernel is None else Int8Matmul(table.weight, table.weight_scale, kernel)
-                self.head = _Projection(table.weight, int8=int8)
+                self.head = _Projection(table.weight, int8=table.matmul())
             else:  # a tied float head shares the embedding's parameter, which then becomes the view too
                 self.head = fuse([model.lm_head])
             device = model.model.norm.weight.device
             cos, sin = rotary_cos_sin(torch.arange(c.max_seq_len, device=device)[:, None], model.rope)
-            self.rotary = torch.stack([cos[:, 0, 0], sin[:, 0, 0]], dim=1)  # (window, 2, head_dim), a row per step
+            cos, sin = cos[:, 0, 0], sin[:, 0, 0]
+            signed_sin = torch.cat([-sin[:, :c.head_dim // 2], sin[:, c.head_dim // 2:]], dim=1)  # `_rotate`
+            self.rotary = torch.stack([cos, signed_sin], dim=1)  # (window, 2, head_dim), a row per step
             self._layer_index = torch.arange(c.n_layer, device=device)[:, None]
+            self._norm_scalars = (torch.tensor(float(c.n_embd), device=device),  # `_rms_norm`
+                                  torch.tensor(c.norm_eps, device=device))
         self.weights_key = weights_key(model)  # after sharing: the views are the model's weights from now on
         # dynamic=False: nothing becomes symbolic unless marked (batch and capacity, in `step`); dynamo's
         # automatic dynamic shapes would otherwise turn the config's sizes symbolic once a second model
@@ -259,28 +283,39 @@ class FusedDecoder:
         would be baked into the graph, one compilation per step)."""
         c = self.config
         B, H, KV, D = tokens.shape[0], c.n_head, c.n_kv_head, c.head_dim
-        cos, sin = self.rotary[positions][:, :, None].unbind(1)  # (B, 1, D) each, broadcast over heads
+        norm = self._norm_scalars
+        cos, signed_sin = self.rotary[positions][:, :, None].unbind(1)  # (B, 1, D) each, broadcast over heads
+        eager = isinstance(slot, int)
+        if eager:
+            # every layer's view of the new slot and of the filled slots, made once a step (4 unbinds): a
+            # layer then writes with one copy_ and reads with no op, instead of 2 selects and a slice per
+            # tensor; a plain slice copy, since indexing with tensors costs 5-20x more in eager
+            new_k, new_v = cache_k[:, :, :, slot].unbind(0), cache_v[:, :, :, slot].unbind(0)
+            keys, values = cache_k[:, :, :, :n_keys].unbind(0), cache_v[:, :, :, :n_keys].unbind(0)
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(_rms_norm(x, layer.attn_norm, c.norm_eps))
-            qk = qkv[:, :self.n_qk].view(B, H + KV, D)
+            qk, v = layer.qkv(_rms_norm(x, layer.attn_norm, c.norm_eps, norm)).split([self.n_qk, KV * D], dim=1)
+            qk = qk.view(B, H + KV, D)
             if layer.qk_norm is not None:
-                qk = _rms_norm(qk, layer.qk_norm, c.norm_eps)
-            qk = apply_rotary(qk, cos, sin)
-            k, v = qk[:, H:], qkv[:, self.n_qk:].view(B, KV, D)
-            if isinstance(slot, int):  # a plain slice copy; indexing with tensors costs 5-20x more in eager
-                cache_k[i, :, :, slot], cache_v[i, :, :, slot] = k, v
+                qk = _rms_norm(qk, layer.qk_norm, c.norm_eps, norm)
+            q, k = _rotate(qk, cos, signed_sin).split([H, KV], dim=1)
+            v = v.view(B, KV, D)
+            if eager:
+                new_k[i].copy_(k)
+                new_v[i].copy_(v)
+                layer_keys, layer_values = keys[i], values[i]
             else:
                 # written through the whole cache tensor, not the view `cache_k[i]`: inductor then stores
                 # into the slot in place, where a mutated view made it copy the layer's cache every step
                 layer_index = self._layer_index[i]
                 cache_k[layer_index, :, :, slot], cache_v[layer_index, :, :, slot] = k[None], v[None]
-            y = F.scaled_dot_product_attention(qk[:, :H, None], cache_k[i, :, :, :n_keys],
-                                               cache_v[i, :, :, :n_keys], attn_mask=mask, enable_gqa=KV != H)
+                layer_keys, layer_values = cache_k[i, :, :, :n_keys], cache_v[i, :, :, :n_keys]
+            y = F.scaled_dot_product_attention(q.unsqueeze(2), layer_keys, layer_values, attn_mask=mask,
+                                               enable_gqa=KV != H)
             x = x + layer.o(y.view(B, H * D))
-            gate, up = layer.gate_up(_rms_norm(x, layer.mlp_norm, c.norm_eps)).chunk(2, dim=-1)
+            gate, up = layer.gate_up(_rms_norm(x, layer.mlp_norm, c.norm_eps, norm)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
-        return self.head(_rms_norm(x, self.final_norm, c.norm_eps))
+        return self.head(_rms_norm(x, self.final_norm, c.norm_eps, norm))
 
 
 def weights_key(model: nn.Module) -> tuple:
