@@ -397,8 +397,12 @@ class Engine:
         masks.apply(batch.logits, rejected)
         rows = [batch.rows[i] for i in rejected]
         index = torch.tensor(rejected, device=tokens.device)
-        again = sample_tokens(batch.logits[index], SamplingTensors.from_params([r.params for r in rows], tokens.device),
-                              [r.generator for r in rows], None if batch.seen is None else batch.seen[index])
+        if batch.sampling.penalty is None and all(r.params.greedy for r in rows):
+            # what sample_tokens does for such rows, without building their SamplingTensors (~90 us, measured)
+            again = batch.logits[index].argmax(dim=-1)
+        else:
+            again = sample_tokens(batch.logits[index], SamplingTensors.from_params([r.params for r in rows], tokens.device),
+                                  [r.generator for r in rows], None if batch.seen is None else batch.seen[index])
         return tokens.index_copy(0, index, again)
 
     def _advance(self, row: Row, token: int) -> str:
