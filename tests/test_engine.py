@@ -262,6 +262,35 @@ def test_fused_decode_equals_forward_decode(variant, tok):
         assert scale > 1 and (a.logits - b.logits).abs().max() <= 1e-5 * scale
 
 
+@pytest.mark.parametrize("variant", [{}, {"qk_norm": True, "attn_bias": True}], ids=["llama", "qwen"])
+def test_fused_decode_at_batch_1_with_two_threads(variant, tok, monkeypatch):
+    """With more than one torch thread a one-row step splits each projection's outputs in two halves
+    for bmm (`_Projection`): the same dot products, summed by another kernel, so the logits agree with the
+    one-thread step's to float32 rounding and the greedy tokens are the same."""
+    model = tiny_model(tok, 2, **variant)
+    engine = Engine(model, tok)
+    calls, bmm = [], torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(1) or bmm(*a))
+    logits, tokens = {}, {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            before = len(calls)
+            batch = engine.prefill(PROMPTS[:1], RAGGED[0])
+            row, steps = batch.rows[0], []
+            for _ in range(8):
+                engine.step(batch)
+                steps.append(batch.logits.clone())
+            tokens[threads] = list(row.token_ids)
+            assert (len(calls) > before) == (threads > 1)  # the split runs only with several threads
+        finally:
+            torch.set_num_threads(1)
+        logits[threads] = torch.stack(steps)
+    scale = logits[1].abs().max()
+    assert scale > 1 and (logits[1] - logits[2]).abs().max() <= 1e-5 * scale
+    assert tokens[1] == tokens[2]
+
+
 def test_fused_norm_and_rotary_give_the_models_bits(tok):
     """The decoder's RMSNorm and rotary, written with fewer op calls (fused.py), give exactly the bits of
     F.rms_norm and model.apply_rotary: rows of very different scales, a strided q/k view as the step
