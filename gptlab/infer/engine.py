@@ -337,12 +337,13 @@ class Engine:
         new tokens of the rest (so `batch.logits` is ready for the next step)."""
         masks = self._mask_first(batch) if any(row.constraint is not None for row in batch.rows) else None
         tokens = sample_tokens(batch.logits, batch.sampling, [r.generator for r in batch.rows], batch.seen)
+        sampled = tokens.tolist()
         failed = {}
         if masks is not None:
             failed = masks.failed
-            tokens = self._resample_rejected(batch, masks, tokens)
+            tokens = self._resample_rejected(batch, masks, tokens, sampled)
         events, alive = [], []
-        for i, (row, token) in enumerate(zip(batch.rows, tokens.tolist())):
+        for i, (row, token) in enumerate(zip(batch.rows, sampled)):
             if i in failed:  # a dead end: this row ends with the error, the others go on
                 row.finish_reason, row.error = "error", failed[i]
                 text = row.stream.take(final=True)
@@ -385,10 +386,10 @@ class Engine:
         masks.apply(batch.logits, [i for i in masks.live if not batch.rows[i].params.accept_first])
         return masks
 
-    def _resample_rejected(self, batch: DecodeBatch, masks: StepMasks, tokens: torch.Tensor) -> torch.Tensor:
+    def _resample_rejected(self, batch: DecodeBatch, masks: StepMasks, tokens: torch.Tensor,
+                           sampled: list[int]) -> torch.Tensor:
         """Rows whose sampled token their grammar does not allow: mask their logits and sample them again
-        (each with its own generator, so fresh randomness)."""
-        sampled = tokens.tolist()
+        (each with its own generator, so fresh randomness). `sampled` is `tokens` as a list, updated in place."""
         rejected = [i for i in masks.live if not masks.allows(i, sampled[i])]
         self.constrained_tokens += len(masks.live)
         self.constrained_resampled += len(rejected)
@@ -403,6 +404,8 @@ class Engine:
         else:
             again = sample_tokens(batch.logits[index], SamplingTensors.from_params([r.params for r in rows], tokens.device),
                                   [r.generator for r in rows], None if batch.seen is None else batch.seen[index])
+        for i, token in zip(rejected, again.tolist()):
+            sampled[i] = token
         return tokens.index_copy(0, index, again)
 
     def _advance(self, row: Row, token: int) -> str:
