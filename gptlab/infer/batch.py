@@ -164,6 +164,17 @@ class DecodeBatch:
         self._trim_padding()
         return order
 
+    def held(self, i: int) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
+        """The tokens whose keys/values row i holds and those keys and values (n_layer, n_kv_head, n,
+        head_dim): the last filled slots of its cache row, its prompt then the generated tokens that went
+        through the model (not the last one sampled); the key mask counts them."""
+        row, end = self.rows[i], self.cache.length
+        n = end if self.key_mask is None else int(self.key_mask[i, :end].sum())
+        ids = row.prompt_ids + tuple(row.token_ids[:n - row.prompt_len])
+        if len(ids) != n:  # a Row made without its prompt ids (the field's default): nothing to store
+            return (), self.cache.k[:, i, :, :0], self.cache.v[:, i, :, :0]
+        return ids, self.cache.k[:, i, :, end - n:end], self.cache.v[:, i, :, end - n:end]
+
     def _fill_holes(self, rows: Sequence[int]) -> list[int]:
         """Move the kept rows that lie beyond the new row count into the places of departed rows."""
         kept, n = set(rows), len(rows)

@@ -367,16 +367,11 @@ class Engine:
 
     def _store_finished(self, batch: DecodeBatch, finished: list[int]) -> None:
         """Keep the full blocks of finished rows' prompt + generated tokens in the prefix cache, so a next
-        turn that sends the reply back (chat, an agent's next step) finds it cached instead of computing it
-        again. A row's real tokens are the last ones of its cache row: its prompt, then the generated tokens
-        that went through the model (not the last one sampled); the key mask counts them."""
-        end = batch.cache.length
+        turn that sends the reply back (chat, an agent's next step) finds it cached, not computed again."""
         for i in finished:
-            row = batch.rows[i]
-            held = end if batch.key_mask is None else int(batch.key_mask[i, :end].sum())
-            ids = row.prompt_ids + tuple(row.token_ids[:held - row.prompt_len])
-            if len(ids) == held and held >= self.prefix_cache.block_tokens:
-                self.prefix_cache.store(ids, batch.cache.k[:, i, :, end - held:end], batch.cache.v[:, i, :, end - held:end])
+            ids, k, v = batch.held(i)
+            if len(ids) >= self.prefix_cache.block_tokens:
+                self.prefix_cache.store(ids, k, v)
 
     def _mask_first(self, batch: DecodeBatch) -> StepMasks:
         """This step's grammar masks (constraints.py). Rows whose top-k or top-p must see only allowed tokens
