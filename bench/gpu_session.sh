@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What a GPU session runs. The device machine has PyTorch and transformers but not gptlab's other
-# dependencies: wheels for rustbpe/gguf travel in .whl, gptlab runs from the tree (`python3 -m gptlab.cli`).
+# dependencies: wheels for rustbpe/gguf (check: also llguidance, jsonschema, jsonschema-specifications, referencing,
+# rpds-py) travel in .whl, gptlab runs from the tree (`python3 -m gptlab.cli`).
 # Usage: bash bench/gpu_session.sh OUTDIR PARTS...
 # PARTS: check (bench/check_gpu.py), train (bench_train_gpu.py), mfu (its variants), decode (bench_decode.py
 # on CUDA), speedrun (the GPU preset), smoke (every stage of the GPU speedrun for a few steps, on a copy of
@@ -16,7 +17,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 for part in "$@"; do
   echo "=== $part $(date +%T)"
   case $part in
-  check) timeout 150 python3 bench/check_gpu.py 2>&1 | tee "$out/check_gpu.log" ;;
+  check) timeout 300 python3 bench/check_gpu.py 2>&1 | tee "$out/check_gpu.log" ;;
   train) timeout 200 python3 bench/bench_train_gpu.py --micro-batches 32 --steps 10 2>&1 | tee "$out/train_gpu.md" ;;
   mfu) # the MFU search: one process per variant (micro-batch 32, T 1024, vocab 50304), two of them profiled
     b="python3 bench/bench_train_gpu.py --sides gptlab --steps 8 --warmup 2"

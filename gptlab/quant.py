@@ -201,7 +201,9 @@ class Int8Matmul:
         elif k % KERNEL_K_MULTIPLE:
             y = F.linear(rows, self.q.to(x.dtype)) * self.scale.to(x.dtype)
         else:
-            y = torch.ops.aten._weight_int8pack_mm(rows.to(KERNEL_DTYPE), self.q, self.kernel_scale)
+            # contiguous: a dense column-major x (a transposed 2-d view) stays so through `.to`, and the
+            # kernel refuses it on CPU ("A must be contiguous on the last dimension")
+            y = torch.ops.aten._weight_int8pack_mm(rows.to(KERNEL_DTYPE).contiguous(), self.q, self.kernel_scale)
         y = y.view(*lead, len(self.q))
         y = y if y.dtype == x.dtype else y.to(x.dtype)
         return y if bias is None else y + bias

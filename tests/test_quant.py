@@ -85,8 +85,9 @@ def test_int8_matmul_against_float64(kernel, k):
         return expected, 2 * BF16_EPS * (x.double().abs() @ w64.abs().T) + 1e-6
 
     matmul = Int8Matmul(q, scale, kernel)
-    # several rows and one (fbgemm: the row is the whole input), 3-d and 2-d (the decode step's shape)
-    for batch in (x, x[:1, :1], x[0], x[0, :1]):
+    # several rows and one (fbgemm: the row is the whole input), 3-d and 2-d (the decode step's shape), and
+    # 2-d rows laid out column-major (a transposed view: int8pack needs each row contiguous)
+    for batch in (x, x[:1, :1], x[0], x[0, :1], x[0].T.contiguous().T):
         got = matmul(batch, bias)
         expected, bound = expected_and_bound(batch)
         assert got.shape == (*batch.shape[:-1], 24) and got.dtype == torch.float32
