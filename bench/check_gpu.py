@@ -20,7 +20,9 @@
    int8 decode step gives `GPT.forward`'s greedy tokens; the first 8 greedy tokens of every row equal the
    float32 model's (agreement over 40 tokens reported); compiled with CUDA graphs (CUDA only), the first 8
    tokens of every row equal eager int8's; a column-major (transposed) 2-d input gives what its contiguous
-   copy gives. Reported, not asserted: int8 vs fp32 decode speed, one 2048 x 8192 projection's time through
+   copy gives; quantize_model on a model already on the device gives the CPU's rows (within one step) and
+   scales and the same tokens; LoRA with an int8 base (`gptlab sft --lora-base-dtype int8`) on the device
+   runs forward and backward (logits within 2% of the range of fp32's, finite grads). Reported, not asserted: int8 vs fp32 decode speed, one 2048 x 8192 projection's time through
    each kernel, and what torch's own CUDA kernel does with a column-major input.
 Every check runs (a failure or an exception in one does not stop the others); exits non-zero if any failed.
 
@@ -334,8 +336,10 @@ def _time_int8_kernel(device: torch.device) -> None:
 
 
 def check_int8(device: torch.device) -> None:
-    from gptlab.checkpoint import load_for_inference, save_model_dir
-    from gptlab.quant import QuantEmbedding, QuantLinear, dequantize_rows, int8_kernel_name, projections
+    from gptlab.checkpoint import load_for_inference, load_model_dir, save_model_dir
+    from gptlab.lora import add_lora
+    from gptlab.quant import (QuantEmbedding, QuantLinear, dequantize_rows, int8_kernel_name, projections,
+                              quantize_model)
     from gptlab.quantize_cli import quantize_dir
 
     tokenizer = train_tokenizer([inspect.getsource(json.decoder)], 1024)
@@ -352,6 +356,8 @@ def check_int8(device: torch.device) -> None:
         fp32, _ = load_for_inference(Path(tmp) / "fp32", device)
         int8_dir, _ = load_for_inference(Path(tmp) / "int8", device)
         int8_load, _ = load_for_inference(Path(tmp) / "fp32", device, quantize="int8")
+        on_device, _ = load_model_dir(Path(tmp) / "fp32", device)  # float32, to be quantized on the device
+        lora, _ = load_model_dir(Path(tmp) / "fp32", device)
 
     def tokens(m, fused=True):
         return [c.token_ids for c in Engine(m, tokenizer, fused_decode=fused).generate(prompts, greedy)]
@@ -385,6 +391,29 @@ def check_int8(device: torch.device) -> None:
     agree = sum(a == b for r, g in zip(ref, got) for a, b in zip(r, g)) / sum(map(len, ref))
     check("6 int8 vs fp32: first 8 greedy tokens of every row equal", all(r[:8] == g[:8] for r, g in zip(ref, got)),
           f"{agree:.1%} of 40-token greedy outputs agree; " + divergence(Engine(fp32, tokenizer), prompts, ref, got))
+    # quantized on the device itself (quantize_model on a model already there; `gptlab sft --lora-base-dtype
+    # int8` quantizes the adapted layers of a model loaded on its device)
+    quantize_model(on_device)
+    mine, theirs = dict(on_device.named_buffers()), dict(int8_dir.named_buffers())
+    rows = [n for n, b in mine.items() if b.dtype == torch.int8]
+    steps = max((mine[n].int() - theirs[n].int()).abs().max().item() for n in rows)
+    moved = sum(int((mine[n] != theirs[n]).sum()) for n in rows)
+    scales = all(torch.equal(mine[n], theirs[n]) for n in mine if n.endswith("weight_scale"))
+    same = tokens(on_device) == got
+    check("6 int8: quantize_model on the device: rows within 1 step and scales equal to the CPU's, same tokens",
+          set(mine) == set(theirs) and steps <= 1 and scales and same,
+          f"{len(rows)} int8 tensors, {moved} entries differ (max {steps} steps), scales equal {scales}, "
+          f"tokens equal {same}")
+    add_lora(lora, rank=4, alpha=8.0, base_dtype="int8")
+    logits_lora = lora(ids).float()
+    logits_lora.logsumexp(-1).mean().backward()
+    grads = [p.grad for p in lora.parameters() if p.requires_grad]
+    finite = bool(grads) and all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+    lora_err = (logits_lora.detach() - logits_fp32).abs().max().item()
+    check("6 LoRA with an int8 base on the device: logits within 2% of the logit range of fp32, finite grads",
+          finite and any(bool(g.any()) for g in grads) and lora_err <= 0.02 * span,
+          f"max abs diff {lora_err:.3g}; {len(grads)} trainable tensors, grads finite {finite}")
+
     # a 2-d input laid out column-major (a transposed view) through each int8 matmul: the same as contiguous
     layer = int8_dir.model.layers[0].mlp.up_proj
     x = torch.randn(layer.in_features, 5, generator=torch.Generator().manual_seed(1)).to(device).T

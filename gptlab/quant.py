@@ -88,12 +88,12 @@ QUANTIZE_ROWS = 2048  # rows quantized at a time (bounds the float temporaries o
 
 
 def bf16_ceil(x: torch.Tensor) -> torch.Tensor:
-    """The smallest bfloat16 value >= each element of a positive float32 tensor (as float32)."""
-    rounded = x.to(torch.bfloat16).float()
-    below = rounded < x
-    rounded[below] = torch.nextafter(rounded[below].to(torch.bfloat16),
-                                     torch.tensor(float("inf"), dtype=torch.bfloat16)).float()
-    return rounded
+    """The smallest bfloat16 value >= each element of a positive float32 tensor (as float32), computed on x's
+    device: the next bfloat16 above a positive one is the one whose bits are one higher (a CPU `inf` given
+    to torch.nextafter with CUDA weights raised "Expected all tensors to be on the same device")."""
+    rounded = x.to(torch.bfloat16)
+    up = (rounded.view(torch.int16) + 1).view(torch.bfloat16)
+    return torch.where(rounded.float() < x, up.float(), rounded.float())
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,6 +60,15 @@ def test_quantize_rows_error_is_at_most_half_a_step():
     assert torch.equal(dequantize_rows(q, scale), q.float() * scale[:, None])
 
 
+def test_quantize_rows_stays_on_the_weights_device():
+    """Nothing CPU-only or data-dependent inside: weights on another device (meta here; CUDA in
+    bench/check_gpu.py) quantize there. A CPU tensor in bf16_ceil made CUDA weights fail (quantize_model on a
+    GPU model, LoRA SFT with an int8 base on a GPU)."""
+    q, scale = quantize_rows(torch.empty(40, 96, device="meta"))
+    assert (q.device.type, q.dtype, tuple(q.shape)) == ("meta", torch.int8, (40, 96))
+    assert (scale.device.type, scale.dtype, tuple(scale.shape)) == ("meta", torch.float32, (40,))
+
+
 # the kernels a test can run here: the one this CPU picks, and the fallback every CPU has
 KERNELS = sorted({int8_kernel_name(), "int8pack"})
 
