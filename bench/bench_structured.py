@@ -160,15 +160,16 @@ def mask_walk(llm, args) -> list[str]:
         for name, schema in SCHEMAS.items():
             state = constraints_module.ConstraintState(Constraint.json_schema(schema), llm.tokenizer,
                                                        engine.default_stop_ids, engine.n_real_tokens)
-            row = SimpleNamespace(constraint=state, stop_ids=engine.default_stop_ids, stream=TextStream())
+            row = SimpleNamespace(constraint=state, params=SamplingParams(), stop_ids=engine.default_stop_ids,
+                                  stream=TextStream())
             fresh = torch.randn(1, engine.n_real_tokens)
             for _ in range(args.max_new_tokens):
                 logits = fresh.clone()
-                constraints_module.prefetch_masks([state])
-                state._job.future.result()
+                job = constraints_module.prefetch_masks([state], [row])  # as the engine's step does
+                job.future.result()
                 first_draw = int(logits[0].argmax())  # sampling's work, done with or without constraints
                 start = time.perf_counter()
-                masks = constraints_module.StepMasks([row])
+                masks = constraints_module.StepMasks.of([row], job)
                 masks.allows(0, first_draw)
                 middle = time.perf_counter()
                 masks.apply(logits, masks.live)

@@ -112,10 +112,11 @@ def test_unconstrained_rows_unchanged_by_constrained_neighbours(engine):
 
 
 def test_packed_mask_matches_llguidance_bit_by_bit(tok):
-    """mask_constrained_logits (word operations on the packed bitmask, one byte-table gather and add) against
-    a per-id reference read from llguidance's own compute_bitmask bytes, prefetched and in line, with
-    padding ids past the model's vocabulary, stop tokens allowed exactly where the grammar may end, and an
-    unconstrained neighbour left untouched."""
+    """StepMasks (word operations on the packed bitmask, one byte-table gather and add) against a per-id
+    reference read from llguidance's own compute_bitmask bytes, prefetched (alone, and with the rows, the
+    engine's way) and in line, with padding ids past the model's vocabulary, stop tokens allowed exactly
+    where the grammar may end, and an unconstrained neighbour left untouched; the list of allowed ids kept
+    where they fit in FEW_WORDS words is exactly that set."""
     from types import SimpleNamespace
 
     from gptlab.infer import constraints
@@ -124,19 +125,22 @@ def test_packed_mask_matches_llguidance_bit_by_bit(tok):
     n_real, width = tok.vocab_size - 3, tok.vocab_size + 5  # the model lacks 3 ids and pads 5 more
     stop = tok.vocab_size - 10
     generator = torch.Generator().manual_seed(0)
-    for overlap in (True, False):
+    for overlap, with_rows in ((True, False), (True, True), (False, False)):
         constraints.OVERLAP_MASKS = overlap
         try:
             states = [constraints.ConstraintState(c, tok, {stop}, n_real, width)
                       for c in (Constraint.json_schema(SCHEMA), Constraint.regex("[a-c]{2,9}"))]
-            rows = [SimpleNamespace(constraint=states[0], stop_ids={stop}, stream=TextStream()),
-                    SimpleNamespace(constraint=None, stop_ids={stop}, stream=TextStream()),
-                    SimpleNamespace(constraint=states[1], stop_ids={stop}, stream=TextStream())]
+            rows = [SimpleNamespace(constraint=state, params=SamplingParams(), stop_ids={stop}, stream=TextStream())
+                    for state in (states[0], None, states[1])]
+            few_seen = 0
             for step in range(12):
-                constraints.prefetch_masks(states)
+                job = constraints.prefetch_masks(states, list(rows) if with_rows else None)
                 logits = torch.randn(3, width, generator=generator)
                 before = logits.clone()
-                assert constraints.mask_constrained_logits(logits, rows) == {}
+                masks = constraints.StepMasks.of(rows, job)
+                assert (job is not None and job.masks is masks) == with_rows  # the worker's StepMasks, used
+                masks.apply(logits, masks.live)
+                assert masks.failed == {} and masks.live == [0, 2]
                 assert torch.equal(logits[1], before[1])
                 for state, k in zip(states, (0, 2)):
                     packed = state.matcher.deep_copy().compute_bitmask()
@@ -144,6 +148,9 @@ def test_packed_mask_matches_llguidance_bit_by_bit(tok):
                     expected = (expected | {stop}) if state.accepting else (expected - {stop})
                     finite = set(torch.isfinite(logits[k]).nonzero()[:, 0].tolist())
                     assert finite == expected and finite
+                    few = len({t // 32 for t in expected}) <= constraints.FEW_WORDS
+                    assert masks.few[k] == (tuple(sorted(expected)) if few else None)
+                    few_seen += few
                     assert torch.equal(logits[k, sorted(finite)], before[k, sorted(finite)])
                     choice = sorted(finite - {stop})
                     if not choice or state.consume(choice[step * 7 % len(choice)]):
@@ -151,6 +158,7 @@ def test_packed_mask_matches_llguidance_bit_by_bit(tok):
                 else:
                     continue
                 break
+            assert few_seen  # the short list was exercised
         finally:
             constraints.OVERLAP_MASKS = True
 
@@ -169,6 +177,18 @@ def test_accept_first_greedy_matches_masking_first(engine, monkeypatch):
     assert engine.constrained_resampled > before  # the fallback really ran
     monkeypatch.setattr(Params, "accept_first", property(lambda self: False))
     assert engine.generate(prompts, params) == accept_first
+
+
+def test_forced_tokens_of_sampled_rows_follow_the_grammar(engine):
+    """A refused draw where the mask allows one token (StepMasks.few) takes that token without touching the
+    logits: sampled rows (temperature 1.5, different seeds) held to one option write exactly it."""
+    option = "gamma delta epsilon"
+    params = [SamplingParams(max_new_tokens=40, temperature=1.5, seed=s, constraint=Constraint.choice([option]))
+              for s in range(4)]
+    before = engine.constrained_resampled
+    outputs = engine.generate(PROMPTS[:1] * 4, params)
+    assert engine.constrained_resampled > before
+    assert [c.text for c in outputs] == [option] * 4
 
 
 def test_accept_first_sampling_draws_the_masked_distribution(tok):

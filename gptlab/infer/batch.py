@@ -144,6 +144,7 @@ class DecodeBatch:
     seen: torch.Tensor | None  # (B, V) tokens in prompt/output, for the repetition penalty
     sampling: SamplingTensors
     _storage: _Storage | None = field(default=None, repr=False)  # set by the first `join` (module docstring)
+    mask_job: object = None  # the next step's grammar masks being computed (constraints.prefetch_masks)
 
     @torch.inference_mode()
     def keep(self, rows: Sequence[int]) -> list[int]:

@@ -21,7 +21,7 @@ Design decisions
   that fails mid-way (llguidance's per-step limits, e.g. a grammar with no finite string) or a step where
   the grammar admits no token the row may produce (e.g. it needs a token the row treats as a stop, or one
   past the model's vocabulary) ends that row only, with finish_reason "error" and the message
-  (`mask_constrained_logits` reports such rows instead of raising), so the other rows of a server's
+  (`StepMasks.failed` reports such rows instead of raising), so the other rows of a server's
   batch go on; `generate` and `stream_batch` then raise it.
 - Limits: a constraint's source text is at most MAX_SOURCE_BYTES (100 KB) and at most MAX_CHOICES
   options; beyond that llguidance's own `LLParserLimits` defaults apply (grammar size 500k symbols,
@@ -46,7 +46,11 @@ Design decisions
   (bench/results/structured.md gives the measured rate).
   The next step's masks of all the batch's constrained rows are computed in one job in a worker thread
   while the model runs its forward pass (`prefetch_masks`): the mask depends only on the tokens already
-  sampled, never on the logits.
+  sampled, never on the logits. The worker also keeps the allowed ids of a mask with few of them
+  (`StepMasks.few`; most refused draws are forced tokens), so most redraws read a few logits, not 49k,
+  and builds the step's `StepMasks` itself, so the main thread, whose Python runs cold after a forward
+  pass, only picks it up: on SmolLM2 at batch 1 a constrained token costs the critical path 33-36 us
+  (bench/results/structured.md, session 13).
 - Compile cache: compiling is building an `LLMatcher` (grammar -> lexer + parser tables); the result is kept
   in an LRU (`GrammarCache`, 64 entries, keyed by tokenizer hash + constraint) and each row gets a
   `deep_copy` of it. The llguidance tokenizer (a token trie, ~0.3 s for a 49k vocabulary) is cached per
@@ -77,6 +81,10 @@ if TYPE_CHECKING:
 MAX_SOURCE_BYTES = 100_000
 MAX_CHOICES = 10_000
 KINDS = ("json_schema", "regex", "lark", "choice")
+# A mask whose allowed ids fit in this many 32-bit words keeps them as a list (`_fill_masks`): on the
+# structured benchmark 39 of 44 refused draws at batch 1 had at most 29 allowed ids (31 had exactly one, a
+# forced token), so the redraw reads a few logits instead of masking 49k (bench/results/structured.md).
+FEW_WORDS = 2
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for response_format json_schema.name
 # compact JSON (see the module docstring); llguidance's JsonCompileOptions
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -287,12 +295,14 @@ def _byte_biases() -> np.ndarray:
     return table
 
 
-def _fill_masks(states: list, bitmask: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
+def _fill_masks(states: list, bitmask: np.ndarray) -> tuple[np.ndarray, list[str | None], list[tuple[int, ...] | None]]:
     """Every row's final next-token mask into row k of `bitmask` (int32, C-contiguous), row by row:
     llguidance's `fill_next_token_bitmask` call (it drops the GIL), then the row's fix-ups on the packed
     words (ids past the model's vocabulary and stop ids cleared; stop ids set where the grammar may end)
-    and the dead-end test. Returns the mask and, per row, None or why the row cannot go on (its matcher
-    failed, or nothing is allowed). Done here, in the worker thread beside the forward pass, the fix-ups
+    and the dead-end test. Returns the mask; per row, None or why the row cannot go on (its matcher
+    failed, or nothing is allowed); and per row, the allowed ids when they fit in FEW_WORDS words of the
+    mask (else None): the engine redraws a refused token among those without touching the whole
+    vocabulary (`StepMasks.few`). Done here, in the worker thread beside the forward pass, the fix-ups
     also read the words while they are in this core's cache (measured on the main thread after the
     hand-over: ~10-15 us a row of cross-core cache misses, the largest part of its constrained work).
     Not llguidance's batch `LLExecutor` (`fill_next_token_bitmask_par`): measured in the engine on the
@@ -301,49 +311,66 @@ def _fill_masks(states: list, bitmask: np.ndarray) -> tuple[np.ndarray, list[str
     size = bitmask.shape[1] * 4
     bits32 = bitmask.view(np.uint32)  # bit j of word w is token 32 w + j
     problems: list[str | None] = []
+    few: list[tuple[int, ...] | None] = []
     for k, state in enumerate(states):
         state.matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data + k * size, size)
+        few.append(None)
         if state.matcher.is_error():
             problems.append(f"constraint {state.constraint.describe()} failed computing the next-token mask: "
                             f"{_one_line(state.matcher.get_error())}")
             continue
-        bits32[k] &= state.keep_words
+        row = bits32[k]
+        row &= state.keep_words
         if state.matcher.is_accepting():
-            bits32[k] |= state.stop_words
-        problems.append(None if np.count_nonzero(bits32[k]) else
+            row |= state.stop_words
+        words = np.flatnonzero(row)
+        problems.append(None if len(words) else
                         f"constraint {state.constraint.describe()} admits no token this row can produce")
-    return bitmask, problems
+        if 0 < len(words) <= FEW_WORDS:
+            few[k] = tuple(32 * w + j for w in words.tolist() for j in range(32) if row.item(w) >> j & 1)
+    return bitmask, problems, few
 
 
 class _MaskJob:
-    """The next masks of several rows, computed together in the worker thread into one buffer."""
+    """The next masks of several rows, computed together in the worker thread into one buffer; given the
+    batch's `rows`, the worker also builds the step's `StepMasks` of them (`StepMasks.of` picks it up)."""
 
-    def __init__(self, states: list):
+    def __init__(self, states: list, rows: list | None = None):
+        self.states, self.rows = states, rows
         self.buffer = np.empty((len(states), states[0].words), dtype=np.int32)
         self.done = None  # the result once computed: read without the future's lock (`result`)
+        self.masks = None  # the StepMasks of `rows`, when given
         pool = _shared("pool", lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptlab-mask"))
         self.future = pool.submit(self._run, states)
 
     def _run(self, states: list):
-        self.done = _fill_masks(states, self.buffer)
-        return self.done
+        done = _fill_masks(states, self.buffer)
+        if self.rows is not None:
+            self.masks = StepMasks(self.rows, done)
+        self.done = done
+        return done
 
     def result(self):
-        """(bitmask, problems), waiting if need be. The usual case, a job finished during the forward pass,
-        reads `done` (an attribute set by the worker) instead of `Future.result`'s condition variable:
+        """(bitmask, problems, few), waiting if need be. The usual case, a job finished during the forward
+        pass, reads `done` (an attribute set by the worker) instead of `Future.result`'s condition variable:
         ~14 us right after a forward pass (cold), measured."""
         return self.done if self.done is not None else self.future.result()
 
 
-def prefetch_masks(states: list) -> None:
+def prefetch_masks(states: list, rows: list | None = None) -> _MaskJob | None:
     """Start computing these rows' next masks in the worker thread. The engine calls this right before the
     model's forward pass, which the masks do not depend on, so the two overlap (llguidance computes
-    without the GIL); `mask_constrained_logits` then only waits for what is not done yet."""
-    states = [s for s in states if s._job is None and not s.matcher.is_stopped()]
-    if OVERLAP_MASKS and states:
-        job = _MaskJob(states)
-        for k, state in enumerate(states):
+    without the GIL); `StepMasks` then only waits for what is not done yet. `rows`: the
+    batch's rows (a list the caller no longer changes), whose constraints are `states` in order: the
+    worker then builds the step's `StepMasks` too, since Python bookkeeping on the main thread right after
+    a forward pass runs cold (~2 us a line, measured) and in the worker it is off the critical path."""
+    waiting = [s for s in states if s._job is None and not s.matcher.is_stopped()]
+    if OVERLAP_MASKS and waiting:
+        job = _MaskJob(waiting, rows if len(waiting) == len(states) else None)
+        for k, state in enumerate(waiting):
             state._job, state._row = job, k
+        return job
+    return None
 
 
 # ---- per-row state and masking -------------------------------------------------------------------------
@@ -371,15 +398,15 @@ class ConstraintState:
     def prefetch(self) -> None:
         prefetch_masks([self])
 
-    def take_prefetched(self, out: np.ndarray) -> tuple[bool, str | None]:
-        """Copy the prefetched mask (waiting for it) into `out`: (False, None) when none was prefetched,
-        else (True, the row's problem or None)."""
+    def take_prefetched(self, out: np.ndarray) -> tuple[bool, str | None, tuple[int, ...] | None]:
+        """Copy the prefetched mask (waiting for it) into `out`: (False, None, None) when none was
+        prefetched, else (True, the row's problem or None, its few allowed ids or None)."""
         if self._job is None:
-            return False, None
+            return False, None, None
         job, self._job = self._job, None
-        bitmask, problems = job.result()
+        bitmask, problems, few = job.result()
         out[:] = bitmask[self._row]
-        return True, problems[self._row]
+        return True, problems[self._row], few[self._row]
 
     @property
     def accepting(self) -> bool:
@@ -421,41 +448,80 @@ class StepMasks:
     sets the disallowed logits of some rows to -inf (the engine's accept-first sampling, module docstring,
     needs `apply` only on the steps where the sampled token was not allowed)."""
 
-    def __init__(self, rows: list):
+    def __init__(self, rows: list, computed: tuple | None = None):
+        """`computed`: the constrained rows' (bitmask, problems, few) from `_fill_masks`; by default taken
+        from the prefetched jobs, and the rows not prefetched computed now."""
         self.positions = [i for i, row in enumerate(rows) if row.constraint is not None]
-        states = [rows[i].constraint for i in self.positions]
-        job = states[0]._job
-        if job is not None and len(job.buffer) == len(states) and all(s._job is job and s._row == k
-                                                                      for k, s in enumerate(states)):
-            bitmask, problems = job.result()  # the usual step: this batch's rows, prefetched together
-            for state in states:
-                state._job = None
-        else:
-            bitmask = np.empty((len(states), states[0].words), dtype=np.int32)
-            problems = [None] * len(states)
-            late = []
-            for k, state in enumerate(states):
-                taken, problems[k] = state.take_prefetched(bitmask[k])
-                if not taken:
-                    late.append(k)
-            if late:  # rows with no mask prefetched (overlap off, or a row just joined): computed now, in one call
-                fresh, late_problems = _fill_masks([states[k] for k in late],
-                                                   np.empty((len(late), states[0].words), dtype=np.int32))
-                bitmask[late] = fresh
-                for k, problem in zip(late, late_problems):
-                    problems[k] = problem
+        bitmask, problems, few = computed or self._collect([rows[i].constraint for i in self.positions])
         self.bitmask = bitmask
-        self.row_of = {i: k for k, i in enumerate(self.positions)}  # batch position -> row of `bitmask`
+        self.row_of = dict(zip(self.positions, range(len(self.positions))))  # batch position -> row of `bitmask`
         self.failed = {i: f"{problem} after {rows[i].stream.text[-40:]!r}" + (
                            "" if "failed" in problem else
                            " (it may need a stop token or an id past the model's vocabulary)")
-                       for i, problem in zip(self.positions, problems) if problem is not None}
-        self.live = [i for i in self.positions if i not in self.failed]  # rows to mask or check
+                       for i, problem in zip(self.positions, problems) if problem is not None} if any(problems) else {}
+        # rows to mask or check
+        self.live = [i for i in self.positions if i not in self.failed] if self.failed else self.positions
+        self.few = dict(zip(self.positions, few))  # batch position -> its allowed ids, ascending, or None (FEW_WORDS)
+        # rows masked before sampling: those whose sampling cannot go accept-first (SamplingParams.accept_first)
+        self.before_sampling = [i for i in self.live if not rows[i].params.accept_first]
+
+    @classmethod
+    def of(cls, rows: list, job: _MaskJob | None) -> StepMasks:
+        """This step's masks: the ones the worker built (`job`, what `prefetch_masks` returned) for exactly
+        these rows (the usual step: a list of the same Row objects, each constraint still attached to
+        that job), else made now."""
+        if job is not None and job.rows == rows and all(s._job is job for s in job.states):
+            if job.done is None:
+                job.future.result()
+            for state in job.states:
+                state._job = None
+            return job.masks
+        return cls(rows)
+
+    @staticmethod
+    def _collect(states: list) -> tuple:
+        job = states[0]._job
+        # (list equality compares identities here: ConstraintState has no __eq__)
+        if job is not None and job.states == states and all(s._job is job for s in states):
+            bitmask, problems, few = job.result()  # the usual step: this batch's rows, prefetched together
+            for state in states:
+                state._job = None
+            return bitmask, problems, few
+        bitmask = np.empty((len(states), states[0].words), dtype=np.int32)
+        problems, few = [None] * len(states), [None] * len(states)
+        late = []
+        for k, state in enumerate(states):
+            taken, problems[k], few[k] = state.take_prefetched(bitmask[k])
+            if not taken:
+                late.append(k)
+        if late:  # rows with no mask prefetched (overlap off, or a row just joined): computed now, in one call
+            fresh, late_problems, late_few = _fill_masks([states[k] for k in late],
+                                                         np.empty((len(late), states[0].words), dtype=np.int32))
+            bitmask[late] = fresh
+            for k, problem, ids in zip(late, late_problems, late_few):
+                problems[k], few[k] = problem, ids
+        return bitmask, problems, few
 
     def allows(self, position: int, token: int) -> bool:
         """Does the mask of the row at batch `position` allow `token`?"""
         word = token >> 5  # `item`, not a numpy view and index: 3 vs ~30 us right after a forward pass (cold)
         return word < self.bitmask.shape[1] and (self.bitmask.item(self.row_of[position], word) >> (token & 31)) & 1 == 1
+
+    def forced(self, position: int) -> int | None:
+        """The one token the row's mask allows, if it allows one: a refused draw's redraw (the masked
+        distribution is that token, whatever the sampling), without touching the logits."""
+        ids = self.few[position]
+        return ids[0] if ids is not None and len(ids) == 1 else None
+
+    def redraw_greedy(self, logits: torch.Tensor, position: int) -> int:
+        """The argmax of a row's masked logits: among its few allowed ids where it has them (ascending, so
+        a tie goes to the lowest id, as the argmax of the masked row), else over the whole row masked in
+        place (49k logits: ~4x the cost, measured)."""
+        ids = self.few[position]
+        if ids is None:
+            self.apply(logits, [position])
+            return int(logits[position].argmax())
+        return ids[0] if len(ids) == 1 else ids[int(logits[position, list(ids)].argmax())]
 
     def apply(self, logits: torch.Tensor, positions: list[int]) -> None:
         """Set to -inf, in place, every logit that the masks of the rows at these batch positions (live
@@ -488,11 +554,3 @@ class StepMasks:
             logits.add_(bias_t)
         else:
             logits.index_add_(0, torch.tensor(positions, device=logits.device), bias_t)
-
-
-def mask_constrained_logits(logits: torch.Tensor, rows: list) -> dict[int, str]:
-    """Mask every live constrained row's logits at once (`StepMasks` then `apply`); returns the failed rows
-    ({batch position: error}), whose logits are left as they were."""
-    masks = StepMasks(rows)
-    masks.apply(logits, masks.live)
-    return masks.failed

@@ -358,7 +358,8 @@ class Engine:
             tokens = tokens[batch.keep(alive)]  # keep may reorder the rows (batch.py)
         if batch.rows:
             # the next masks, computed beside the forward pass (constraints.py)
-            prefetch_masks([row.constraint for row in batch.rows if row.constraint is not None])
+            batch.mask_job = prefetch_masks([row.constraint for row in batch.rows if row.constraint is not None],
+                                            list(batch.rows))
             if batch.seen is not None:
                 batch.seen.scatter_(1, tokens[:, None], True)
             batch.logits = self._decode(tokens, batch.cache, batch.next_pos, batch.key_mask)
@@ -377,31 +378,34 @@ class Engine:
         """This step's grammar masks (constraints.py). Rows whose top-k or top-p must see only allowed tokens
         are masked now; the others sample accept-first (`_resample_rejected`; constraints.py says why that
         is exact)."""
-        masks = StepMasks(batch.rows)
-        masks.apply(batch.logits, [i for i in masks.live if not batch.rows[i].params.accept_first])
+        masks = StepMasks.of(batch.rows, batch.mask_job)
+        masks.apply(batch.logits, masks.before_sampling)
         return masks
 
     def _resample_rejected(self, batch: DecodeBatch, masks: StepMasks, tokens: torch.Tensor,
                            sampled: list[int]) -> torch.Tensor:
-        """Rows whose sampled token their grammar does not allow: mask their logits and sample them again
+        """Rows whose sampled token their grammar does not allow are drawn again from their masked logits
         (each with its own generator, so fresh randomness). `sampled` is `tokens` as a list, updated in place."""
         rejected = [i for i in masks.live if not masks.allows(i, sampled[i])]
         self.constrained_tokens += len(masks.live)
         self.constrained_resampled += len(rejected)
         if not rejected:
             return tokens
-        masks.apply(batch.logits, rejected)
-        rows = [batch.rows[i] for i in rejected]
-        index = torch.tensor(rejected, device=tokens.device)
-        if batch.sampling.penalty is None and all(r.params.greedy for r in rows):
-            # what sample_tokens does for such rows, without building their SamplingTensors (~90 us, measured)
-            again = batch.logits[index].argmax(dim=-1)
-        else:
+        rest = []
+        for i in rejected:  # greedy without a penalty: an argmax, no SamplingTensors (~90 us); else a forced token
+            greedy = batch.rows[i].params.greedy and batch.sampling.penalty is None
+            sampled[i] = masks.redraw_greedy(batch.logits, i) if greedy else masks.forced(i)
+            if sampled[i] is None:
+                rest.append(i)
+        if rest:
+            masks.apply(batch.logits, rest)
+            rows = [batch.rows[i] for i in rest]
+            index = torch.tensor(rest, device=tokens.device)
             again = sample_tokens(batch.logits[index], SamplingTensors.from_params([r.params for r in rows], tokens.device),
                                   [r.generator for r in rows], None if batch.seen is None else batch.seen[index])
-        for i, token in zip(rejected, again.tolist()):
-            sampled[i] = token
-        return tokens.index_copy(0, index, again)
+            for i, token in zip(rest, again.tolist()):
+                sampled[i] = token
+        return torch.tensor(sampled, dtype=tokens.dtype, device=tokens.device)
 
     def _advance(self, row: Row, token: int) -> str:
         """Record one sampled token for a row; return the text it releases."""
