@@ -4,9 +4,9 @@
   the cap on decode at batch 1 is that rate / bytes of weights a step reads (fused layout, embedding
   lookup excluded; the KV cache of a short generation is ~1% of it and left out).
 - modes: fp32, bf16, int8 (the kernel quant.py picks for this CPU), int8pack (int8 through its fallback
-  kernel, `_weight_int8pack_mm` with bf16 activations, for comparison), int8+bf16, int8+compile (int8
-  with `Engine(compile=True)`: its warm-up call compiles, tens of seconds, not in the figures; bits per
-  byte go through `GPT.forward`, so they are eager int8's).
+  kernel, `_weight_int8pack_mm` with bf16 activations, for comparison), int8+bf16, int8+compile and
+  fp32+compile (`Engine(compile=True)`: its warm-up call compiles, up to a minute or two with fp32's
+  GEMM autotuning, not in the figures; bits per byte go through `GPT.forward`, so they are eager's).
 - decode tokens/s: `Engine.generate`, greedy, a 32-token prompt repeated `batch` times, `--new-tokens` new
   tokens with no stop token, median of `--reps` after a warm-up call, the modes interleaved; prefill included.
 - bits per byte on held-out text (`--text`, a few KB): windows of `--window` tokens, no overlap, the
@@ -37,7 +37,7 @@ from gptlab.infer.sampling import SamplingParams
 
 MODES = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.float32, "int8"),
          "int8+bf16": (torch.bfloat16, "int8"), "int8pack": (torch.float32, "int8"),
-         "int8+compile": (torch.float32, "int8")}
+         "int8+compile": (torch.float32, "int8"), "fp32+compile": (torch.float32, None)}
 FALLBACK_ENGINE = "qnnpack"  # a quantized engine under which quant.py picks its int8pack kernel
 PROMPT = "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg"
 HF_JOB = """

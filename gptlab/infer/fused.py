@@ -186,9 +186,11 @@ class FusedDecoder:
     - compile=True: the same step with static shapes (attention over the whole cache capacity, later
       slots masked) through torch.compile, which fuses the elementwise ops between the matmuls into a few
       generated kernels; on CUDA the step is also captured as a CUDA graph (4.4 -> 1.3 ms a step at batch
-      1 on an H100, bench/results/gpu_h100.md). Eager stays the default: compiling costs seconds to a
-      minute per model (two graphs: one for a single row, one for any larger batch; the cache capacity is
-      symbolic).
+      1 on an H100, bench/results/gpu_h100.md); on CPU the float weights are frozen into the step and
+      max-autotune may pick its C++ GEMM for them (SmolLM2 fp32 at batch 1: 1.35-1.5x eager, 75% of the
+      read-bandwidth cap; bench/results/quant.md, session 13). Eager stays the default: compiling costs
+      seconds to a minute or two per model (two graphs: one for a single row, one for any larger batch;
+      the cache capacity is symbolic).
     Mathematically the same as `model.forward`; float32 results agree to rounding (the transposed
     layout sums in a different order), and greedy tokens are tested equal to the eager path.
     The copy goes stale if the weights change: `weights_key` fingerprints them (storage and in-place
@@ -236,10 +238,31 @@ class FusedDecoder:
         # C++ rather than Python (5-10% more tokens/s at batch 1, for a few more seconds of compilation).
         # CUDA, mode reduce-overhead: the step is replayed as one CUDA graph, since at small batch a GPU
         # step is as long as its ~30 kernel launches, not its arithmetic or weight reads
+        # CPU, frozen weights + max-autotune: inductor's `freezing` folds the weights into the compiled step
+        # as constants, and only then does max-autotune offer its C++ GEMM template for the float products
+        # (timed against MKL at the first compile, per shape): at one row it reads the weights at 22-30
+        # GB/s where MKL's sgemm reads 12-22 on this AMD CPU, SmolLM2 fp32 decode 28 -> 43-50 tok/s at 1
+        # thread (docs/LOG.md, session 13). Freezing folds nn.Parameters only, hence the float weights are
+        # wrapped as Parameters (the same storage); and it is read from the global config when a graph
+        # compiles, not from torch.compile's options, hence the patch around each call (~16 us). The price:
+        # compiling takes longer (autotuning, ~1 min for SmolLM2) and the template keeps its own packed
+        # copy of the float weights.
         self._compiled = None
         self._cuda_graphs = compile and device.type == "cuda"
+        self._freezing = None
         if compile:
-            mode = {"mode": "reduce-overhead"} if self._cuda_graphs else {"options": {"cpp_wrapper": True}}
+            if self._cuda_graphs:
+                mode = {"mode": "reduce-overhead"}
+            else:
+                for projection in [self.head, *(p for layer in self.layers
+                                                for p in (layer.qkv, layer.o, layer.gate_up, layer.down))]:
+                    if projection.int8 is None:
+                        projection.weight = nn.Parameter(projection.weight, requires_grad=False)
+                mode = {"options": {"cpp_wrapper": True, "max_autotune": True,
+                                    "max_autotune_gemm_backends": "CPP,ATEN"}}
+                import torch._inductor.config as inductor_config  # here: loading a model imports no compiler
+
+                self._freezing = partial(inductor_config.patch, freezing=True)
             self._compiled = torch.compile(self._static_step, fullgraph=True, dynamic=False, **mode)
 
     @staticmethod
@@ -279,7 +302,8 @@ class FusedDecoder:
                 torch.compiler.cudagraph_mark_step_begin()
                 logits = self._compiled(tokens, cache.k, cache.v, slot_index, positions, key_mask).clone()
             else:
-                logits = self._compiled(tokens, cache.k, cache.v, slot_index, positions, key_mask)
+                with self._freezing():
+                    logits = self._compiled(tokens, cache.k, cache.v, slot_index, positions, key_mask)
         else:
             # a decode query sits in the newest slot, so it may see every slot the key mask allows
             mask = key_mask[:, None, None, :slot + 1] if key_mask is not None else None
