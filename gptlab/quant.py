@@ -184,6 +184,17 @@ class Int8Matmul:
         if self.packed is not None:
             _PACKED[self.handle] = self
 
+    def frozen_int8pack(self) -> Int8Matmul:
+        """The same product through int8pack (bf16 activations), its rows and scales wrapped as
+        nn.Parameters (the same storage) for a compiled CPU step that freezes its weights (infer/fused.py):
+        inductor then offers its weight-only-int8 C++ GEMM, which at one row with 2 threads reads the int8
+        rows at ~27 GB/s where fbgemm's dynamic linear reads ~16 with 1 or 2 threads (60 chained SmolLM2
+        MLP products, cold; docs/LOG.md, session 13). fbgemm cannot be frozen: its packed weights are an
+        opaque object."""
+        matmul = Int8Matmul(nn.Parameter(self.q, requires_grad=False), self.scale, kernel="int8pack")
+        matmul.kernel_scale = nn.Parameter(matmul.kernel_scale, requires_grad=False)
+        return matmul
+
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.kernel == "fbgemm" and x.dim() == 2 and x.dtype == torch.float32:
             # the decode step's case, without the reshape, view and dtype checks below: measured 33-35 us

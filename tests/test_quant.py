@@ -213,11 +213,55 @@ def test_fbgemm_custom_op_and_compiled_int8_decode(tok):
         torch.library.opcheck(torch.ops.gptlab.fbgemm_linear.default, (x, matmul.handle))
         assert torch.equal(torch.compile(matmul, fullgraph=True)(x), expected)
     model = quantize_model(tiny_model(tok, 4, n_layer=1)).requires_grad_(False)
-    engine = Engine(model, tok, compile=True)
-    params = [greedy(n) for n in (9, 4)]
-    got = engine.generate(PROMPTS[:2], params)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # with more threads the compiled decoder takes frozen int8pack rows (next test)
+    try:
+        engine = Engine(model, tok, compile=True)
+        params = [greedy(n) for n in (9, 4)]
+        got = engine.generate(PROMPTS[:2], params)
+    finally:
+        torch.set_num_threads(threads)
     assert [len(c.token_ids) for c in got] == [9, 4]
-    assert engine._decoder._compiled is not None
+    assert engine._decoder._compiled is not None and engine._decoder.layers[0].qkv.int8_one_row is None
+
+
+def test_compiled_int8_with_threads_runs_frozen_int8pack_rows(tok):
+    """With more than one torch thread a compiled CPU decoder's single-row graph multiplies by its int8 rows
+    through int8pack, the rows and scales wrapped as Parameters over the same storage
+    (`Int8Matmul.frozen_int8pack`), so the step freezes them and max-autotune may pick inductor's
+    weight-only-int8 GEMM: compiled that way (frozen, autotuned) the product equals eager int8pack's to bf16
+    rounding, and a decoder built with 2 threads has it and decodes (rows leave at different steps: the
+    batched graph, which keeps the model's kernel, and the single-row graph)."""
+    import torch._inductor.config as inductor_config
+
+    g = torch.Generator().manual_seed(0)
+    q, scale = quantize_rows(torch.randn(48, 64, generator=g))
+    eager = Int8Matmul(q, scale, kernel="int8pack")
+    frozen = Int8Matmul(q, scale).frozen_int8pack()
+    assert isinstance(frozen.q, torch.nn.Parameter) and frozen.q.data_ptr() == q.data_ptr()
+    compiled = torch.compile(frozen, fullgraph=True, options={"max_autotune": True,
+                                                             "max_autotune_gemm_backends": "CPP,ATEN"})
+    for x in (torch.randn(1, 64, generator=g), torch.randn(3, 64, generator=g)):
+        expected = eager(x)
+        assert torch.equal(frozen(x), expected)
+        with torch.inference_mode(), inductor_config.patch(freezing=True):
+            got = compiled(x)
+        torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+    model = quantize_model(tiny_model(tok, 4, n_layer=1)).requires_grad_(False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = Engine(model, tok, compile=True)
+        got = engine.generate(PROMPTS[:2], [greedy(n) for n in (9, 4)])
+    finally:
+        torch.set_num_threads(threads)
+    assert [len(c.token_ids) for c in got] == [9, 4]
+    layer = engine._decoder.layers[0]
+    for projection in (layer.qkv, layer.o, layer.gate_up, layer.down, engine._decoder.head):
+        one_row = projection.int8_one_row  # the single-row graph's; the batched graph keeps the model's kernel
+        assert one_row.kernel == "int8pack" and isinstance(one_row.q, torch.nn.Parameter)
+        assert projection.int8.kernel == int8_kernel_name()
+    assert model.model.layers[0].mlp.down_proj.matmul().kernel == int8_kernel_name()  # the model's own: unchanged
 
 
 def test_decoder_shares_the_weights_of_a_model_not_being_trained(tok, tmp_path):

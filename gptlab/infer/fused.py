@@ -81,6 +81,7 @@ class _Projection:
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     int8: Int8Matmul | None = None
+    int8_one_row: Int8Matmul | None = None  # compiled on CPU with threads > 1: frozen int8pack rows (FusedDecoder)
 
     def __post_init__(self):
         rows, cols = self.weight.shape
@@ -89,7 +90,8 @@ class _Projection:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8 is not None:
-            return self.int8(x, self.bias)
+            one_row = self.int8_one_row is not None and x.shape[0] == 1  # (static in each compiled graph)
+            return (self.int8_one_row if one_row else self.int8)(x, self.bias)
         if (x.shape[0] == 1 and self.halves is not None and not torch.compiler.is_compiling()
                 and torch.get_num_threads() > 1):  # (compiled code: inductor picks its own kernel)
             y = torch.bmm(x.expand(2, 1, x.shape[1]), self.halves).view(1, -1)  # (2, 1, out/2): out's order
@@ -187,8 +189,9 @@ class FusedDecoder:
       slots masked) through torch.compile, which fuses the elementwise ops between the matmuls into a few
       generated kernels; on CUDA the step is also captured as a CUDA graph (4.4 -> 1.3 ms a step at batch
       1 on an H100, bench/results/gpu_h100.md); on CPU the float weights are frozen into the step and
-      max-autotune may pick its C++ GEMM for them (SmolLM2 fp32 at batch 1: 1.35-1.5x eager, 75% of the
-      read-bandwidth cap; bench/results/quant.md, session 13). Eager stays the default: compiling costs
+      max-autotune may pick its C++ GEMM for them (SmolLM2 fp32 at batch 1: 1.35-1.55x eager, 75-85% of
+      the read-bandwidth cap), and with more than one thread the single-row graph freezes int8 rows too
+      (int8pack: SmolLM2 int8 128-143 tok/s at batch 1 and 2 threads; bench/results/quant.md, session 13). Eager stays the default: compiling costs
       seconds to a minute or two per model (two graphs: one for a single row, one for any larger batch;
       the cache capacity is symbolic).
     Mathematically the same as `model.forward`; float32 results agree to rounding (the transposed
@@ -245,8 +248,9 @@ class FusedDecoder:
         # thread (docs/LOG.md, session 13). Freezing folds nn.Parameters only, hence the float weights are
         # wrapped as Parameters (the same storage); and it is read from the global config when a graph
         # compiles, not from torch.compile's options, hence the patch around each call (~16 us). The price:
-        # compiling takes longer (autotuning, ~1 min for SmolLM2) and the template keeps its own packed
-        # copy of the float weights.
+        # compiling takes longer (autotuning, ~1 min for SmolLM2) and memory: the frozen constants and
+        # their packed forms sit beside the model's weights (`gptlab sample --compile` on SmolLM2 peaks at
+        # 2.48 GB, against 1.11 GB compiled without freezing and 0.92 GB eager).
         self._compiled = None
         self._cuda_graphs = compile and device.type == "cuda"
         self._freezing = None
@@ -258,6 +262,11 @@ class FusedDecoder:
                                                 for p in (layer.qkv, layer.o, layer.gate_up, layer.down))]:
                     if projection.int8 is None:
                         projection.weight = nn.Parameter(projection.weight, requires_grad=False)
+                    elif torch.get_num_threads() > 1:
+                        # frozen int8 rows for the single-row graph: SmolLM2 int8 compiled at batch 1 and 2
+                        # threads 92-101 -> 140-161 tok/s; slower at 1 thread (52-61 vs 75-82) and in the
+                        # batched graph (batch 8: 217 vs 378 eager), where fbgemm stays
+                        projection.int8_one_row = projection.int8.frozen_int8pack()
                 mode = {"options": {"cpp_wrapper": True, "max_autotune": True,
                                     "max_autotune_gemm_backends": "CPP,ATEN"}}
                 import torch._inductor.config as inductor_config  # here: loading a model imports no compiler
