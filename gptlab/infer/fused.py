@@ -191,9 +191,9 @@ class FusedDecoder:
       1 on an H100, bench/results/gpu_h100.md); on CPU the float weights are frozen into the step and
       max-autotune may pick its C++ GEMM for them (SmolLM2 fp32 at batch 1: 1.35-1.55x eager, 75-85% of
       the read-bandwidth cap), and with more than one thread the single-row graph freezes int8 rows too
-      (int8pack: SmolLM2 int8 128-143 tok/s at batch 1 and 2 threads; bench/results/quant.md, session 13). Eager stays the default: compiling costs
-      seconds to a minute or two per model (two graphs: one for a single row, one for any larger batch;
-      the cache capacity is symbolic).
+      (int8pack: SmolLM2 int8 128-143 tok/s at batch 1 and 2 threads; bench/results/quant.md, session
+      13). Eager stays the default: compiling costs seconds to a minute or two per model (two graphs: one
+      for a single row, one for any larger batch; the cache capacity is symbolic).
     Mathematically the same as `model.forward`; float32 results agree to rounding (the transposed
     layout sums in a different order), and greedy tokens are tested equal to the eager path.
     The copy goes stale if the weights change: `weights_key` fingerprints them (storage and in-place
