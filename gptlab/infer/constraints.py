@@ -350,6 +350,16 @@ class _MaskJob:
         self.done = done
         return done
 
+    def claim(self) -> bool:
+        """Take this job's results for its states if every one is still attached to it (none consumed a
+        token or took its mask since): detach them and wait for the job. False leaves them as they are."""
+        if not all(state._job is self for state in self.states):
+            return False
+        for state in self.states:
+            state._job = None
+        self.result()
+        return True
+
     def result(self):
         """(bitmask, problems, few), waiting if need be. The usual case, a job finished during the forward
         pass, reads `done` (an attribute set by the worker) instead of `Future.result`'s condition variable:
@@ -470,23 +480,15 @@ class StepMasks:
         """This step's masks: the ones the worker built (`job`, what `prefetch_masks` returned) for exactly
         these rows (the usual step: a list of the same Row objects, each constraint still attached to
         that job), else made now."""
-        if job is not None and job.rows == rows and all(s._job is job for s in job.states):
-            if job.done is None:
-                job.future.result()
-            for state in job.states:
-                state._job = None
-            return job.masks
-        return cls(rows)
+        return job.masks if job is not None and job.rows == rows and job.claim() else cls(rows)
 
     @staticmethod
     def _collect(states: list) -> tuple:
         job = states[0]._job
-        # (list equality compares identities here: ConstraintState has no __eq__)
-        if job is not None and job.states == states and all(s._job is job for s in states):
-            bitmask, problems, few = job.result()  # the usual step: this batch's rows, prefetched together
-            for state in states:
-                state._job = None
-            return bitmask, problems, few
+        # the usual step: this batch's rows, prefetched together (list equality compares identities here:
+        # ConstraintState has no __eq__)
+        if job is not None and job.states == states and job.claim():
+            return job.result()
         bitmask = np.empty((len(states), states[0].words), dtype=np.int32)
         problems, few = [None] * len(states), [None] * len(states)
         late = []
